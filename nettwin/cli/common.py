@@ -1,0 +1,38 @@
+"""Helpers shared by the command modules: settings from the context, output, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from nettwin.settings import NettwinSettings
+
+console = Console(stderr=True)
+
+
+def settings_of(ctx: typer.Context) -> NettwinSettings:
+    settings = ctx.find_root().obj
+    assert isinstance(settings, NettwinSettings), "root callback sets the settings"
+    return settings
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, default=str) + "\n")
+
+
+def print_table(title: str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    if not rows:
+        Console().print(f"{title}: no rows")
+        return
+    columns = columns or list(rows[0])
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
+    Console().print(table)

@@ -1,0 +1,91 @@
+"""``nettwin data fetch milan``: download the Telecom Italia Milan daily files from Harvard Dataverse."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from nettwin.cli.common import console, print_json
+from producers import dataverse
+
+app = typer.Typer(help="Download public data sets.", no_args_is_help=True)
+fetch_app = typer.Typer(help="Download a data set.", no_args_is_help=True)
+app.add_typer(fetch_app, name="fetch")
+
+
+@fetch_app.command()
+def milan(
+    days: str = typer.Option(
+        ..., "--days", help="day or inclusive range: 2013-11-05 or 2013-11-01..2013-11-07"
+    ),
+    dest: Path = typer.Option(..., "--dest", help="directory for the files (created if missing)"),
+    base_url: str = typer.Option(
+        dataverse.DEFAULT_BASE_URL,
+        "--base-url",
+        envvar="NETTWIN_DATAVERSE_URL",
+        help="Dataverse installation serving the files",
+    ),
+    files_table: Path | None = typer.Option(
+        None, "--files-table", hidden=True, help="id table in the milan_files.json format (mirrors, tests)"
+    ),
+    json_out: bool = typer.Option(False, "--json", help="print a one-line JSON summary to stdout"),
+) -> None:
+    """Fetch the Milan 'sms-call-internet-mi' daily files (2013-11-01..2014-01-01), resumable and verified.
+
+    Re-running resumes partial downloads and skips files already present and verified.
+    """
+    table = dataverse.load_table(files_table)
+    entries = dataverse.select_days(table.files, days)
+    dataverse.ensure_dest(dest)
+    started = time.monotonic()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("milan", total=dataverse.pending_bytes(entries, dest))
+        results = dataverse.fetch_files(
+            entries,
+            dest,
+            base_url=base_url,
+            progress=lambda n: progress.advance(task, n),
+            on_file=lambda e: progress.update(task, description=e.filename),
+        )
+        progress.update(task, description=f"{len(results)} file(s)")
+        if not json_out:
+            for r in results:
+                progress.console.print(f"{r.status:<10} {r.path} ({r.bytes_downloaded} bytes transferred)")
+    seconds = time.monotonic() - started
+    transferred = sum(r.bytes_downloaded for r in results)
+    if json_out:
+        print_json(
+            {
+                "files": len(results),
+                "bytes": transferred,
+                "seconds": round(seconds, 3),
+                "dest": str(dest),
+                "results": [
+                    {"filename": r.filename, "status": r.status, "bytes": r.bytes_downloaded} for r in results
+                ],
+            }
+        )
+        return
+    # ODbL asks users of the data to keep the attribution with it
+    if table.attribution or table.licence:
+        console.print(
+            f"data: {table.attribution or 'unattributed'}; licence {table.licence or 'unknown'}"
+            + (f"; {table.doi}" if table.doi else "")
+        )

@@ -1,0 +1,29 @@
+"""``nettwin infra``: create the database and topics the pipeline needs (infra/up calls ``init``)."""
+
+from __future__ import annotations
+
+import typer
+
+from ingest.kafka import create_topics
+from ingest.topics import topic_specs
+from nettwin.cli.common import console, print_json, settings_of
+from twin_store.influx import InfluxClient
+
+app = typer.Typer(help="Initialise Kafka topics and the InfluxDB database.", no_args_is_help=True)
+
+
+@app.command()
+def init(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Create every topic (explicit partition counts, compaction where state is kept) and the database."""
+    settings = settings_of(ctx)
+    with InfluxClient(settings.influx) as influx:
+        version = influx.ping()
+        if settings.influx.create_database:
+            influx.create_database()
+    status = create_topics(settings, topic_specs(settings))
+    if json_out:
+        print_json({"influxdb": version, "database": settings.influx.database, "topics": status})
+        return
+    console.print(f"influxdb {version}: database '{settings.influx.database}' ready")
+    for name, state in status.items():
+        console.print(f"topic {name}: {state}")

@@ -1,0 +1,63 @@
+"""Entry point: global options build the settings; user mistakes become one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from nettwin.cli import data, infra, query, replay, services
+from nettwin.errors import NettwinError
+from nettwin.settings import load_settings
+
+app = typer.Typer(
+    name="nettwin",
+    help="Keep network digital twins current while telemetry flows (Kafka -> Faust -> twin store -> InfluxDB).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(infra.app, name="infra")
+app.add_typer(replay.app, name="replay")
+app.add_typer(data.app, name="data")
+app.add_typer(query.app, name="query")
+services.register(app)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(None, "--config", help="TOML settings file (else $NETTWIN_CONFIG)"),
+    bootstrap_servers: str | None = typer.Option(None, help="Kafka bootstrap servers, comma-separated"),
+    topic_prefix: str | None = typer.Option(None, help="prefix of every topic name"),
+    influx_url: str | None = typer.Option(None, help="InfluxDB base URL (v1 HTTP API)"),
+    database: str | None = typer.Option(None, help="InfluxDB database"),
+    profile: str | None = typer.Option(None, help="local (short group timeouts) or external"),
+) -> None:
+    overrides: dict[str, Any] = {}
+    if profile is not None:
+        overrides["profile"] = profile
+    kafka = {k: v for k, v in {"bootstrap_servers": bootstrap_servers, "topic_prefix": topic_prefix}.items() if v}
+    influx = {k: v for k, v in {"url": influx_url, "database": database}.items() if v}
+    if kafka:
+        overrides["kafka"] = kafka
+    if influx:
+        overrides["influx"] = influx
+    ctx.obj = load_settings(overrides, config_file=config)
+
+
+def run() -> None:
+    try:
+        app()
+    except NettwinError as exc:
+        print(f"nettwin: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("nettwin: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

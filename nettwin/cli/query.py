@@ -1,0 +1,133 @@
+"""``nettwin query``: read twin state and traffic from InfluxDB (InfluxQL), and dead letters from Kafka."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import typer
+
+from ingest.deadletter import DeadLetter
+from ingest.kafka import make_consumer
+from ingest.topics import Topics
+from nettwin.cli.common import print_json, print_table, settings_of
+from nettwin.errors import InputError
+from twin_store.influx import InfluxClient
+from twin_store.traffic import measurement_for
+
+app = typer.Typer(help="Query twin state, traffic and dead letters.", no_args_is_help=True)
+
+RESOLUTIONS = {"10m": 600, "1h": 3600}
+
+
+def _time_literal(value: str, option: str) -> str:
+    try:
+        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise InputError(f"{option} {value!r}: expected an ISO date/time such as 2013-11-01T06:00Z") from exc
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _iso(ms: Any) -> str:
+    return datetime.fromtimestamp(int(ms) / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def traffic_rows(
+    influx: InfluxClient, square: int, resolution: str, since: str | None, until: str | None, limit: int | None
+) -> list[dict[str, Any]]:
+    measurement = measurement_for(RESOLUTIONS[resolution])
+    q = f"SELECT * FROM \"{measurement}\" WHERE \"square\" = '{int(square)}'"
+    if since:
+        q += f" AND time >= '{_time_literal(since, '--since')}'"
+    if until:
+        q += f" AND time < '{_time_literal(until, '--until')}'"
+    q += " ORDER BY time ASC"
+    if limit:
+        q += f" LIMIT {int(limit)}"
+    rows = [r for s in influx.query(q) for r in s.rows()]
+    for r in rows:
+        r["time"] = _iso(r["time"])
+        r["square"] = int(r.get("square", square))
+    return rows
+
+
+def twin_rows(influx: InfluxClient, level: str | None) -> list[dict[str, Any]]:
+    where = f" WHERE \"level\" = '{level}'" if level else ""
+    q = f'SELECT * FROM "twin"{where} GROUP BY "level", "twin_id" ORDER BY time DESC LIMIT 1'
+    rows = [r for s in influx.query(q) for r in s.rows()]
+    for r in rows:
+        r["time"] = _iso(r["time"])
+    rows.sort(key=lambda r: (r["level"], int(r["twin_id"]) if str(r["twin_id"]).isdigit() else r["twin_id"]))
+    return rows
+
+
+@app.command()
+def traffic(
+    ctx: typer.Context,
+    square: int = typer.Option(..., min=1, help="grid square id"),
+    resolution: str = typer.Option("10m", help="10m (measurement traffic) or 1h (traffic_hourly)"),
+    since: str | None = typer.Option(None, help="ISO time, inclusive (UTC unless an offset is given)"),
+    until: str | None = typer.Option(None, help="ISO time, exclusive"),
+    limit: int | None = typer.Option(None, min=1),
+    json_out: bool = typer.Option(False, "--json", help="one JSON array on stdout"),
+) -> None:
+    """Traffic of one square over time."""
+    if resolution not in RESOLUTIONS:
+        raise InputError(f"--resolution {resolution!r}: choose 10m or 1h")
+    settings = settings_of(ctx)
+    with InfluxClient(settings.influx) as influx:
+        rows = traffic_rows(influx, square, resolution, since, until, limit)
+    if json_out:
+        print_json(rows)
+    else:
+        print_table(f"traffic of square {square} ({resolution})", rows)
+
+
+@app.command()
+def twins(
+    ctx: typer.Context,
+    level: str | None = typer.Option(None, help="bs, cluster or global"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """The current state of every twin (its latest row)."""
+    if level not in (None, "bs", "cluster", "global"):
+        raise InputError(f"--level {level!r}: choose bs, cluster or global")
+    settings = settings_of(ctx)
+    with InfluxClient(settings.influx) as influx:
+        rows = twin_rows(influx, level)
+    if json_out:
+        print_json(rows)
+    else:
+        cols = ["level", "twin_id", "version", "epsilon", "loss", "n_updates", "n_members", "time"]
+        print_table("twins", rows, [c for c in cols if rows and c in rows[0]])
+
+
+def read_deadletters(settings: Any, limit: int, timeout_s: float = 3.0) -> list[DeadLetter]:
+    consumer = make_consumer(
+        settings, Topics.from_settings(settings).deadletter, group_id=None, consumer_timeout_ms=int(timeout_s * 1000)
+    )
+    out: list[DeadLetter] = []
+    try:
+        for m in consumer:
+            out.append(DeadLetter.from_kafka(m.value, m.headers))
+            if len(out) >= limit:
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+@app.command()
+def deadletters(
+    ctx: typer.Context,
+    limit: int = typer.Option(100, min=1),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Invalid input kept on the dead-letter topic: reason, source, position, original bytes."""
+    rows = [d.as_dict() for d in read_deadletters(settings_of(ctx), limit)]
+    if json_out:
+        print_json(rows)
+    else:
+        print_table("dead letters", rows, ["stage", "source", "position", "reason", "original"])

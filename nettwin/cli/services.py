@@ -1,0 +1,191 @@
+"""``nettwin worker``, ``nettwin store`` and ``nettwin demo``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ingest.deadletter import DeadLetterSink
+from ingest.kafka import create_topics, ensure_kafka_reachable, make_producer
+from ingest.topics import Topics, topic_specs
+from nettwin.cli.common import console, print_json, print_table, settings_of
+from nettwin.cli.query import twin_rows
+from nettwin.errors import NettwinError, ServiceError
+from nettwin.settings import NettwinSettings
+from producers.replay import ReplayClock, Replayer, load_table
+from producers.synthetic import synthetic_day
+from twin_store.influx import InfluxClient
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_DAY = REPO_ROOT.parent / "shared" / "data" / "milan" / "raw_2013-11-01_26squares.txt"
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(worker)
+    app.command()(store)
+    app.command()(demo)
+
+
+def worker(ctx: typer.Context, loglevel: str = typer.Option("warning", help="faust log level")) -> None:
+    """Run the Faust worker: 10-minute and hourly windows per square -> feature records."""
+    from stream_processors.app import run_worker
+
+    settings = settings_of(ctx)
+    ensure_kafka_reachable(settings)
+    run_worker(settings, loglevel=loglevel)
+
+
+def store(
+    ctx: typer.Context,
+    idle_exit: float | None = typer.Option(None, help="exit after this many seconds without input"),
+    json_out: bool = typer.Option(False, "--json", help="print counters as JSON on exit"),
+) -> None:
+    """Run the twin store: features -> InfluxDB (traffic, traffic_hourly, twin), committing after each write."""
+    from twin_store.service import TwinStore
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    counters = TwinStore(settings_of(ctx)).run(idle_exit_s=idle_exit)
+    if json_out:
+        print_json(counters.__dict__)
+
+
+def services_up(settings: NettwinSettings) -> tuple[bool, bool]:
+    try:
+        ensure_kafka_reachable(settings, timeout_s=1.0)
+        kafka = True
+    except ServiceError:
+        kafka = False
+    try:
+        with InfluxClient(settings.influx) as influx:
+            influx.ping()
+        influx_ok = True
+    except ServiceError:
+        influx_ok = False
+    return kafka, influx_ok
+
+
+def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "nettwin.cli.main", *args], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def settings_env(settings: NettwinSettings) -> dict[str, str]:
+    """Environment that gives a child process exactly these settings."""
+    env = dict(os.environ)
+    env.pop("NETTWIN_CONFIG", None)
+    env["NETTWIN_PROFILE"] = settings.profile
+    env["NETTWIN_STATE_DIR"] = str(settings.state_dir)
+    for section in ("kafka", "influx", "worker"):
+        for key, value in getattr(settings, section).model_dump(mode="json").items():
+            if value is None:
+                continue
+            secret = getattr(getattr(settings, section), key)
+            if hasattr(secret, "get_secret_value"):
+                value = secret.get_secret_value()
+            env[f"NETTWIN_{section.upper()}__{key.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    return env
+
+
+def wait_for_run(influx: InfluxClient, run: str, partitions: int, timeout_s: float) -> list[dict[str, Any]]:
+    """Poll InfluxDB until the store reported the run's final marker on every partition."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = [r for s in influx.query(f"SELECT * FROM \"replay\" WHERE \"run\" = '{run}'") for r in s.rows()]
+        if len({r["partition"] for r in rows}) >= partitions:
+            return rows
+        if time.monotonic() > deadline:
+            raise ServiceError(
+                f"run {run}: only {len(rows)} of {partitions} partitions completed within {timeout_s:.0f} s; "
+                "see the worker and store logs"
+            )
+        time.sleep(0.25)
+
+
+def demo(
+    ctx: typer.Context,
+    speed: float | None = typer.Option(None, help="replay speed (event time x N); default as fast as possible"),
+    timeout: float = typer.Option(180.0, help="seconds to wait for the pipeline to finish"),
+) -> None:
+    """Bring services up if needed, run worker + store, replay one real Milan day, show the twin state."""
+    settings = settings_of(ctx)
+    kafka_ok, influx_ok = services_up(settings)
+    if not (kafka_ok and influx_ok):
+        if settings.profile != "local":
+            raise ServiceError("Kafka or InfluxDB unreachable and profile is external: start them yourself")
+        console.print("starting local services (infra/up) ...")
+        if subprocess.run([str(REPO_ROOT / "infra" / "up")], check=False).returncode != 0:
+            raise ServiceError("infra/up failed; see .state/log/")
+    with InfluxClient(settings.influx) as influx:
+        if settings.influx.create_database:
+            influx.create_database()
+    create_topics(settings, topic_specs(settings))
+    topics = Topics.from_settings(settings)
+
+    if SHARED_DAY.is_file():
+        source, label = SHARED_DAY, "real Telecom Italia data (ODbL), 26 squares, 2013-11-01"
+    else:
+        source = synthetic_day(settings.state_dir / "demo", 0, squares=26)
+        label = "SYNTHETIC Milan-format day (the real sample file was not found)"
+    console.print(f"replaying {source.name}: {label}")
+
+    env = settings_env(settings)
+    logs = settings.state_dir / "log"
+    procs = [_spawn(["worker"], logs / "demo-worker.log", env), _spawn(["store"], logs / "demo-store.log", env)]
+    try:
+        producer = make_producer(settings)
+        try:
+            replayer = Replayer(
+                producer, topics.telemetry_milan, settings.kafka.partitions,
+                DeadLetterSink(producer, topics.deadletter), ReplayClock(speed),
+            )
+            replayer.publish_table(load_table(source, "raw"))
+            summary = replayer.finish()
+        finally:
+            producer.close()
+        console.print(f"published {summary.records:,} records in {summary.messages} messages; waiting for the pipeline")
+        with InfluxClient(settings.influx) as influx:
+            for p in procs:
+                if p.poll() is not None:
+                    raise ServiceError(f"a pipeline process exited early (code {p.returncode}); see {logs}")
+            rows = wait_for_run(influx, summary.run, settings.kafka.partitions, timeout)
+            received = sum(int(r["received"]) for r in rows)
+            twins = twin_rows(influx, "bs")
+    finally:
+        for p in procs:
+            _stop(p)
+    print_table("twin state (nettwin query twins --level bs)", twins[:10],
+                ["level", "twin_id", "version", "n_updates", "n_members", "time"])
+    if len(twins) > 10:
+        console.print(f"... {len(twins) - 10} more")
+    console.print(
+        f"run {summary.run}: sent {summary.records:,} records, worker received {received:,}, "
+        f"{summary.malformed} malformed lines dead-lettered\n"
+        "next: nettwin query traffic --square 1 --resolution 1h | nettwin query twins --json | "
+        "nettwin query deadletters\n"
+        "worker and store stopped; the services keep running: stop them with infra/down"
+    )
+    if received != summary.records:
+        raise NettwinError(f"worker received {received} of {summary.records} records; see {logs}")

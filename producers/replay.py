@@ -1,0 +1,195 @@
+"""Replay traffic files into Kafka as a live stream, batched: one message per (partition, interval).
+
+Square ``s`` always goes to partition ``s % partitions`` so the worker's per-square windows stay in one
+place. After each interval every partition gets a message whose ``watermark_ms`` says the partition is
+complete up to the interval's end (an empty batch where a partition had no squares), so windows close as
+soon as their data is in rather than when the next interval happens to arrive. A final message per
+partition carries the run id and how many records the run sent there, for end-to-end completeness checks.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ingest.deadletter import DeadLetterSink
+from ingest.kafka import MAX_RECORDS_PER_MESSAGE
+from ingest.milan import TrafficTable, read_hourly, read_raw
+from ingest.schema import RecordBatch
+from nettwin.errors import InputError, ServiceError
+
+
+class ReplayClock:
+    """Maps event time to wall time: event time runs ``speed`` x real time; ``speed=None`` means no waiting."""
+
+    def __init__(self, speed: float | None, sleep: Callable[[float], None] = time.sleep) -> None:
+        if speed is not None and speed <= 0:
+            raise InputError(f"--speed must be positive, got {speed}")
+        self.speed = speed
+        self.sleep = sleep
+        self.event0: int | None = None
+        self.wall0 = 0.0
+
+    def wait_until(self, event_ms: int) -> None:
+        if self.speed is None:
+            return
+        if self.event0 is None:
+            self.event0, self.wall0 = event_ms, time.monotonic()
+            return
+        due = self.wall0 + (event_ms - self.event0) / 1000.0 / self.speed
+        delay = due - time.monotonic()
+        if delay > 0:
+            self.sleep(delay)
+
+
+@dataclass
+class ReplaySummary:
+    run: str
+    files: int = 0
+    lines: int = 0
+    records: int = 0
+    malformed: int = 0
+    messages: int = 0
+    first_ms: int | None = None
+    last_ms: int | None = None
+    seconds: float = 0.0
+    per_partition: dict[int, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        rate = self.records / self.seconds if self.seconds > 0 else None
+        return {
+            "run": self.run, "files": self.files, "lines": self.lines, "records": self.records,
+            "malformed": self.malformed, "messages": self.messages, "first_ms": self.first_ms,
+            "last_ms": self.last_ms, "seconds": round(self.seconds, 3),
+            "records_per_s": round(rate, 1) if rate else None,
+        }
+
+
+def load_table(path: Path, fmt: str) -> TrafficTable:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a file")
+    if fmt == "raw":
+        return read_raw(path)
+    if fmt == "hourly":
+        return read_hourly(path)
+    raise InputError(f"unknown format {fmt!r} (raw or hourly)")
+
+
+class Replayer:
+    """Publishes tables through a kafka-python producer; ``publish_table`` per file, ``finish`` at the end."""
+
+    def __init__(
+        self,
+        producer: Any,
+        topic: str,
+        partitions: int,
+        deadletters: DeadLetterSink,
+        clock: ReplayClock,
+        limit: int | None = None,
+        on_records: Callable[[int], None] | None = None,
+        run: str | None = None,
+    ) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.partitions = partitions
+        self.deadletters = deadletters
+        self.clock = clock
+        self.limit = limit
+        self.on_records = on_records or (lambda n: None)
+        self.summary = ReplaySummary(run=run or uuid.uuid4().hex[:12])
+        self.sent = np.zeros(partitions, np.int64)
+        self.columns: tuple[str, ...] | None = None
+        self.step_s: int | None = None
+        self.futures: list[Any] = []
+        self.started = time.monotonic()
+
+    @property
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.summary.records >= self.limit
+
+    def publish_table(self, table: TrafficTable) -> None:
+        s = self.summary
+        s.files += 1
+        s.lines += table.lines
+        for letter in table.bad:
+            self.deadletters.send(letter)
+        s.malformed += len(table.bad)
+        if self.columns is None:
+            self.columns, self.step_s = table.columns, table.step_s
+        elif (self.columns, self.step_s) != (table.columns, table.step_s):
+            raise InputError(f"{table.source}: layout differs from the earlier files of this replay")
+        n = len(table)
+        if self.limit is not None:
+            n = min(n, self.limit - s.records)
+        if n <= 0:
+            return
+        starts = table.starts_ms[:n]
+        # table rows are sorted by start: split points of each interval
+        cuts = np.flatnonzero(np.diff(starts)) + 1
+        bounds = np.concatenate([[0], cuts, [n]])
+        step_ms = table.step_s * 1000
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            start = int(starts[a])
+            self.clock.wait_until(start + step_ms)
+            self._publish_interval(table, a, b, start + step_ms)
+            s.first_ms = start if s.first_ms is None else min(s.first_ms, start)
+            s.last_ms = start if s.last_ms is None else max(s.last_ms, start)
+        s.records += n
+
+    def _publish_interval(self, table: TrafficTable, a: int, b: int, watermark_ms: int) -> None:
+        squares = table.squares[a:b]
+        part_of = squares % self.partitions
+        closed_ms = int(time.time() * 1000)
+        for p in range(self.partitions):
+            sel = np.flatnonzero(part_of == p)
+            pieces = [sel[i : i + MAX_RECORDS_PER_MESSAGE] for i in range(0, len(sel), MAX_RECORDS_PER_MESSAGE)]
+            pieces = pieces or [sel]
+            for i, idx in enumerate(pieces):
+                batch = RecordBatch(
+                    kind="traffic", columns=table.columns, step_s=table.step_s,
+                    squares=squares[idx], starts_ms=table.starts_ms[a:b][idx], values=table.values[a:b][idx],
+                    # only the last piece of a partition completes it up to the interval's end
+                    watermark_ms=watermark_ms if i == len(pieces) - 1 else None,
+                    closed_ms=closed_ms, run=self.summary.run,
+                )
+                self._send(p, batch)
+            self.sent[p] += len(sel)
+            self.summary.per_partition[p] = int(self.sent[p])
+        self.on_records(b - a)
+
+    def _send(self, partition: int, batch: RecordBatch) -> None:
+        self.futures.append(self.producer.send(self.topic, value=batch.encode(), partition=partition))
+        self.summary.messages += 1
+        if len(self.futures) >= 1000:
+            self._settle(self.futures)
+            self.futures = []
+
+    def _settle(self, futures: list[Any]) -> None:
+        self.producer.flush()
+        for f in futures:
+            exc = f.exception if f.is_done else None
+            if exc is not None:
+                raise ServiceError(f"publishing to {self.topic} failed: {exc}") from exc
+
+    def finish(self) -> ReplaySummary:
+        """Send each partition its final message (run id + count), flush, and return the summary."""
+        columns = self.columns or ("activity",)
+        watermark = (self.summary.last_ms or 0) + (self.step_s or 0) * 1000 if self.summary.last_ms else None
+        for p in range(self.partitions):
+            marker = RecordBatch.empty(
+                "traffic", columns, self.step_s or 600, watermark_ms=watermark, run=self.summary.run,
+                final=True, sent=int(self.sent[p]), closed_ms=int(time.time() * 1000),
+            )
+            self._send(p, marker)
+        self._settle(self.futures)
+        self.futures = []
+        self.summary.seconds = time.monotonic() - self.started
+        return self.summary

@@ -1,0 +1,98 @@
+"""The Faust worker: a thin adapter that feeds raw messages to PartitionProcessor and sends its output.
+
+Acks are manual: an input message is acknowledged (and so its offset committed) only once every window it
+fed has been emitted and sent, so a crashed worker re-reads exactly the input of its still-open windows.
+Re-emitted windows overwrite identical points in InfluxDB (same series and timestamp).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+import faust
+
+from ingest.topics import Topics
+from nettwin.settings import NettwinSettings
+from stream_processors.processor import PartitionProcessor, counters_total
+
+log = logging.getLogger("nettwin.worker")
+
+
+def build_app(settings: NettwinSettings) -> faust.App:
+    """Build the Faust app (never at import time: settings decide topics, group and broker)."""
+    topics = Topics.from_settings(settings)
+    kafka = settings.kafka
+    app_id = f"{kafka.topic_prefix}nettwin-worker"
+    datadir = settings.state_dir.resolve() / "faust" / app_id
+    datadir.mkdir(parents=True, exist_ok=True)
+    broker_credentials = None
+    if kafka.sasl_mechanism:
+        broker_credentials = faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
+            mechanism=kafka.sasl_mechanism,
+        )
+    app = faust.App(
+        app_id,
+        broker=[f"kafka://{s.strip()}" for s in kafka.bootstrap_servers.split(",")],
+        broker_credentials=broker_credentials,
+        value_serializer="raw",
+        key_serializer="raw",
+        web_enabled=False,
+        topic_disable_leader=True,
+        topic_allow_declare=False,  # topics are created explicitly by `nettwin infra init`
+        broker_session_timeout=settings.session_timeout_ms / 1000,
+        broker_heartbeat_interval=max(0.5, settings.session_timeout_ms / 3000),
+        consumer_auto_offset_reset="earliest",
+        datadir=str(datadir),
+        producer_linger_ms=5,
+        producer_max_request_size=2_000_000,
+        broker_commit_every=1000,
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=1024,
+    )
+    source = app.topic(topics.telemetry_milan, value_type=bytes, value_serializer="raw", partitions=kafka.partitions)
+    sink = app.topic(topics.features_traffic, value_type=bytes, value_serializer="raw", partitions=kafka.partitions)
+    deadletters = app.topic(topics.deadletter, value_type=bytes, value_serializer="raw", partitions=1)
+    processors: dict[int, PartitionProcessor] = {}
+
+    @app.agent(source, name="windows")
+    async def windows(stream: Any) -> None:
+        pending: dict[int, deque[Any]] = {}
+        async for event in stream.noack().events():
+            msg = event.message
+            proc = processors.get(msg.partition)
+            if proc is None:
+                proc = processors[msg.partition] = PartitionProcessor(msg.topic, msg.partition, settings.worker)
+                pending[msg.partition] = deque()
+            out = proc.on_message(event.value, msg.offset)
+            for batch in out.features:
+                await sink.send(value=batch.encode(), partition=msg.partition)
+            for letter in out.deadletters:
+                await deadletters.send(value=letter.original, key=letter.source.encode(), headers=letter.headers())
+            queue = pending[msg.partition]
+            queue.append(event)
+            while queue and out.safe_offset is not None and queue[0].message.offset < out.safe_offset:
+                await stream.ack(queue.popleft())
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app_: Any, revoked: set[Any], **kwargs: Any) -> None:
+        # another worker now owns these: it re-reads from the committed offset and rebuilds the windows
+        for tp in revoked:
+            processors.pop(tp.partition, None)
+
+    @app.timer(interval=30.0)
+    async def report() -> None:
+        if processors:
+            log.info("worker counters %s", counters_total(list(processors.values())))
+
+    return app
+
+
+def run_worker(settings: NettwinSettings, loglevel: str = "info") -> None:
+    from faust.worker import Worker
+
+    app = build_app(settings)
+    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()

@@ -1,0 +1,146 @@
+"""``nettwin store``: consume feature batches, write them to InfluxDB, then commit offsets.
+
+Offsets are committed only after InfluxDB acknowledged the write, so a crash re-delivers and rewrites
+(idempotent: same series and timestamps). If InfluxDB is unavailable the loop retries with back-off
+without committing; if it rejects points (HTTP 400), the offending messages go to the dead-letter topic
+one by one and the rest are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ingest.deadletter import DeadLetter, DeadLetterSink
+from ingest.kafka import make_consumer, make_producer
+from ingest.schema import MalformedMessage, decode
+from ingest.topics import Topics
+from nettwin.errors import InputError, ServiceError
+from nettwin.settings import NettwinSettings
+from twin_store.influx import InfluxClient
+from twin_store.traffic import Points, TwinRegistry, batch_points
+
+log = logging.getLogger("nettwin.store")
+
+
+@dataclass
+class StoreCounters:
+    messages: int = 0
+    records: int = 0
+    points: int = 0
+    deadletters: int = 0
+    write_retries: int = 0
+    finals: list[dict[str, Any]] = field(default_factory=list)
+
+
+def known_bs_twins(influx: InfluxClient) -> set[int]:
+    series = influx.query("SHOW TAG VALUES FROM \"twin\" WITH KEY = \"twin_id\" WHERE \"level\" = 'bs'")
+    return {int(row["value"]) for s in series for row in s.rows() if str(row["value"]).isdigit()}
+
+
+class TwinStore:
+    def __init__(self, settings: NettwinSettings) -> None:
+        self.settings = settings
+        self.topics = Topics.from_settings(settings)
+        self.influx = InfluxClient(settings.influx)
+        self.influx.ping()
+        self.twins = TwinRegistry(known_bs_twins(self.influx))
+        self.producer = make_producer(settings)
+        self.deadletters = DeadLetterSink(self.producer, self.topics.deadletter)
+        self.consumer = make_consumer(
+            settings, self.topics.features_traffic, group_id=f"{settings.kafka.topic_prefix}nettwin-store",
+            max_poll_records=2000,
+        )
+        self.counters = StoreCounters()
+        self.stopping = False
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+        self.producer.flush()
+        self.producer.close()
+        self.influx.close()
+
+    def run(self, idle_exit_s: float | None = None, max_seconds: float | None = None) -> StoreCounters:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: setattr(self, "stopping", True))
+        started = last_data = time.monotonic()
+        try:
+            while not self.stopping:
+                polled = self.consumer.poll(timeout_ms=200)
+                now = time.monotonic()
+                if polled:
+                    self.process(polled)
+                    last_data = now
+                elif idle_exit_s is not None and now - last_data >= idle_exit_s:
+                    break
+                if max_seconds is not None and now - started >= max_seconds:
+                    break
+        finally:
+            self.close()
+        return self.counters
+
+    def process(self, polled: dict[Any, list[Any]]) -> None:
+        """Write everything polled, then commit. Never commits what is not written or dead-lettered."""
+        items: list[tuple[Any, Points]] = []
+        now_ms = int(time.time() * 1000)
+        for tp, messages in polled.items():
+            for m in messages:
+                self.counters.messages += 1
+                try:
+                    batch = decode(m.value or b"")
+                    if batch.kind != "features":
+                        raise MalformedMessage(f"expected kind 'features', got {batch.kind!r}")
+                except MalformedMessage as exc:
+                    self._deadletter(m, str(exc))
+                    continue
+                items.append((m, batch_points(batch, tp.partition, self.twins, now_ms)))
+                if batch.final:
+                    self.counters.finals.append(
+                        {"run": batch.run, "partition": tp.partition, "sent": batch.sent,
+                         "received": batch.extra.get("received")}
+                    )
+        self._write_all(items)
+        self.producer.flush()
+        self.consumer.commit()
+
+    def _write_all(self, items: list[tuple[Any, Points]]) -> None:
+        seconds = [line for _, p in items for line in p.seconds]
+        millis = [line for _, p in items for line in p.millis]
+        try:
+            self._write(seconds, "s")
+            self._write(millis, "ms")
+        except InputError:
+            # some point was refused (e.g. a field type conflict in a shared database): isolate it
+            for m, p in items:
+                try:
+                    self._write(p.seconds, "s")
+                    self._write(p.millis, "ms")
+                except InputError as exc:
+                    self._deadletter(m, f"InfluxDB rejected points: {exc}")
+        self.counters.records += sum(p.records for _, p in items)
+        self.counters.points += len(seconds) + len(millis)
+
+    def _write(self, lines: list[str], precision: str) -> None:
+        step = self.settings.influx.batch_points
+        for i in range(0, len(lines), step):
+            payload = "\n".join(lines[i : i + step]).encode()
+            delay = 0.5
+            while True:
+                try:
+                    self.influx.write(payload, precision=precision)
+                    break
+                except ServiceError as exc:
+                    if self.stopping:
+                        raise
+                    self.counters.write_retries += 1
+                    log.warning("InfluxDB write failed (%s); retrying in %.1f s without committing", exc, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+
+    def _deadletter(self, m: Any, reason: str) -> None:
+        where = f"{m.topic}[{m.partition}]@{m.offset}"
+        self.deadletters.send(DeadLetter(reason, m.topic, where, m.value or b"", "store"))
+        self.counters.deadletters += 1
