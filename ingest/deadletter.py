@@ -31,8 +31,18 @@ class DeadLetter:
 
     @classmethod
     def from_kafka(cls, value: bytes | None, headers: list[tuple[str, bytes]] | None) -> DeadLetter:
-        h = {k[len(HEADER_PREFIX) :]: v.decode(errors="replace") for k, v in headers or [] if k.startswith(HEADER_PREFIX)}
-        return cls(h.get("reason", "?"), h.get("source", "?"), h.get("position", "?"), value or b"", h.get("stage", "?"))
+        h = {
+            k[len(HEADER_PREFIX) :]: v.decode(errors="replace")
+            for k, v in headers or []
+            if k.startswith(HEADER_PREFIX)
+        }
+        return cls(
+            h.get("reason", "?"),
+            h.get("source", "?"),
+            h.get("position", "?"),
+            value or b"",
+            h.get("stage", "?"),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -56,7 +56,9 @@ def make_producer(settings: NettwinSettings, **overrides: Any) -> KafkaProducer:
         raise ServiceError(f"Kafka producer for {settings.kafka.bootstrap_servers}: {exc}") from exc
 
 
-def make_consumer(settings: NettwinSettings, *topics: str, group_id: str | None, **overrides: Any) -> KafkaConsumer:
+def make_consumer(
+    settings: NettwinSettings, *topics: str, group_id: str | None, **overrides: Any
+) -> KafkaConsumer:
     ensure_kafka_reachable(settings)
     opts: dict[str, Any] = {
         **settings.kafka.client_options(),
@@ -98,7 +100,9 @@ def create_topics(settings: NettwinSettings, specs: list[TopicSpec]) -> dict[str
                 status[spec.name] = "exists"
                 continue
             configs = {"cleanup.policy": "compact"} if spec.compacted else {}
-            topic = NewTopic(spec.name, spec.partitions, settings.kafka.replication_factor, topic_configs=configs)
+            topic = NewTopic(
+                spec.name, spec.partitions, settings.kafka.replication_factor, topic_configs=configs
+            )
             try:
                 admin.create_topics([topic])
                 status[spec.name] = "created"

@@ -56,7 +56,7 @@ def _open_bytes(path: Path) -> io.BufferedIOBase:
         fh = open(path, "rb")  # noqa: SIM115 - returned to the caller, closed there
         if fh.read(2) == b"\x1f\x8b":
             fh.close()
-            return gzip.open(path, "rb")  # type: ignore[return-value]
+            return gzip.open(path, "rb")
         fh.seek(0)
         return fh
     except OSError as exc:
@@ -116,8 +116,14 @@ def _numbers(good: bytes) -> np.ndarray | None:
     """Fast path: all fields of newline-terminated lines as float64 [n, 8]; None if any is not numeric."""
     try:
         df = pd.read_csv(
-            io.BytesIO(good), sep="\t", header=None, names=list(RAW_FIELDS), dtype=np.float64,
-            na_values=[""], keep_default_na=False, engine="c",
+            io.BytesIO(good),
+            sep="\t",
+            header=None,
+            names=list(RAW_FIELDS),
+            dtype=np.float64,
+            na_values=[""],
+            keep_default_na=False,
+            engine="c",
         )
     except (ValueError, pd.errors.ParserError):
         return None
@@ -134,14 +140,23 @@ def read_raw(path: Path) -> TrafficTable:
     for chunk in _chunks(path):
         starts, ends, tabs = _line_bounds(chunk)
         blank = ends - starts <= 1
-        blank &= np.array([not chunk[s:e].strip() for s, e in zip(starts[blank], ends[blank], strict=True)], bool) \
-            if blank.any() else blank
+        blank &= (
+            np.array([not chunk[s:e].strip() for s, e in zip(starts[blank], ends[blank], strict=True)], bool)
+            if blank.any()
+            else blank
+        )
         line_no = first_line + np.arange(starts.shape[0])
         first_line += starts.shape[0]
         total_lines += int((~blank).sum())
 
-        def reject(i: int, reason: str, s: np.ndarray = starts, e: np.ndarray = ends, n: np.ndarray = line_no,
-                   c: bytes = chunk) -> None:
+        def reject(
+            i: int,
+            reason: str,
+            s: np.ndarray = starts,
+            e: np.ndarray = ends,
+            n: np.ndarray = line_no,
+            c: bytes = chunk,
+        ) -> None:
             bad.append(DeadLetter(reason, source, f"line {n[i]}", c[s[i] : e[i]], "producer"))
 
         wrong_count = (tabs != len(RAW_FIELDS) - 1) & ~blank
@@ -170,8 +185,14 @@ def read_raw(path: Path) -> TrafficTable:
         checks = [
             (np.isnan(sq) | np.isnan(ts), "square_id or time_interval is empty"),
             ((sq < 1) | (sq != np.floor(sq)) | (sq >= 2**32), "square_id must be a positive integer"),
-            ((ts <= 0) | (np.nan_to_num(ts) % INTERVAL_MS != 0), "time_interval must be epoch ms on a 10-minute boundary"),
-            (~np.isnan(cc) & ((cc < 0) | (cc != np.floor(cc))), "country_code must be a non-negative integer"),
+            (
+                (ts <= 0) | (np.nan_to_num(ts) % INTERVAL_MS != 0),
+                "time_interval must be epoch ms on a 10-minute boundary",
+            ),
+            (
+                ~np.isnan(cc) & ((cc < 0) | (cc != np.floor(cc))),
+                "country_code must be a non-negative integer",
+            ),
             (~np.isfinite(act).all(axis=1), "activity value is not finite"),
             ((act < 0).any(axis=1), "activity value is negative"),
         ]
@@ -188,7 +209,11 @@ def read_raw(path: Path) -> TrafficTable:
             )
         )
     bad.sort(key=lambda d: int(d.position.split()[1]))
-    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["square", "start", *ACTIVITY_COLUMNS])
+    frame = (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else pd.DataFrame(columns=["square", "start", *ACTIVITY_COLUMNS])
+    )
     agg = frame.groupby(["start", "square"], sort=True)[list(ACTIVITY_COLUMNS)].sum()
     return TrafficTable(
         source=source,
@@ -211,7 +236,11 @@ def read_hourly(path: Path, start_ms: int = HOURLY_START_MS) -> TrafficTable:
         raise
     lines = raw.split(b"\n")
     header = lines[0].rstrip(b"\r").split(b",")
-    if not header or header[0].strip() != b"square_id" or not all(h.strip().startswith(b"h") for h in header[1:]):
+    if (
+        not header
+        or header[0].strip() != b"square_id"
+        or not all(h.strip().startswith(b"h") for h in header[1:])
+    ):
         raise InputError(f"{path}:1: not an hourly file (expected header square_id,h0,h1,...)")
     hours = len(header) - 1
     bad: list[DeadLetter] = []

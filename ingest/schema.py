@@ -116,7 +116,7 @@ def decode(data: bytes) -> RecordBatch:
     step_s = h.get("step_s")
     if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns):
         raise MalformedMessage("header.columns must be a non-empty list of names")
-    if not isinstance(step_s, int) or step_s <= 0:
+    if not isinstance(step_s, int) or isinstance(step_s, bool) or step_s <= 0:
         raise MalformedMessage("header.step_s must be a positive integer")
     (n,) = _U32.unpack_from(data, body)
     k = len(columns)

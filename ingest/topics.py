@@ -43,9 +43,15 @@ def topic_specs(settings: NettwinSettings) -> list[TopicSpec]:
     t = Topics.from_settings(settings)
     n = settings.kafka.partitions
     return [
-        TopicSpec(t.telemetry_milan, n, False, "Milan traffic records, batched, partition = square % partitions"),
+        TopicSpec(
+            t.telemetry_milan, n, False, "Milan traffic records, batched, partition = square % partitions"
+        ),
         TopicSpec(t.features_traffic, n, False, "closed per-square windows (10 min, 1 h), same partitioning"),
-        TopicSpec(t.deadletter, 1, False, "invalid lines/messages: original bytes + reason/source/position headers"),
-        TopicSpec(t.twin_models, 1, True, "latest twin parameters per twin id (compacted), followed by BS agents"),
+        TopicSpec(
+            t.deadletter, 1, False, "invalid lines/messages: original bytes + reason/source/position headers"
+        ),
+        TopicSpec(
+            t.twin_models, 1, True, "latest twin parameters per twin id (compacted), followed by BS agents"
+        ),
         TopicSpec(t.updates_local, n, False, "per-BS local model updates for the twin store"),
     ]

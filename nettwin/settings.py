@@ -51,7 +51,9 @@ class KafkaSettings(BaseModel):
         if self.sasl_mechanism:
             opts["sasl_mechanism"] = self.sasl_mechanism
             opts["sasl_plain_username"] = self.sasl_username
-            opts["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+            opts["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
         if self.ssl_cafile:
             opts["ssl_cafile"] = str(self.ssl_cafile)
         return opts
@@ -144,7 +146,9 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return out
 
 
-def load_settings(overrides: dict[str, Any] | None = None, config_file: Path | None = None) -> NettwinSettings:
+def load_settings(
+    overrides: dict[str, Any] | None = None, config_file: Path | None = None
+) -> NettwinSettings:
     """Build settings with CLI overrides on top, translating validation errors into one-line ConfigErrors.
 
     Nested overrides (``{"kafka": {"topic_prefix": "x."}}``) are merged with env and file values rather than
@@ -161,4 +165,6 @@ def load_settings(overrides: dict[str, Any] | None = None, config_file: Path | N
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"setting {where}: {first['msg']} (env NETTWIN_{where.upper().replace('.', '__')})") from exc
+        raise ConfigError(
+            f"setting {where}: {first['msg']} (env NETTWIN_{where.upper().replace('.', '__')})"
+        ) from exc

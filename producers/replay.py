@@ -64,9 +64,15 @@ class ReplaySummary:
     def as_dict(self) -> dict[str, Any]:
         rate = self.records / self.seconds if self.seconds > 0 else None
         return {
-            "run": self.run, "files": self.files, "lines": self.lines, "records": self.records,
-            "malformed": self.malformed, "messages": self.messages, "first_ms": self.first_ms,
-            "last_ms": self.last_ms, "seconds": round(self.seconds, 3),
+            "run": self.run,
+            "files": self.files,
+            "lines": self.lines,
+            "records": self.records,
+            "malformed": self.malformed,
+            "messages": self.messages,
+            "first_ms": self.first_ms,
+            "last_ms": self.last_ms,
+            "seconds": round(self.seconds, 3),
             "records_per_s": round(rate, 1) if rate else None,
         }
 
@@ -150,15 +156,22 @@ class Replayer:
         closed_ms = int(time.time() * 1000)
         for p in range(self.partitions):
             sel = np.flatnonzero(part_of == p)
-            pieces = [sel[i : i + MAX_RECORDS_PER_MESSAGE] for i in range(0, len(sel), MAX_RECORDS_PER_MESSAGE)]
+            pieces = [
+                sel[i : i + MAX_RECORDS_PER_MESSAGE] for i in range(0, len(sel), MAX_RECORDS_PER_MESSAGE)
+            ]
             pieces = pieces or [sel]
             for i, idx in enumerate(pieces):
                 batch = RecordBatch(
-                    kind="traffic", columns=table.columns, step_s=table.step_s,
-                    squares=squares[idx], starts_ms=table.starts_ms[a:b][idx], values=table.values[a:b][idx],
+                    kind="traffic",
+                    columns=table.columns,
+                    step_s=table.step_s,
+                    squares=squares[idx],
+                    starts_ms=table.starts_ms[a:b][idx],
+                    values=table.values[a:b][idx],
                     # only the last piece of a partition completes it up to the interval's end
                     watermark_ms=watermark_ms if i == len(pieces) - 1 else None,
-                    closed_ms=closed_ms, run=self.summary.run,
+                    closed_ms=closed_ms,
+                    run=self.summary.run,
                 )
                 self._send(p, batch)
             self.sent[p] += len(sel)
@@ -185,8 +198,14 @@ class Replayer:
         watermark = (self.summary.last_ms or 0) + (self.step_s or 0) * 1000 if self.summary.last_ms else None
         for p in range(self.partitions):
             marker = RecordBatch.empty(
-                "traffic", columns, self.step_s or 600, watermark_ms=watermark, run=self.summary.run,
-                final=True, sent=int(self.sent[p]), closed_ms=int(time.time() * 1000),
+                "traffic",
+                columns,
+                self.step_s or 600,
+                watermark_ms=watermark,
+                run=self.summary.run,
+                final=True,
+                sent=int(self.sent[p]),
+                closed_ms=int(time.time() * 1000),
             )
             self._send(p, marker)
         self._settle(self.futures)

@@ -18,7 +18,12 @@ INTERVALS_PER_DAY = 144
 
 
 def synthetic_day(
-    dest: Path, day_index: int, squares: int, seed: int = 1, countries: tuple[int, ...] = (0, 39), first_square: int = 1
+    dest: Path,
+    day_index: int,
+    squares: int,
+    seed: int = 1,
+    countries: tuple[int, ...] = (0, 39),
+    first_square: int = 1,
 ) -> Path:
     """Write one synthetic day; returns its path. Deterministic for (squares, day_index, seed)."""
     rng = np.random.default_rng([seed, day_index])
@@ -41,7 +46,9 @@ def synthetic_day(
     dest.mkdir(parents=True, exist_ok=True)
     times = start + grid_t.astype(np.int64) * INTERVAL_MS
     with open(path, "w") as fh:
-        for s, ts, c, row in zip(grid_sq.tolist(), times.tolist(), grid_c.tolist(), vals.tolist(), strict=True):
+        for s, ts, c, row in zip(
+            grid_sq.tolist(), times.tolist(), grid_c.tolist(), vals.tolist(), strict=True
+        ):
             fields = "\t".join("" if v != v else repr(v) for v in row)
             fh.write(f"{s}\t{ts}\t{c}\t{fields}\n")
     return path

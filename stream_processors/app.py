@@ -53,8 +53,12 @@ def build_app(settings: NettwinSettings) -> faust.App:
         broker_commit_interval=1.0,
         stream_buffer_maxsize=1024,
     )
-    source = app.topic(topics.telemetry_milan, value_type=bytes, value_serializer="raw", partitions=kafka.partitions)
-    sink = app.topic(topics.features_traffic, value_type=bytes, value_serializer="raw", partitions=kafka.partitions)
+    source = app.topic(
+        topics.telemetry_milan, value_type=bytes, value_serializer="raw", partitions=kafka.partitions
+    )
+    sink = app.topic(
+        topics.features_traffic, value_type=bytes, value_serializer="raw", partitions=kafka.partitions
+    )
     deadletters = app.topic(topics.deadletter, value_type=bytes, value_serializer="raw", partitions=1)
     processors: dict[int, PartitionProcessor] = {}
 
@@ -65,22 +69,27 @@ def build_app(settings: NettwinSettings) -> faust.App:
             msg = event.message
             proc = processors.get(msg.partition)
             if proc is None:
-                proc = processors[msg.partition] = PartitionProcessor(msg.topic, msg.partition, settings.worker)
+                proc = processors[msg.partition] = PartitionProcessor(
+                    msg.topic, msg.partition, settings.worker
+                )
                 pending[msg.partition] = deque()
             out = proc.on_message(event.value, msg.offset)
             for batch in out.features:
                 await sink.send(value=batch.encode(), partition=msg.partition)
             for letter in out.deadletters:
-                await deadletters.send(value=letter.original, key=letter.source.encode(), headers=letter.headers())
+                await deadletters.send(
+                    value=letter.original, key=letter.source.encode(), headers=letter.headers()
+                )
             queue = pending[msg.partition]
             queue.append(event)
             while queue and out.safe_offset is not None and queue[0].message.offset < out.safe_offset:
                 await stream.ack(queue.popleft())
 
-    @app.on_partitions_revoked.connect
-    async def on_revoked(app_: Any, revoked: set[Any], **kwargs: Any) -> None:
-        # another worker now owns these: it re-reads from the committed offset and rebuilds the windows
-        for tp in revoked:
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode types async receivers too narrowly
+    async def on_revoked(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        # Faust sends (app, revoked_partitions). Another worker now owns them: it re-reads from the
+        # committed offset and rebuilds the open windows, so our state for them is dropped.
+        for tp in args[0] if args else ():
             processors.pop(tp.partition, None)
 
     @app.timer(interval=30.0)

@@ -82,7 +82,10 @@ class PartitionProcessor:
                     DeadLetter(
                         f"late: {len(late)} records for {win.window_s} s windows already closed "
                         f"(watermark {self.watermark_ms})",
-                        self.topic, where, late.encode(), "worker",
+                        self.topic,
+                        where,
+                        late.encode(),
+                        "worker",
                     )
                 )
         if len(batch):
@@ -98,8 +101,14 @@ class PartitionProcessor:
         if batch.final:
             # the run's last message on this partition: report what arrived beside what was sent
             marker = RecordBatch.empty(
-                "features", batch.columns, batch.step_s, run=batch.run, final=True, sent=batch.sent,
-                watermark_ms=self.watermark_ms, extra={"received": self.received.get(batch.run or "", 0)},
+                "features",
+                batch.columns,
+                batch.step_s,
+                run=batch.run,
+                final=True,
+                sent=batch.sent,
+                watermark_ms=self.watermark_ms,
+                extra={"received": self.received.get(batch.run or "", 0)},
             )
             out.features.append(marker)
         out.safe_offset = self._safe_offset(offset + 1)

@@ -67,8 +67,12 @@ class TumblingWindows:
         late = None
         if late_mask.any():
             late = RecordBatch(
-                batch.kind, batch.columns, batch.step_s,
-                batch.squares[late_mask], batch.starts_ms[late_mask], batch.values[late_mask],
+                batch.kind,
+                batch.columns,
+                batch.step_s,
+                batch.squares[late_mask],
+                batch.starts_ms[late_mask],
+                batch.values[late_mask],
             )
             keep = ~late_mask
             starts, squares, values = starts[keep], batch.squares[keep], batch.values[keep]
@@ -109,7 +113,9 @@ class TumblingWindows:
             columns=(*self.columns, N_INTERVALS),
             step_s=self.window_s,
             squares=np.concatenate([w.squares for w in wins]),
-            starts_ms=np.concatenate([np.full(w.squares.shape[0], s, np.int64) for s, w in zip(due, wins, strict=True)]),
+            starts_ms=np.concatenate(
+                [np.full(w.squares.shape[0], s, np.int64) for s, w in zip(due, wins, strict=True)]
+            ),
             values=values,
             closed_ms=closed_ms,
         )

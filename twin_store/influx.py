@@ -87,7 +87,9 @@ class InfluxClient:
         detail = _error_text(resp)
         if resp.status_code == 400:
             raise InputError(f"InfluxDB rejected points written to {params['db']}: {detail}")
-        raise ServiceError(f"InfluxDB write to {self.base} db {params['db']} failed: HTTP {resp.status_code} {detail}")
+        raise ServiceError(
+            f"InfluxDB write to {self.base} db {params['db']} failed: HTTP {resp.status_code} {detail}"
+        )
 
     def query(
         self, q: str, *, database: str | None = "", method: str = "GET", epoch: str = "ms"

@@ -9,7 +9,6 @@ one by one and the rest are written.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +36,8 @@ class StoreCounters:
 
 
 def known_bs_twins(influx: InfluxClient) -> set[int]:
-    series = influx.query("SHOW TAG VALUES FROM \"twin\" WITH KEY = \"twin_id\" WHERE \"level\" = 'bs'")
+    """BS twins that already have a state row, so a restarted store does not write a second first row."""
+    series = influx.query('SHOW TAG VALUES FROM "twin" WITH KEY = "twin_id" WHERE "level" = \'bs\'')
     return {int(row["value"]) for s in series for row in s.rows() if str(row["value"]).isdigit()}
 
 
@@ -51,7 +51,9 @@ class TwinStore:
         self.producer = make_producer(settings)
         self.deadletters = DeadLetterSink(self.producer, self.topics.deadletter)
         self.consumer = make_consumer(
-            settings, self.topics.features_traffic, group_id=f"{settings.kafka.topic_prefix}nettwin-store",
+            settings,
+            self.topics.features_traffic,
+            group_id=f"{settings.kafka.topic_prefix}nettwin-store",
             max_poll_records=2000,
         )
         self.counters = StoreCounters()
@@ -64,15 +66,15 @@ class TwinStore:
         self.influx.close()
 
     def run(self, idle_exit_s: float | None = None, max_seconds: float | None = None) -> StoreCounters:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: setattr(self, "stopping", True))
         started = last_data = time.monotonic()
         try:
             while not self.stopping:
                 polled = self.consumer.poll(timeout_ms=200)
                 now = time.monotonic()
-                if polled:
-                    self.process(polled)
+                if polled or not self.consumer.assignment():
+                    # idle time counts only once partitions are assigned (joining a group takes seconds)
+                    if polled:
+                        self.process(polled)
                     last_data = now
                 elif idle_exit_s is not None and now - last_data >= idle_exit_s:
                     break
@@ -99,8 +101,12 @@ class TwinStore:
                 items.append((m, batch_points(batch, tp.partition, self.twins, now_ms)))
                 if batch.final:
                     self.counters.finals.append(
-                        {"run": batch.run, "partition": tp.partition, "sent": batch.sent,
-                         "received": batch.extra.get("received")}
+                        {
+                            "run": batch.run,
+                            "partition": tp.partition,
+                            "sent": batch.sent,
+                            "received": batch.extra.get("received"),
+                        }
                     )
         self._write_all(items)
         self.producer.flush()
@@ -136,7 +142,9 @@ class TwinStore:
                     if self.stopping:
                         raise
                     self.counters.write_retries += 1
-                    log.warning("InfluxDB write failed (%s); retrying in %.1f s without committing", exc, delay)
+                    log.warning(
+                        "InfluxDB write failed (%s); retrying in %.1f s without committing", exc, delay
+                    )
                     time.sleep(delay)
                     delay = min(delay * 2, 10.0)
 

@@ -79,7 +79,9 @@ def batch_points(batch: RecordBatch, partition: int, twins: TwinRegistry, now_ms
     if len(batch) and batch.closed_ms is not None:
         fields = {"lag_ms": max(0, now_ms - batch.closed_ms), "records": len(batch), "window_s": batch.step_s}
         # one point per message: keyed by the source's close time (unique per interval and window)
-        out.millis.append(point("pipeline", tags | {"window": str(batch.step_s)}, fields, None) + f" {batch.closed_ms}")
+        out.millis.append(
+            point("pipeline", tags | {"window": str(batch.step_s)}, fields, None) + f" {batch.closed_ms}"
+        )
     if batch.final:
         received = int(batch.extra.get("received", 0))
         out.millis.append(

@@ -13,7 +13,9 @@ app = typer.Typer(help="Initialise Kafka topics and the InfluxDB database.", no_
 
 
 @app.command()
-def init(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+def init(
+    ctx: typer.Context, json_out: bool = typer.Option(False, "--json", help="machine-readable output")
+) -> None:
     """Create every topic (explicit partition counts, compaction where state is kept) and the database."""
     settings = settings_of(ctx)
     with InfluxClient(settings.influx) as influx:

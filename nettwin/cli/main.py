@@ -39,7 +39,9 @@ def main(
     overrides: dict[str, Any] = {}
     if profile is not None:
         overrides["profile"] = profile
-    kafka = {k: v for k, v in {"bootstrap_servers": bootstrap_servers, "topic_prefix": topic_prefix}.items() if v}
+    kafka = {
+        k: v for k, v in {"bootstrap_servers": bootstrap_servers, "topic_prefix": topic_prefix}.items() if v
+    }
     influx = {k: v for k, v in {"url": influx_url, "database": database}.items() if v}
     if kafka:
         overrides["kafka"] = kafka

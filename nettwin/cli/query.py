@@ -35,10 +35,15 @@ def _iso(ms: Any) -> str:
 
 
 def traffic_rows(
-    influx: InfluxClient, square: int, resolution: str, since: str | None, until: str | None, limit: int | None
+    influx: InfluxClient,
+    square: int,
+    resolution: str,
+    since: str | None,
+    until: str | None,
+    limit: int | None,
 ) -> list[dict[str, Any]]:
     measurement = measurement_for(RESOLUTIONS[resolution])
-    q = f"SELECT * FROM \"{measurement}\" WHERE \"square\" = '{int(square)}'"
+    q = f'SELECT * FROM "{measurement}" WHERE "square" = \'{int(square)}\''
     if since:
         q += f" AND time >= '{_time_literal(since, '--since')}'"
     if until:
@@ -106,7 +111,10 @@ def twins(
 
 def read_deadletters(settings: Any, limit: int, timeout_s: float = 3.0) -> list[DeadLetter]:
     consumer = make_consumer(
-        settings, Topics.from_settings(settings).deadletter, group_id=None, consumer_timeout_ms=int(timeout_s * 1000)
+        settings,
+        Topics.from_settings(settings).deadletter,
+        group_id=None,
+        consumer_timeout_ms=int(timeout_s * 1000),
     )
     out: list[DeadLetter] = []
     try:

@@ -25,7 +25,9 @@ def milan(
     speed: float | None = typer.Option(None, help="event time runs N x real time (600: 10 min per second)"),
     as_fast: bool = typer.Option(False, "--max", help="as fast as possible (the default without --speed)"),
     limit: int | None = typer.Option(None, min=1, help="stop after this many records"),
-    run: str | None = typer.Option(None, help="run id (default: random); the store reports completion per run"),
+    run: str | None = typer.Option(
+        None, help="run id (default: random); the store reports completion per run"
+    ),
     json_out: bool = typer.Option(False, "--json", help="print the summary as one JSON line"),
 ) -> None:
     """Publish Milan traffic, one record per (square, interval), batched per partition and interval."""
@@ -39,14 +41,23 @@ def milan(
     producer = make_producer(settings)
     try:
         with Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,} records"),
-            TimeElapsedColumn(), console=console, disable=json_out or not console.is_terminal,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:,} records"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=json_out or not console.is_terminal,
         ) as progress:
             task = progress.add_task("replay", total=None)
             replayer = Replayer(
-                producer, topics.telemetry_milan, settings.kafka.partitions,
-                DeadLetterSink(producer, topics.deadletter), ReplayClock(speed),
-                limit=limit, on_records=lambda n: progress.advance(task, n), run=run,
+                producer,
+                topics.telemetry_milan,
+                settings.kafka.partitions,
+                DeadLetterSink(producer, topics.deadletter),
+                ReplayClock(speed),
+                limit=limit,
+                on_records=lambda n: progress.advance(task, n),
+                run=run,
             )
             for f in files:
                 if replayer.exhausted:
@@ -54,6 +65,13 @@ def milan(
                 progress.update(task, description=f"replay {f.name}")
                 table = load_table(f, fmt)
                 replayer.publish_table(table)
+                if len(table) == 0:
+                    producer.flush()  # the dead letters are kept before we stop
+                    first = f" (first: {table.bad[0].position}: {table.bad[0].reason})" if table.bad else ""
+                    raise InputError(
+                        f"{f}: no valid {fmt} records in {table.lines} line(s){first}; "
+                        f"bad lines are on the dead-letter topic {topics.deadletter}"
+                    )
             summary = replayer.finish()
     finally:
         producer.close()

@@ -53,7 +53,10 @@ def store(
     from twin_store.service import TwinStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    counters = TwinStore(settings_of(ctx)).run(idle_exit_s=idle_exit)
+    twin_store = TwinStore(settings_of(ctx))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(twin_store, "stopping", True))
+    counters = twin_store.run(idle_exit_s=idle_exit)
     if json_out:
         print_json(counters.__dict__)
 
@@ -105,7 +108,9 @@ def settings_env(settings: NettwinSettings) -> dict[str, str]:
             secret = getattr(getattr(settings, section), key)
             if hasattr(secret, "get_secret_value"):
                 value = secret.get_secret_value()
-            env[f"NETTWIN_{section.upper()}__{key.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
+            env[f"NETTWIN_{section.upper()}__{key.upper()}"] = (
+                json.dumps(value) if isinstance(value, list) else str(value)
+            )
     return env
 
 
@@ -113,7 +118,7 @@ def wait_for_run(influx: InfluxClient, run: str, partitions: int, timeout_s: flo
     """Poll InfluxDB until the store reported the run's final marker on every partition."""
     deadline = time.monotonic() + timeout_s
     while True:
-        rows = [r for s in influx.query(f"SELECT * FROM \"replay\" WHERE \"run\" = '{run}'") for r in s.rows()]
+        rows = [r for s in influx.query(f'SELECT * FROM "replay" WHERE "run" = \'{run}\'') for r in s.rows()]
         if len({r["partition"] for r in rows}) >= partitions:
             return rows
         if time.monotonic() > deadline:
@@ -126,7 +131,9 @@ def wait_for_run(influx: InfluxClient, run: str, partitions: int, timeout_s: flo
 
 def demo(
     ctx: typer.Context,
-    speed: float | None = typer.Option(None, help="replay speed (event time x N); default as fast as possible"),
+    speed: float | None = typer.Option(
+        None, help="replay speed (event time x N); default as fast as possible"
+    ),
     timeout: float = typer.Option(180.0, help="seconds to wait for the pipeline to finish"),
 ) -> None:
     """Bring services up if needed, run worker + store, replay one real Milan day, show the twin state."""
@@ -153,19 +160,27 @@ def demo(
 
     env = settings_env(settings)
     logs = settings.state_dir / "log"
-    procs = [_spawn(["worker"], logs / "demo-worker.log", env), _spawn(["store"], logs / "demo-store.log", env)]
+    procs = [
+        _spawn(["worker"], logs / "demo-worker.log", env),
+        _spawn(["store"], logs / "demo-store.log", env),
+    ]
     try:
         producer = make_producer(settings)
         try:
             replayer = Replayer(
-                producer, topics.telemetry_milan, settings.kafka.partitions,
-                DeadLetterSink(producer, topics.deadletter), ReplayClock(speed),
+                producer,
+                topics.telemetry_milan,
+                settings.kafka.partitions,
+                DeadLetterSink(producer, topics.deadletter),
+                ReplayClock(speed),
             )
             replayer.publish_table(load_table(source, "raw"))
             summary = replayer.finish()
         finally:
             producer.close()
-        console.print(f"published {summary.records:,} records in {summary.messages} messages; waiting for the pipeline")
+        console.print(
+            f"published {summary.records:,} records in {summary.messages} messages; waiting for the pipeline"
+        )
         with InfluxClient(settings.influx) as influx:
             for p in procs:
                 if p.poll() is not None:
@@ -176,8 +191,11 @@ def demo(
     finally:
         for p in procs:
             _stop(p)
-    print_table("twin state (nettwin query twins --level bs)", twins[:10],
-                ["level", "twin_id", "version", "n_updates", "n_members", "time"])
+    print_table(
+        "twin state (nettwin query twins --level bs)",
+        twins[:10],
+        ["level", "twin_id", "version", "n_updates", "n_members", "time"],
+    )
     if len(twins) > 10:
         console.print(f"... {len(twins) - 10} more")
     console.print(
