@@ -140,11 +140,8 @@ def read_raw(path: Path) -> TrafficTable:
     for chunk in _chunks(path):
         starts, ends, tabs = _line_bounds(chunk)
         blank = ends - starts <= 1
-        blank &= (
-            np.array([not chunk[s:e].strip() for s, e in zip(starts[blank], ends[blank], strict=True)], bool)
-            if blank.any()
-            else blank
-        )
+        # refine the short-line candidates in place (their count differs from the number of lines)
+        blank[blank] = [not chunk[s:e].strip() for s, e in zip(starts[blank], ends[blank], strict=True)]
         line_no = first_line + np.arange(starts.shape[0])
         first_line += starts.shape[0]
         total_lines += int((~blank).sum())
@@ -181,7 +178,9 @@ def read_raw(path: Path) -> TrafficTable:
             nums = np.array(rows, np.float64).reshape(-1, len(RAW_FIELDS))
             keep = np.array(kept, np.int64)
         # semantic checks, vectorised; each bad row is reported with its first problem
-        sq, ts, cc, act = nums[:, 0], nums[:, 1], nums[:, 2], np.nan_to_num(nums[:, 3:], nan=0.0)
+        # empty (NaN) activity means 0; +-inf must stay infinite so the finiteness check below sees it
+        act = np.nan_to_num(nums[:, 3:], nan=0.0, posinf=np.inf, neginf=-np.inf)
+        sq, ts, cc = nums[:, 0], nums[:, 1], nums[:, 2]
         checks = [
             (np.isnan(sq) | np.isnan(ts), "square_id or time_interval is empty"),
             ((sq < 1) | (sq != np.floor(sq)) | (sq >= 2**32), "square_id must be a positive integer"),

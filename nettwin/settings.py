@@ -14,12 +14,13 @@ The TOML file is named by ``NETTWIN_CONFIG`` (or the CLI's ``--config``). Exampl
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from nettwin.errors import ConfigError
 
@@ -167,4 +168,15 @@ def load_settings(
         where = ".".join(str(p) for p in first["loc"])
         raise ConfigError(
             f"setting {where}: {first['msg']} (env NETTWIN_{where.upper().replace('.', '__')})"
+        ) from exc
+    except SettingsError as exc:
+        # an env value of a list/table field that is not JSON, e.g. NETTWIN_WORKER__WINDOWS_S=600,3600
+        field = re.search(r'field "(\w+)"', str(exc))
+        prefix = f"NETTWIN_{field.group(1).upper()}" if field else "NETTWIN_"
+        names = sorted(
+            k.upper() for k in os.environ if k.upper().startswith(prefix) and k.upper() != "NETTWIN_CONFIG"
+        )
+        raise ConfigError(
+            f"{exc}: {' '.join(str(exc.__cause__).split())} (env {', '.join(names)}; "
+            "list and table values are JSON, e.g. [600, 3600])"
         ) from exc

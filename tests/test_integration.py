@@ -101,7 +101,7 @@ def test_worker_killed_mid_hour_rebuilds_the_open_hour(pipeline: Pipeline) -> No
         topics.telemetry_milan,
         settings.kafka.partitions,
         DeadLetterSink(producer, topics.deadletter),
-        ReplayClock(None),
+        ReplayClock(1e9),  # per-interval messages (as at --speed), not packed
         run="restart",
     )
 

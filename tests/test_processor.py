@@ -94,7 +94,11 @@ def _features(outputs: list[Output], step_s: int) -> tuple[np.ndarray, np.ndarra
 
 def _batch(squares, starts, values=None, **meta) -> bytes:
     squares = np.asarray(squares, np.uint32)
-    values = np.ones((len(squares), 1)) if values is None else np.asarray(values, np.float64).reshape(len(squares), 1)
+    values = (
+        np.ones((len(squares), 1))
+        if values is None
+        else np.asarray(values, np.float64).reshape(len(squares), 1)
+    )
     return RecordBatch(
         "traffic", ("internet",), 600, squares, np.asarray(starts, np.int64), values, **meta
     ).encode()
@@ -210,7 +214,9 @@ def test_safe_offset_never_passes_an_open_window(raw_day: TrafficTable) -> None:
         ),
     ],
 )
-def test_malformed_message_becomes_a_dead_letter_and_processing_continues(bad: bytes | None, reason: str) -> None:
+def test_malformed_message_becomes_a_dead_letter_and_processing_continues(
+    bad: bytes | None, reason: str
+) -> None:
     proc = _proc()
     good = [
         _batch([1, 2], [T0, T0], [1.0, 2.0], watermark_ms=T0 + STEP_MS),
@@ -234,7 +240,13 @@ def test_malformed_message_becomes_a_dead_letter_and_processing_continues(bad: b
     assert_array_equal(hst, [T0, T0])
     assert_array_equal(hva, [[8.0, 3.0], [7.0, 2.0]])
     assert outs[3].safe_offset == 44
-    assert proc.counters == {"messages": 4, "records": 5, "features": 2 + 1 + 2 + 2, "deadletters": 1, "late": 0}
+    assert proc.counters == {
+        "messages": 4,
+        "records": 5,
+        "features": 2 + 1 + 2 + 2,
+        "deadletters": 1,
+        "late": 0,
+    }
 
 
 def test_dead_letter_with_nothing_open_acknowledges_it() -> None:
@@ -288,7 +300,9 @@ def test_final_message_reports_sent_and_received_for_its_run() -> None:
     proc.on_message(_batch([1, 2, 3], [T0] * 3, run="a"), 0)
     proc.on_message(_batch([1, 2], [T0 + STEP_MS] * 2, run="b"), 1)
     proc.on_message(_batch([4], [T0 + STEP_MS], run="b"), 2)
-    final = RecordBatch.empty("traffic", ("internet",), 600, run="b", final=True, sent=4, watermark_ms=T0 + HOUR_MS)
+    final = RecordBatch.empty(
+        "traffic", ("internet",), 600, run="b", final=True, sent=4, watermark_ms=T0 + HOUR_MS
+    )
     out = proc.on_message(final.encode(), 3)
     markers = [b for b in out.features if b.final]
     assert len(markers) == 1

@@ -109,7 +109,12 @@ def test_round_trip_keeps_records_and_header_meta(meta: dict[str, Any]) -> None:
 def test_round_trip_values_are_bit_exact() -> None:
     values = np.array([[0.0, 5e-324, 1e-300, 0.1, 1 / 3], [1e300, 2.0**53 + 1, 123456.789, 7.0, 1e-9]])
     batch = RecordBatch(
-        "traffic", ACTIVITY_COLUMNS, 600, np.array([1, 2**32 - 1], np.uint32), np.array([T0, 0], np.int64), values
+        "traffic",
+        ACTIVITY_COLUMNS,
+        600,
+        np.array([1, 2**32 - 1], np.uint32),
+        np.array([T0, 0], np.int64),
+        values,
     )
     back = decode(batch.encode())
     assert back.values.tobytes() == values.tobytes()

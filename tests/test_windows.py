@@ -29,7 +29,11 @@ def _random_records(seed: int, n: int, n_squares: int = 20, n_intervals: int = 4
     rng = np.random.default_rng(seed)
     squares = rng.integers(1, n_squares + 1, n).astype(np.uint32)
     starts = T0 + STEP_MS * rng.integers(0, n_intervals, n).astype(np.int64)
-    values = rng.integers(0, 1000, (n, len(COLS))).astype(np.float64) if integer else rng.gamma(2, 5, (n, len(COLS)))
+    values = (
+        rng.integers(0, 1000, (n, len(COLS))).astype(np.float64)
+        if integer
+        else rng.gamma(2, 5, (n, len(COLS)))
+    )
     return squares, starts, values
 
 
@@ -98,7 +102,9 @@ def test_merged_equals_sequential(seed: int) -> None:
     emitted = []
     for i, interval in enumerate(np.unique(starts).tolist()):
         sel = np.flatnonzero(starts == interval)
-        for j, part in enumerate(_split(sel.shape[0], rng, pieces=min(3, sel.shape[0])) if sel.shape[0] > 1 else [[0]]):
+        for j, part in enumerate(
+            _split(sel.shape[0], rng, pieces=min(3, sel.shape[0])) if sel.shape[0] > 1 else [[0]]
+        ):
             idx = sel[np.asarray(part, np.int64)]
             assert seq.add(_batch(squares[idx], starts[idx], values[idx]), 10 * i + j) is None
         emitted.append(seq.advance(interval + STEP_MS))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,9 +58,12 @@ class TwinStore:
             max_poll_records=2000,
         )
         self.counters = StoreCounters()
+        # one writer thread: writes stay in order, and building overlaps the previous write
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="influx-writer")
         self.stopping = False
 
     def close(self) -> None:
+        self.writer.shutdown(wait=True)
         self.consumer.close(autocommit=False)
         self.producer.flush()
         self.producer.close()
@@ -85,8 +89,15 @@ class TwinStore:
         return self.counters
 
     def process(self, polled: dict[Any, list[Any]]) -> None:
-        """Write everything polled, then commit. Never commits what is not written or dead-lettered."""
+        """Write everything polled, then commit. Never commits what is not written or dead-lettered.
+
+        Payloads go to a writer thread as soon as they fill, so building the next payload overlaps
+        InfluxDB parsing the previous one (the HTTP wait releases the GIL).
+        """
         items: list[tuple[Any, Points]] = []
+        pending = {"s": [], "ms": []}  # type: dict[str, list[str]]
+        futures: list[Future[None]] = []
+        step = self.settings.influx.batch_points
         now_ms = int(time.time() * 1000)
         for tp, messages in polled.items():
             for m in messages:
@@ -98,7 +109,13 @@ class TwinStore:
                 except MalformedMessage as exc:
                     self._deadletter(m, str(exc))
                     continue
-                items.append((m, batch_points(batch, tp.partition, self.twins, now_ms)))
+                points = batch_points(batch, tp.partition, self.twins, now_ms)
+                items.append((m, points))
+                pending["s"] += points.seconds
+                pending["ms"] += points.millis
+                if len(pending["s"]) >= step:
+                    futures.append(self.writer.submit(self._write, pending["s"], "s"))
+                    pending["s"] = []
                 if batch.final:
                     self.counters.finals.append(
                         {
@@ -108,18 +125,17 @@ class TwinStore:
                             "received": batch.extra.get("received"),
                         }
                     )
-        self._write_all(items)
-        self.producer.flush()
-        self.consumer.commit()
-
-    def _write_all(self, items: list[tuple[Any, Points]]) -> None:
-        seconds = [line for _, p in items for line in p.seconds]
-        millis = [line for _, p in items for line in p.millis]
+        for precision, lines in pending.items():
+            if lines:
+                futures.append(self.writer.submit(self._write, lines, precision))
         try:
-            self._write(seconds, "s")
-            self._write(millis, "ms")
+            for f in futures:
+                f.result()
         except InputError:
-            # some point was refused (e.g. a field type conflict in a shared database): isolate it
+            # some point was refused (e.g. a field type conflict in a shared database): isolate it.
+            # Rewriting the accepted ones is harmless: same series and timestamps overwrite.
+            for f in futures:
+                f.exception()  # all settled before we rewrite
             for m, p in items:
                 try:
                     self._write(p.seconds, "s")
@@ -127,7 +143,9 @@ class TwinStore:
                 except InputError as exc:
                     self._deadletter(m, f"InfluxDB rejected points: {exc}")
         self.counters.records += sum(p.records for _, p in items)
-        self.counters.points += len(seconds) + len(millis)
+        self.counters.points += sum(len(p.seconds) + len(p.millis) for _, p in items)
+        self.producer.flush()
+        self.consumer.commit()
 
     def _write(self, lines: list[str], precision: str) -> None:
         step = self.settings.influx.batch_points

@@ -76,7 +76,7 @@ def services_up(settings: NettwinSettings) -> tuple[bool, bool]:
     return kafka, influx_ok
 
 
-def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def spawn_cli(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
@@ -84,7 +84,7 @@ def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.P
         )
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
@@ -161,8 +161,8 @@ def demo(
     env = settings_env(settings)
     logs = settings.state_dir / "log"
     procs = [
-        _spawn(["worker"], logs / "demo-worker.log", env),
-        _spawn(["store"], logs / "demo-store.log", env),
+        spawn_cli(["worker"], logs / "demo-worker.log", env),
+        spawn_cli(["store"], logs / "demo-store.log", env),
     ]
     try:
         producer = make_producer(settings)
@@ -190,7 +190,7 @@ def demo(
             twins = twin_rows(influx, "bs")
     finally:
         for p in procs:
-            _stop(p)
+            stop_process(p)
     print_table(
         "twin state (nettwin query twins --level bs)",
         twins[:10],

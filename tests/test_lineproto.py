@@ -1,0 +1,205 @@
+"""twin_store.lineproto: InfluxDB line protocol built in bulk."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from twin_store.lineproto import columns_to_lines, escape_measurement, escape_tag, format_field, point
+
+# --- escaping ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "escaped"),
+    [
+        ("plain", "plain"),
+        ("a b", r"a\ b"),
+        ("a,b", r"a\,b"),
+        ("a=b", r"a\=b"),
+        ("a\\b", "a\\\\b"),
+        ("x =,\\", "x\\ \\=\\,\\\\"),
+        ("", ""),
+        ("città", "città"),
+    ],
+)
+def test_escape_tag(raw: str, escaped: str) -> None:
+    assert escape_tag(raw) == escaped
+
+
+@pytest.mark.parametrize(
+    ("raw", "escaped"),
+    [("traffic", "traffic"), ("a b", r"a\ b"), ("a,b", r"a\,b"), ("a=b", "a=b"), ("a\\b", "a\\\\b")],
+)
+def test_escape_measurement_leaves_equals_alone(raw: str, escaped: str) -> None:
+    assert escape_measurement(raw) == escaped
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+@pytest.mark.parametrize("raw", ["a b,c=d\\e", "\\", "\\,", " , = "])
+def test_escaping_is_reversible(raw: str) -> None:
+    assert _unescape(escape_tag(raw)) == raw
+    # once every escape pair is removed, no separator is left
+    assert not set(re.sub(r"\\.", "", escape_tag(raw))) & {" ", ",", "="}
+
+
+# --- fields -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (True, "true"),
+        (False, "false"),
+        (0, "0i"),
+        (-7, "-7i"),
+        (2**53 + 1, "9007199254740993i"),
+        (np.int64(12), "12i"),
+        (np.uint32(4_000_000_000), "4000000000i"),
+        (1.5, "1.5"),
+        (3.0, "3.0"),  # stays a float, never the integer "3"
+        (-0.0, "-0.0"),
+        (np.float64(0.1), "0.1"),
+        (np.float32(0.5), "0.5"),
+        (1e300, "1e+300"),
+        ("text", '"text"'),
+        ('say "hi"', '"say \\"hi\\""'),
+        ("back\\slash", '"back\\\\slash"'),
+        ("a b,c=d", '"a b,c=d"'),  # separators need no escaping inside a quoted string
+        ("", '""'),
+    ],
+)
+def test_format_field(value: object, text: str) -> None:
+    assert format_field(value) == text
+
+
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), -float("inf"), np.float64("nan"), np.float32("inf")]
+)
+def test_non_finite_floats_are_rejected(value: float) -> None:
+    with pytest.raises(ValueError, match="cannot carry"):
+        format_field(value)
+
+
+@pytest.mark.parametrize("value", [None, [1], {"a": 1}, b"bytes", 1 + 2j])
+def test_unsupported_field_types_are_rejected(value: object) -> None:
+    with pytest.raises(TypeError, match="unsupported field type"):
+        format_field(value)
+
+
+@pytest.mark.parametrize(
+    "value", [0.1, 1 / 3, 5e-324, 1.7976931348623157e308, 123456789.123456789, 2.0**-1074]
+)
+def test_float_fields_round_trip_exactly(value: float) -> None:
+    assert float(format_field(value)) == value
+
+
+# --- point ------------------------------------------------------------------------------------------
+
+
+def test_point_sorts_tags_and_drops_empty_ones() -> None:
+    line = point(
+        "bs twin", {"z": "1", "a": "x y", "empty": ""}, {"load": 0.5, "n": 3, "ok": True}, 1700000000
+    )
+    assert line == r"bs\ twin,a=x\ y,z=1 load=0.5,n=3i,ok=true 1700000000"
+
+
+def test_point_without_time_and_with_none_fields() -> None:
+    line = point("m", {}, {"a": 1.0, "skip": None, "s": 'q"'}, None)
+    assert line == 'm a=1.0,s="q\\""'
+
+
+def test_point_escapes_field_keys_and_tag_keys() -> None:
+    assert point("m", {"k ey": "v"}, {"f=1": 2}, 5) == r"m,k\ ey=v f\=1=2i 5"
+
+
+def test_point_rejects_nan() -> None:
+    with pytest.raises(ValueError, match="cannot carry nan"):
+        point("m", {"a": "b"}, {"x": float("nan")}, 1)
+
+
+# --- columns_to_lines -------------------------------------------------------------------------------
+
+
+def _parse(line: str) -> tuple[str, dict[str, str], dict[str, str], int]:
+    head, fields, ts = line.split(" ")
+    measurement, *tags = head.split(",")
+    return (
+        measurement,
+        dict(t.split("=") for t in tags),
+        dict(f.split("=") for f in fields.split(",")),
+        int(ts),
+    )
+
+
+def test_columns_to_lines_floats_round_trip_exactly() -> None:
+    rng = np.random.default_rng(7)
+    n = 500
+    floats = np.column_stack(
+        [
+            rng.gamma(2.0, 5.0, n),
+            rng.random(n) * 10.0 ** rng.integers(-300, 300, n),
+            rng.integers(0, 10**6, n).astype(np.float64),  # integer-valued floats stay floats
+        ]
+    )
+    floats[0] = [0.0, 5e-324, 1.7976931348623157e308]
+    squares = rng.integers(1, 10_001, n).astype(np.uint32)
+    times = 1_383_260_400 + 600 * np.arange(n, dtype=np.int64)
+    lines = columns_to_lines("traffic", "square", squares, times, ("sms_in", "x", "internet"), floats)
+    assert len(lines) == n
+    back = np.empty_like(floats)
+    for i, line in enumerate(lines):
+        measurement, tags, fields, ts = _parse(line)
+        assert measurement == "traffic"
+        assert tags == {"square": str(squares[i])}
+        assert ts == times[i]
+        assert list(fields) == ["sms_in", "x", "internet"]
+        assert not any(v.endswith("i") for v in fields.values())
+        back[i] = [float(fields[k]) for k in ("sms_in", "x", "internet")]
+    assert back.tobytes() == floats.tobytes(), "float(text) == value, bit for bit"
+
+
+def test_columns_to_lines_int_fields_get_the_i_suffix() -> None:
+    floats = np.array([[1.25], [2.0]])
+    counts = np.array([6, 0], np.int64)
+    lines = columns_to_lines(
+        "features", "square", np.array([3, 4], np.uint32), np.array([10, 20]), ("internet",), floats,
+        {"n_intervals": counts},
+    )  # fmt: skip
+    assert lines == [
+        "features,square=3 internet=1.25,n_intervals=6i 10",
+        "features,square=4 internet=2.0,n_intervals=0i 20",
+    ]
+    assert_array_equal([int(_parse(x)[2]["n_intervals"][:-1]) for x in lines], counts)
+
+
+def test_columns_to_lines_escapes_names() -> None:
+    lines = columns_to_lines(
+        "my m", "sq id", np.array([1]), np.array([5]), ("a b", "c=d"), np.array([[1.0, 2.0]])
+    )
+    assert lines == [r"my\ m,sq\ id=1 a\ b=1.0,c\=d=2.0 5"]
+
+
+def test_columns_to_lines_matches_point_for_the_same_data() -> None:
+    floats = np.array([[0.1, 7.0], [1e-7, 123.456]])
+    lines = columns_to_lines(
+        "m", "square", np.array([9, 10]), np.array([100, 200]), ("a", "b"), floats, {"n": np.array([1, 2])}
+    )
+    expected = [
+        point("m", {"square": str(sq)}, {"a": float(row[0]), "b": float(row[1]), "n": int(n)}, int(t))
+        for sq, row, n, t in zip([9, 10], floats, [1, 2], [100, 200], strict=True)
+    ]
+    assert lines == expected
+
+
+def test_columns_to_lines_with_no_rows() -> None:
+    empty = columns_to_lines(
+        "m", "s", np.empty(0, np.uint32), np.empty(0, np.int64), ("a",), np.empty((0, 1))
+    )
+    assert empty == []
