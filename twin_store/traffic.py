@@ -3,9 +3,11 @@
 - 10-minute windows -> ``traffic`` (tag ``square``; fields the activity sums), time = interval start.
 - 1-hour windows -> ``traffic_hourly`` (same fields + ``n_intervals``), time = hour start.
 - the first time a square is seen -> a ``twin`` row (level=bs, twin_id=square, version 0).
-- each feature message -> a ``pipeline`` row: lag from the source closing the interval to the write.
+- each feature message -> a ``pipeline`` row: lag from the source closing the interval to the write
+  being acknowledged.
 - a run's final marker -> a ``replay`` row per partition: records sent by the producer and received by
-  the worker, so completeness is checkable end to end.
+  the worker, written after everything before it on that partition is acknowledged, so completeness is
+  checkable end to end.
 """
 
 from __future__ import annotations
@@ -26,11 +28,39 @@ def measurement_for(window_s: int) -> str:
 
 @dataclass
 class Points:
-    """Lines to write, split by timestamp precision."""
+    """What one feature message becomes: data lines now, progress rows once the data is acknowledged."""
 
-    seconds: list[str] = field(default_factory=list)
-    millis: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)  # precision s
     records: int = 0
+    partition: int = 0
+    run: str | None = None
+    window_s: int = 0
+    closed_ms: int | None = None  # the source closed the newest interval at this wall time
+    final: bool = False
+    sent: int = 0
+    received: int = 0
+
+    def progress_lines(self, acked_ms: int) -> list[str]:
+        """``pipeline`` (lag) and ``replay`` (completion) rows, stamped with the write acknowledgement time.
+
+        Written only after this message's data lines were acknowledged, so "visible" means visible.
+        """
+        tags = {"run": self.run or "", "partition": str(self.partition)}
+        out = []
+        if self.records and self.closed_ms is not None:
+            fields = {
+                "lag_ms": max(0, acked_ms - self.closed_ms),
+                "records": self.records,
+                "window_s": self.window_s,
+            }
+            # keyed by the source's close time: unique per interval, window and partition
+            out.append(
+                point("pipeline", tags | {"window": str(self.window_s)}, fields, None) + f" {self.closed_ms}"
+            )
+        if self.final:
+            fields = {"sent": self.sent, "received": self.received, "final": True}
+            out.append(point("replay", tags, fields, None) + f" {acked_ms}")
+        return out
 
 
 def feature_lines(batch: RecordBatch) -> list[str]:
@@ -70,22 +100,17 @@ class TwinRegistry:
 
 
 def batch_points(batch: RecordBatch, partition: int, twins: TwinRegistry, now_ms: int) -> Points:
-    out = Points()
+    out = Points(
+        partition=partition,
+        run=batch.run,
+        window_s=batch.step_s,
+        closed_ms=batch.closed_ms,
+        final=batch.final,
+    )
     if len(batch):
-        out.seconds += feature_lines(batch)
-        out.seconds += twins.first_rows(batch.squares, now_ms // 1000)
+        out.lines = feature_lines(batch) + twins.first_rows(batch.squares, now_ms // 1000)
         out.records = len(batch)
-    tags = {"run": batch.run or "", "partition": str(partition)}
-    if len(batch) and batch.closed_ms is not None:
-        fields = {"lag_ms": max(0, now_ms - batch.closed_ms), "records": len(batch), "window_s": batch.step_s}
-        # one point per message: keyed by the source's close time (unique per interval and window)
-        out.millis.append(
-            point("pipeline", tags | {"window": str(batch.step_s)}, fields, None) + f" {batch.closed_ms}"
-        )
     if batch.final:
-        received = int(batch.extra.get("received", 0))
-        out.millis.append(
-            point("replay", tags, {"sent": int(batch.sent or 0), "received": received, "final": True}, None)
-            + f" {now_ms}"
-        )
+        out.sent = int(batch.sent or 0)
+        out.received = int(batch.extra.get("received", 0))
     return out
