@@ -111,7 +111,9 @@ def service_pid(name: str) -> int | None:
     return int(f.read_text()) if f.exists() else None
 
 
-def replay_files(settings: NettwinSettings, tables: list[Any], speed: float | None, run: str) -> dict[str, Any]:
+def replay_files(
+    settings: NettwinSettings, tables: list[Any], speed: float | None, run: str
+) -> dict[str, Any]:
     topics = Topics.from_settings(settings)
     producer = make_producer(settings)
     replayer = Replayer(
@@ -171,8 +173,13 @@ def run_pipeline(
     try:
         time.sleep(6)  # both processes up and in their groups before the clock starts
         run = uuid.uuid4().hex[:8]
-        pids = {"worker": worker.pid, "store": store.pid, "tansu": service_pid("tansu"),
-                "influxd": service_pid("influxd"), "producer_and_bench": os.getpid()}
+        pids = {
+            "worker": worker.pid,
+            "store": store.pid,
+            "tansu": service_pid("tansu"),
+            "influxd": service_pid("influxd"),
+            "producer_and_bench": os.getpid(),
+        }
         cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
         t0 = time.time()
         summary = replay_files(settings, tables, speed, run)
@@ -189,7 +196,13 @@ def run_pipeline(
                 s = influx.query(q)
                 if s:
                     _, p50, p95, p99, mx, cnt = s[0].values[0]
-                    lag[f"{window}s"] = {"p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": mx, "messages": cnt}
+                    lag[f"{window}s"] = {
+                        "p50_ms": p50,
+                        "p95_ms": p95,
+                        "p99_ms": p99,
+                        "max_ms": mx,
+                        "messages": cnt,
+                    }
         cpu = {k: round(cpu_seconds(v) - cpu0[k], 2) for k, v in pids.items()}
         worker_end = features_end(settings)
         rss = {"worker": peak_rss_mb(worker.pid), "store": peak_rss_mb(store.pid)}
@@ -268,7 +281,12 @@ def main() -> None:
             first = tables[0]
             cut = first.starts_ms < first.starts_ms.min() + args.lag_hours * 3_600_000
             lag_table = type(first)(
-                first.source, first.columns, first.step_s, first.squares[cut], first.starts_ms[cut], first.values[cut]
+                first.source,
+                first.columns,
+                first.step_s,
+                first.squares[cut],
+                first.starts_ms[cut],
+                first.values[cut],
             )
             s_lag = isolated_settings(tag + "l", tmp / "state-lag")
             setup(s_lag)

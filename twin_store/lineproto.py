@@ -6,7 +6,7 @@ single string format; floats use ``repr`` (shortest round-trip) so values read b
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
