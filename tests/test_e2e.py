@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 
 from ingest.schema import ACTIVITY_COLUMNS
 from nettwin.cli.query import read_deadletters
 from nettwin.cli.services import wait_for_run
+from nettwin.settings import NettwinSettings
 from tests.conftest import SHARED_MILAN, Pipeline, run_cli
 from twin_store.influx import InfluxClient
 
@@ -126,3 +128,31 @@ def test_malformed_lines_go_to_deadletter_and_good_lines_arrive(pipeline: Pipeli
         got = influx_frame(influx, "traffic")
     assert got.index.equals(expected.index)
     np.testing.assert_allclose(got[list(ACTIVITY_COLUMNS)].to_numpy(), expected.to_numpy(), rtol=1e-12)
+
+
+@pytest.mark.skipif(not DAY.exists(), reason=f"real data not found at {DAY}")
+def test_demo_command_runs_the_whole_job_and_cleans_up(isolated: NettwinSettings) -> None:
+    res = run_cli(
+        isolated,
+        "--topic-prefix",
+        isolated.kafka.topic_prefix,
+        "--database",
+        isolated.influx.database,
+        "demo",
+        timeout=240,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "real Telecom Italia data" in out
+    assert "sent 3,683 records, worker received 3,683" in out
+    assert "3,683 rows in traffic (10 min)" in out and "26 BS twins" in out
+    # the demo stops the worker and store it started
+    prefix = isolated.kafka.topic_prefix
+    leftovers = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.environ().get("NETTWIN_KAFKA__TOPIC_PREFIX") == prefix:
+                leftovers.append(proc.info["cmdline"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    assert leftovers == []

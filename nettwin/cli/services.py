@@ -198,12 +198,25 @@ def demo(
     )
     if len(twins) > 10:
         console.print(f"... {len(twins) - 10} more")
+    counts = {}
+    with InfluxClient(settings.influx) as influx:
+        for measurement in ("traffic", "traffic_hourly"):
+            q = (
+                f'SELECT count("internet") FROM "{measurement}" '
+                f"WHERE time >= {summary.first_ms}ms AND time <= {summary.last_ms}ms"
+            )
+            series = influx.query(q)
+            counts[measurement] = int(series[0].values[0][1]) if series else 0
     console.print(
         f"run {summary.run}: sent {summary.records:,} records, worker received {received:,}, "
         f"{summary.malformed} malformed lines dead-lettered\n"
-        "next: nettwin query traffic --square 1 --resolution 1h | nettwin query twins --json | "
-        "nettwin query deadletters\n"
-        "worker and store stopped; the services keep running: stop them with infra/down"
+        f"InfluxDB '{settings.influx.database}': {counts['traffic']:,} rows in traffic (10 min), "
+        f"{counts['traffic_hourly']:,} in traffic_hourly, {len(twins)} BS twins\n"
+        "look next:\n"
+        "  nettwin query traffic --square 1 --resolution 1h\n"
+        "  nettwin query twins --json\n"
+        "  nettwin query deadletters\n"
+        "worker and store stopped; the services keep running (stop them with infra/down)"
     )
     if received != summary.records:
         raise NettwinError(f"worker received {received} of {summary.records} records; see {logs}")
