@@ -31,14 +31,13 @@ import numpy as np
 # `ingest` package: drop the folder before importing the project
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from ingest.deadletter import DeadLetterSink  # noqa: E402
 from ingest.kafka import create_topics, delete_topics, make_consumer, make_producer  # noqa: E402
 from ingest.milan import read_raw  # noqa: E402
 from ingest.schema import ACTIVITY_COLUMNS, RecordBatch, decode  # noqa: E402
 from ingest.topics import Topics, topic_specs  # noqa: E402
 from nettwin.cli.services import settings_env, spawn_cli, stop_process, wait_for_run  # noqa: E402
 from nettwin.settings import NettwinSettings, load_settings  # noqa: E402
-from producers.replay import ReplayClock, Replayer  # noqa: E402
+from producers.replay import Replayer  # noqa: E402
 from twin_store.influx import InfluxClient  # noqa: E402
 from twin_store.lineproto import columns_to_lines  # noqa: E402
 
@@ -114,16 +113,8 @@ def service_pid(name: str) -> int | None:
 def replay_files(
     settings: NettwinSettings, tables: list[Any], speed: float | None, run: str
 ) -> dict[str, Any]:
-    topics = Topics.from_settings(settings)
     producer = make_producer(settings)
-    replayer = Replayer(
-        producer,
-        topics.telemetry_milan,
-        settings.kafka.partitions,
-        DeadLetterSink(producer, topics.deadletter),
-        ReplayClock(speed),
-        run=run,
-    )
+    replayer = Replayer.for_settings(settings, producer, speed, run=run)
     for t in tables:
         replayer.publish_table(t)
     summary = replayer.finish().as_dict()

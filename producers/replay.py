@@ -22,7 +22,9 @@ from ingest.deadletter import DeadLetterSink
 from ingest.kafka import MAX_RECORDS_PER_MESSAGE
 from ingest.milan import TrafficTable, read_hourly, read_raw
 from ingest.schema import RecordBatch
+from ingest.topics import Topics
 from nettwin.errors import InputError, ServiceError
+from nettwin.settings import NettwinSettings
 
 
 def _opt_min(a: int | None, b: int) -> int:
@@ -124,6 +126,21 @@ class Replayer:
         self.step_s: int | None = None
         self.futures: list[Any] = []
         self.started = time.monotonic()
+
+    @classmethod
+    def for_settings(
+        cls, settings: NettwinSettings, producer: Any, speed: float | None, **kwargs: Any
+    ) -> Replayer:
+        """Replay into the settings' telemetry topic, dead letters to its dead-letter topic."""
+        topics = Topics.from_settings(settings)
+        return cls(
+            producer,
+            topics.telemetry_milan,
+            settings.kafka.partitions,
+            DeadLetterSink(producer, topics.deadletter),
+            ReplayClock(speed),
+            **kwargs,
+        )
 
     @property
     def exhausted(self) -> bool:

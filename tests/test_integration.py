@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from kafka import TopicPartition
 
-from ingest.deadletter import DeadLetterSink
 from ingest.kafka import make_consumer, make_producer
 from ingest.milan import read_raw
 from ingest.schema import N_INTERVALS, RecordBatch
@@ -18,7 +17,7 @@ from ingest.topics import Topics
 from nettwin.cli.query import read_deadletters
 from nettwin.cli.services import wait_for_run
 from nettwin.settings import NettwinSettings
-from producers.replay import ReplayClock, Replayer
+from producers.replay import Replayer
 from tests.conftest import SHARED_MILAN, Pipeline, wait_until
 from twin_store.influx import InfluxClient
 from twin_store.service import TwinStore
@@ -92,18 +91,11 @@ def test_store_commits_only_after_influx_accepted_the_write(isolated: NettwinSet
 def test_worker_killed_mid_hour_rebuilds_the_open_hour(pipeline: Pipeline) -> None:
     """Input of still-open windows is not acknowledged, so a restarted worker re-reads it: no partial hour."""
     settings = pipeline.settings
-    topics = Topics.from_settings(settings)
     table = read_raw(DAY)
     first = table.starts_ms < T0 + 21 * 600_000  # 3.5 hours: the fourth hour is half done
     producer = make_producer(settings)
-    replayer = Replayer(
-        producer,
-        topics.telemetry_milan,
-        settings.kafka.partitions,
-        DeadLetterSink(producer, topics.deadletter),
-        ReplayClock(1e9),  # per-interval messages (as at --speed), not packed
-        run="restart",
-    )
+    # a speed high enough not to wait, but with per-interval messages (as at --speed), not packed ones
+    replayer = Replayer.for_settings(settings, producer, 1e9, run="restart")
 
     def part(mask: np.ndarray) -> object:
         return type(table)(

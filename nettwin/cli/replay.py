@@ -7,12 +7,11 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ingest.deadletter import DeadLetterSink
 from ingest.kafka import make_producer
 from ingest.topics import Topics
 from nettwin.cli.common import console, print_json, settings_of
 from nettwin.errors import InputError
-from producers.replay import ReplayClock, Replayer, load_table
+from producers.replay import Replayer, load_table
 
 app = typer.Typer(help="Replay data sets into Kafka as live streams.", no_args_is_help=True)
 
@@ -49,12 +48,10 @@ def milan(
             disable=json_out or not console.is_terminal,
         ) as progress:
             task = progress.add_task("replay", total=None)
-            replayer = Replayer(
+            replayer = Replayer.for_settings(
+                settings,
                 producer,
-                topics.telemetry_milan,
-                settings.kafka.partitions,
-                DeadLetterSink(producer, topics.deadletter),
-                ReplayClock(speed),
+                speed,
                 limit=limit,
                 on_records=lambda n: progress.advance(task, n),
                 run=run,

@@ -14,14 +14,13 @@ from typing import Any
 
 import typer
 
-from ingest.deadletter import DeadLetterSink
 from ingest.kafka import create_topics, ensure_kafka_reachable, make_producer
-from ingest.topics import Topics, topic_specs
+from ingest.topics import topic_specs
 from nettwin.cli.common import console, print_json, print_table, settings_of
 from nettwin.cli.query import twin_rows
 from nettwin.errors import NettwinError, ServiceError
 from nettwin.settings import NettwinSettings
-from producers.replay import ReplayClock, Replayer, load_table
+from producers.replay import Replayer, load_table
 from producers.synthetic import synthetic_day
 from twin_store.influx import InfluxClient
 
@@ -149,7 +148,6 @@ def demo(
         if settings.influx.create_database:
             influx.create_database()
     create_topics(settings, topic_specs(settings))
-    topics = Topics.from_settings(settings)
 
     if SHARED_DAY.is_file():
         source, label = SHARED_DAY, "real Telecom Italia data (ODbL), 26 squares, 2013-11-01"
@@ -167,13 +165,7 @@ def demo(
     try:
         producer = make_producer(settings)
         try:
-            replayer = Replayer(
-                producer,
-                topics.telemetry_milan,
-                settings.kafka.partitions,
-                DeadLetterSink(producer, topics.deadletter),
-                ReplayClock(speed),
-            )
+            replayer = Replayer.for_settings(settings, producer, speed)
             replayer.publish_table(load_table(source, "raw"))
             summary = replayer.finish()
         finally:
