@@ -1,0 +1,142 @@
+"""Unit tests: the batched twin model, sample building and aggregation (FedAvg, clusters, H-twinning)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_allclose
+
+from twin_store.forecaster import N_STEPS, FitConfig, TwinModel
+from twin_store.samples import FIRST_TARGET, LAGS, Scaler, inputs_at, samples
+from twin_store.twinning import ClusterTwins, GlobalTwin, epsilon, fedavg
+
+
+def test_forward_equals_torch_lstm_with_the_same_weights() -> None:
+    torch.manual_seed(0)
+    model = TwinModel(hidden=8)
+    params = model.init(3, seed=4)
+    x = torch.randn(3, 5, N_STEPS)
+    got = model.forward(params, x)
+    p = model.unflatten(params)
+    for b in range(3):
+        ref = torch.nn.LSTM(1, 8, batch_first=True)
+        head = torch.nn.Linear(8, 1)
+        with torch.no_grad():
+            ref.weight_ih_l0.copy_(p["w_ih"][b])
+            ref.weight_hh_l0.copy_(p["w_hh"][b])
+            ref.bias_ih_l0.copy_(p["b"][b])
+            ref.bias_hh_l0.zero_()
+            head.weight.copy_(p["w_out"][b].unsqueeze(0))
+            head.bias.copy_(p["b_out"][b])
+            out, _ = ref(x[b].unsqueeze(2))
+            expected = head(out[:, -1]).squeeze(1)
+        assert_allclose(got[b].detach().numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_layout_covers_the_vector_exactly() -> None:
+    model = TwinModel(hidden=16)
+    sizes = sum(v.shape[1:].numel() for v in model.unflatten(model.init(2, 0)).values())
+    assert sizes == model.n_params == 4 * 16 * (1 + 16 + 1) + 16 + 1
+
+
+def test_stacked_twins_train_independently() -> None:
+    """Changing twin 1's data must not change twin 0's result: the stack is B separate trainings."""
+    model = TwinModel(hidden=8)
+    params = model.init(2, seed=1)
+    x = torch.randn(2, 40, N_STEPS)
+    y = torch.randn(2, 40)
+    y_other = y.clone()
+    y_other[1] = torch.randn(40) * 5
+    cfg = FitConfig(steps=5, lr=1e-2, batch=16)
+    a, _ = model.fit(params, x, y, cfg, torch.Generator().manual_seed(3))
+    b, _ = model.fit(params, x, y_other, cfg, torch.Generator().manual_seed(3))
+    assert_allclose(a[0].numpy(), b[0].numpy(), rtol=1e-6)
+    assert not np.allclose(a[1].numpy(), b[1].numpy())
+
+
+def test_fit_learns_a_learnable_signal() -> None:
+    model = TwinModel(hidden=8)
+    x = torch.randn(1, 256, N_STEPS)
+    y = x[:, :, -1] * 0.8 + x[:, :, 0] * 0.2  # a linear function of the inputs
+    params = model.init(1, seed=0)
+    before = float(((model.predict(params, x) - y) ** 2).mean())
+    trained, loss = model.fit(
+        params, x, y, FitConfig(steps=300, lr=1e-2, batch=64), torch.Generator().manual_seed(0)
+    )
+    after = float(((model.predict(trained, x) - y) ** 2).mean())
+    assert after < 0.2 * before
+    assert loss.shape == (1,)
+
+
+def test_inputs_use_only_earlier_hours_in_time_order() -> None:
+    z = np.arange(2 * 300, dtype=float).reshape(2, 300)
+    targets = np.array([FIRST_TARGET, 200])
+    x = inputs_at(z, targets)
+    assert x.shape == (2, 2, N_STEPS)
+    assert (LAGS > 0).all()
+    assert_allclose(x[1, 1], z[1, 200 - LAGS])
+    assert (np.diff(x[0, 0]) > 0).all()  # oldest first
+    assert x[0, 0, -1] == z[0, FIRST_TARGET - 1]  # the last input is the previous hour
+    with pytest.raises(ValueError):
+        inputs_at(z, np.array([FIRST_TARGET - 1]))
+    xs, ys = samples(z, 0, 130)
+    assert xs.shape == (2, 130 - FIRST_TARGET, N_STEPS)
+    assert_allclose(ys[:, 0], z[:, FIRST_TARGET])
+
+
+def test_scaler_uses_training_hours_only_and_inverts() -> None:
+    rng = np.random.default_rng(0)
+    series = rng.random((3, 100)) * 10
+    scaler = Scaler.fit(series, train_hours=60)
+    z = scaler.transform(series)
+    assert_allclose(z[:, :60].mean(axis=1), 0, atol=1e-12)
+    assert_allclose(z[:, :60].std(axis=1), 1, atol=1e-12)
+    series2 = series.copy()
+    series2[:, 60:] += 1000  # test-period values must not move the statistics
+    assert_allclose(Scaler.fit(series2, 60).mean, scaler.mean)
+    assert_allclose(scaler.inverse(z), series)
+    flat = Scaler.fit(np.ones((1, 10)), 10)
+    assert flat.std[0] == 1.0
+
+
+def test_fedavg_is_sample_weighted_and_merges() -> None:
+    rng = np.random.default_rng(1)
+    vecs = torch.tensor(rng.random((6, 4)), dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64)
+    assert_allclose(fedavg(vecs, w).numpy(), (vecs * w[:, None]).sum(0).numpy() / w.sum().item())
+    # two-level averaging (clusters weighted by their sample totals) equals one-level: merged equals flat
+    a, b = fedavg(vecs[:2], w[:2]), fedavg(vecs[2:], w[2:])
+    two_level = fedavg(torch.stack([a, b]), torch.stack([w[:2].sum(), w[2:].sum()]))
+    assert_allclose(two_level.numpy(), fedavg(vecs, w).numpy(), rtol=1e-12)
+
+
+def test_global_twin_merges_only_above_psi() -> None:
+    g = GlobalTwin(torch.zeros(4), psi=0.5)
+    assert epsilon(torch.ones(4), torch.zeros(4)) == 1.0
+    assert not g.offer(torch.full((4,), 0.5), gamma=0.5)  # eps 0.25 <= 0.5
+    assert g.version == 0 and g.syncs == 0
+    assert g.offer(torch.ones(4), gamma=0.25)  # eps 1.0 > 0.5
+    assert_allclose(g.params.numpy(), np.full(4, 0.25))
+    assert (g.version, g.syncs, g.offers) == (1, 1, 2)
+    sync = GlobalTwin(torch.zeros(2), psi=0.0)
+    assert sync.offer(torch.full((2,), 1e-6), gamma=1.0)  # psi 0: every change merges
+    assert_allclose(sync.params.numpy(), np.full(2, 1e-6))
+
+
+def test_cluster_twins_aggregate_latest_updates_and_follow_moves() -> None:
+    ct = ClusterTwins(labels={1: 0, 2: 0, 3: 1}, twins={0: torch.zeros(2), 1: torch.zeros(2)})
+    ct.accept(1, torch.tensor([1.0, 1.0]), 1)
+    assert_allclose(ct.twins[0].numpy(), [1.0, 1.0])  # member 2 has no update yet: it does not count
+    ct.accept(2, torch.tensor([4.0, 4.0]), 3)
+    assert_allclose(ct.twins[0].numpy(), [3.25, 3.25])
+    ct.accept(1, torch.tensor([0.0, 0.0]), 1)  # a newer update replaces the old one
+    assert_allclose(ct.twins[0].numpy(), [3.0, 3.0])
+    ct.accept(3, torch.tensor([10.0, 10.0]), 1)
+    ct.move(2, 1, fallback=torch.zeros(2))  # square 2 and its update move to cluster 1
+    assert ct.members(0) == [1] and ct.members(1) == [2, 3]
+    assert_allclose(ct.twins[0].numpy(), [0.0, 0.0])
+    assert_allclose(ct.twins[1].numpy(), [(4.0 * 3 + 10.0) / 4] * 2)
+    ct.move(1, 7, fallback=torch.full((2,), 9.0))  # a new cluster gets the member's update
+    assert_allclose(ct.twins[7].numpy(), [0.0, 0.0])
+    assert ct.samples(1) == 4

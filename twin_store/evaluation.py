@@ -1,0 +1,356 @@
+"""Offline VH-Twin evaluation on an hourly traffic matrix: the protocol behind ``nettwin bench vhtwin``.
+
+Split by time: the last 240 hours are test, the 240 before validation, the rest training. Scaling
+statistics, V-twinning, the clustering inputs, ridge's alpha and psi's selection use training (and, where
+said, validation) hours only. Validation and test hours are then replayed as a stream, hour by hour. For
+each hour every method first forecasts it from what it has learnt so far (prequential). Only then does the
+hour's value reach any twin.
+
+Methods, all in one run:
+- ``vhtwin``: DCS clusters, synchronous V-twinning on training hours, then asynchronous H-twinning. BSs
+  train locally from their cluster twin, on a staggered schedule. Cluster twins are FedAvg of the members'
+  latest updates. The global twin merges a cluster change only if ``eps > psi``. Forecasts come from the
+  global twin (the network's twin). ``vhtwin_cluster`` reports the cluster twins' own forecasts.
+- ``fedavg``: single-level synchronous FedAvg (no clusters). Every BS trains from the global twin in rounds
+  with a barrier.
+- ``central``: one model trained on all training samples, then fixed.
+- ``ridge``: centralised ridge regression on the same 10 inputs, with alpha chosen on validation.
+- ``persistence`` (last hour) and ``seasonal`` (same hour of the previous day).
+
+psi does not change what the BSs and cluster twins do (they never read the global twin), so one stream
+run carries one global twin per psi value: the sweep costs extra forecasts, not extra training.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ingest.milan import read_hourly
+from nettwin.errors import InputError
+from twin_store import dcs
+from twin_store.forecaster import FitConfig, TwinModel
+from twin_store.samples import FIRST_TARGET, Scaler, inputs_at, samples
+from twin_store.twinning import ClusterTwins, GlobalTwin, fedavg
+
+TEST_HOURS = 240
+VAL_HOURS = 240
+# psi candidates: these quantiles of the divergences eps observed in validation hours (plus 0)
+PSI_QUANTILES = (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
+
+
+@dataclass(frozen=True)
+class VhTwinConfig:
+    squares: int = 50
+    seed: int = 1
+    clusters: int | None = 4  # None: Louvain decides
+    hidden: int = 32
+    v_rounds: int = 10
+    participation: float = 1.0  # share of BSs in each V-twinning round
+    local: FitConfig = field(
+        default_factory=lambda: FitConfig(steps=20, lr=1e-2, batch=64)
+    )  # V-twinning rounds
+    stream: FitConfig = field(
+        default_factory=lambda: FitConfig(steps=20, lr=1e-2, batch=64)
+    )  # updates in the stream
+    update_every: int = 24  # hours between a BS's local updates in the stream
+    window: int = 336  # hours of recent samples a local update trains on
+    psi: float | None = None  # None: the largest psi on the grid within 5% of psi=0's validation MSE
+    central_steps: int = 1500
+    milan_dir: Path | None = None  # grid + base stations for DCS; default: the data file's folder
+
+
+def load_matrix(path: Path, n_squares: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hourly matrix ``[S, H]`` of ``n_squares`` squares drawn with ``seed`` (sorted ids), and the ids."""
+    table = read_hourly(path)
+    if table.bad:
+        first = table.bad[0]
+        raise InputError(
+            f"{path}: {len(table.bad)} malformed line(s), first {first.position}: {first.reason}"
+        )
+    all_squares = np.unique(table.squares)
+    hours = len(table) // len(all_squares)
+    matrix = table.values[:, 0].reshape(hours, len(all_squares)).T  # hour-major -> [S, H]
+    if n_squares > len(all_squares):
+        raise InputError(f"--squares {n_squares}: the file has {len(all_squares)} squares")
+    if hours < FIRST_TARGET + TEST_HOURS + VAL_HOURS + 24:
+        raise InputError(f"{path}: {hours} hours is too short for a {VAL_HOURS}+{TEST_HOURS} hour split")
+    pick = np.sort(np.random.default_rng(seed).choice(len(all_squares), n_squares, replace=False))
+    return matrix[pick], all_squares[pick].astype(np.int64)
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(a, dtype=torch.float32)
+
+
+def _metrics(pred: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    err = pred - actual
+    mse = float((err**2).mean())
+    return {
+        "mse": round(mse, 5),
+        "mae": round(float(np.abs(err).mean()), 5),
+        # RMSE over the standard deviation of the actual (z-scored) values in the same hours
+        "nrmse": round(float(np.sqrt(mse) / actual.std()), 5),
+    }
+
+
+class _Stream:
+    """Forecasts per method for the streamed hours, [S, hours] each."""
+
+    def __init__(self, n_squares: int, n_hours: int) -> None:
+        self.shape = (n_squares, n_hours)
+        self.preds: dict[str, np.ndarray] = {}
+
+    def put(self, method: str, col: int, values: np.ndarray) -> None:
+        if method not in self.preds:
+            self.preds[method] = np.full(self.shape, np.nan)
+        self.preds[method][:, col] = values
+
+
+def _clusters(
+    cfg: VhTwinConfig, data_path: Path, squares: np.ndarray, z: np.ndarray, upto: int
+) -> tuple[np.ndarray, dcs.SquareAttributes]:
+    """DCS labels from attributes and mean daily profiles of hours [0, upto) (never test hours)."""
+    attrs = dcs.SquareAttributes.load(cfg.milan_dir or data_path.parent, squares.tolist())
+    days = upto // 24
+    profiles = z[:, : days * 24].reshape(len(squares), days, 24).mean(axis=1)
+    affinity = dcs.relationship_matrix(attrs, profiles, dcs.DcsWeights())
+    return dcs.cluster(affinity, cfg.clusters, seed=cfg.seed), attrs
+
+
+def run(
+    data_path: Path, cfg: VhTwinConfig
+) -> tuple[dict[str, Any], list[tuple[str, int, int, float, float]]]:
+    """Run every method; return (the JSON report, prediction rows for the test hours in original units)."""
+    torch.set_num_threads(1)  # 2 cores: one thread per process measured 4x faster than the default
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    walls: dict[str, float] = {}
+
+    series, squares = load_matrix(data_path, cfg.squares, cfg.seed)
+    n_sq, hours = series.shape
+    test_start = hours - TEST_HOURS
+    val_start = test_start - VAL_HOURS
+    scaler = Scaler.fit(series, val_start)
+    z = scaler.transform(series)
+    x_train, y_train = samples(z, 0, val_start)
+    xt, yt = _t(x_train), _t(y_train)
+    n_train = x_train.shape[1]
+    model = TwinModel(cfg.hidden)
+
+    # ---- DCS on training hours
+    t0 = time.perf_counter()
+    labels, _ = _clusters(cfg, data_path, squares, z, val_start)
+    walls["dcs_s"] = time.perf_counter() - t0
+
+    # ---- V-twinning (vhtwin) and synchronous FedAvg (fedavg) on training hours, same local budget
+    t0 = time.perf_counter()
+    init = model.init(1, cfg.seed)[0]
+    cluster_ids = sorted(set(labels.tolist()))
+    ctwins = ClusterTwins(
+        labels={int(s): int(c) for s, c in zip(squares, labels, strict=True)},
+        twins={c: init.clone() for c in cluster_ids},
+    )
+    g_v = init.clone()
+    transfers = {"vhtwin": {"uploads": 0, "downloads": 0}, "fedavg": {"uploads": 0, "downloads": 0}}
+    for _ in range(cfg.v_rounds):
+        part = np.flatnonzero(rng.random(n_sq) < cfg.participation)
+        if part.size == 0:
+            continue
+        start = torch.stack([ctwins.twins[ctwins.labels[int(squares[i])]] for i in part])
+        new, _ = model.fit(start, xt[part], yt[part], cfg.local, gen)
+        for k, i in enumerate(part):
+            ctwins.latest[int(squares[i])] = (new[k], n_train)
+        for c in cluster_ids:  # barrier: every cluster aggregates, then the global
+            ctwins.aggregate(c)
+        weights = torch.tensor([max(ctwins.samples(c), 1) for c in cluster_ids], dtype=torch.float32)
+        g_v = fedavg(torch.stack([ctwins.twins[c] for c in cluster_ids]), weights)
+        transfers["vhtwin"]["uploads"] += part.size
+        transfers["vhtwin"]["downloads"] += part.size
+    walls["vtwinning_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    g_f = init.clone()
+    for _ in range(cfg.v_rounds):
+        part = np.flatnonzero(rng.random(n_sq) < cfg.participation)
+        if part.size == 0:
+            continue
+        new, _ = model.fit(g_f.expand(part.size, -1), xt[part], yt[part], cfg.local, gen)
+        g_f = fedavg(new, torch.full((part.size,), float(n_train)))
+        transfers["fedavg"]["uploads"] += part.size
+        transfers["fedavg"]["downloads"] += part.size
+    walls["fedavg_rounds_s"] = time.perf_counter() - t0
+
+    # ---- central model and ridge on pooled training samples
+    t0 = time.perf_counter()
+    pooled_x, pooled_y = xt.reshape(1, -1, xt.shape[2]), yt.reshape(1, -1)
+    central, _ = model.fit(
+        init.unsqueeze(0), pooled_x, pooled_y, FitConfig(cfg.central_steps, 1e-2, 256), gen
+    )
+    walls["central_s"] = time.perf_counter() - t0
+    x_val, y_val = samples(z, val_start, test_start)
+    ridge_w = _ridge(x_train, y_train, x_val, y_val)
+
+    # ---- the stream: validation then test hours, hour by hour
+    t0 = time.perf_counter()
+    stream_hours = np.arange(val_start, hours)
+    out = _Stream(n_sq, len(stream_hours))
+    # cluster changes offered to the global twin, per stream hour: (cluster params, gamma)
+    offers: list[list[tuple[torch.Tensor, float]]] = [[] for _ in stream_hours]
+    x_stream = _t(inputs_at(z, stream_hours))  # [S, hours, 10], each row only uses hours before its target
+    gammas = {c: len(ctwins.members(c)) / n_sq for c in cluster_ids}
+    offsets = rng.integers(0, cfg.update_every, n_sq)
+    moves: list[tuple[int, int | None, int]] = []
+    membership = dcs.recluster(None, squares.tolist(), labels)[0]
+    for col, t in enumerate(stream_hours):
+        if t == test_start:  # re-cluster with training + validation statistics; members and twins move
+            new_labels, _ = _clusters(cfg, data_path, squares, z, test_start)
+            membership, moved = dcs.recluster(membership, squares.tolist(), new_labels)
+            moves += moved
+            for sq, old, new_c in moved:
+                ctwins.move(sq, new_c, fallback=ctwins.twins[old] if old is not None else g_v)
+            cluster_ids = sorted(set(ctwins.labels.values()))
+            gammas = {c: len(ctwins.members(c)) / n_sq for c in cluster_ids}
+        x_now = x_stream[:, col : col + 1]
+        out.put("persistence", col, z[:, t - 1])
+        out.put("seasonal", col, z[:, t - 24])
+        out.put("ridge", col, x_now[:, 0].numpy() @ ridge_w[:-1] + ridge_w[-1])
+        out.put("central", col, model.predict(central.expand(n_sq, -1), x_now)[:, 0].numpy())
+        out.put("fedavg", col, model.predict(g_f.expand(n_sq, -1), x_now)[:, 0].numpy())
+        cstack = torch.stack([ctwins.twins[ctwins.labels[int(s)]] for s in squares])
+        out.put("vhtwin_cluster", col, model.predict(cstack, x_now)[:, 0].numpy())
+
+        # hour t is now known: samples with targets in the recent window train the due BSs
+        lo = max(FIRST_TARGET, t + 1 - cfg.window)
+        due = np.flatnonzero((t - val_start + offsets) % cfg.update_every == 0)
+        if due.size:
+            xw, yw = samples(z[due], lo, t + 1)
+            start = torch.stack([ctwins.twins[ctwins.labels[int(squares[i])]] for i in due])
+            new, _ = model.fit(start, _t(xw), _t(yw), cfg.stream, gen)
+            changed = set()
+            for k, i in enumerate(due):
+                changed.add(ctwins.accept(int(squares[i]), new[k], xw.shape[1]))
+            transfers["vhtwin"]["uploads"] += due.size
+            for c in sorted(changed):
+                transfers["vhtwin"]["downloads"] += len(
+                    ctwins.members(c)
+                )  # members follow their cluster twin
+                offers[col].append((ctwins.twins[c].clone(), gammas[c]))
+        if (t - val_start) % cfg.update_every == 0:  # synchronous FedAvg round with a barrier
+            xw, yw = samples(z, lo, t + 1)
+            new, _ = model.fit(g_f.expand(n_sq, -1), _t(xw), _t(yw), cfg.stream, gen)
+            g_f = fedavg(new, torch.full((n_sq,), float(xw.shape[1])))
+            transfers["fedavg"]["uploads"] += n_sq
+            transfers["fedavg"]["downloads"] += n_sq
+    walls["stream_s"] = time.perf_counter() - t0
+
+    # ---- H-twinning for every psi, replayed over the logged offers (BSs and clusters never read the global)
+    t0 = time.perf_counter()
+    val_cols = slice(0, VAL_HOURS)
+    test_cols = slice(VAL_HOURS, len(stream_hours))
+    actual = z[:, stream_hours]
+    synchronous = _replay_global(model, g_v, 0.0, offers, x_stream)[1]
+    val_eps = np.array(synchronous.epsilons[: sum(len(o) for o in offers[:VAL_HOURS])])
+    # the grid: 0 (synchronous updating) and quantiles of the divergences seen in validation hours
+    grid = sorted(
+        {0.0, *(float(np.quantile(val_eps, q)) for q in PSI_QUANTILES)} | ({cfg.psi} if cfg.psi else set())
+    )
+    sweep: list[dict[str, Any]] = []
+    for psi in grid:
+        pred, g = _replay_global(model, g_v, psi, offers, x_stream)
+        out.preds[f"vhtwin@{psi!r}"] = pred
+        sweep.append(
+            {
+                "psi": psi,
+                "val_mse": _metrics(pred[:, val_cols], actual[:, val_cols])["mse"],
+                "test": _metrics(pred[:, test_cols], actual[:, test_cols]),
+                "global_syncs": g.syncs,
+                "offers": g.offers,
+            }
+        )
+    base_val = sweep[0]["val_mse"]
+    chosen = (
+        cfg.psi if cfg.psi is not None else max(r["psi"] for r in sweep if r["val_mse"] <= 1.05 * base_val)
+    )
+    chosen_row = next(r for r in sweep if r["psi"] == chosen)
+    sync0 = sweep[0]["global_syncs"]
+    for row in sweep:
+        row["sync_reduction_vs_psi0"] = round(1 - row["global_syncs"] / sync0, 3) if sync0 else None
+        row["test_mse_vs_psi0"] = round(row["test"]["mse"] / sweep[0]["test"]["mse"], 3)
+    walls["psi_sweep_s"] = time.perf_counter() - t0
+
+    methods = ["vhtwin", "vhtwin_cluster", "fedavg", "central", "ridge", "persistence", "seasonal"]
+    out.preds["vhtwin"] = out.preds[f"vhtwin@{chosen!r}"]
+    report: dict[str, Any] = {"methods": {}}
+    for m in methods:
+        report["methods"][m] = _metrics(out.preds[m][:, test_cols], actual[:, test_cols]) | {
+            "val_mse": _metrics(out.preds[m][:, val_cols], actual[:, val_cols])["mse"]
+        }
+    report["methods"]["vhtwin"] |= {
+        "psi": chosen,
+        "global_syncs": chosen_row["global_syncs"],
+        **transfers["vhtwin"],
+    }
+    report["methods"]["fedavg"] |= {
+        "global_syncs": cfg.v_rounds + len(range(0, len(stream_hours), cfg.update_every)),
+        **transfers["fedavg"],
+    }
+    report["psi_sweep"] = sweep
+    report["clusters"] = {
+        "n": len(set(ctwins.labels.values())),
+        "sizes": sorted((len(ctwins.members(c)) for c in set(ctwins.labels.values())), reverse=True),
+        "moves_at_recluster": len(moves),
+    }
+    report["split"] = {"train_hours": val_start, "val_hours": VAL_HOURS, "test_hours": TEST_HOURS}
+    report["wall_s"] = {k: round(v, 2) for k, v in walls.items()}
+
+    rows: list[tuple[str, int, int, float, float]] = []
+    test_hours = stream_hours[test_cols].tolist()
+    for m in methods:
+        pred = scaler.inverse(out.preds[m][:, test_cols]).tolist()
+        act = series[:, stream_hours[test_cols]].tolist()
+        for idx, square_id in enumerate(squares.tolist()):
+            rows += [(m, square_id, hour, act[idx][j], pred[idx][j]) for j, hour in enumerate(test_hours)]
+    return report, rows
+
+
+def _replay_global(
+    model: TwinModel,
+    start: torch.Tensor,
+    psi: float,
+    offers: list[list[tuple[torch.Tensor, float]]],
+    x_stream: torch.Tensor,
+) -> tuple[np.ndarray, GlobalTwin]:
+    """Forecast every stream hour with the global twin as H-twinning at ``psi`` leaves it before that hour."""
+    g = GlobalTwin(start.clone(), psi)
+    n_sq, n_hours, _ = x_stream.shape
+    pred = np.empty((n_sq, n_hours))
+    for col in range(n_hours):
+        pred[:, col] = model.predict(g.params.expand(n_sq, -1), x_stream[:, col : col + 1])[:, 0].numpy()
+        for params, gamma in offers[col]:
+            g.offer(params, gamma)
+    return pred, g
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> np.ndarray:
+    """Closed-form ridge on pooled samples (with intercept); alpha by validation MSE."""
+    a = np.concatenate([x.reshape(-1, x.shape[2]), np.ones((x.shape[0] * x.shape[1], 1))], axis=1)
+    b = y.reshape(-1)
+    av = np.concatenate(
+        [x_val.reshape(-1, x_val.shape[2]), np.ones((x_val.shape[0] * x_val.shape[1], 1))], axis=1
+    )
+    best, best_w = np.inf, np.zeros(a.shape[1])
+    for alpha in (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0):
+        reg = alpha * np.eye(a.shape[1])
+        reg[-1, -1] = 0.0  # the intercept is not shrunk
+        w = np.linalg.solve(a.T @ a + reg, a.T @ b)
+        mse = float(((av @ w - y_val.reshape(-1)) ** 2).mean())
+        if mse < best:
+            best, best_w = mse, w
+    return best_w

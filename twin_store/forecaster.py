@@ -1,0 +1,108 @@
+"""The traffic twin model: a small LSTM forecaster, evaluated for many twins at once.
+
+Every twin (BS, cluster, global) is one flat parameter vector of the same ``TwinModel``; aggregation
+(FedAvg, H-twinning) works on those vectors directly. Forward and training take a stack ``[B, P]`` of
+vectors and run all B twins in one batched pass (``bmm`` over the stack), which is what lets hundreds of
+BS twins update on 2 cores: one optimiser step trains every stacked twin, and because Adam is elementwise
+and the loss is a sum of per-twin losses, that equals B independent Adam runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+N_STEPS = (
+    10  # inputs per sample: 5 "period" values (same hour, previous 5 days) then 5 "close" (last 5 hours)
+)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    steps: int = 20
+    lr: float = 1e-2
+    batch: int = 64
+
+
+class TwinModel:
+    """LSTM(1 -> hidden) over the 10 inputs, linear head on the last hidden state."""
+
+    def __init__(self, hidden: int = 32) -> None:
+        self.hidden = hidden
+        h4 = 4 * hidden
+        # (name, shape) of each parameter inside the flat vector, in order
+        self.layout = [
+            ("w_ih", (h4, 1)),
+            ("w_hh", (h4, hidden)),
+            ("b", (h4,)),
+            ("w_out", (hidden,)),
+            ("b_out", (1,)),
+        ]
+        self.n_params = sum(int(torch.tensor(shape).prod()) for _, shape in self.layout)
+
+    def init(self, n: int, seed: int) -> torch.Tensor:
+        """``n`` freshly initialised parameter vectors (PyTorch's LSTM init: U(-1/sqrt(H), 1/sqrt(H)))."""
+        gen = torch.Generator().manual_seed(seed)
+        bound = self.hidden**-0.5
+        params = (torch.rand(n, self.n_params, generator=gen) * 2 - 1) * bound
+        return params
+
+    def unflatten(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views into a ``[B, P]`` stack, one ``[B, *shape]`` tensor per parameter."""
+        out, i = {}, 0
+        for name, shape in self.layout:
+            size = int(torch.tensor(shape).prod())
+            out[name] = params[:, i : i + size].reshape(params.shape[0], *shape)
+            i += size
+        return out
+
+    def forward(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``params [B, P]``, ``x [B, N, 10]`` -> predictions ``[B, N]``."""
+        p = self.unflatten(params)
+        bsz, n, _ = x.shape
+        h = x.new_zeros(bsz, n, self.hidden)
+        c = x.new_zeros(bsz, n, self.hidden)
+        w_ih_t = p["w_ih"].transpose(1, 2)  # [B, 1, 4H]
+        w_hh_t = p["w_hh"].transpose(1, 2)  # [B, H, 4H]
+        bias = p["b"].unsqueeze(1)  # [B, 1, 4H]
+        for t in range(x.shape[2]):
+            gates = torch.baddbmm(bias + x[:, :, t : t + 1] * w_ih_t, h, w_hh_t)
+            i, f, g, o = gates.chunk(4, dim=2)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        return torch.baddbmm(p["b_out"].unsqueeze(1), h, p["w_out"].unsqueeze(2)).squeeze(2)
+
+    @torch.no_grad()
+    def predict(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(params, x)
+
+    def fit(
+        self,
+        params: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        cfg: FitConfig,
+        gen: torch.Generator,
+        counts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train each stacked twin on its own samples; return (new params, mean training loss per twin).
+
+        ``x [B, N, 10]``, ``y [B, N]``; with ``counts [B]`` twin b only draws from its first counts[b] samples
+        (BSs with fewer samples in the same stack).
+        """
+        bsz, n, _ = x.shape
+        work = params.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([work], lr=cfg.lr)
+        limit = (counts if counts is not None else torch.full((bsz,), n)).to(torch.float32)
+        rows = torch.arange(bsz).unsqueeze(1)
+        losses = torch.zeros(bsz)
+        for _ in range(cfg.steps):
+            idx = (torch.rand(bsz, cfg.batch, generator=gen) * limit.unsqueeze(1)).long()
+            xb, yb = x[rows, idx], y[rows, idx]
+            per_twin = ((self.forward(work, xb) - yb) ** 2).mean(dim=1)
+            opt.zero_grad(set_to_none=True)
+            per_twin.sum().backward()
+            opt.step()
+            losses += per_twin.detach()
+        return work.detach(), losses / cfg.steps

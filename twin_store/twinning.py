@@ -1,0 +1,97 @@
+"""Twin aggregation, pure: FedAvg, cluster twins (C-NDT) with member moves, and the H-twinning global (G-NDT).
+
+Nothing here knows about Kafka or InfluxDB: the live store and the offline benchmark drive the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def fedavg(params: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sample-weighted mean of ``[k, P]`` parameter vectors."""
+    w = weights.to(params.dtype)
+    return (params * (w / w.sum()).unsqueeze(1)).sum(dim=0)
+
+
+def epsilon(a_cluster: torch.Tensor, a_global: torch.Tensor) -> float:
+    """H-twinning's divergence: mean squared parameter difference."""
+    return float(((a_cluster - a_global) ** 2).mean())
+
+
+@dataclass
+class ClusterTwins:
+    """Cluster twins = sample-weighted FedAvg of the latest accepted local update of each member.
+
+    A member without an accepted update yet does not count. When a BS moves cluster its latest update
+    moves with it and both clusters are re-aggregated (the reference code left it behind).
+    """
+
+    labels: dict[int, int]  # square -> cluster id
+    twins: dict[int, torch.Tensor]  # cluster id -> parameter vector
+    latest: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # square -> (params, samples)
+    versions: dict[int, int] = field(default_factory=dict)
+
+    def members(self, cid: int) -> list[int]:
+        return sorted(s for s, c in self.labels.items() if c == cid)
+
+    def samples(self, cid: int) -> int:
+        return sum(self.latest[s][1] for s in self.members(cid) if s in self.latest)
+
+    def accept(self, square: int, params: torch.Tensor, n_samples: int) -> int:
+        """Record a local update and re-aggregate its cluster; return the cluster id."""
+        self.latest[square] = (params, n_samples)
+        cid = self.labels[square]
+        self.aggregate(cid)
+        return cid
+
+    def aggregate(self, cid: int) -> None:
+        have = [s for s in self.members(cid) if s in self.latest]
+        if not have:
+            return
+        stack = torch.stack([self.latest[s][0] for s in have])
+        weights = torch.tensor([self.latest[s][1] for s in have], dtype=torch.float32)
+        self.twins[cid] = fedavg(stack, weights)
+        self.versions[cid] = self.versions.get(cid, 0) + 1
+
+    def move(self, square: int, new_cid: int, fallback: torch.Tensor) -> None:
+        """Move a member; a brand-new cluster starts from ``fallback`` (e.g. the global twin)."""
+        old = self.labels.get(square)
+        if old == new_cid:
+            return
+        self.labels[square] = new_cid
+        if new_cid not in self.twins:
+            self.twins[new_cid] = fallback.clone()
+        for cid in (old, new_cid):
+            if cid is not None:
+                self.aggregate(cid)
+
+
+@dataclass
+class GlobalTwin:
+    """The G-NDT, kept current asynchronously: a cluster change is merged only if it diverged enough.
+
+    After a cluster twin changes: ``eps = mean((a_c - a_G)^2)``; if ``eps > psi`` then
+    ``a_G <- a_G + gamma_c (a_c - a_G)`` and the version is bumped (one synchronisation).
+    ``psi = 0`` merges every change: synchronous updating.
+    """
+
+    params: torch.Tensor
+    psi: float
+    version: int = 0
+    syncs: int = 0
+    offers: int = 0
+    epsilons: list[float] = field(default_factory=list)  # eps of every offer, in order
+
+    def offer(self, cluster_params: torch.Tensor, gamma: float) -> bool:
+        self.offers += 1
+        eps = epsilon(cluster_params, self.params)
+        self.epsilons.append(eps)
+        if eps <= self.psi:
+            return False
+        self.params = self.params + gamma * (cluster_params - self.params)
+        self.version += 1
+        self.syncs += 1
+        return True
