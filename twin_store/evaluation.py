@@ -40,8 +40,10 @@ from twin_store.twinning import ClusterTwins, GlobalTwin, fedavg
 
 TEST_HOURS = 240
 VAL_HOURS = 240
-# psi candidates: these quantiles of the divergences eps observed in validation hours (plus 0)
-PSI_QUANTILES = (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
+# psi candidates: these quantiles of the divergences eps observed in validation hours, plus 0 (synchronous)
+# and multiples of the largest, where the global twin barely moves: the whole trade-off curve
+PSI_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+PSI_BEYOND = (2.0, 5.0)
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class VhTwinConfig:
     )  # updates in the stream
     update_every: int = 24  # hours between a BS's local updates in the stream
     window: int = 336  # hours of recent samples a local update trains on
-    psi: float | None = None  # None: the largest psi on the grid within 5% of psi=0's validation MSE
+    psi: float | None = None  # None: the psi with the lowest validation MSE (ties: the larger psi)
     central_steps: int = 1500
     milan_dir: Path | None = None  # grid + base stations for DCS; default: the data file's folder
 
@@ -258,9 +260,9 @@ def run(
     synchronous = _replay_global(model, g_v, 0.0, offers, x_stream)[1]
     val_eps = np.array(synchronous.epsilons[: sum(len(o) for o in offers[:VAL_HOURS])])
     # the grid: 0 (synchronous updating) and quantiles of the divergences seen in validation hours
-    grid = sorted(
-        {0.0, *(float(np.quantile(val_eps, q)) for q in PSI_QUANTILES)} | ({cfg.psi} if cfg.psi else set())
-    )
+    candidates = {0.0, *(float(np.quantile(val_eps, q)) for q in PSI_QUANTILES)}
+    candidates |= {float(val_eps.max()) * k for k in PSI_BEYOND}
+    grid = sorted(candidates | ({cfg.psi} if cfg.psi is not None else set()))
     sweep: list[dict[str, Any]] = []
     for psi in grid:
         pred, g = _replay_global(model, g_v, psi, offers, x_stream)
@@ -274,10 +276,9 @@ def run(
                 "offers": g.offers,
             }
         )
-    base_val = sweep[0]["val_mse"]
-    chosen = (
-        cfg.psi if cfg.psi is not None else max(r["psi"] for r in sweep if r["val_mse"] <= 1.05 * base_val)
-    )
+    # model choice on validation: the lowest validation MSE, ties going to the larger psi (fewer syncs)
+    best = min(sweep, key=lambda r: (r["val_mse"], -r["psi"]))
+    chosen = cfg.psi if cfg.psi is not None else best["psi"]
     chosen_row = next(r for r in sweep if r["psi"] == chosen)
     sync0 = sweep[0]["global_syncs"]
     for row in sweep:
