@@ -36,7 +36,7 @@ from nettwin.errors import InputError
 from twin_store import dcs
 from twin_store.forecaster import FitConfig, TwinModel
 from twin_store.samples import FIRST_TARGET, Scaler, inputs_at, samples
-from twin_store.twinning import ClusterTwins, GlobalTwin, fedavg
+from twin_store.twinning import GlobalTwin, fedavg, v_twinning
 
 TEST_HOURS = 240
 VAL_HOURS = 240
@@ -67,8 +67,8 @@ class VhTwinConfig:
     milan_dir: Path | None = None  # grid + base stations for DCS; default: the data file's folder
 
 
-def load_matrix(path: Path, n_squares: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hourly matrix ``[S, H]`` of ``n_squares`` squares drawn with ``seed`` (sorted ids), and the ids."""
+def load_matrix(path: Path, n_squares: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hourly matrix ``[S, H]`` and its square ids: ``n_squares`` drawn with ``seed`` (sorted), or all."""
     table = read_hourly(path)
     if table.bad:
         first = table.bad[0]
@@ -76,14 +76,33 @@ def load_matrix(path: Path, n_squares: int, seed: int) -> tuple[np.ndarray, np.n
             f"{path}: {len(table.bad)} malformed line(s), first {first.position}: {first.reason}"
         )
     all_squares = np.unique(table.squares)
+    if len(all_squares) == 0:
+        raise InputError(f"{path}: no squares")
     hours = len(table) // len(all_squares)
     matrix = table.values[:, 0].reshape(hours, len(all_squares)).T  # hour-major -> [S, H]
+    if n_squares is None:
+        return matrix, all_squares.astype(np.int64)
     if n_squares > len(all_squares):
         raise InputError(f"--squares {n_squares}: the file has {len(all_squares)} squares")
-    if hours < FIRST_TARGET + TEST_HOURS + VAL_HOURS + 24:
-        raise InputError(f"{path}: {hours} hours is too short for a {VAL_HOURS}+{TEST_HOURS} hour split")
     pick = np.sort(np.random.default_rng(seed).choice(len(all_squares), n_squares, replace=False))
     return matrix[pick], all_squares[pick].astype(np.int64)
+
+
+def split_hours(hours: int) -> tuple[int, int]:
+    """(validation start, test start) of the temporal split; an error if the series is too short."""
+    if hours < FIRST_TARGET + TEST_HOURS + VAL_HOURS + 24:
+        raise InputError(f"{hours} hours is too short for a {VAL_HOURS}+{TEST_HOURS} hour split after 5 days")
+    return hours - TEST_HOURS - VAL_HOURS, hours - TEST_HOURS
+
+
+def dcs_labels(
+    milan_dir: Path, squares: np.ndarray, z: np.ndarray, upto: int, n_clusters: int | None, seed: int
+) -> np.ndarray:
+    """DCS labels from square attributes and mean daily profiles of hours [0, upto) (never test hours)."""
+    attrs = dcs.SquareAttributes.load(milan_dir, squares.tolist())
+    days = upto // 24
+    profiles = z[:, : days * 24].reshape(len(squares), days, 24).mean(axis=1)
+    return dcs.cluster(dcs.relationship_matrix(attrs, profiles, dcs.DcsWeights()), n_clusters, seed=seed)
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -114,17 +133,6 @@ class _Stream:
         self.preds[method][:, col] = values
 
 
-def _clusters(
-    cfg: VhTwinConfig, data_path: Path, squares: np.ndarray, z: np.ndarray, upto: int
-) -> tuple[np.ndarray, dcs.SquareAttributes]:
-    """DCS labels from attributes and mean daily profiles of hours [0, upto) (never test hours)."""
-    attrs = dcs.SquareAttributes.load(cfg.milan_dir or data_path.parent, squares.tolist())
-    days = upto // 24
-    profiles = z[:, : days * 24].reshape(len(squares), days, 24).mean(axis=1)
-    affinity = dcs.relationship_matrix(attrs, profiles, dcs.DcsWeights())
-    return dcs.cluster(affinity, cfg.clusters, seed=cfg.seed), attrs
-
-
 def run(
     data_path: Path, cfg: VhTwinConfig
 ) -> tuple[dict[str, Any], list[tuple[str, int, int, float, float]]]:
@@ -137,8 +145,7 @@ def run(
 
     series, squares = load_matrix(data_path, cfg.squares, cfg.seed)
     n_sq, hours = series.shape
-    test_start = hours - TEST_HOURS
-    val_start = test_start - VAL_HOURS
+    val_start, test_start = split_hours(hours)
     scaler = Scaler.fit(series, val_start)
     z = scaler.transform(series)
     x_train, y_train = samples(z, 0, val_start)
@@ -148,33 +155,22 @@ def run(
 
     # ---- DCS on training hours
     t0 = time.perf_counter()
-    labels, _ = _clusters(cfg, data_path, squares, z, val_start)
+    milan_dir = cfg.milan_dir or data_path.parent
+    labels = dcs_labels(milan_dir, squares, z, val_start, cfg.clusters, cfg.seed)
     walls["dcs_s"] = time.perf_counter() - t0
 
     # ---- V-twinning (vhtwin) and synchronous FedAvg (fedavg) on training hours, same local budget
     t0 = time.perf_counter()
     init = model.init(1, cfg.seed)[0]
-    cluster_ids = sorted(set(labels.tolist()))
-    ctwins = ClusterTwins(
-        labels={int(s): int(c) for s, c in zip(squares, labels, strict=True)},
-        twins={c: init.clone() for c in cluster_ids},
+    vt = v_twinning(
+        model, squares, labels, xt, yt, init, cfg.v_rounds, cfg.participation, cfg.local, gen, rng
     )
-    g_v = init.clone()
-    transfers = {"vhtwin": {"uploads": 0, "downloads": 0}, "fedavg": {"uploads": 0, "downloads": 0}}
-    for _ in range(cfg.v_rounds):
-        part = np.flatnonzero(rng.random(n_sq) < cfg.participation)
-        if part.size == 0:
-            continue
-        start = torch.stack([ctwins.twins[ctwins.labels[int(squares[i])]] for i in part])
-        new, _ = model.fit(start, xt[part], yt[part], cfg.local, gen)
-        for k, i in enumerate(part):
-            ctwins.latest[int(squares[i])] = (new[k], n_train)
-        for c in cluster_ids:  # barrier: every cluster aggregates, then the global
-            ctwins.aggregate(c)
-        weights = torch.tensor([max(ctwins.samples(c), 1) for c in cluster_ids], dtype=torch.float32)
-        g_v = fedavg(torch.stack([ctwins.twins[c] for c in cluster_ids]), weights)
-        transfers["vhtwin"]["uploads"] += part.size
-        transfers["vhtwin"]["downloads"] += part.size
+    ctwins, g_v = vt.clusters, vt.global_params
+    cluster_ids = sorted(set(ctwins.labels.values()))
+    transfers = {
+        "vhtwin": {"uploads": vt.uploads, "downloads": vt.downloads},
+        "fedavg": {"uploads": 0, "downloads": 0},
+    }
     walls["vtwinning_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -210,9 +206,9 @@ def run(
     offsets = rng.integers(0, cfg.update_every, n_sq)
     moves: list[tuple[int, int | None, int]] = []
     membership = dcs.recluster(None, squares.tolist(), labels)[0]
-    for col, t in enumerate(stream_hours):
+    for col, t in enumerate(stream_hours.tolist()):
         if t == test_start:  # re-cluster with training + validation statistics; members and twins move
-            new_labels, _ = _clusters(cfg, data_path, squares, z, test_start)
+            new_labels = dcs_labels(milan_dir, squares, z, test_start, cfg.clusters, cfg.seed)
             membership, moved = dcs.recluster(membership, squares.tolist(), new_labels)
             moves += moved
             for sq, old, new_c in moved:
@@ -240,9 +236,8 @@ def run(
                 changed.add(ctwins.accept(int(squares[i]), new[k], xw.shape[1]))
             transfers["vhtwin"]["uploads"] += due.size
             for c in sorted(changed):
-                transfers["vhtwin"]["downloads"] += len(
-                    ctwins.members(c)
-                )  # members follow their cluster twin
+                # the members follow their cluster twin on twin.models
+                transfers["vhtwin"]["downloads"] += len(ctwins.members(c))
                 offers[col].append((ctwins.twins[c].clone(), gammas[c]))
         if (t - val_start) % cfg.update_every == 0:  # synchronous FedAvg round with a barrier
             xw, yw = samples(z, lo, t + 1)

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from twin_store.forecaster import FitConfig, TwinModel
 
 
 def fedavg(params: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -95,3 +98,58 @@ class GlobalTwin:
         self.version += 1
         self.syncs += 1
         return True
+
+
+@dataclass
+class VTwinResult:
+    global_params: torch.Tensor
+    clusters: ClusterTwins
+    rounds: int
+    uploads: int
+    downloads: int
+    losses: list[float]  # mean local training loss per round
+
+
+def v_twinning(
+    model: TwinModel,
+    squares: np.ndarray,
+    labels: np.ndarray,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    init: torch.Tensor,
+    rounds: int,
+    participation: float,
+    fit: FitConfig,
+    gen: torch.Generator,
+    rng: np.random.Generator,
+) -> VTwinResult:
+    """Synchronous V-twinning: rounds with a barrier over the participating BSs.
+
+    Each round the participants train from their cluster twin on their own samples (``x [S, N, 10]``,
+    ``y [S, N]``), every cluster twin becomes the FedAvg of its members' latest updates, and the global twin
+    the FedAvg of the cluster twins weighted by their samples.
+    """
+    cluster_ids = sorted(set(labels.tolist()))
+    ctwins = ClusterTwins(
+        labels={int(s): int(c) for s, c in zip(squares, labels, strict=True)},
+        twins={c: init.clone() for c in cluster_ids},
+    )
+    result = VTwinResult(init.clone(), ctwins, 0, 0, 0, [])
+    n_samples = int(x.shape[1])
+    for _ in range(rounds):
+        part = np.flatnonzero(rng.random(len(squares)) < participation)
+        if part.size == 0:
+            continue
+        start = torch.stack([ctwins.twins[ctwins.labels[int(squares[i])]] for i in part])
+        new, loss = model.fit(start, x[part], y[part], fit, gen)
+        for k, i in enumerate(part):
+            ctwins.latest[int(squares[i])] = (new[k], n_samples)
+        for c in cluster_ids:  # the barrier: every cluster aggregates, then the global
+            ctwins.aggregate(c)
+        weights = torch.tensor([max(ctwins.samples(c), 1) for c in cluster_ids], dtype=torch.float32)
+        result.global_params = fedavg(torch.stack([ctwins.twins[c] for c in cluster_ids]), weights)
+        result.rounds += 1
+        result.uploads += int(part.size)
+        result.downloads += int(part.size)
+        result.losses.append(float(loss.mean()))
+    return result

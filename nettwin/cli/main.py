@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from nettwin.cli import bench, data, infra, query, replay, services
+from nettwin.cli import bench, data, infra, query, replay, services, twins
 from nettwin.errors import NettwinError
 from nettwin.settings import load_settings
 
@@ -25,6 +25,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(query.app, name="query")
 app.add_typer(bench.app, name="bench")
 services.register(app)
+twins.register(app)
 
 
 @app.callback()

@@ -1,0 +1,95 @@
+"""``nettwin vtwin`` on the real services, and the twin.models message format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ingest.kafka import make_consumer
+from ingest.schema import MalformedMessage
+from ingest.topics import Topics
+from nettwin.settings import NettwinSettings
+from tests.conftest import run_cli
+from twin_store.forecaster import TwinModel
+from twin_store.influx import InfluxClient
+from twin_store.models_topic import TwinMessage, decode_twin
+
+MILAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan"
+HOURLY = MILAN / "hourly_150squares_62days.csv"
+
+
+def test_twin_message_round_trip_and_errors() -> None:
+    msg = TwinMessage("cluster", "3", 7, 8, np.arange(5, dtype=np.float32), {"members": [1, 2]})
+    back = decode_twin(msg.encode())
+    assert (back.level, back.twin_id, back.version, back.hidden, back.meta) == (
+        "cluster",
+        "3",
+        7,
+        8,
+        {"members": [1, 2]},
+    )
+    np.testing.assert_array_equal(back.params, msg.params)
+    assert msg.key == b"cluster:3"
+    for bad in (b"junk", msg.encode()[:-4], b"NTM1" + msg.encode()[4:].replace(b'"cluster"', b'"planet!"')):
+        with pytest.raises(MalformedMessage):
+            decode_twin(bad)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not HOURLY.exists(), reason=f"real data not found at {HOURLY}")
+def test_vtwin_publishes_twins_and_writes_rows(isolated: NettwinSettings) -> None:
+    res = run_cli(
+        isolated,
+        "vtwin",
+        "--data",
+        str(HOURLY),
+        "--squares",
+        "6",
+        "--rounds",
+        "2",
+        "--clusters",
+        "2",
+        "--json",
+        timeout=180,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)
+    assert summary["squares"] == 6 and summary["rounds"] == 2 and sum(summary["clusters"].values()) == 6
+
+    consumer = make_consumer(
+        isolated, Topics.from_settings(isolated).twin_models, group_id=None, consumer_timeout_ms=3000
+    )
+    latest = {m.key: decode_twin(m.value) for m in consumer}
+    consumer.close()
+    assert set(latest) == {b"global:0"} | {f"cluster:{c}".encode() for c in summary["clusters"]}
+    n_params = TwinModel(32).n_params
+    assert all(t.params.shape == (n_params,) and np.isfinite(t.params).all() for t in latest.values())
+    glob = latest[b"global:0"]
+    assert len(glob.meta["scaler"]) == 6 and all(std > 0 for _, std in glob.meta["scaler"].values())
+    members = sorted(s for k, t in latest.items() if k != b"global:0" for s in t.meta["members"])
+    assert members == sorted(int(s) for s in glob.meta["scaler"])
+
+    with InfluxClient(isolated.influx) as influx:
+        twins = [r for s in influx.query('SELECT * FROM "twin"') for r in s.rows()]
+        membership = [r for s in influx.query('SELECT * FROM "membership"') for r in s.rows()]
+    assert {(r["level"], r["twin_id"]) for r in twins} == {("global", "0")} | {
+        ("cluster", c) for c in summary["clusters"]
+    }
+    assert all(r["version"] == 1 and r["n_updates"] == 12 for r in twins)
+    assert sorted(int(r["square"]) for r in membership) == members
+    assert {r["epoch"] for r in membership} == {0}
+
+    res = run_cli(isolated, "query", "twins", "--level", "global", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)[0]["n_members"] == 6
+
+
+@pytest.mark.integration
+def test_vtwin_bad_input_is_one_line(isolated: NettwinSettings, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("not,an,hourly,file\n1,2,3,4\n")
+    res = run_cli(isolated, "vtwin", "--data", str(bad))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "not an hourly file" in res.stderr
