@@ -3,6 +3,7 @@ topic prefix and database per test, and the worker/store run as real ``nettwin``
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -63,6 +64,16 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def small_vtwin(settings: NettwinSettings) -> dict[str, object]:
+    """`nettwin vtwin` on 6 real squares, 2 clusters, 2 rounds; returns its JSON summary."""
+    hourly = SHARED_MILAN / "hourly_150squares_62days.csv"
+    args = ["vtwin", "--data", str(hourly), "--squares", "6", "--rounds", "2", "--clusters", "2", "--json"]
+    res = run_cli(settings, *args, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary: dict[str, object] = json.loads(res.stdout)
+    return summary
 
 
 class Pipeline:

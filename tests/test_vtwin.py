@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from ingest.kafka import make_consumer
 from ingest.schema import MalformedMessage
 from ingest.topics import Topics
 from nettwin.settings import NettwinSettings
-from tests.conftest import run_cli
+from tests.conftest import run_cli, small_vtwin
 from twin_store.forecaster import TwinModel
 from twin_store.influx import InfluxClient
 from twin_store.models_topic import TwinMessage, decode_twin
@@ -41,22 +42,7 @@ def test_twin_message_round_trip_and_errors() -> None:
 @pytest.mark.integration
 @pytest.mark.skipif(not HOURLY.exists(), reason=f"real data not found at {HOURLY}")
 def test_vtwin_publishes_twins_and_writes_rows(isolated: NettwinSettings) -> None:
-    res = run_cli(
-        isolated,
-        "vtwin",
-        "--data",
-        str(HOURLY),
-        "--squares",
-        "6",
-        "--rounds",
-        "2",
-        "--clusters",
-        "2",
-        "--json",
-        timeout=180,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    summary = json.loads(res.stdout)
+    summary: dict[str, Any] = small_vtwin(isolated)
     assert summary["squares"] == 6 and summary["rounds"] == 2 and sum(summary["clusters"].values()) == 6
 
     consumer = make_consumer(

@@ -8,6 +8,8 @@ build line protocol in bulk (twin_store.lineproto) and post bytes.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +92,31 @@ class InfluxClient:
         raise ServiceError(
             f"InfluxDB write to {self.base} db {params['db']} failed: HTTP {resp.status_code} {detail}"
         )
+
+    def write_lines(
+        self,
+        lines: list[str],
+        precision: str,
+        should_stop: Callable[[], bool],
+        on_retry: Callable[[ServiceError, float], None],
+    ) -> None:
+        """Write in ``batch_points`` chunks, retrying unavailability with back-off until it works or
+        ``should_stop()``; callers commit their input only after this returns. Rejected points (InputError)
+        are not retried."""
+        step = self.settings.batch_points
+        for i in range(0, len(lines), step):
+            payload = "\n".join(lines[i : i + step]).encode()
+            delay = 0.5
+            while True:
+                try:
+                    self.write(payload, precision=precision)
+                    break
+                except ServiceError as exc:
+                    if should_stop():
+                        raise
+                    on_retry(exc, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 10.0)
 
     def query(
         self, q: str, *, database: str | None = "", method: str = "GET", epoch: str = "ms"

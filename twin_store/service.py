@@ -187,23 +187,11 @@ class TwinStore:
                 log.warning("commit after rebalance refused (%s); the new owner re-processes", exc)
 
     def _write(self, lines: list[str], precision: str) -> None:
-        step = self.settings.influx.batch_points
-        for i in range(0, len(lines), step):
-            payload = "\n".join(lines[i : i + step]).encode()
-            delay = 0.5
-            while True:
-                try:
-                    self.influx.write(payload, precision=precision)
-                    break
-                except ServiceError as exc:
-                    if self.stopping:
-                        raise
-                    self.counters.write_retries += 1
-                    log.warning(
-                        "InfluxDB write failed (%s); retrying in %.1f s without committing", exc, delay
-                    )
-                    time.sleep(delay)
-                    delay = min(delay * 2, 10.0)
+        self.influx.write_lines(lines, precision, lambda: self.stopping, self._on_retry)
+
+    def _on_retry(self, exc: ServiceError, delay: float) -> None:
+        self.counters.write_retries += 1
+        log.warning("InfluxDB write failed (%s); retrying in %.1f s without committing", exc, delay)
 
     def _deadletter(self, m: Any, reason: str) -> None:
         where = f"{m.topic}[{m.partition}]@{m.offset}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
@@ -36,3 +37,9 @@ def print_table(title: str, rows: list[dict[str, Any]], columns: list[str] | Non
     for r in rows:
         table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
     Console().print(table)
+
+
+def setup_service_logging() -> None:
+    """Long-running commands log our progress at INFO; kafka-python's per-connection INFO chatter is muted."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)

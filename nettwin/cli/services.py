@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import typer
 
 from ingest.kafka import create_topics, ensure_kafka_reachable, make_producer
 from ingest.topics import topic_specs
-from nettwin.cli.common import console, print_json, print_table, settings_of
+from nettwin.cli.common import console, print_json, print_table, settings_of, setup_service_logging
 from nettwin.cli.query import twin_rows
 from nettwin.errors import NettwinError, ServiceError
 from nettwin.settings import NettwinSettings
@@ -51,7 +50,7 @@ def store(
     """Run the twin store: features -> InfluxDB (traffic, traffic_hourly, twin), committing after each write."""
     from twin_store.service import TwinStore
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_service_logging()
     twin_store = TwinStore(settings_of(ctx))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(twin_store, "stopping", True))

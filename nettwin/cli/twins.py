@@ -6,11 +6,34 @@ from pathlib import Path
 
 import typer
 
-from nettwin.cli.common import console, print_json, settings_of
+from nettwin.cli.common import console, print_json, settings_of, setup_service_logging
 
 
 def register(app: typer.Typer) -> None:
     app.command()(vtwin)
+    app.command()(htwin)
+
+
+def htwin(
+    ctx: typer.Context,
+    psi: float = typer.Option(
+        0.0, min=0.0, help="merge a cluster change into the global twin only if eps > psi"
+    ),
+    idle_exit: float | None = typer.Option(None, help="exit after this many seconds without updates"),
+    json_out: bool = typer.Option(False, "--json", help="print counters as JSON on exit"),
+) -> None:
+    """Live H-twinning: BS updates (updates.local) -> cluster and global twins (twin.models, InfluxDB)."""
+    import signal
+
+    from twin_store.twin_service import TwinService
+
+    setup_service_logging()
+    service = TwinService(settings_of(ctx), psi)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(service, "stopping", True))
+    counters = service.run(idle_exit_s=idle_exit)
+    if json_out:
+        print_json(counters)
 
 
 def vtwin(
