@@ -16,6 +16,7 @@ def test_forward_equals_torch_lstm_with_the_same_weights() -> None:
     torch.manual_seed(0)
     model = TwinModel(hidden=8)
     params = model.init(3, seed=4)
+    params[:, -N_STEPS:] = torch.randn(3, N_STEPS)  # a non-silent AR path, so it is checked too
     x = torch.randn(3, 5, N_STEPS)
     got = model.forward(params, x)
     p = model.unflatten(params)
@@ -30,14 +31,15 @@ def test_forward_equals_torch_lstm_with_the_same_weights() -> None:
             head.weight.copy_(p["w_out"][b].unsqueeze(0))
             head.bias.copy_(p["b_out"][b])
             out, _ = ref(x[b].unsqueeze(2))
-            expected = head(out[:, -1]).squeeze(1)
+            expected = head(out[:, -1]).squeeze(1) + x[b] @ p["w_ar"][b]  # plus the linear AR path
         assert_allclose(got[b].detach().numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_layout_covers_the_vector_exactly() -> None:
     model = TwinModel(hidden=16)
     sizes = sum(v.shape[1:].numel() for v in model.unflatten(model.init(2, 0)).values())
-    assert sizes == model.n_params == 4 * 16 * (1 + 16 + 1) + 16 + 1
+    assert sizes == model.n_params == 4 * 16 * (1 + 16 + 1) + 16 + 1 + N_STEPS
+    assert (model.init(2, 0)[:, -N_STEPS:] == 0).all()  # the AR path starts silent
 
 
 def test_stacked_twins_train_independently() -> None:
