@@ -252,15 +252,15 @@ def run(
     val_cols = slice(0, VAL_HOURS)
     test_cols = slice(VAL_HOURS, len(stream_hours))
     actual = z[:, stream_hours]
-    synchronous = _replay_global(model, g_v, 0.0, offers, x_stream)[1]
-    val_eps = np.array(synchronous.epsilons[: sum(len(o) for o in offers[:VAL_HOURS])])
+    all_eps = _replay_global(model, g_v, 0.0, offers, x_stream)[2]
+    val_eps = np.array(all_eps[: sum(len(o) for o in offers[:VAL_HOURS])])
     # the grid: 0 (synchronous updating) and quantiles of the divergences seen in validation hours
     candidates = {0.0, *(float(np.quantile(val_eps, q)) for q in PSI_QUANTILES)}
     candidates |= {float(val_eps.max()) * k for k in PSI_BEYOND}
     grid = sorted(candidates | ({cfg.psi} if cfg.psi is not None else set()))
     sweep: list[dict[str, Any]] = []
     for psi in grid:
-        pred, g = _replay_global(model, g_v, psi, offers, x_stream)
+        pred, g, _ = _replay_global(model, g_v, psi, offers, x_stream)
         out.preds[f"vhtwin@{psi!r}"] = pred
         sweep.append(
             {
@@ -322,16 +322,21 @@ def _replay_global(
     psi: float,
     offers: list[list[tuple[torch.Tensor, float]]],
     x_stream: torch.Tensor,
-) -> tuple[np.ndarray, GlobalTwin]:
-    """Forecast every stream hour with the global twin as H-twinning at ``psi`` leaves it before that hour."""
+) -> tuple[np.ndarray, GlobalTwin, list[float]]:
+    """Forecast every stream hour with the global twin as H-twinning at ``psi`` leaves it before that hour.
+
+    Also returns the twin and the divergence eps of every offer, in order.
+    """
     g = GlobalTwin(start.clone(), psi)
+    epsilons: list[float] = []
     n_sq, n_hours, _ = x_stream.shape
     pred = np.empty((n_sq, n_hours))
     for col in range(n_hours):
         pred[:, col] = model.predict(g.params.expand(n_sq, -1), x_stream[:, col : col + 1])[:, 0].numpy()
         for params, gamma in offers[col]:
             g.offer(params, gamma)
-    return pred, g
+            epsilons.append(g.last_epsilon)
+    return pred, g, epsilons
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> np.ndarray:

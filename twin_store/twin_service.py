@@ -103,7 +103,7 @@ class TwinState:
         members = self.clusters.members(cid)
         self.counters["downloads"] += len(members)  # the members follow their cluster twin
         synced = self.global_twin.offer(self.clusters.twins[cid], self.gamma(cid))
-        eps = self.global_twin.epsilons[-1]
+        eps = self.global_twin.last_epsilon
         loss = float(update.meta.get("loss", 0.0))
         now = int(time.time() * 1000)
         out = [

@@ -86,12 +86,11 @@ class GlobalTwin:
     version: int = 0
     syncs: int = 0
     offers: int = 0
-    epsilons: list[float] = field(default_factory=list)  # eps of every offer, in order
+    last_epsilon: float = 0.0  # eps of the latest offer
 
     def offer(self, cluster_params: torch.Tensor, gamma: float) -> bool:
         self.offers += 1
-        eps = epsilon(cluster_params, self.params)
-        self.epsilons.append(eps)
+        eps = self.last_epsilon = epsilon(cluster_params, self.params)
         if eps <= self.psi:
             return False
         self.params = self.params + gamma * (cluster_params - self.params)
