@@ -31,11 +31,12 @@ import numpy as np
 # `ingest` package: drop the folder before importing the project
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from ingest.kafka import create_topics, delete_topics, make_consumer, make_producer  # noqa: E402
+from ingest.kafka import make_consumer, make_producer  # noqa: E402
 from ingest.milan import read_raw  # noqa: E402
 from ingest.schema import ACTIVITY_COLUMNS, RecordBatch, decode  # noqa: E402
-from ingest.topics import Topics, topic_specs  # noqa: E402
+from ingest.topics import Topics  # noqa: E402
 from nettwin.cli.services import settings_env, spawn_cli, stop_process, wait_for_run  # noqa: E402
+from nettwin.provision import deprovision, provision  # noqa: E402
 from nettwin.settings import NettwinSettings, load_settings  # noqa: E402
 from producers.replay import Replayer  # noqa: E402
 from twin_store.influx import InfluxClient  # noqa: E402
@@ -70,18 +71,6 @@ def isolated_settings(tag: str, state: Path) -> NettwinSettings:
             "state_dir": str(state),
         }
     )
-
-
-def setup(settings: NettwinSettings) -> None:
-    create_topics(settings, topic_specs(settings))
-    with InfluxClient(settings.influx) as influx:
-        influx.create_database()
-
-
-def teardown(settings: NettwinSettings) -> None:
-    delete_topics(settings, [s.name for s in topic_specs(settings)])
-    with InfluxClient(settings.influx) as influx:
-        influx.drop_database(settings.influx.database)
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -256,19 +245,19 @@ def main() -> None:
         streams, bares = [], []
         for rep in range(args.repeat):
             s_max = isolated_settings(f"{tag}m{rep}", tmp / f"state-max{rep}")
-            setup(s_max)
+            provision(s_max)
             try:
                 streams.append(run_pipeline(s_max, tables, None, tmp))
                 if rep == 0:
                     out["ceiling_kafka_consume_count_records_per_s"] = round(consume_and_count(s_max, n))
             finally:
-                teardown(s_max)
+                deprovision(s_max)
             s_bare = isolated_settings(f"{tag}b{rep}", tmp / f"state-bare{rep}")
-            setup(s_bare)
+            provision(s_bare)
             try:
                 bares.append(round(bare_influx_write(s_bare, tables)))
             finally:
-                teardown(s_bare)
+                deprovision(s_bare)
         e2e_all = [r["end_to_end_records_per_s"] for r in streams]
         median_run = sorted(streams, key=lambda r: r["end_to_end_records_per_s"])[len(streams) // 2]
         out["stream_max"] = median_run | {"end_to_end_records_per_s_all": e2e_all}
@@ -288,7 +277,7 @@ def main() -> None:
                 first.values[cut],
             )
             s_lag = isolated_settings(tag + "l", tmp / "state-lag")
-            setup(s_lag)
+            provision(s_lag)
             try:
                 res = run_pipeline(s_lag, [lag_table], 600.0, tmp)
                 out["speed600"] = {
@@ -297,7 +286,7 @@ def main() -> None:
                     "lag": res["lag"],
                 }
             finally:
-                teardown(s_lag)
+                deprovision(s_lag)
 
     out["peak_rss_mb"] = {
         **out["stream_max"]["peak_rss_mb"],

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ingest.kafka import create_topics, delete_topics
-from ingest.topics import topic_specs
 from nettwin.cli.services import services_up, settings_env
+from nettwin.provision import deprovision, provision
 from nettwin.settings import NettwinSettings, load_settings
-from twin_store.influx import InfluxClient
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MILAN = REPO.parent / "shared" / "data" / "milan"
@@ -44,14 +42,9 @@ def isolated(services: NettwinSettings, tmp_path: Path) -> Iterator[NettwinSetti
             "state_dir": str(tmp_path / "state"),
         }
     )
-    specs = topic_specs(settings)
-    create_topics(settings, specs)
-    with InfluxClient(settings.influx) as influx:
-        influx.create_database()
+    provision(settings)
     yield settings
-    delete_topics(settings, [s.name for s in specs])
-    with InfluxClient(settings.influx) as influx:
-        influx.drop_database(settings.influx.database)
+    deprovision(settings)
 
 
 def run_cli(

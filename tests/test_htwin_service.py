@@ -10,7 +10,8 @@ import torch
 
 from ingest.kafka import make_producer
 from ingest.topics import Topics
-from nettwin.settings import NettwinSettings
+from nettwin.provision import deprovision, provision
+from nettwin.settings import NettwinSettings, load_settings
 from tests.conftest import run_cli, small_vtwin
 from twin_store.forecaster import FitConfig, TwinModel
 from twin_store.influx import InfluxClient
@@ -100,20 +101,13 @@ def test_restart_resumes_from_the_snapshot_and_matches_an_uninterrupted_run(
     resumed = read_latest_twins(isolated)
 
     # the same input through one uninterrupted service, on a second isolated deployment
-    from nettwin.settings import load_settings
-
     other = load_settings(
         {
             "kafka": {"topic_prefix": isolated.kafka.topic_prefix + "b."},
             "influx": {"database": isolated.influx.database + "b"},
         }
     )
-    from ingest.kafka import create_topics, delete_topics
-    from ingest.topics import topic_specs
-
-    create_topics(other, topic_specs(other))
-    with InfluxClient(other.influx) as influx:
-        influx.create_database()
+    provision(other)
     try:
         producer = make_producer(other)
         for msg in latest.values():
@@ -124,9 +118,7 @@ def test_restart_resumes_from_the_snapshot_and_matches_an_uninterrupted_run(
         TwinService(other, psi=1e-4).run(idle_exit_s=3)
         straight = read_latest_twins(other)
     finally:
-        delete_topics(other, [s.name for s in topic_specs(other)])
-        with InfluxClient(other.influx) as influx:
-            influx.drop_database(other.influx.database)
+        deprovision(other)
     assert set(resumed) == set(straight)
     for key in straight:
         assert resumed[key].version == straight[key].version, key

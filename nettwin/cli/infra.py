@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from ingest.kafka import create_topics
-from ingest.topics import topic_specs
 from nettwin.cli.common import console, print_json, settings_of
-from twin_store.influx import InfluxClient
+from nettwin.provision import provision
 
 app = typer.Typer(help="Initialise Kafka topics and the InfluxDB database.", no_args_is_help=True)
 
@@ -18,11 +16,7 @@ def init(
 ) -> None:
     """Create every topic (explicit partition counts, compaction where state is kept) and the database."""
     settings = settings_of(ctx)
-    with InfluxClient(settings.influx) as influx:
-        version = influx.ping()
-        if settings.influx.create_database:
-            influx.create_database()
-    status = create_topics(settings, topic_specs(settings))
+    version, status = provision(settings)
     if json_out:
         print_json({"influxdb": version, "database": settings.influx.database, "topics": status})
         return

@@ -13,11 +13,11 @@ from typing import Any
 
 import typer
 
-from ingest.kafka import create_topics, ensure_kafka_reachable, make_producer
-from ingest.topics import topic_specs
+from ingest.kafka import ensure_kafka_reachable, make_producer
 from nettwin.cli.common import console, print_json, print_table, settings_of, setup_service_logging
 from nettwin.cli.query import twin_rows
 from nettwin.errors import NettwinError, ServiceError
+from nettwin.provision import provision
 from nettwin.settings import NettwinSettings
 from producers.replay import Replayer, load_table
 from producers.synthetic import synthetic_day
@@ -143,10 +143,7 @@ def demo(
         console.print("starting local services (infra/up) ...")
         if subprocess.run([str(REPO_ROOT / "infra" / "up")], check=False).returncode != 0:
             raise ServiceError("infra/up failed; see .state/log/")
-    with InfluxClient(settings.influx) as influx:
-        if settings.influx.create_database:
-            influx.create_database()
-    create_topics(settings, topic_specs(settings))
+    provision(settings)
 
     if SHARED_DAY.is_file():
         source, label = SHARED_DAY, "real Telecom Italia data (ODbL), 26 squares, 2013-11-01"
