@@ -30,6 +30,12 @@ class DeadLetter:
         ]
 
     @classmethod
+    def for_message(cls, message: Any, reason: str, stage: str) -> DeadLetter:
+        """A consumed Kafka message that cannot be used, located as ``topic[partition]@offset``."""
+        where = f"{message.topic}[{message.partition}]@{message.offset}"
+        return cls(reason, message.topic, where, message.value or b"", stage)
+
+    @classmethod
     def from_kafka(cls, value: bytes | None, headers: list[tuple[str, bytes]] | None) -> DeadLetter:
         h = {
             k[len(HEADER_PREFIX) :]: v.decode(errors="replace")

@@ -194,6 +194,5 @@ class TwinStore:
         log.warning("InfluxDB write failed (%s); retrying in %.1f s without committing", exc, delay)
 
     def _deadletter(self, m: Any, reason: str) -> None:
-        where = f"{m.topic}[{m.partition}]@{m.offset}"
-        self.deadletters.send(DeadLetter(reason, m.topic, where, m.value or b"", "store"))
+        self.deadletters.send(DeadLetter.for_message(m, reason, "store"))
         self.counters.deadletters += 1

@@ -243,8 +243,7 @@ class TwinService:
                         raise MalformedMessage(f"expected a bs update, got level {update.level!r}")
                     result = self.state.apply(update)
                 except MalformedMessage as exc:
-                    where = f"{m.topic}[{m.partition}]@{m.offset}"
-                    self.deadletters.send(DeadLetter(str(exc), m.topic, where, m.value or b"", "twins"))
+                    self.deadletters.send(DeadLetter.for_message(m, str(exc), "twins"))
                     continue
                 if result is None:
                     continue
