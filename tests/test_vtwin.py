@@ -9,14 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ingest.kafka import make_consumer
 from ingest.schema import MalformedMessage
-from ingest.topics import Topics
 from nettwin.settings import NettwinSettings
 from tests.conftest import run_cli, small_vtwin
 from twin_store.forecaster import TwinModel
 from twin_store.influx import InfluxClient
 from twin_store.models_topic import TwinMessage, decode_twin
+from twin_store.twin_service import read_latest_twins
 
 MILAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan"
 HOURLY = MILAN / "hourly_150squares_62days.csv"
@@ -45,11 +44,7 @@ def test_vtwin_publishes_twins_and_writes_rows(isolated: NettwinSettings) -> Non
     summary: dict[str, Any] = small_vtwin(isolated)
     assert summary["squares"] == 6 and summary["rounds"] == 2 and sum(summary["clusters"].values()) == 6
 
-    consumer = make_consumer(
-        isolated, Topics.from_settings(isolated).twin_models, group_id=None, consumer_timeout_ms=3000
-    )
-    latest = {m.key: decode_twin(m.value) for m in consumer}
-    consumer.close()
+    latest = read_latest_twins(isolated)
     assert set(latest) == {b"global:0"} | {f"cluster:{c}".encode() for c in summary["clusters"]}
     n_params = TwinModel(32).n_params
     assert all(t.params.shape == (n_params,) and np.isfinite(t.params).all() for t in latest.values())
