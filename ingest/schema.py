@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"NTB1"
-KINDS = ("traffic", "features")
+KINDS = ("traffic", "features", "forecast")
 ACTIVITY_COLUMNS = ("sms_in", "sms_out", "call_in", "call_out", "internet")
 # counts how many source intervals a window summed; present on feature records
 N_INTERVALS = "n_intervals"

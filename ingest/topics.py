@@ -26,6 +26,7 @@ class Topics:
     deadletter: str
     twin_models: str
     updates_local: str
+    forecasts: str
 
     @classmethod
     def from_settings(cls, settings: NettwinSettings) -> Topics:
@@ -36,6 +37,7 @@ class Topics:
             deadletter=f"{p}deadletter",
             twin_models=f"{p}twin.models",
             updates_local=f"{p}updates.local",
+            forecasts=f"{p}forecasts",
         )
 
 
@@ -54,4 +56,5 @@ def topic_specs(settings: NettwinSettings) -> list[TopicSpec]:
             t.twin_models, 1, True, "latest twin parameters per twin id (compacted), followed by BS agents"
         ),
         TopicSpec(t.updates_local, n, False, "per-BS local model updates for the twin store"),
+        TopicSpec(t.forecasts, n, False, "BS agents' one-step forecasts and their outcomes, by square"),
     ]

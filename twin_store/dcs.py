@@ -124,6 +124,17 @@ class SquareAttributes:
     def __len__(self) -> int:
         return len(self.squares)
 
+    def subset(self, squares: Sequence[int]) -> SquareAttributes:
+        """The attributes of ``squares`` (in that order); every one must be present."""
+        index = {int(s): i for i, s in enumerate(self.squares.tolist())}
+        rows = [index[int(s)] for s in squares]
+        return SquareAttributes(
+            *(
+                getattr(self, name)[rows]
+                for name in ("squares", "lon", "lat", "n_base_stations", "bs_lon", "bs_lat", "bs_range_m")
+            )
+        )
+
     @classmethod
     def load(cls, milan_dir: Path, squares: Sequence[int]) -> SquareAttributes:
         """Read the Milan grid and the OpenCellID LTE files in ``milan_dir`` for ``squares`` (in that order)."""

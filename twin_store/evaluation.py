@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ingest.milan import read_hourly
+from ingest.milan import HOURLY_START_MS, read_hourly
 from nettwin.errors import InputError
 from twin_store import dcs
 from twin_store.forecaster import FitConfig, TwinModel
+from twin_store.local_updates import Reclusterer, StreamPlan, local_updates, profile_upto
 from twin_store.samples import FIRST_TARGET, Scaler, inputs_at, samples
 from twin_store.twinning import GlobalTwin, fedavg, v_twinning
 
@@ -57,11 +58,11 @@ class VhTwinConfig:
     local: FitConfig = field(
         default_factory=lambda: FitConfig(steps=20, lr=1e-2, batch=64)
     )  # V-twinning rounds
-    stream: FitConfig = field(
-        default_factory=lambda: FitConfig(steps=20, lr=1e-2, batch=64)
-    )  # updates in the stream
-    update_every: int = 24  # hours between a BS's local updates in the stream
-    window: int = 336  # hours of recent samples a local update trains on
+    # the stream protocol's defaults are StreamPlan's, so `nettwin vtwin` + live agents run the same
+    stream: FitConfig = field(default_factory=lambda: StreamPlan(0, 0, 0).fit)  # local updates
+    update_every: int = StreamPlan.update_every  # hours between a BS's local updates in the stream
+    window: int = StreamPlan.window  # hours of recent samples a local update trains on
+    recluster_every: int = StreamPlan.recluster_every  # accepted updates between re-clusterings (0: never)
     psi: float | None = None  # None: the psi with the lowest validation MSE (ties: the larger psi)
     central_steps: int = 1500
     milan_dir: Path | None = None  # grid + base stations for DCS; default: the data file's folder
@@ -86,6 +87,18 @@ def load_matrix(path: Path, n_squares: int | None, seed: int) -> tuple[np.ndarra
         raise InputError(f"--squares {n_squares}: the file has {len(all_squares)} squares")
     pick = np.sort(np.random.default_rng(seed).choice(len(all_squares), n_squares, replace=False))
     return matrix[pick], all_squares[pick].astype(np.int64)
+
+
+def stream_plan(cfg: VhTwinConfig, start_hour: int) -> StreamPlan:
+    return StreamPlan(
+        seed=cfg.seed,
+        start_hour=start_hour,
+        start_ms=HOURLY_START_MS,
+        update_every=cfg.update_every,
+        window=cfg.window,
+        fit=cfg.stream,
+        recluster_every=cfg.recluster_every,
+    )
 
 
 def split_hours(hours: int) -> tuple[int, int]:
@@ -166,7 +179,6 @@ def run(
         model, squares, labels, xt, yt, init, cfg.v_rounds, cfg.participation, cfg.local, gen, rng
     )
     ctwins, g_v = vt.clusters, vt.global_params
-    cluster_ids = sorted(set(ctwins.labels.values()))
     transfers = {
         "vhtwin": {"uploads": vt.uploads, "downloads": vt.downloads},
         "fedavg": {"uploads": 0, "downloads": 0},
@@ -195,52 +207,54 @@ def run(
     x_val, y_val = samples(z, val_start, test_start)
     ridge_w = _ridge(x_train, y_train, x_val, y_val)
 
-    # ---- the stream: validation then test hours, hour by hour
+    # ---- the stream: validation then test hours, hour by hour, under the live protocol (local_updates.py)
     t0 = time.perf_counter()
+    plan = stream_plan(cfg, val_start)
     stream_hours = np.arange(val_start, hours)
     out = _Stream(n_sq, len(stream_hours))
-    # cluster changes offered to the global twin, per stream hour: (cluster params, gamma)
+    # cluster changes offered to the global twin, per stream hour: (cluster params, gamma), in update order
     offers: list[list[tuple[torch.Tensor, float]]] = [[] for _ in stream_hours]
     x_stream = _t(inputs_at(z, stream_hours))  # [S, hours, 10], each row only uses hours before its target
-    gammas = {c: len(ctwins.members(c)) / n_sq for c in cluster_ids}
-    offsets = rng.integers(0, cfg.update_every, n_sq)
-    moves: list[tuple[int, int | None, int]] = []
-    membership = dcs.recluster(None, squares.tolist(), labels)[0]
+    reclusterer = Reclusterer(
+        dcs.SquareAttributes.load(milan_dir, squares.tolist()),
+        cfg.clusters,
+        cfg.seed,
+        plan.recluster_every,
+        dcs.recluster(None, squares.tolist(), labels)[0],
+    )
+    moves = 0
+    sq_list = squares.tolist()
+    # each square's cluster twin as of the previous hour's close: what the forecast of this hour uses
+    cluster_seen = torch.stack([ctwins.twins[ctwins.labels[s]] for s in sq_list])
     for col, t in enumerate(stream_hours.tolist()):
-        if t == test_start:  # re-cluster with training + validation statistics; members and twins move
-            new_labels = dcs_labels(milan_dir, squares, z, test_start, cfg.clusters, cfg.seed)
-            membership, moved = dcs.recluster(membership, squares.tolist(), new_labels)
-            moves += moved
-            for sq, old, new_c in moved:
-                ctwins.move(sq, new_c, fallback=ctwins.twins[old] if old is not None else g_v)
-            cluster_ids = sorted(set(ctwins.labels.values()))
-            gammas = {c: len(ctwins.members(c)) / n_sq for c in cluster_ids}
         x_now = x_stream[:, col : col + 1]
         out.put("persistence", col, z[:, t - 1])
         out.put("seasonal", col, z[:, t - 24])
         out.put("ridge", col, x_now[:, 0].numpy() @ ridge_w[:-1] + ridge_w[-1])
         out.put("central", col, model.predict(central.expand(n_sq, -1), x_now)[:, 0].numpy())
         out.put("fedavg", col, model.predict(g_f.expand(n_sq, -1), x_now)[:, 0].numpy())
-        cstack = torch.stack([ctwins.twins[ctwins.labels[int(s)]] for s in squares])
-        out.put("vhtwin_cluster", col, model.predict(cstack, x_now)[:, 0].numpy())
+        out.put("vhtwin_cluster", col, model.predict(cluster_seen, x_now)[:, 0].numpy())
+        cluster_seen = torch.stack([ctwins.twins[ctwins.labels[s]] for s in sq_list])
 
-        # hour t is now known: samples with targets in the recent window train the due BSs
-        lo = max(FIRST_TARGET, t + 1 - cfg.window)
-        due = np.flatnonzero((t - val_start + offsets) % cfg.update_every == 0)
-        if due.size:
-            xw, yw = samples(z[due], lo, t + 1)
-            start = torch.stack([ctwins.twins[ctwins.labels[int(squares[i])]] for i in due])
-            new, _ = model.fit(start, _t(xw), _t(yw), cfg.stream, gen)
-            changed = set()
-            for k, i in enumerate(due):
-                changed.add(ctwins.accept(int(squares[i]), new[k], xw.shape[1]))
-            transfers["vhtwin"]["uploads"] += due.size
-            for c in sorted(changed):
-                # the members follow their cluster twin on twin.models
-                transfers["vhtwin"]["downloads"] += len(ctwins.members(c))
-                offers[col].append((ctwins.twins[c].clone(), gammas[c]))
+        # hour t is now known: the due BSs train from their cluster twins (as of hour t - 1)
+        due = [i for i, s in enumerate(sq_list) if plan.due(s, t)]
+        if due:
+            due_sq = [sq_list[i] for i in due]
+            start = torch.stack([ctwins.twins[ctwins.labels[s]] for s in due_sq])
+            new, _, counts = local_updates(model, start, [z[i] for i in due], due_sq, t, plan)
+            if reclusterer.due(t):  # the store re-clusters when the first update of a later hour arrives
+                moves += len(reclusterer.run(ctwins, g_v))
+            for k, (i, s) in enumerate(zip(due, due_sq, strict=True)):
+                if counts[k] == 0:
+                    continue
+                cid = ctwins.accept(s, new[k], counts[k])
+                reclusterer.accepted(s, t, profile_upto(z[i], t))
+                members = ctwins.members(cid)
+                transfers["vhtwin"]["uploads"] += 1
+                transfers["vhtwin"]["downloads"] += len(members)  # the members follow their cluster twin
+                offers[col].append((ctwins.twins[cid].clone(), len(members) / n_sq))
         if (t - val_start) % cfg.update_every == 0:  # synchronous FedAvg round with a barrier
-            xw, yw = samples(z, lo, t + 1)
+            xw, yw = samples(z, plan.first_target(t), t + 1)
             new, _ = model.fit(g_f.expand(n_sq, -1), _t(xw), _t(yw), cfg.stream, gen)
             g_f = fedavg(new, torch.full((n_sq,), float(xw.shape[1])))
             transfers["fedavg"]["uploads"] += n_sq
@@ -301,7 +315,8 @@ def run(
     report["clusters"] = {
         "n": len(set(ctwins.labels.values())),
         "sizes": sorted((len(ctwins.members(c)) for c in set(ctwins.labels.values())), reverse=True),
-        "moves_at_recluster": len(moves),
+        "moves_at_recluster": moves,
+        "reclusterings": reclusterer.membership.epoch,
     }
     report["split"] = {"train_hours": val_start, "val_hours": VAL_HOURS, "test_hours": TEST_HOURS}
     report["wall_s"] = {k: round(v, 2) for k, v in walls.items()}
@@ -323,7 +338,8 @@ def _replay_global(
     offers: list[list[tuple[torch.Tensor, float]]],
     x_stream: torch.Tensor,
 ) -> tuple[np.ndarray, GlobalTwin, list[float]]:
-    """Forecast every stream hour with the global twin as H-twinning at ``psi`` leaves it before that hour.
+    """Forecast every stream hour with the global twin that H-twinning at ``psi`` has made of the updates
+    up to two hours before (the forecast of hour t is issued when hour t - 1 closes; see local_updates.py).
 
     Also returns the twin and the divergence eps of every offer, in order.
     """
@@ -331,8 +347,10 @@ def _replay_global(
     epsilons: list[float] = []
     n_sq, n_hours, _ = x_stream.shape
     pred = np.empty((n_sq, n_hours))
+    seen = g.params  # the global as of the previous hour's close
     for col in range(n_hours):
-        pred[:, col] = model.predict(g.params.expand(n_sq, -1), x_stream[:, col : col + 1])[:, 0].numpy()
+        pred[:, col] = model.predict(seen.expand(n_sq, -1), x_stream[:, col : col + 1])[:, 0].numpy()
+        seen = g.params
         for params, gamma in offers[col]:
             g.offer(params, gamma)
             epsilons.append(g.last_epsilon)

@@ -87,13 +87,14 @@ class TwinModel:
         x: torch.Tensor,
         y: torch.Tensor,
         cfg: FitConfig,
-        gen: torch.Generator,
+        gen: torch.Generator | list[torch.Generator],
         counts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Train each stacked twin on its own samples; return (new params, mean training loss per twin).
 
         ``x [B, N, 10]``, ``y [B, N]``; with ``counts [B]`` twin b only draws from its first counts[b] samples
-        (BSs with fewer samples in the same stack).
+        (BSs with fewer samples in the same stack). ``gen``: one generator for the whole stack, or one per
+        twin, which makes each twin's result independent of what else is in the stack.
         """
         bsz, n, _ = x.shape
         work = params.detach().clone().requires_grad_(True)
@@ -102,7 +103,11 @@ class TwinModel:
         rows = torch.arange(bsz).unsqueeze(1)
         losses = torch.zeros(bsz)
         for _ in range(cfg.steps):
-            idx = (torch.rand(bsz, cfg.batch, generator=gen) * limit.unsqueeze(1)).long()
+            if isinstance(gen, list):
+                draws = torch.stack([torch.rand(cfg.batch, generator=g) for g in gen])
+            else:
+                draws = torch.rand(bsz, cfg.batch, generator=gen)
+            idx = (draws * limit.unsqueeze(1)).long()
             xb, yb = x[rows, idx], y[rows, idx]
             per_twin = ((self.forward(work, xb) - yb) ** 2).mean(dim=1)
             opt.zero_grad(set_to_none=True)

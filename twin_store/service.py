@@ -1,4 +1,4 @@
-"""``nettwin store``: consume feature batches, write them to InfluxDB, then commit offsets.
+"""``nettwin store``: consume feature and forecast batches, write them to InfluxDB, then commit offsets.
 
 Offsets are committed only after InfluxDB acknowledged the write, so a crash re-delivers and rewrites
 (idempotent: same series and timestamps). If InfluxDB is unavailable the loop retries with back-off
@@ -70,6 +70,7 @@ class TwinStore:
         self.consumer = make_consumer(
             settings,
             self.topics.features_traffic,
+            self.topics.forecasts,
             group_id=f"{settings.kafka.topic_prefix}nettwin-store",
             max_poll_records=2000,
         )
@@ -125,8 +126,10 @@ class TwinStore:
                 self.counters.messages += 1
                 try:
                     batch = decode(m.value or b"")
-                    if batch.kind != "features":
-                        raise MalformedMessage(f"expected kind 'features', got {batch.kind!r}")
+                    if batch.kind not in ("features", "forecast"):
+                        raise MalformedMessage(f"expected kind 'features' or 'forecast', got {batch.kind!r}")
+                    if batch.kind == "forecast" and "cluster" not in batch.columns:
+                        raise MalformedMessage("forecast batch without a 'cluster' column")
                 except MalformedMessage as exc:
                     self._deadletter(m, str(exc))
                     continue

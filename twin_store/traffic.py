@@ -5,6 +5,7 @@
 - the first time a square is seen -> a ``twin`` row (level=bs, twin_id=square, version 0).
 - each feature message -> a ``pipeline`` row: lag from the source closing the interval to the write
   being acknowledged.
+- BS agents' forecast batches -> ``forecast`` rows (``forecast_lines``).
 - a run's final marker -> a ``replay`` row per partition: records sent by the producer and received by
   the worker, written after everything before it on that partition is acknowledged, so completeness is
   checkable end to end.
@@ -99,7 +100,31 @@ class TwinRegistry:
         ]
 
 
+def forecast_lines(batch: RecordBatch) -> list[str]:
+    """BS agents' forecasts (``predicted``) and outcomes (+ ``actual``, ``abs_error``) -> ``forecast`` rows.
+
+    Tags ``square`` and ``cluster`` (the BS's cluster when the forecast was made), time = the target hour.
+    An outcome rewrites its forecast's point with the actual value added (same series and time).
+    """
+    cols = list(batch.columns)
+    j = cols.index("cluster")
+    fields = [c for c in cols if c != "cluster"]
+    idx = [cols.index(c) for c in fields]
+    times = (batch.starts_ms // 1000).tolist()
+    return [
+        point(
+            "forecast",
+            {"square": str(sq), "cluster": str(int(row[j]))},
+            {f: float(row[i]) for f, i in zip(fields, idx, strict=True)},
+            t,
+        )
+        for sq, t, row in zip(batch.squares.tolist(), times, batch.values.tolist(), strict=True)
+    ]
+
+
 def batch_points(batch: RecordBatch, partition: int, twins: TwinRegistry, now_ms: int) -> Points:
+    if batch.kind == "forecast":
+        return Points(lines=forecast_lines(batch), partition=partition, window_s=batch.step_s)
     out = Points(
         partition=partition,
         run=batch.run,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,12 +28,18 @@ from ingest.schema import MalformedMessage
 from ingest.topics import Topics
 from nettwin.errors import InputError
 from nettwin.settings import NettwinSettings
+from twin_store import dcs
 from twin_store.influx import InfluxClient
 from twin_store.lineproto import point
+from twin_store.local_updates import Reclusterer, StreamPlan
 from twin_store.models_topic import TwinMessage, decode_twin
 from twin_store.twinning import ClusterTwins, GlobalTwin
 
 log = logging.getLogger("nettwin.twins")
+
+# updates and twins are small and rare: answer fetches within 20 ms instead of the 500 ms default, so the
+# round trip BS agent -> store -> BS agent fits well inside one streamed hour
+LOW_LATENCY_FETCH_MS = 20
 
 
 @dataclass
@@ -42,42 +49,126 @@ class TwinState:
     hidden: int
     clusters: ClusterTwins
     global_twin: GlobalTwin
+    reclusterer: Reclusterer | None = None  # None: re-clustering off
     seq: dict[int, int] = field(default_factory=dict)  # square -> last accepted sequence number
     bs_versions: dict[int, int] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)  # the global's meta (scaler, ...)
-    counters: dict[str, int] = field(default_factory=lambda: {"uploads": 0, "downloads": 0, "replays": 0})
+    meta: dict[str, Any] = field(default_factory=dict)  # the global's meta (scaler, plan, ...)
+    accepted: int = 0  # accepted updates since V-twinning (kept on twin.models with the cluster twins)
+    counters: dict[str, int] = field(
+        default_factory=lambda: {"uploads": 0, "downloads": 0, "replays": 0, "reclusterings": 0, "moves": 0}
+    )
 
     @classmethod
-    def from_messages(cls, latest: dict[bytes, TwinMessage], psi: float) -> TwinState:
+    def from_messages(
+        cls, latest: dict[bytes, TwinMessage], psi: float, milan_dir: Path | None = None
+    ) -> TwinState:
         glob = latest.get(b"global:0")
         if glob is None:
             raise InputError("twin.models has no global twin yet: run `nettwin vtwin` first")
-        labels: dict[int, int] = {}
+        labels: dict[int, tuple[int, int]] = {}  # square -> (cluster, epoch): the latest epoch wins
         twins: dict[int, torch.Tensor] = {}
         versions: dict[int, int] = {}
+        accepted, last_recluster, epoch = 0, 0, 0
         for msg in latest.values():
             if msg.level == "cluster":
                 cid = int(msg.twin_id)
                 twins[cid] = torch.as_tensor(msg.params)
                 versions[cid] = msg.version
-                labels.update({int(s): cid for s in msg.meta.get("members", [])})
+                e = int(msg.meta.get("epoch", 0))
+                epoch = max(epoch, e)
+                accepted = max(accepted, int(msg.meta.get("accepted", 0)))
+                last_recluster = max(last_recluster, int(msg.meta.get("reclustered_at", 0)))
+                for s in msg.meta.get("members", []):
+                    if int(s) not in labels or labels[int(s)][1] <= e:
+                        labels[int(s)] = (cid, e)
+        clusters = ClusterTwins(labels={s: c for s, (c, _) in labels.items()}, twins=twins, versions=versions)
         state = cls(
             hidden=glob.hidden,
-            clusters=ClusterTwins(labels=labels, twins=twins, versions=versions),
+            clusters=clusters,
             global_twin=GlobalTwin(torch.as_tensor(glob.params), psi, version=glob.version),
             meta=glob.meta,
+            accepted=accepted,
         )
+        plan = StreamPlan.from_meta(glob.meta["plan"]) if "plan" in glob.meta else None
+        if plan is not None and plan.recluster_every > 0:
+            where = milan_dir or Path(glob.meta.get("milan_dir", ""))
+            state.reclusterer = Reclusterer(
+                dcs.SquareAttributes.load(where, sorted(clusters.labels)),
+                glob.meta.get("clusters"),
+                plan.seed,
+                plan.recluster_every,
+                dcs.Membership(dict(clusters.labels), epoch),
+                since=accepted - last_recluster,
+            )
         for msg in latest.values():
             if msg.level == "bs":
                 square = int(msg.twin_id)
                 state.clusters.latest[square] = (torch.as_tensor(msg.params), int(msg.meta["n_samples"]))
                 state.seq[square] = int(msg.meta["seq"])
                 state.bs_versions[square] = msg.version
+                if state.reclusterer is not None:
+                    r = state.reclusterer
+                    r.last_hour = max(r.last_hour, int(msg.meta.get("hour", -1)))
+                    if msg.meta.get("profile") is not None:
+                        r.profiles[square] = list(msg.meta["profile"])
         return state
 
     def gamma(self, cid: int) -> float:
         """Default H-twinning step: the cluster's share of the BSs."""
         return len(self.clusters.members(cid)) / max(len(self.clusters.labels), 1)
+
+    def _cluster_message(self, cid: int, as_of: int) -> TwinMessage:
+        r = self.reclusterer
+        return TwinMessage(
+            "cluster",
+            str(cid),
+            self.clusters.versions.get(cid, 0),
+            self.hidden,
+            self.clusters.twins[cid].numpy(),
+            {
+                "members": self.clusters.members(cid),
+                "epoch": r.membership.epoch if r else 0,
+                "as_of": as_of,
+                "accepted": self.accepted,
+                "reclustered_at": self.accepted - r.since if r else 0,
+            },
+        )
+
+    def recluster(self, hour: int, now_ms: int) -> tuple[list[TwinMessage], list[str]]:
+        """DCS re-clustering before the first update of ``hour`` (when due): members and their twins move."""
+        r = self.reclusterer
+        if r is None or not r.due(hour):
+            return [], []
+        moves = r.run(self.clusters, self.global_twin.params)
+        self.counters["reclusterings"] += 1
+        self.counters["moves"] += len(moves)
+        log.info("re-clustered (epoch %d) before hour %d: %d BSs moved", r.membership.epoch, hour, len(moves))
+        changed = sorted({c for _, old, new in moves for c in (old, new) if c is not None})
+        lines = [
+            point("membership", {"square": str(s)}, {"cluster": c, "epoch": r.membership.epoch}, None)
+            + f" {now_ms}"
+            for s, c in sorted(self.clusters.labels.items())
+        ]
+        # every cluster is republished: its members list carries the new epoch for the BS agents
+        return [self._cluster_message(c, hour - 1) for c in sorted(self.clusters.twins)], lines + [
+            self._twin_row("cluster", c, now_ms) for c in changed
+        ]
+
+    def _twin_row(self, level: str, cid: int, now_ms: int, eps: float | None = None) -> str:
+        return (
+            point(
+                "twin",
+                {"level": level, "twin_id": str(cid)},
+                {
+                    "version": self.clusters.versions.get(cid, 0),
+                    "epsilon": eps,
+                    "n_updates": self.accepted,
+                    "n_members": len(self.clusters.members(cid)),
+                },
+                None,
+            )
+            + f" {now_ms}"
+        )
 
     def apply(self, update: TwinMessage) -> tuple[list[TwinMessage], list[str]] | None:
         """Fold one local update in; return (twins to publish, InfluxDB lines), or None for a replay."""
@@ -95,36 +186,41 @@ class TwinState:
         n_samples = int(update.meta.get("n_samples", 0))
         if n_samples <= 0 or not np.isfinite(update.params).all():
             raise MalformedMessage(f"BS {square}: update needs n_samples > 0 and finite parameters")
+        hour = int(update.meta.get("hour", seq))
+        now = int(time.time() * 1000)
+        out, lines = self.recluster(hour, now)
         self.seq[square] = seq
         self.bs_versions[square] = self.bs_versions.get(square, 0) + 1
+        self.accepted += 1
         self.counters["uploads"] += 1
         params = torch.as_tensor(update.params)
         cid = self.clusters.accept(square, params, n_samples)
+        if self.reclusterer is not None:
+            self.reclusterer.accepted(square, hour, update.meta.get("profile"))
         members = self.clusters.members(cid)
         self.counters["downloads"] += len(members)  # the members follow their cluster twin
         synced = self.global_twin.offer(self.clusters.twins[cid], self.gamma(cid))
         eps = self.global_twin.last_epsilon
         loss = float(update.meta.get("loss", 0.0))
-        now = int(time.time() * 1000)
-        out = [
+        out += [
             TwinMessage(
                 "bs",
                 str(square),
                 self.bs_versions[square],
                 self.hidden,
                 update.params,
-                {"seq": seq, "n_samples": n_samples, "loss": loss, "cluster": cid},
+                {
+                    "seq": seq,
+                    "hour": hour,
+                    "n_samples": n_samples,
+                    "loss": loss,
+                    "cluster": cid,
+                    "profile": update.meta.get("profile"),
+                },
             ),
-            TwinMessage(
-                "cluster",
-                str(cid),
-                self.clusters.versions[cid],
-                self.hidden,
-                self.clusters.twins[cid].numpy(),
-                {"members": members},
-            ),
+            self._cluster_message(cid, hour),
         ]
-        lines = [
+        lines += [
             point(
                 "twin",
                 {"level": "bs", "twin_id": str(square)},
@@ -137,18 +233,7 @@ class TwinState:
                 None,
             )
             + f" {now}",
-            point(
-                "twin",
-                {"level": "cluster", "twin_id": str(cid)},
-                {
-                    "version": self.clusters.versions[cid],
-                    "epsilon": eps,
-                    "n_updates": self.counters["uploads"],
-                    "n_members": len(members),
-                },
-                None,
-            )
-            + f" {now}",
+            self._twin_row("cluster", cid, now, eps),
         ]
         if synced:
             out.append(
@@ -158,7 +243,7 @@ class TwinState:
                     self.global_twin.version,
                     self.hidden,
                     self.global_twin.params.numpy(),
-                    self.meta,
+                    self.meta | {"as_of": hour},
                 )
             )
             lines.append(
@@ -193,15 +278,18 @@ def read_latest_twins(settings: NettwinSettings) -> dict[bytes, TwinMessage]:
 
 
 class TwinService:
-    def __init__(self, settings: NettwinSettings, psi: float) -> None:
+    def __init__(self, settings: NettwinSettings, psi: float, milan_dir: Path | None = None) -> None:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
-        self.state = TwinState.from_messages(read_latest_twins(settings), psi)
+        self.state = TwinState.from_messages(read_latest_twins(settings), psi, milan_dir)
         self.influx = InfluxClient(settings.influx)
         self.producer = make_producer(settings)
         self.deadletters = DeadLetterSink(self.producer, self.topics.deadletter)
         self.consumer = make_consumer(
-            settings, self.topics.updates_local, group_id=f"{settings.kafka.topic_prefix}nettwin-twins"
+            settings,
+            self.topics.updates_local,
+            group_id=f"{settings.kafka.topic_prefix}nettwin-twins",
+            fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
         )
         self.stopping = False
 

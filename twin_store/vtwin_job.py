@@ -1,8 +1,9 @@
 """``nettwin vtwin``: V-twinning from a history file, storing the initial global and cluster twins.
 
 The twins go to the compacted ``twin.models`` topic, which BS agents follow (the global message carries the
-per-square scaling statistics, so streams scale exactly as training did), and to InfluxDB as ``twin`` rows
-plus ``membership`` rows (epoch 0).
+per-square scaling statistics and the stream plan, so streams scale and train exactly as the benchmark
+does), each BS's last V-twinning update (``bs:<square>``, so the store's cluster FedAvg starts where
+V-twinning ended), and to InfluxDB as ``twin`` rows plus ``membership`` rows (epoch 0).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from ingest.kafka import make_producer
+from ingest.milan import HOURLY_START_MS
 from ingest.topics import Topics
 from nettwin.errors import InputError, ServiceError
 from nettwin.settings import NettwinSettings
@@ -23,6 +25,7 @@ from twin_store.evaluation import dcs_labels, load_matrix, split_hours
 from twin_store.forecaster import FitConfig, TwinModel
 from twin_store.influx import InfluxClient
 from twin_store.lineproto import point
+from twin_store.local_updates import StreamPlan
 from twin_store.models_topic import TwinMessage
 from twin_store.samples import Scaler, samples
 from twin_store.twinning import v_twinning
@@ -39,6 +42,7 @@ class VTwinJob:
     hidden: int = 32
     train_hours: int | None = None  # default: all but the last 480 hours (the benchmark's training span)
     milan_dir: Path | None = None
+    recluster_every: int = StreamPlan.recluster_every  # accepted stream updates between re-clusterings
     fit: FitConfig = field(default_factory=lambda: FitConfig(steps=20, lr=1e-2, batch=64))
 
 
@@ -55,7 +59,8 @@ def run_vtwin(settings: NettwinSettings, job: VTwinJob) -> dict[str, Any]:
         raise InputError(f"--train-hours {train_hours}: needs 144..{series.shape[1]} (5 days of history + 1)")
     scaler = Scaler.fit(series, train_hours)
     z = scaler.transform(series)
-    labels = dcs_labels(job.milan_dir or job.data.parent, squares, z, train_hours, job.clusters, job.seed)
+    milan_dir = (job.milan_dir or job.data.parent).resolve()
+    labels = dcs_labels(milan_dir, squares, z, train_hours, job.clusters, job.seed)
     x, y = samples(z, 0, train_hours)
     model = TwinModel(job.hidden)
     result = v_twinning(
@@ -87,6 +92,16 @@ def run_vtwin(settings: NettwinSettings, job: VTwinJob) -> dict[str, Any]:
                 "loss": loss,
                 "rounds": result.rounds,
                 "train_hours": train_hours,
+                # how BS agents and the store run the stream (local_updates.py), and the DCS inputs
+                "plan": StreamPlan(
+                    seed=job.seed,
+                    start_hour=train_hours,
+                    start_ms=HOURLY_START_MS,
+                    recluster_every=job.recluster_every,
+                ).to_meta(),
+                "clusters": job.clusters,
+                "milan_dir": str(milan_dir),
+                "as_of": -1,
                 "scaler": {
                     str(s): [float(m), float(d)]
                     for s, m, d in zip(squares, scaler.mean, scaler.std, strict=True)
@@ -94,8 +109,28 @@ def run_vtwin(settings: NettwinSettings, job: VTwinJob) -> dict[str, Any]:
             },
         ),
         *(
-            TwinMessage("cluster", str(c), 1, job.hidden, ct.twins[c].numpy(), {"members": members[c]})
+            TwinMessage(
+                "cluster",
+                str(c),
+                1,
+                job.hidden,
+                ct.twins[c].numpy(),
+                {"members": members[c], "epoch": 0, "as_of": -1},
+            )
             for c in cluster_ids
+        ),
+        # each BS's last V-twinning update: the cluster twins' FedAvg keeps counting it until the BS
+        # sends a newer one (seq -1: any stream update is newer)
+        *(
+            TwinMessage(
+                "bs",
+                str(s),
+                1,
+                job.hidden,
+                params.numpy(),
+                {"seq": -1, "hour": -1, "n_samples": n, "loss": loss, "cluster": ct.labels[s]},
+            )
+            for s, (params, n) in sorted(ct.latest.items())
         ),
     ]
     topics = Topics.from_settings(settings)

@@ -9,8 +9,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import typer
 
 from ingest.kafka import ensure_kafka_reachable, make_producer
@@ -22,6 +23,9 @@ from nettwin.settings import NettwinSettings
 from producers.replay import Replayer, load_table
 from producers.synthetic import synthetic_day
 from twin_store.influx import InfluxClient
+
+if TYPE_CHECKING:
+    from nettwin.live_vhtwin import LiveConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DAY = REPO_ROOT.parent / "shared" / "data" / "milan" / "raw_2013-11-01_26squares.txt"
@@ -127,15 +131,7 @@ def wait_for_run(influx: InfluxClient, run: str, partitions: int, timeout_s: flo
         time.sleep(0.25)
 
 
-def demo(
-    ctx: typer.Context,
-    speed: float | None = typer.Option(
-        None, help="replay speed (event time x N); default as fast as possible"
-    ),
-    timeout: float = typer.Option(180.0, help="seconds to wait for the pipeline to finish"),
-) -> None:
-    """Bring services up if needed, run worker + store, replay one real Milan day, show the twin state."""
-    settings = settings_of(ctx)
+def ensure_services(settings: NettwinSettings) -> None:
     kafka_ok, influx_ok = services_up(settings)
     if not (kafka_ok and influx_ok):
         if settings.profile != "local":
@@ -143,6 +139,36 @@ def demo(
         console.print("starting local services (infra/up) ...")
         if subprocess.run([str(REPO_ROOT / "infra" / "up")], check=False).returncode != 0:
             raise ServiceError("infra/up failed; see .state/log/")
+
+
+def demo(
+    ctx: typer.Context,
+    speed: float | None = typer.Option(
+        None, help="replay speed (event time x N); default: as fast as possible (--hourly: 14400)"
+    ),
+    timeout: float = typer.Option(180.0, help="seconds to wait for the pipeline to finish"),
+    hourly: Path | None = typer.Option(
+        None, help="run the VH-Twin benchmark live on this hourly file (square_id,h0..hN)"
+    ),
+    squares: int = typer.Option(50, min=2, help="--hourly: squares drawn with --seed, as the benchmark"),
+    seed: int = typer.Option(1, help="--hourly: seed, as the benchmark"),
+    psi: float = typer.Option(0.025, min=0.0, help="--hourly: H-twinning threshold"),
+    compare: bool = typer.Option(False, help="--hourly: also run the offline benchmark and compare"),
+) -> None:
+    """Bring services up if needed, run worker + store, replay one real Milan day, show the twin state.
+
+    With --hourly: V-twinning, BS agents, H-twinning and live forecasts on the benchmark's data.
+    """
+    settings = settings_of(ctx)
+    if hourly is not None:
+        from nettwin.live_vhtwin import LiveConfig
+
+        cfg = LiveConfig(
+            hourly, squares, seed, psi=psi, speed=speed or 14_400.0, timeout_s=max(timeout, 900.0)
+        )
+        demo_hourly(settings, cfg, compare)
+        return
+    ensure_services(settings)
     provision(settings)
 
     if SHARED_DAY.is_file():
@@ -208,3 +234,101 @@ def demo(
     )
     if received != summary.records:
         raise NettwinError(f"worker received {received} of {summary.records} records; see {logs}")
+
+
+def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool) -> None:
+    """``nettwin demo --hourly``: its own topics (prefix ``demo.``) and database, fresh on every run."""
+    from nettwin.live_vhtwin import (
+        agreement,
+        check_data,
+        offline_config,
+        replay_split,
+        run_vtwin_for,
+        subset_file,
+        test_span,
+        wait_for_forecasts,
+    )
+    from nettwin.provision import deprovision
+    from nettwin.settings import load_settings
+    from twin_store.evaluation import run as run_offline
+
+    check_data(cfg)
+    ensure_services(settings)
+    demo_settings = load_settings(
+        {
+            "kafka": {"topic_prefix": settings.kafka.topic_prefix + "demo."},
+            "influx": {"database": settings.influx.database + "_demo"},
+        }
+    )
+    deprovision(demo_settings)
+    provision(demo_settings)
+    subset, series, picked = subset_file(
+        cfg.data,
+        cfg.squares,
+        cfg.seed,
+        settings.state_dir / "demo" / f"hourly_{cfg.squares}sq_seed{cfg.seed}.csv",
+    )
+    first_test, last_test = test_span(series.shape[1])
+    with console.status("V-twinning on the training hours"):
+        vt = run_vtwin_for(demo_settings, cfg, subset)
+    console.print(
+        f"V-twinning: {vt['squares']} BSs, clusters {vt['clusters']}, {vt['rounds']} rounds on "
+        f"{vt['train_hours']} hours ({vt['seconds']} s)"
+    )
+    env = settings_env(demo_settings)
+    logs = settings.state_dir / "log"
+    procs = {
+        "worker": spawn_cli(["worker"], logs / "demo-hourly-worker.log", env),
+        "store": spawn_cli(["store"], logs / "demo-hourly-store.log", env),
+        "htwin": spawn_cli(["htwin", "--psi", repr(cfg.psi)], logs / "demo-hourly-htwin.log", env),
+    }
+
+    def alive() -> None:
+        for name, p in procs.items():
+            if p.poll() is not None:
+                raise ServiceError(f"{name} exited early (code {p.returncode}); see {logs}")
+
+    started = time.monotonic()
+    try:
+        with console.status(
+            f"replaying {subset.name}: {vt['train_hours']} history hours packed, then "
+            f"{series.shape[1] - vt['train_hours']} hours at {cfg.speed:g}x"
+        ):
+            replay_split(demo_settings, subset, vt["train_hours"], cfg.speed)
+            with InfluxClient(demo_settings.influx) as influx:
+                live = wait_for_forecasts(influx, len(picked), first_test, last_test, cfg.timeout_s, alive)
+                twins = twin_rows(influx, None)
+    finally:
+        for p in procs.values():
+            stop_process(p)
+    live_s = time.monotonic() - started
+    errors = [
+        ((float(r["predicted"]) - float(r["actual"])) / float(series[i, : vt["train_hours"]].std() or 1.0))
+        ** 2
+        for i, s in enumerate(picked.tolist())
+        for h in range(first_test, last_test + 1)
+        if (r := live.get((s, h))) is not None
+    ]
+    levels = {lv: [t for t in twins if t["level"] == lv] for lv in ("global", "cluster", "bs")}
+    glob = levels["global"][0] if levels["global"] else {}
+    console.print(
+        f"live run: {len(live):,} test-hour forecasts with outcomes, test MSE (z-scored) "
+        f"{np.mean(errors):.5f}; global twin version {glob.get('version')}, "
+        f"{len(levels['cluster'])} cluster twins, {len(levels['bs'])} BS twins ({live_s:.0f} s)"
+    )
+    report: dict[str, Any] = {
+        "live_test_mse": round(float(np.mean(errors)), 5),
+        "live_seconds": round(live_s, 1),
+    }
+    if compare:
+        with console.status("offline benchmark on the same data (same seed and psi)"):
+            _, rows = run_offline(cfg.data, offline_config(cfg))
+        report["agreement"] = agreement(live, rows, series, picked, vt["train_hours"])
+        console.print(f"live vs offline vhtwin forecasts: {json.dumps(report['agreement'])}")
+    db = demo_settings.influx.database
+    console.print(
+        "look next (the demo's own topics and database):\n"
+        f"  NETTWIN_INFLUX__DATABASE={db} nettwin query twins\n"
+        f"  curl -sG http://127.0.0.1:8086/query --data-urlencode db={db} --data-urlencode "
+        "'q=SELECT mean(abs_error) FROM forecast GROUP BY cluster'"
+    )

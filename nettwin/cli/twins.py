@@ -20,6 +20,9 @@ def htwin(
         0.0, min=0.0, help="merge a cluster change into the global twin only if eps > psi"
     ),
     idle_exit: float | None = typer.Option(None, help="exit after this many seconds without updates"),
+    milan_dir: Path | None = typer.Option(
+        None, help="grid and base stations for re-clustering (default: the folder vtwin used)"
+    ),
     json_out: bool = typer.Option(False, "--json", help="print counters as JSON on exit"),
 ) -> None:
     """Live H-twinning: BS updates (updates.local) -> cluster and global twins (twin.models, InfluxDB)."""
@@ -28,7 +31,7 @@ def htwin(
     from twin_store.twin_service import TwinService
 
     setup_service_logging()
-    service = TwinService(settings_of(ctx), psi)
+    service = TwinService(settings_of(ctx), psi, milan_dir)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(service, "stopping", True))
     counters = service.run(idle_exit_s=idle_exit)

@@ -1,0 +1,280 @@
+"""Per-BS local twins on the hourly stream: forecasts, outcomes and local updates. No Kafka here.
+
+``BsAgents.on_hour`` takes the closed hourly windows of some squares (one feature batch) and returns:
+
+- **outcomes**: predicted vs actual for the hour that just closed, for squares whose forecast was issued;
+- **forecasts** for the next hour, from the global twin (the network's twin, as the benchmark's
+  ``vhtwin``), issued before that hour's data exists;
+- **local updates** of the BSs due this hour (``StreamPlan.due``). Each trains from its cluster twin, with
+  all due BSs of the batch in one stacked pass. The update carries seq = the hour, so a re-run of the
+  same hour (agent restart) is recognised by the store as a replay.
+
+Twins come from ``twin.models`` through ``on_twin``. ``TwinVersions`` keeps a few versions per twin with
+the hour they reflect (``as_of``), so an agent acts on twins up to the previous hour whatever the arrival
+order (the protocol in ``twin_store/local_updates.py``). The plan, scaling statistics and model size come
+with the global twin. Until it arrives, hours are only recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ingest.schema import RecordBatch
+from twin_store.forecaster import TwinModel
+from twin_store.local_updates import StreamPlan, local_updates, profile_upto
+from twin_store.models_topic import TwinMessage
+from twin_store.samples import LAGS
+
+HOUR_MS = 3_600_000
+KEEP_VERSIONS = 16  # per twin; acting needs only the newest ones up to the previous hour
+
+
+class TwinVersions:
+    """Recent versions of every twin, each with the last hour of updates it reflects."""
+
+    def __init__(self) -> None:
+        self.versions: dict[bytes, list[TwinMessage]] = {}
+
+    def add(self, msg: TwinMessage) -> None:
+        kept = self.versions.setdefault(msg.key, [])
+        kept.append(msg)
+        kept.sort(key=lambda m: (as_of(m), m.version))
+        del kept[:-KEEP_VERSIONS]
+
+    def at(self, key: bytes, hour: int) -> TwinMessage | None:
+        """The newest version reflecting updates up to ``hour`` (the oldest known if all are newer)."""
+        kept = self.versions.get(key)
+        if not kept:
+            return None
+        fit = [m for m in kept if as_of(m) <= hour]
+        return fit[-1] if fit else kept[0]
+
+    def cluster_of(self, hour: int) -> dict[int, int]:
+        """square -> cluster, from the cluster versions as of ``hour`` (the latest epoch wins)."""
+        out: dict[int, tuple[int, int]] = {}
+        for key in self.versions:
+            if not key.startswith(b"cluster:"):
+                continue
+            msg = self.at(key, hour)
+            if msg is None:
+                continue
+            epoch = int(msg.meta.get("epoch", 0))
+            for s in msg.meta.get("members", []):
+                if int(s) not in out or out[int(s)][1] <= epoch:
+                    out[int(s)] = (int(msg.twin_id), epoch)
+        return {s: c for s, (c, _) in out.items()}
+
+
+def as_of(msg: TwinMessage) -> int:
+    return int(msg.meta.get("as_of", -1))
+
+
+@dataclass
+class SquareHistory:
+    raw: np.ndarray = field(default_factory=lambda: np.full(1024, np.nan))  # index = hour
+
+    def put(self, hour: int, value: float) -> None:
+        if hour < 0:
+            return  # before the series' hour 0: outside the plan
+        if hour >= self.raw.size:
+            grown = np.full(max(hour + 1, 2 * self.raw.size), np.nan)
+            grown[: self.raw.size] = self.raw
+            self.raw = grown
+        self.raw[hour] = value
+
+
+@dataclass
+class AgentOutput:
+    forecasts: RecordBatch | None = None  # next hour: predicted
+    outcomes: RecordBatch | None = None  # this hour: predicted, actual, abs_error
+    updates: list[TwinMessage] = field(default_factory=list)
+    skipped: int = 0  # records without scaling statistics (a BS the twins do not know)
+
+
+FORECAST_COLUMNS = ("predicted", "cluster")
+OUTCOME_COLUMNS = ("predicted", "actual", "abs_error", "cluster")
+
+
+class BsAgents:
+    def __init__(self) -> None:
+        self.twins = TwinVersions()
+        self.history: dict[int, SquareHistory] = {}
+        self.issued: dict[tuple[int, int], tuple[float, int]] = {}  # (square, hour) -> (predicted, cluster)
+        self.accepted_seq: dict[int, int] = {}  # square -> newest update the store has accepted
+        self.counters = {
+            "hours": 0,
+            "forecasts": 0,
+            "outcomes": 0,
+            "updates": 0,
+            "skipped_updates": 0,
+            "other_batches": 0,
+        }
+        self.backlog: list[RecordBatch] = []
+        self._model: TwinModel | None = None
+
+    # ---- twins
+    def on_twin(self, msg: TwinMessage) -> None:
+        if msg.level == "bs":  # the store accepted this BS's update: a restarted agent need not redo it
+            self.accepted_seq[int(msg.twin_id)] = int(msg.meta.get("seq", -1))
+            return
+        self.twins.add(msg)
+
+    @property
+    def ready(self) -> bool:
+        return b"global:0" in self.twins.versions
+
+    def _global(self, hour: int) -> TwinMessage:
+        msg = self.twins.at(b"global:0", hour)
+        assert msg is not None
+        return msg
+
+    def plan(self) -> StreamPlan:
+        return StreamPlan.from_meta(self._global(10**9).meta["plan"])
+
+    def model(self) -> TwinModel:
+        hidden = self._global(10**9).hidden
+        if self._model is None or self._model.hidden != hidden:
+            self._model = TwinModel(hidden)
+        return self._model
+
+    def scaler(self) -> dict[str, list[float]]:
+        scaler: dict[str, list[float]] = self._global(10**9).meta["scaler"]
+        return scaler
+
+    # ---- hours
+    def on_hour(self, batch: RecordBatch) -> AgentOutput:
+        """One closed hourly feature batch (any squares, normally one hour of one partition)."""
+        out = AgentOutput()
+        if not self.ready:  # hours before the first global twin wait for it (they carry its plan)
+            self.backlog.append(batch)
+            return out
+        plan, scaler, model = self.plan(), self.scaler(), self.model()
+        by_hour: dict[int, list[tuple[int, float]]] = {}
+        for b in [*self.backlog, batch]:
+            for s, hour, v in self._rows(b, plan):
+                by_hour.setdefault(hour, []).append((s, v))
+        self.backlog.clear()
+        for hour in sorted(by_hour):
+            self._close_hour(hour, by_hour[hour], plan, scaler, model, out)
+        return out
+
+    def _rows(self, batch: RecordBatch, plan: StreamPlan) -> list[tuple[int, int, float]]:
+        if plan.column not in batch.columns:  # e.g. 10-minute activity windows of a raw replay
+            self.counters["other_batches"] += 1
+            return []
+        j = batch.columns.index(plan.column)
+        hours = (batch.starts_ms - plan.start_ms) // HOUR_MS
+        return list(zip(batch.squares.tolist(), hours.tolist(), batch.values[:, j].tolist(), strict=True))
+
+    def _close_hour(
+        self,
+        hour: int,
+        values: list[tuple[int, float]],
+        plan: StreamPlan,
+        scaler: dict[str, list[float]],
+        model: TwinModel,
+        out: AgentOutput,
+    ) -> None:
+        self.counters["hours"] += 1
+        known = [(s, v) for s, v in values if str(s) in scaler]
+        out.skipped += len(values) - len(known)
+        outcome_rows: list[tuple[int, float, float, float, int]] = []
+        for s, v in known:
+            self.history.setdefault(s, SquareHistory()).put(hour, v)
+            issued = self.issued.pop((s, hour), None)
+            if issued is not None:
+                outcome_rows.append((s, issued[0], v, abs(v - issued[0]), issued[1]))
+        if outcome_rows:
+            out.outcomes = _batch(OUTCOME_COLUMNS, plan, hour, outcome_rows)
+            self.counters["outcomes"] += len(outcome_rows)
+        if not known:
+            return
+        clusters = self.twins.cluster_of(hour - 1)
+
+        # forecast hour + 1 from the global twin as of hour - 1, for squares with a full input history
+        target = hour + 1
+        if target >= plan.start_hour:
+            squares, x = [], []
+            for s, _ in known:
+                z = self._z(s, scaler, target - LAGS)
+                if np.isfinite(z).all():
+                    squares.append(s)
+                    x.append(z)
+            if squares:
+                params = torch.as_tensor(self._global(hour - 1).params)
+                pred = model.predict(
+                    params.expand(len(squares), -1), torch.tensor(np.array(x)).float().unsqueeze(1)
+                )
+                rows = []
+                for s, p in zip(squares, pred[:, 0].tolist(), strict=True):
+                    mean, std = scaler[str(s)]
+                    value = p * std + mean
+                    cid = clusters.get(s, -1)
+                    self.issued[(s, target)] = (value, cid)
+                    rows.append((s, value, float(cid)))
+                out.forecasts = _batch(FORECAST_COLUMNS, plan, target, rows)
+                self.counters["forecasts"] += len(rows)
+
+        # local updates of the BSs due this hour, from their cluster twins as of hour - 1
+        due = [s for s, _ in known if plan.due(s, hour) and s in clusters]
+        fresh = [s for s in due if self.accepted_seq.get(s, -1) < hour]
+        self.counters["skipped_updates"] += len(due) - len(fresh)
+        if not fresh:
+            return
+        starts, bases = [], []
+        for s in fresh:
+            twin = self.twins.at(f"cluster:{clusters[s]}".encode(), hour - 1)
+            twin = twin if twin is not None else self._global(hour - 1)
+            starts.append(torch.as_tensor(twin.params))
+            bases.append(twin.version)
+        series = [self._z(s, scaler, np.arange(hour + 1)) for s in fresh]
+        new, loss, counts = local_updates(model, torch.stack(starts), series, fresh, hour, plan)
+        hidden = model.hidden
+        for k, s in enumerate(fresh):
+            if counts[k] == 0:
+                continue
+            out.updates.append(
+                TwinMessage(
+                    "bs",
+                    str(s),
+                    bases[k],
+                    hidden,
+                    new[k].numpy(),
+                    {
+                        "seq": hour,
+                        "hour": hour,
+                        "cluster": clusters[s],
+                        "base_version": bases[k],
+                        "n_samples": counts[k],
+                        "loss": round(float(loss[k]), 6),
+                        "profile": profile_upto(series[k], hour),
+                    },
+                )
+            )
+        self.counters["updates"] += len(out.updates)
+
+    def _z(self, square: int, scaler: dict[str, list[float]], hours: np.ndarray) -> np.ndarray:
+        raw = self.history[square].raw
+        mean, std = scaler[str(square)]
+        vals = np.full(hours.shape, np.nan)
+        ok = (hours >= 0) & (hours < raw.size)
+        vals[ok] = raw[hours[ok]]
+        return (vals - mean) / std
+
+
+def _batch(
+    columns: tuple[str, ...], plan: StreamPlan, hour: int, rows: Sequence[tuple[float, ...]]
+) -> RecordBatch:
+    arr = np.array(rows, dtype=np.float64)
+    return RecordBatch(
+        "forecast",
+        columns,
+        3600,
+        arr[:, 0].astype(np.uint32),
+        np.full(len(rows), plan.start_ms + hour * HOUR_MS, np.int64),
+        arr[:, 1:],
+    )
