@@ -26,6 +26,7 @@ from nettwin.settings import NettwinSettings
 from producers.replay import Replayer
 from twin_store.evaluation import TEST_HOURS, VhTwinConfig, load_matrix, split_hours
 from twin_store.influx import InfluxClient
+from twin_store.service import wait_for_run
 from twin_store.vtwin_job import VTwinJob, run_vtwin
 
 
@@ -62,17 +63,27 @@ def _slice(table: TrafficTable, a: int, b: int) -> TrafficTable:
     )
 
 
-def replay_split(settings: NettwinSettings, path: Path, start_hour: int, speed: float) -> list[str]:
-    """Replay hours before ``start_hour`` as fast as possible, then the rest at ``speed``; return run ids."""
+def replay_split(
+    settings: NettwinSettings, path: Path, start_hour: int, speed: float, timeout_s: float
+) -> list[str]:
+    """Replay hours before ``start_hour`` as fast as possible, then the rest at ``speed``; return run ids.
+
+    The paced part starts once the store has written the whole history, so the streamed hours do not
+    queue behind it (a queue would leave the twins no time for their round trip between hours).
+    """
     table = read_hourly(path)
     cut = int(np.searchsorted(table.starts_ms, HOURLY_START_MS + start_hour * HOUR_MS))
     runs = []
     producer = make_producer(settings)
     try:
-        for part, pace in ((_slice(table, 0, cut), None), (_slice(table, cut, len(table)), speed)):
-            replayer = Replayer.for_settings(settings, producer, pace)
-            replayer.publish_table(part)
-            runs.append(replayer.finish().run)
+        history = Replayer.for_settings(settings, producer, None)
+        history.publish_table(_slice(table, 0, cut))
+        runs.append(history.finish().run)
+        with InfluxClient(settings.influx) as influx:
+            wait_for_run(influx, runs[0], settings.kafka.partitions, timeout_s)
+        stream = Replayer.for_settings(settings, producer, speed)
+        stream.publish_table(_slice(table, cut, len(table)))
+        runs.append(stream.finish().run)
     finally:
         producer.close()
     return runs

@@ -33,8 +33,12 @@ from nettwin.settings import NettwinSettings
 from stream_processors.bs_agents import BsAgents
 from stream_processors.processor import PartitionProcessor, counters_total
 from twin_store.models_topic import decode_twin
+from twin_store.twin_service import LOW_LATENCY_FETCH_MS
 
 log = logging.getLogger("nettwin.worker")
+
+# how long a BS agent waits for the twin store to publish its previous hour's updates before acting anyway
+ACK_WAIT_S = 5.0
 
 
 def build_app(settings: NettwinSettings) -> faust.App:
@@ -124,7 +128,15 @@ def build_app(settings: NettwinSettings) -> faust.App:
                 continue  # the store dead-letters what it cannot read from this topic
             if batch.step_s != 3600 or not len(batch):
                 continue
+            # act on twins up to the previous hour: wait (bounded) until the store published our updates
+            deadline = loop.time() + ACK_WAIT_S
             follower.drain_into(agents)
+            while agents.unacknowledged_before(batch):
+                if loop.time() > deadline:
+                    agents.give_up_waiting()
+                    break
+                await asyncio.sleep(0.005)
+                follower.drain_into(agents)
             try:
                 out = await loop.run_in_executor(None, agents.on_hour, batch)
             except MalformedMessage as exc:
@@ -167,7 +179,10 @@ class TwinFollower(threading.Thread):
 
     def run(self) -> None:
         consumer = make_consumer(
-            self.settings, Topics.from_settings(self.settings).twin_models, group_id=None
+            self.settings,
+            Topics.from_settings(self.settings).twin_models,
+            group_id=None,
+            fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
         )
         for m in consumer:
             if m.value is not None:

@@ -105,6 +105,7 @@ class BsAgents:
         self.history: dict[int, SquareHistory] = {}
         self.issued: dict[tuple[int, int], tuple[float, int]] = {}  # (square, hour) -> (predicted, cluster)
         self.accepted_seq: dict[int, int] = {}  # square -> newest update the store has accepted
+        self.awaiting: dict[int, int] = {}  # square -> hour of its update not yet published by the store
         self.counters = {
             "hours": 0,
             "forecasts": 0,
@@ -119,9 +120,28 @@ class BsAgents:
     # ---- twins
     def on_twin(self, msg: TwinMessage) -> None:
         if msg.level == "bs":  # the store accepted this BS's update: a restarted agent need not redo it
-            self.accepted_seq[int(msg.twin_id)] = int(msg.meta.get("seq", -1))
+            square, seq = int(msg.twin_id), int(msg.meta.get("seq", -1))
+            self.accepted_seq[square] = seq
+            if self.awaiting.get(square, seq + 1) <= seq:
+                del self.awaiting[square]
             return
         self.twins.add(msg)
+
+    def unacknowledged_before(self, batch: RecordBatch) -> int:
+        """Own updates of hours before this batch's first hour that the store has not published yet.
+
+        Acting before they are in would use twins older than the protocol says, so the adapter waits for
+        them (bounded by ``give_up_waiting``).
+        """
+        if not self.awaiting or not len(batch) or not self.ready:
+            return 0
+        first = self.plan().hour_of(int(batch.starts_ms.min()))
+        return sum(1 for h in self.awaiting.values() if h < first)
+
+    def give_up_waiting(self) -> None:
+        """The store did not answer in time (it may have rejected an update): act on what we have."""
+        self.counters["ack_timeouts"] += len(self.awaiting)
+        self.awaiting.clear()
 
     @property
     def ready(self) -> bool:
@@ -256,6 +276,7 @@ class BsAgents:
                 )
             )
         self.counters["updates"] += len(out.updates)
+        self.awaiting.update({int(u.twin_id): hour for u in out.updates})
 
     def _z(self, square: int, scaler: dict[str, list[float]], hours: np.ndarray) -> np.ndarray:
         raw = self.history[square].raw

@@ -12,10 +12,10 @@ import pytest
 
 from ingest.schema import ACTIVITY_COLUMNS
 from nettwin.cli.query import read_deadletters
-from nettwin.cli.services import wait_for_run
 from nettwin.settings import NettwinSettings
 from tests.conftest import SHARED_MILAN, Pipeline, run_cli
 from twin_store.influx import InfluxClient
+from twin_store.service import wait_for_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

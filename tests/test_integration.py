@@ -15,12 +15,11 @@ from ingest.milan import read_raw
 from ingest.schema import N_INTERVALS, RecordBatch
 from ingest.topics import Topics
 from nettwin.cli.query import read_deadletters
-from nettwin.cli.services import wait_for_run
 from nettwin.settings import NettwinSettings
 from producers.replay import Replayer
 from tests.conftest import SHARED_MILAN, Pipeline, wait_until
 from twin_store.influx import InfluxClient
-from twin_store.service import TwinStore
+from twin_store.service import TwinStore, wait_for_run
 
 pytestmark = pytest.mark.integration
 

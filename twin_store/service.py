@@ -199,3 +199,18 @@ class TwinStore:
     def _deadletter(self, m: Any, reason: str) -> None:
         self.deadletters.send(DeadLetter.for_message(m, reason, "store"))
         self.counters.deadletters += 1
+
+
+def wait_for_run(influx: InfluxClient, run: str, partitions: int, timeout_s: float) -> list[dict[str, Any]]:
+    """Poll InfluxDB until the store reported the run's final marker on every partition."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = [r for s in influx.query(f'SELECT * FROM "replay" WHERE "run" = \'{run}\'') for r in s.rows()]
+        if len({r["partition"] for r in rows}) >= partitions:
+            return rows
+        if time.monotonic() > deadline:
+            raise ServiceError(
+                f"run {run}: only {len(rows)} of {partitions} partitions completed within {timeout_s:.0f} s; "
+                "see the worker and store logs"
+            )
+        time.sleep(0.25)

@@ -23,6 +23,7 @@ from nettwin.settings import NettwinSettings
 from producers.replay import Replayer, load_table
 from producers.synthetic import synthetic_day
 from twin_store.influx import InfluxClient
+from twin_store.service import wait_for_run
 
 if TYPE_CHECKING:
     from nettwin.live_vhtwin import LiveConfig
@@ -114,21 +115,6 @@ def settings_env(settings: NettwinSettings) -> dict[str, str]:
                 json.dumps(value) if isinstance(value, list) else str(value)
             )
     return env
-
-
-def wait_for_run(influx: InfluxClient, run: str, partitions: int, timeout_s: float) -> list[dict[str, Any]]:
-    """Poll InfluxDB until the store reported the run's final marker on every partition."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        rows = [r for s in influx.query(f'SELECT * FROM "replay" WHERE "run" = \'{run}\'') for r in s.rows()]
-        if len({r["partition"] for r in rows}) >= partitions:
-            return rows
-        if time.monotonic() > deadline:
-            raise ServiceError(
-                f"run {run}: only {len(rows)} of {partitions} partitions completed within {timeout_s:.0f} s; "
-                "see the worker and store logs"
-            )
-        time.sleep(0.25)
 
 
 def ensure_services(settings: NettwinSettings) -> None:
@@ -294,7 +280,7 @@ def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool) -> No
             f"replaying {subset.name}: {vt['train_hours']} history hours packed, then "
             f"{series.shape[1] - vt['train_hours']} hours at {cfg.speed:g}x"
         ):
-            replay_split(demo_settings, subset, vt["train_hours"], cfg.speed)
+            replay_split(demo_settings, subset, vt["train_hours"], cfg.speed, cfg.timeout_s)
             with InfluxClient(demo_settings.influx) as influx:
                 live = wait_for_forecasts(influx, len(picked), first_test, last_test, cfg.timeout_s, alive)
                 twins = twin_rows(influx, None)
