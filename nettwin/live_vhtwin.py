@@ -26,6 +26,7 @@ from nettwin.settings import NettwinSettings
 from producers.replay import Replayer
 from twin_store.evaluation import TEST_HOURS, VhTwinConfig, load_matrix, split_hours
 from twin_store.influx import InfluxClient
+from twin_store.local_updates import StreamPlan
 from twin_store.service import wait_for_run
 from twin_store.vtwin_job import VTwinJob, run_vtwin
 
@@ -37,7 +38,8 @@ class LiveConfig:
     seed: int = 1
     clusters: int | None = 4
     psi: float = 0.025
-    speed: float = 14_400.0  # event time x N for the streamed hours: 0.25 s per hour
+    recluster_every: int = StreamPlan.recluster_every
+    speed: float = 36_000.0  # event time x N for the streamed hours: 0.1 s per hour
     timeout_s: float = 900.0
 
 
@@ -168,7 +170,13 @@ def agreement(
 
 
 def offline_config(cfg: LiveConfig) -> VhTwinConfig:
-    return VhTwinConfig(squares=cfg.squares, seed=cfg.seed, clusters=cfg.clusters, psi=cfg.psi)
+    return VhTwinConfig(
+        squares=cfg.squares,
+        seed=cfg.seed,
+        clusters=cfg.clusters,
+        psi=cfg.psi,
+        recluster_every=cfg.recluster_every,
+    )
 
 
 def vtwin_job(cfg: LiveConfig, subset: Path) -> VTwinJob:

@@ -45,13 +45,19 @@ def test_vtwin_publishes_twins_and_writes_rows(isolated: NettwinSettings) -> Non
     assert summary["squares"] == 6 and summary["rounds"] == 2 and sum(summary["clusters"].values()) == 6
 
     latest = read_latest_twins(isolated)
-    assert set(latest) == {b"global:0"} | {f"cluster:{c}".encode() for c in summary["clusters"]}
+    glob = latest[b"global:0"]
+    squares = sorted(int(s) for s in glob.meta["scaler"])
+    assert set(latest) == {b"global:0"} | {f"cluster:{c}".encode() for c in summary["clusters"]} | {
+        f"bs:{s}".encode() for s in squares
+    }
     n_params = TwinModel(32).n_params
     assert all(t.params.shape == (n_params,) and np.isfinite(t.params).all() for t in latest.values())
-    glob = latest[b"global:0"]
-    assert len(glob.meta["scaler"]) == 6 and all(std > 0 for _, std in glob.meta["scaler"].values())
-    members = sorted(s for k, t in latest.items() if k != b"global:0" for s in t.meta["members"])
-    assert members == sorted(int(s) for s in glob.meta["scaler"])
+    assert len(squares) == 6 and all(std > 0 for _, std in glob.meta["scaler"].values())
+    assert glob.meta["plan"]["start_hour"] == summary["train_hours"] and glob.meta["as_of"] == -1
+    members = sorted(s for t in latest.values() if t.level == "cluster" for s in t.meta["members"])
+    assert members == squares
+    # each BS's last V-twinning update, older than any stream update (seq -1)
+    assert all(t.meta["seq"] == -1 and t.meta["n_samples"] > 0 for t in latest.values() if t.level == "bs")
 
     with InfluxClient(isolated.influx) as influx:
         twins = [r for s in influx.query('SELECT * FROM "twin"') for r in s.rows()]

@@ -130,7 +130,7 @@ def ensure_services(settings: NettwinSettings) -> None:
 def demo(
     ctx: typer.Context,
     speed: float | None = typer.Option(
-        None, help="replay speed (event time x N); default: as fast as possible (--hourly: 14400)"
+        None, help="replay speed (event time x N); default: as fast as possible (--hourly: 36000)"
     ),
     timeout: float = typer.Option(180.0, help="seconds to wait for the pipeline to finish"),
     hourly: Path | None = typer.Option(
@@ -140,6 +140,10 @@ def demo(
     seed: int = typer.Option(1, help="--hourly: seed, as the benchmark"),
     psi: float = typer.Option(0.025, min=0.0, help="--hourly: H-twinning threshold"),
     compare: bool = typer.Option(False, help="--hourly: also run the offline benchmark and compare"),
+    recluster_every: int = typer.Option(
+        500, min=0, help="--hourly: accepted updates between DCS re-clusterings (0: never)"
+    ),
+    json_out: bool = typer.Option(False, "--json", help="--hourly: print the report as one JSON line"),
 ) -> None:
     """Bring services up if needed, run worker + store, replay one real Milan day, show the twin state.
 
@@ -150,9 +154,15 @@ def demo(
         from nettwin.live_vhtwin import LiveConfig
 
         cfg = LiveConfig(
-            hourly, squares, seed, psi=psi, speed=speed or 14_400.0, timeout_s=max(timeout, 900.0)
+            hourly,
+            squares,
+            seed,
+            psi=psi,
+            recluster_every=recluster_every,
+            speed=speed or 36_000.0,
+            timeout_s=max(timeout, 900.0),
         )
-        demo_hourly(settings, cfg, compare)
+        demo_hourly(settings, cfg, compare, json_out)
         return
     ensure_services(settings)
     provision(settings)
@@ -222,7 +232,7 @@ def demo(
         raise NettwinError(f"worker received {received} of {summary.records} records; see {logs}")
 
 
-def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool) -> None:
+def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool, json_out: bool) -> None:
     """``nettwin demo --hourly``: its own topics (prefix ``demo.``) and database, fresh on every run."""
     from nettwin.live_vhtwin import (
         agreement,
@@ -235,15 +245,16 @@ def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool) -> No
         wait_for_forecasts,
     )
     from nettwin.provision import deprovision
-    from nettwin.settings import load_settings
     from twin_store.evaluation import run as run_offline
 
     check_data(cfg)
     ensure_services(settings)
-    demo_settings = load_settings(
-        {
-            "kafka": {"topic_prefix": settings.kafka.topic_prefix + "demo."},
-            "influx": {"database": settings.influx.database + "_demo"},
+    demo_settings = settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(
+                update={"topic_prefix": settings.kafka.topic_prefix + "demo."}
+            ),
+            "influx": settings.influx.model_copy(update={"database": settings.influx.database + "_demo"}),
         }
     )
     deprovision(demo_settings)
@@ -303,14 +314,24 @@ def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool) -> No
         f"{len(levels['cluster'])} cluster twins, {len(levels['bs'])} BS twins ({live_s:.0f} s)"
     )
     report: dict[str, Any] = {
+        "squares": len(picked),
+        "test_forecasts": len(live),
         "live_test_mse": round(float(np.mean(errors)), 5),
         "live_seconds": round(live_s, 1),
+        "global_version": glob.get("version"),
+        "clusters": len(levels["cluster"]),
+        "database": demo_settings.influx.database,
+        "topic_prefix": demo_settings.kafka.topic_prefix,
     }
     if compare:
         with console.status("offline benchmark on the same data (same seed and psi)"):
             _, rows = run_offline(cfg.data, offline_config(cfg))
         report["agreement"] = agreement(live, rows, series, picked, vt["train_hours"])
-        console.print(f"live vs offline vhtwin forecasts: {json.dumps(report['agreement'])}")
+        if not json_out:
+            console.print(f"live vs offline vhtwin forecasts: {json.dumps(report['agreement'])}")
+    if json_out:
+        print_json(report)
+        return
     db = demo_settings.influx.database
     console.print(
         "look next (the demo's own topics and database):\n"
