@@ -46,12 +46,10 @@ class TwinVersions:
         del kept[:-KEEP_VERSIONS]
 
     def at(self, key: bytes, hour: int) -> TwinMessage | None:
-        """The newest version reflecting updates up to ``hour`` (the oldest known if all are newer)."""
-        kept = self.versions.get(key)
-        if not kept:
-            return None
-        fit = [m for m in kept if as_of(m) <= hour]
-        return fit[-1] if fit else kept[0]
+        """The newest version reflecting updates up to ``hour``; None if every known one is newer (an
+        agent re-reading old hours after a restart must not forecast them with twins from their future)."""
+        fit = [m for m in self.versions.get(key, []) if as_of(m) <= hour]
+        return fit[-1] if fit else None
 
     def cluster_of(self, hour: int) -> dict[int, int]:
         """square -> cluster, from the cluster versions as of ``hour`` (the latest epoch wins)."""
@@ -147,22 +145,20 @@ class BsAgents:
     def ready(self) -> bool:
         return b"global:0" in self.twins.versions
 
-    def _global(self, hour: int) -> TwinMessage:
-        msg = self.twins.at(b"global:0", hour)
-        assert msg is not None
-        return msg
+    def _newest_global(self) -> TwinMessage:
+        return self.twins.versions[b"global:0"][-1]
 
     def plan(self) -> StreamPlan:
-        return StreamPlan.from_meta(self._global(10**9).meta["plan"])
+        return StreamPlan.from_meta(self._newest_global().meta["plan"])
 
     def model(self) -> TwinModel:
-        hidden = self._global(10**9).hidden
+        hidden = self._newest_global().hidden
         if self._model is None or self._model.hidden != hidden:
             self._model = TwinModel(hidden)
         return self._model
 
     def scaler(self) -> dict[str, list[float]]:
-        scaler: dict[str, list[float]] = self._global(10**9).meta["scaler"]
+        scaler: dict[str, list[float]] = self._newest_global().meta["scaler"]
         return scaler
 
     # ---- hours
@@ -217,7 +213,10 @@ class BsAgents:
 
         # forecast hour + 1 from the global twin as of hour - 1, for squares with a full input history
         target = hour + 1
-        if target >= plan.start_hour:
+        glob = self.twins.at(b"global:0", hour - 1)
+        if glob is None:
+            self.counters["past_hours"] += 1  # re-read after a restart: forecast already issued then
+        elif target >= plan.start_hour:
             squares, x = [], []
             for s, _ in known:
                 z = self._z(s, scaler, target - LAGS)
@@ -225,7 +224,7 @@ class BsAgents:
                     squares.append(s)
                     x.append(z)
             if squares:
-                params = torch.as_tensor(self._global(hour - 1).params)
+                params = torch.as_tensor(glob.params)
                 pred = model.predict(
                     params.expand(len(squares), -1), torch.tensor(np.array(x)).float().unsqueeze(1)
                 )
@@ -246,11 +245,15 @@ class BsAgents:
         if not fresh:
             return
         starts, bases = [], []
-        for s in fresh:
+        for s in list(fresh):
             twin = self.twins.at(f"cluster:{clusters[s]}".encode(), hour - 1)
-            twin = twin if twin is not None else self._global(hour - 1)
+            if twin is None:
+                fresh.remove(s)
+                continue
             starts.append(torch.as_tensor(twin.params))
             bases.append(twin.version)
+        if not fresh:
+            return
         series = [self._z(s, scaler, np.arange(hour + 1)) for s in fresh]
         new, loss, counts = local_updates(model, torch.stack(starts), series, fresh, hour, plan)
         hidden = model.hidden

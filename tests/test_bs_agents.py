@@ -1,0 +1,154 @@
+"""BS agents on the hourly stream, without services: forecasts, outcomes, local updates, twin versions."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ingest.schema import RecordBatch, decode
+from stream_processors.bs_agents import BsAgents, TwinVersions
+from twin_store.forecaster import FitConfig, TwinModel
+from twin_store.local_updates import StreamPlan
+from twin_store.models_topic import TwinMessage
+from twin_store.samples import LAGS
+from twin_store.traffic import forecast_lines
+
+SQUARES = [3, 7]
+START_MS = 1_383_260_400_000
+PLAN = StreamPlan(
+    seed=1, start_hour=130, start_ms=START_MS, update_every=4, window=24, fit=FitConfig(3, 1e-2, 8)
+)
+MODEL = TwinModel(8)
+SCALER = {"3": [100.0, 10.0], "7": [50.0, 5.0]}
+
+
+def twins(global_params: torch.Tensor, as_of: int = -1, version: int = 1) -> list[TwinMessage]:
+    meta = {"plan": PLAN.to_meta(), "scaler": SCALER, "as_of": as_of}
+    return [
+        TwinMessage("global", "0", version, 8, global_params.numpy(), meta),
+        TwinMessage(
+            "cluster",
+            "0",
+            version,
+            8,
+            global_params.numpy(),
+            {"members": SQUARES, "epoch": 0, "as_of": as_of},
+        ),
+    ]
+
+
+def hour_batch(hour: int, values: dict[int, float], column: str = "activity") -> RecordBatch:
+    sq = sorted(values)
+    return RecordBatch(
+        "features",
+        (column, "n_intervals"),
+        3600,
+        np.array(sq, np.uint32),
+        np.full(len(sq), START_MS + hour * 3_600_000, np.int64),
+        np.array([[values[s], 1.0] for s in sq]),
+    )
+
+
+def series(square: int, hours: int) -> np.ndarray:
+    mean, std = SCALER[str(square)]
+    return mean + std * np.sin(np.arange(hours) * 2 * np.pi / 24 + square)
+
+
+def feed(agents: BsAgents, upto: int) -> dict[int, list]:  # type: ignore[type-arg]
+    outputs: dict[int, list] = {}  # type: ignore[type-arg]
+    data = {s: series(s, upto + 1) for s in SQUARES}
+    for h in range(upto + 1):
+        outputs[h] = [agents.on_hour(hour_batch(h, {s: data[s][h] for s in SQUARES}))]
+    return outputs
+
+
+def test_forecasts_come_before_their_hour_and_outcomes_after() -> None:
+    agents = BsAgents()
+    params = MODEL.init(1, 0)[0]
+    for t in twins(params):
+        agents.on_twin(t)
+    out = feed(agents, 131)
+    assert all(o[0].forecasts is None for h, o in out.items() if h < 129)
+    fc = out[129][0].forecasts  # hour 129 closed: the forecast of the first stream hour, 130
+    assert fc is not None and set(fc.squares.tolist()) == set(SQUARES)
+    assert (fc.starts_ms == START_MS + 130 * 3_600_000).all()
+    # the forecast is the global twin applied to the z-scored lags, in original units
+    z = (series(3, 131) - 100.0) / 10.0
+    expected = MODEL.predict(
+        params.unsqueeze(0), torch.tensor(z[130 - LAGS], dtype=torch.float32).view(1, 1, -1)
+    )
+    got = fc.values[fc.squares.tolist().index(3), 0]
+    assert abs(got - (float(expected) * 10.0 + 100.0)) < 1e-4
+    oc = out[130][0].outcomes  # hour 130 arrived: predicted vs actual
+    assert oc is not None and oc.columns == ("predicted", "actual", "abs_error", "cluster")
+    row = oc.values[oc.squares.tolist().index(3)]
+    assert row[0] == got and row[1] == series(3, 131)[130] and row[2] == abs(row[1] - row[0]) and row[3] == 0
+    # the store turns them into `forecast` rows, round-tripping the wire format
+    lines = forecast_lines(decode(oc.encode()))
+    assert lines[0].startswith("forecast,cluster=0,square=3 predicted=") and "abs_error=" in lines[0]
+
+
+def test_due_bss_publish_updates_from_their_cluster_twin() -> None:
+    agents = BsAgents()
+    params = MODEL.init(1, 0)[0]
+    for t in twins(params):
+        agents.on_twin(t)
+    out = feed(agents, 130 + 8)
+    updates = [u for o in out.values() for u in o[0].updates]
+    assert sorted((int(u.twin_id), u.meta["seq"]) for u in updates) == sorted(
+        (s, h) for s in SQUARES for h in range(130, 139) if PLAN.due(s, h)
+    )
+    u = updates[0]
+    assert u.level == "bs" and u.meta["hour"] == u.meta["seq"] and u.meta["cluster"] == 0
+    assert (
+        u.meta["n_samples"] == u.meta["hour"] + 1 - PLAN.first_target(u.meta["hour"])
+        and len(u.meta["profile"]) == 24
+        and u.meta["base_version"] == 1
+    )
+    assert not np.allclose(u.params, params.numpy())
+    # until the store publishes them, the next hour's batch reports them as unacknowledged
+    assert agents.unacknowledged_before(hour_batch(139, {3: 1.0})) == len({int(x.twin_id) for x in updates})
+    for x in updates:
+        agents.on_twin(TwinMessage("bs", x.twin_id, 2, 8, x.params, {"seq": x.meta["seq"]}))
+    assert agents.unacknowledged_before(hour_batch(139, {3: 1.0})) == 0
+
+
+def test_a_restarted_agent_skips_updates_the_store_already_accepted() -> None:
+    agents = BsAgents()
+    for t in twins(MODEL.init(1, 0)[0]):
+        agents.on_twin(t)
+    for s in SQUARES:
+        agents.on_twin(TwinMessage("bs", str(s), 5, 8, np.zeros(MODEL.n_params, np.float32), {"seq": 10_000}))
+    out = feed(agents, 138)
+    assert not [u for o in out.values() for u in o[0].updates]
+    assert agents.counters["skipped_updates"] > 0
+
+
+def test_hours_before_the_first_twin_wait_and_unknown_squares_are_skipped() -> None:
+    agents = BsAgents()
+    data = {s: series(s, 131) for s in SQUARES}
+    for h in range(130):
+        assert agents.on_hour(hour_batch(h, {s: data[s][h] for s in SQUARES} | {99: 1.0})).forecasts is None
+    for t in twins(MODEL.init(1, 0)[0]):
+        agents.on_twin(t)
+    out = agents.on_hour(hour_batch(130, {s: data[s][130] for s in SQUARES}))
+    assert out.skipped == 130  # square 99 has no scaling statistics in the twin, in each backlog hour
+    assert out.forecasts is not None and set(out.forecasts.squares.tolist()) == set(SQUARES)
+    assert (
+        agents.on_hour(hour_batch(131, {3: 1.0}, column="internet")).forecasts is None
+    )  # not the plan's column
+
+
+def test_twin_versions_pick_the_newest_as_of_the_hour() -> None:
+    versions = TwinVersions()
+    p = np.zeros(3, np.float32)
+    for version, as_of in ((1, -1), (2, 10), (3, 12), (4, 12)):
+        versions.add(TwinMessage("global", "0", version, 8, p, {"as_of": as_of}))
+    assert [versions.at(b"global:0", h).version for h in (-1, 9, 10, 11, 12, 99)] == [1, 1, 2, 2, 4, 4]  # type: ignore[union-attr]
+    versions.add(TwinMessage("cluster", "0", 1, 8, p, {"members": [1, 2], "epoch": 0, "as_of": -1}))
+    versions.add(TwinMessage("cluster", "1", 2, 8, p, {"members": [2], "epoch": 1, "as_of": 20}))
+    assert (
+        versions.cluster_of(19) == {1: 0, 2: 0}
+        and versions.at(b"cluster:1", 19) is None
+        and versions.cluster_of(20) == {1: 0, 2: 1}
+    )
