@@ -37,7 +37,7 @@ class LiveConfig:
     squares: int = 50
     seed: int = 1
     clusters: int | None = 4
-    psi: float = 0.025
+    psi: float = 0.01
     recluster_every: int = StreamPlan.recluster_every
     speed: float = 36_000.0  # event time x N for the streamed hours: 0.1 s per hour
     timeout_s: float = 900.0

@@ -146,9 +146,8 @@ def build_app(settings: NettwinSettings) -> faust.App:
                     value=letter.original, key=letter.source.encode(), headers=letter.headers()
                 )
                 continue
-            for rows in (out.outcomes, out.forecasts):
-                if rows is not None:
-                    await forecasts.send(value=rows.encode(), partition=msg.partition)
+            for rows in [*out.outcomes, *out.forecasts]:
+                await forecasts.send(value=rows.encode(), partition=msg.partition)
             for update in out.updates:
                 await updates.send(key=update.key, value=update.encode(), partition=msg.partition)
 

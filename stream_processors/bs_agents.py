@@ -87,8 +87,8 @@ class SquareHistory:
 
 @dataclass
 class AgentOutput:
-    forecasts: RecordBatch | None = None  # next hour: predicted
-    outcomes: RecordBatch | None = None  # this hour: predicted, actual, abs_error
+    forecasts: list[RecordBatch] = field(default_factory=list)  # per hour: the next hour, predicted
+    outcomes: list[RecordBatch] = field(default_factory=list)  # per hour: predicted, actual, abs_error
     updates: list[TwinMessage] = field(default_factory=list)
     skipped: int = 0  # records without scaling statistics (a BS the twins do not know)
 
@@ -205,8 +205,10 @@ class BsAgents:
             if issued is not None:
                 outcome_rows.append((s, issued[0], v, abs(v - issued[0]), issued[1]))
         if outcome_rows:
-            out.outcomes = _batch(OUTCOME_COLUMNS, plan, hour, outcome_rows)
+            out.outcomes.append(_batch(OUTCOME_COLUMNS, plan, hour, outcome_rows))
             self.counters["outcomes"] += len(outcome_rows)
+        if hour % 24 == 0:  # forecasts whose hour never came (a square that went silent)
+            self.issued = {k: v for k, v in self.issued.items() if k[1] > hour - 24}
         if not known:
             return
         clusters = self.twins.cluster_of(hour - 1)
@@ -235,7 +237,7 @@ class BsAgents:
                     cid = clusters.get(s, -1)
                     self.issued[(s, target)] = (value, cid)
                     rows.append((s, value, float(cid)))
-                out.forecasts = _batch(FORECAST_COLUMNS, plan, target, rows)
+                out.forecasts.append(_batch(FORECAST_COLUMNS, plan, target, rows))
                 self.counters["forecasts"] += len(rows)
 
         # local updates of the BSs due this hour, from their cluster twins as of hour - 1

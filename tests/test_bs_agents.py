@@ -68,9 +68,9 @@ def test_forecasts_come_before_their_hour_and_outcomes_after() -> None:
     for t in twins(params):
         agents.on_twin(t)
     out = feed(agents, 131)
-    assert all(o[0].forecasts is None for h, o in out.items() if h < 129)
-    fc = out[129][0].forecasts  # hour 129 closed: the forecast of the first stream hour, 130
-    assert fc is not None and set(fc.squares.tolist()) == set(SQUARES)
+    assert all(not o[0].forecasts for h, o in out.items() if h < 129)
+    [fc] = out[129][0].forecasts  # hour 129 closed: the forecast of the first stream hour, 130
+    assert set(fc.squares.tolist()) == set(SQUARES)
     assert (fc.starts_ms == START_MS + 130 * 3_600_000).all()
     # the forecast is the global twin applied to the z-scored lags, in original units
     z = (series(3, 131) - 100.0) / 10.0
@@ -79,8 +79,8 @@ def test_forecasts_come_before_their_hour_and_outcomes_after() -> None:
     )
     got = fc.values[fc.squares.tolist().index(3), 0]
     assert abs(got - (float(expected) * 10.0 + 100.0)) < 1e-4
-    oc = out[130][0].outcomes  # hour 130 arrived: predicted vs actual
-    assert oc is not None and oc.columns == ("predicted", "actual", "abs_error", "cluster")
+    [oc] = out[130][0].outcomes  # hour 130 arrived: predicted vs actual
+    assert oc.columns == ("predicted", "actual", "abs_error", "cluster")
     row = oc.values[oc.squares.tolist().index(3)]
     assert row[0] == got and row[1] == series(3, 131)[130] and row[2] == abs(row[1] - row[0]) and row[3] == 0
     # the store turns them into `forecast` rows, round-tripping the wire format
@@ -128,14 +128,16 @@ def test_hours_before_the_first_twin_wait_and_unknown_squares_are_skipped() -> N
     agents = BsAgents()
     data = {s: series(s, 131) for s in SQUARES}
     for h in range(130):
-        assert agents.on_hour(hour_batch(h, {s: data[s][h] for s in SQUARES} | {99: 1.0})).forecasts is None
+        assert agents.on_hour(hour_batch(h, {s: data[s][h] for s in SQUARES} | {99: 1.0})).forecasts == []
     for t in twins(MODEL.init(1, 0)[0]):
         agents.on_twin(t)
     out = agents.on_hour(hour_batch(130, {s: data[s][130] for s in SQUARES}))
     assert out.skipped == 130  # square 99 has no scaling statistics in the twin, in each backlog hour
-    assert out.forecasts is not None and set(out.forecasts.squares.tolist()) == set(SQUARES)
+    # one forecast batch per hour that gave one: targets 130 (from the backlog's hour 129) and 131
+    assert [int(f.starts_ms[0]) for f in out.forecasts] == [START_MS + h * 3_600_000 for h in (130, 131)]
+    assert all(set(f.squares.tolist()) == set(SQUARES) for f in out.forecasts)
     assert (
-        agents.on_hour(hour_batch(131, {3: 1.0}, column="internet")).forecasts is None
+        agents.on_hour(hour_batch(131, {3: 1.0}, column="internet")).forecasts == []
     )  # not the plan's column
 
 

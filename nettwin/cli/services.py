@@ -138,7 +138,7 @@ def demo(
     ),
     squares: int = typer.Option(50, min=2, help="--hourly: squares drawn with --seed, as the benchmark"),
     seed: int = typer.Option(1, help="--hourly: seed, as the benchmark"),
-    psi: float = typer.Option(0.025, min=0.0, help="--hourly: H-twinning threshold"),
+    psi: float = typer.Option(0.01, min=0.0, help="--hourly: H-twinning threshold"),
     compare: bool = typer.Option(False, help="--hourly: also run the offline benchmark and compare"),
     recluster_every: int = typer.Option(
         500, min=0, help="--hourly: accepted updates between DCS re-clusterings (0: never)"
