@@ -78,3 +78,15 @@ def test_without_a_plan_or_with_k_zero_the_store_never_reclusters() -> None:
         for s in SQUARES:
             state.apply(update(s, hour))
     assert state.reclusterer is None and state.counters["reclusterings"] == 0
+
+
+def test_a_configured_gamma_replaces_the_cluster_share() -> None:
+    default = TwinState.from_messages(snapshot(recluster_every=0), psi=0.0)
+    fixed = TwinState.from_messages(snapshot(recluster_every=0), psi=0.0, gamma=0.5)
+    assert default.gamma(0) == 0.5 and fixed.gamma(0) == 0.5  # 3 of 6 BSs
+    fixed.apply(update(1000, 100))
+    # the global (zeros) moved half way to cluster 0's twin, which is 1000's update, its only one yet
+    np.testing.assert_allclose(fixed.global_twin.params.numpy(), 0.5 * fixed.clusters.twins[0].numpy())
+    other = TwinState.from_messages(snapshot(recluster_every=0), psi=0.0, gamma=0.25)
+    other.apply(update(1000, 100))
+    np.testing.assert_allclose(other.global_twin.params.numpy(), 0.25 * other.clusters.twins[0].numpy())

@@ -54,13 +54,18 @@ class TwinState:
     bs_versions: dict[int, int] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # the global's meta (scaler, plan, ...)
     accepted: int = 0  # accepted updates since V-twinning (kept on twin.models with the cluster twins)
+    fixed_gamma: float | None = None  # H-twinning step; None: each cluster's share of the BSs
     counters: dict[str, int] = field(
         default_factory=lambda: {"uploads": 0, "downloads": 0, "replays": 0, "reclusterings": 0, "moves": 0}
     )
 
     @classmethod
     def from_messages(
-        cls, latest: dict[bytes, TwinMessage], psi: float, milan_dir: Path | None = None
+        cls,
+        latest: dict[bytes, TwinMessage],
+        psi: float,
+        milan_dir: Path | None = None,
+        gamma: float | None = None,
     ) -> TwinState:
         glob = latest.get(b"global:0")
         if glob is None:
@@ -88,6 +93,7 @@ class TwinState:
             global_twin=GlobalTwin(torch.as_tensor(glob.params), psi, version=glob.version),
             meta=glob.meta,
             accepted=accepted,
+            fixed_gamma=gamma,
         )
         plan = StreamPlan.from_meta(glob.meta["plan"]) if "plan" in glob.meta else None
         if plan is not None and plan.recluster_every > 0:
@@ -114,7 +120,9 @@ class TwinState:
         return state
 
     def gamma(self, cid: int) -> float:
-        """Default H-twinning step: the cluster's share of the BSs."""
+        """H-twinning step: the configured one, or by default the cluster's share of the BSs."""
+        if self.fixed_gamma is not None:
+            return self.fixed_gamma
         return len(self.clusters.members(cid)) / max(len(self.clusters.labels), 1)
 
     def _cluster_message(self, cid: int, as_of: int) -> TwinMessage:
@@ -278,10 +286,16 @@ def read_latest_twins(settings: NettwinSettings) -> dict[bytes, TwinMessage]:
 
 
 class TwinService:
-    def __init__(self, settings: NettwinSettings, psi: float, milan_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: NettwinSettings,
+        psi: float,
+        milan_dir: Path | None = None,
+        gamma: float | None = None,
+    ) -> None:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
-        self.state = TwinState.from_messages(read_latest_twins(settings), psi, milan_dir)
+        self.state = TwinState.from_messages(read_latest_twins(settings), psi, milan_dir, gamma)
         self.influx = InfluxClient(settings.influx)
         self.producer = make_producer(settings)
         self.deadletters = DeadLetterSink(self.producer, self.topics.deadletter)

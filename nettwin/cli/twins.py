@@ -19,6 +19,9 @@ def htwin(
     psi: float = typer.Option(
         0.0, min=0.0, help="merge a cluster change into the global twin only if eps > psi"
     ),
+    gamma: float | None = typer.Option(
+        None, min=0.0, max=1.0, help="H-twinning step size (default: the changed cluster's share of the BSs)"
+    ),
     idle_exit: float | None = typer.Option(None, help="exit after this many seconds without updates"),
     milan_dir: Path | None = typer.Option(
         None, help="grid and base stations for re-clustering (default: the folder vtwin used)"
@@ -31,7 +34,7 @@ def htwin(
     from twin_store.twin_service import TwinService
 
     setup_service_logging()
-    service = TwinService(settings_of(ctx), psi, milan_dir)
+    service = TwinService(settings_of(ctx), psi, milan_dir, gamma)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(service, "stopping", True))
     counters = service.run(idle_exit_s=idle_exit)
