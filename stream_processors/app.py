@@ -10,7 +10,8 @@ producer before each (non-transactional) offset commit, so acknowledged input ne
 ``bs-twins``: hourly windows -> forecasts/outcomes on ``forecasts`` and local updates on ``updates.local``.
 It follows ``twin.models`` through a plain consumer thread (every worker needs every twin, so no group).
 It never acknowledges: a restarted worker rebuilds the BS histories by reading ``features.traffic`` from
-the start, re-issues the same forecasts (same points) and skips the updates the store already accepted.
+the start. It skips the updates the store has already accepted and re-issues only the forecasts whose twins
+are still the ones of their hour (same points, same values).
 Training runs in an executor thread, so heartbeats and windowing go on meanwhile.
 """
 
@@ -177,15 +178,18 @@ class TwinFollower(threading.Thread):
         self.inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
 
     def run(self) -> None:
-        consumer = make_consumer(
-            self.settings,
-            Topics.from_settings(self.settings).twin_models,
-            group_id=None,
-            fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
-        )
-        for m in consumer:
-            if m.value is not None:
-                self.inbox.put(m.value)
+        try:
+            consumer = make_consumer(
+                self.settings,
+                Topics.from_settings(self.settings).twin_models,
+                group_id=None,
+                fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
+            )
+            for m in consumer:
+                if m.value is not None:
+                    self.inbox.put(m.value)
+        except Exception:  # the agents would silently wait for twins forever: say why
+            log.exception("the twin.models follower stopped; BS agents get no new twins")
 
     def drain_into(self, agents: BsAgents) -> None:
         while True:
