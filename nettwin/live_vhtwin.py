@@ -27,8 +27,9 @@ from producers.replay import Replayer
 from twin_store.evaluation import TEST_HOURS, VhTwinConfig, load_matrix, split_hours
 from twin_store.influx import InfluxClient
 from twin_store.local_updates import StreamPlan
+from twin_store.samples import Scaler
 from twin_store.service import wait_for_run
-from twin_store.vtwin_job import VTwinJob, run_vtwin
+from twin_store.vtwin_job import VTwinJob
 
 
 @dataclass(frozen=True)
@@ -130,16 +131,35 @@ def wait_for_forecasts(
         time.sleep(1.0)
 
 
+def z_scales(series: np.ndarray, squares: np.ndarray, train_hours: int) -> dict[int, tuple[float, float]]:
+    """square -> (mean, std) of its training hours: the benchmark's ``Scaler``, keyed by square."""
+    scaler = Scaler.fit(series, train_hours)
+    return {
+        int(s): (float(m), float(d))
+        for s, m, d in zip(squares.tolist(), scaler.mean, scaler.std, strict=True)
+    }
+
+
+def live_test_mse(
+    live: dict[tuple[int, int], dict[str, Any]], scales: dict[int, tuple[float, float]]
+) -> float:
+    """MSE of the live forecasts with outcomes, on z-scores."""
+    errors = [
+        ((float(r["predicted"]) - float(r["actual"])) / scales[square][1]) ** 2
+        for (square, _), r in live.items()
+        if r.get("actual") is not None
+    ]
+    return float(np.mean(errors))
+
+
 def agreement(
     live: dict[tuple[int, int], dict[str, Any]],
     offline: list[tuple[str, int, int, float, float]],
-    series: np.ndarray,
-    squares: np.ndarray,
-    train_hours: int,
+    scales: dict[int, tuple[float, float]],
 ) -> dict[str, Any]:
     """Live vs offline ``vhtwin`` test forecasts, in z units (training statistics of each square)."""
-    std = {int(s): float(series[i, :train_hours].std() or 1.0) for i, s in enumerate(squares.tolist())}
-    mean = {int(s): float(series[i, :train_hours].mean()) for i, s in enumerate(squares.tolist())}
+    mean = {s: m for s, (m, _) in scales.items()}
+    std = {s: d for s, (_, d) in scales.items()}
     diffs, live_err, off_err = [], [], []
     missing = 0
     for method, square, hour, actual, predicted in offline:
@@ -180,6 +200,7 @@ def offline_config(cfg: LiveConfig) -> VhTwinConfig:
 
 
 def vtwin_job(cfg: LiveConfig, subset: Path) -> VTwinJob:
+    """The V-twinning and stream plan the offline benchmark runs for ``cfg``, on the subset file."""
     off = offline_config(cfg)
     return VTwinJob(
         data=subset,
@@ -190,6 +211,9 @@ def vtwin_job(cfg: LiveConfig, subset: Path) -> VTwinJob:
         participation=off.participation,
         hidden=off.hidden,
         milan_dir=cfg.data.parent,
+        update_every=off.update_every,
+        window=off.window,
+        stream=off.stream,
         recluster_every=off.recluster_every,
         fit=off.local,
     )
@@ -206,7 +230,3 @@ def check_data(cfg: LiveConfig) -> None:
         raise InputError(f"{cfg.data}: no such file")
     if cfg.speed <= 0:
         raise InputError(f"--speed {cfg.speed}: must be positive")
-
-
-def run_vtwin_for(settings: NettwinSettings, cfg: LiveConfig, subset: Path) -> dict[str, Any]:
-    return run_vtwin(settings, vtwin_job(cfg, subset))

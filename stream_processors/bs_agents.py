@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ingest.milan import HOUR_MS
 from ingest.schema import RecordBatch
 from twin_store.forecaster import TwinModel
 from twin_store.local_updates import StreamPlan, local_updates, profile_upto
-from twin_store.models_topic import TwinMessage
+from twin_store.models_topic import TwinMessage, cluster_membership
 from twin_store.samples import LAGS
 
-HOUR_MS = 3_600_000
 KEEP_VERSIONS = 16  # per twin; acting needs only the newest ones up to the previous hour
 
 
@@ -53,18 +53,8 @@ class TwinVersions:
 
     def cluster_of(self, hour: int) -> dict[int, int]:
         """square -> cluster, from the cluster versions as of ``hour`` (the latest epoch wins)."""
-        out: dict[int, tuple[int, int]] = {}
-        for key in self.versions:
-            if not key.startswith(b"cluster:"):
-                continue
-            msg = self.at(key, hour)
-            if msg is None:
-                continue
-            epoch = int(msg.meta.get("epoch", 0))
-            for s in msg.meta.get("members", []):
-                if int(s) not in out or out[int(s)][1] <= epoch:
-                    out[int(s)] = (int(msg.twin_id), epoch)
-        return {s: c for s, (c, _) in out.items()}
+        as_then = (self.at(key, hour) for key in self.versions if key.startswith(b"cluster:"))
+        return cluster_membership(m for m in as_then if m is not None)
 
 
 def as_of(msg: TwinMessage) -> int:

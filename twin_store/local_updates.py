@@ -8,7 +8,8 @@ seed:
 - **What a twin sees.** At the close of hour ``h`` an agent acts on twins that reflect updates up to hour
   ``h - 1`` only. So the forecast of hour ``t`` (issued when ``t - 1`` closes) uses twins up to ``t - 2``, and
   a local update at ``h`` starts from its cluster twin as of ``h - 1``. The round trip through the twin
-  store then has a whole hour of stream time, and a live agent never waits for it.
+  store then has a whole hour of stream time; a live agent only waits (bounded) when its own updates of
+  the previous hour have not come back yet.
 - **Schedule.** BS ``s`` trains every ``update_every`` hours, at a fixed offset drawn from (seed, s). This
   staggers the BSs, and the schedule does not depend on which process serves the BS.
 - **Local update.** A few Adam steps on the samples whose target lies in the last ``window`` hours. The
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ingest.milan import HOUR_MS
 from twin_store import dcs
 from twin_store.forecaster import FitConfig, TwinModel
 from twin_store.samples import DAY, FIRST_TARGET, LAGS
@@ -58,7 +60,7 @@ class StreamPlan:
         return max(FIRST_TARGET, hour + 1 - self.window)
 
     def hour_of(self, start_ms: int) -> int:
-        return (start_ms - self.start_ms) // 3_600_000
+        return (start_ms - self.start_ms) // HOUR_MS
 
     def to_meta(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,18 @@ class TwinMessage:
             separators=(",", ":"),
         ).encode()
         return MAGIC + _U32.pack(len(header)) + header + np.ascontiguousarray(self.params, "<f4").tobytes()
+
+
+def cluster_membership(clusters: Iterable[TwinMessage]) -> dict[int, int]:
+    """square -> cluster id from cluster twins' member lists; a square listed twice (a re-clustering
+    seen half-way) belongs to the cluster of the later epoch."""
+    out: dict[int, tuple[int, int]] = {}
+    for msg in clusters:
+        epoch = int(msg.meta.get("epoch", 0))
+        for s in msg.meta.get("members", []):
+            if int(s) not in out or out[int(s)][1] <= epoch:
+                out[int(s)] = (int(msg.twin_id), epoch)
+    return {s: c for s, (c, _) in out.items()}
 
 
 def decode_twin(data: bytes) -> TwinMessage:

@@ -32,7 +32,7 @@ from twin_store import dcs
 from twin_store.influx import InfluxClient
 from twin_store.lineproto import point
 from twin_store.local_updates import Reclusterer, StreamPlan
-from twin_store.models_topic import TwinMessage, decode_twin
+from twin_store.models_topic import TwinMessage, cluster_membership, decode_twin
 from twin_store.twinning import ClusterTwins, GlobalTwin
 
 log = logging.getLogger("nettwin.twins")
@@ -70,23 +70,15 @@ class TwinState:
         glob = latest.get(b"global:0")
         if glob is None:
             raise InputError("twin.models has no global twin yet: run `nettwin vtwin` first")
-        labels: dict[int, tuple[int, int]] = {}  # square -> (cluster, epoch): the latest epoch wins
-        twins: dict[int, torch.Tensor] = {}
-        versions: dict[int, int] = {}
-        accepted, last_recluster, epoch = 0, 0, 0
-        for msg in latest.values():
-            if msg.level == "cluster":
-                cid = int(msg.twin_id)
-                twins[cid] = torch.as_tensor(msg.params)
-                versions[cid] = msg.version
-                e = int(msg.meta.get("epoch", 0))
-                epoch = max(epoch, e)
-                accepted = max(accepted, int(msg.meta.get("accepted", 0)))
-                last_recluster = max(last_recluster, int(msg.meta.get("reclustered_at", 0)))
-                for s in msg.meta.get("members", []):
-                    if int(s) not in labels or labels[int(s)][1] <= e:
-                        labels[int(s)] = (cid, e)
-        clusters = ClusterTwins(labels={s: c for s, (c, _) in labels.items()}, twins=twins, versions=versions)
+        cluster_msgs = [m for m in latest.values() if m.level == "cluster"]
+        clusters = ClusterTwins(
+            labels=cluster_membership(cluster_msgs),
+            twins={int(m.twin_id): torch.as_tensor(m.params) for m in cluster_msgs},
+            versions={int(m.twin_id): m.version for m in cluster_msgs},
+        )
+        epoch = max((int(m.meta.get("epoch", 0)) for m in cluster_msgs), default=0)
+        accepted = max((int(m.meta.get("accepted", 0)) for m in cluster_msgs), default=0)
+        last_recluster = max((int(m.meta.get("reclustered_at", 0)) for m in cluster_msgs), default=0)
         state = cls(
             hidden=glob.hidden,
             clusters=clusters,

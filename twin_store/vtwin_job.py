@@ -42,6 +42,10 @@ class VTwinJob:
     hidden: int = 32
     train_hours: int | None = None  # default: all but the last 480 hours (the benchmark's training span)
     milan_dir: Path | None = None
+    # the stream protocol the BS agents and the store follow after V-twinning (StreamPlan's defaults)
+    update_every: int = StreamPlan.update_every
+    window: int = StreamPlan.window
+    stream: FitConfig = field(default_factory=lambda: StreamPlan(0, 0, 0).fit)
     recluster_every: int = StreamPlan.recluster_every  # accepted stream updates between re-clusterings
     fit: FitConfig = field(default_factory=lambda: FitConfig(steps=20, lr=1e-2, batch=64))
 
@@ -97,6 +101,9 @@ def run_vtwin(settings: NettwinSettings, job: VTwinJob) -> dict[str, Any]:
                     seed=job.seed,
                     start_hour=train_hours,
                     start_ms=HOURLY_START_MS,
+                    update_every=job.update_every,
+                    window=job.window,
+                    fit=job.stream,
                     recluster_every=job.recluster_every,
                 ).to_meta(),
                 "clusters": job.clusters,

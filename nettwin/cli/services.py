@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import typer
 
 from ingest.kafka import ensure_kafka_reachable, make_producer
@@ -237,15 +236,18 @@ def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool, json_
     from nettwin.live_vhtwin import (
         agreement,
         check_data,
+        live_test_mse,
         offline_config,
         replay_split,
-        run_vtwin_for,
         subset_file,
         test_span,
+        vtwin_job,
         wait_for_forecasts,
+        z_scales,
     )
     from nettwin.provision import deprovision
     from twin_store.evaluation import run as run_offline
+    from twin_store.vtwin_job import run_vtwin
 
     check_data(cfg)
     ensure_services(settings)
@@ -267,7 +269,7 @@ def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool, json_
     )
     first_test, last_test = test_span(series.shape[1])
     with console.status("V-twinning on the training hours"):
-        vt = run_vtwin_for(demo_settings, cfg, subset)
+        vt = run_vtwin(demo_settings, vtwin_job(cfg, subset))
     console.print(
         f"V-twinning: {vt['squares']} BSs, clusters {vt['clusters']}, {vt['rounds']} rounds on "
         f"{vt['train_hours']} hours ({vt['seconds']} s)"
@@ -299,24 +301,19 @@ def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool, json_
         for p in procs.values():
             stop_process(p)
     live_s = time.monotonic() - started
-    errors = [
-        ((float(r["predicted"]) - float(r["actual"])) / float(series[i, : vt["train_hours"]].std() or 1.0))
-        ** 2
-        for i, s in enumerate(picked.tolist())
-        for h in range(first_test, last_test + 1)
-        if (r := live.get((s, h))) is not None
-    ]
+    scales = z_scales(series, picked, vt["train_hours"])
+    live_mse = live_test_mse(live, scales)
     levels = {lv: [t for t in twins if t["level"] == lv] for lv in ("global", "cluster", "bs")}
     glob = levels["global"][0] if levels["global"] else {}
     console.print(
         f"live run: {len(live):,} test-hour forecasts with outcomes, test MSE (z-scored) "
-        f"{np.mean(errors):.5f}; global twin version {glob.get('version')}, "
+        f"{live_mse:.5f}; global twin version {glob.get('version')}, "
         f"{len(levels['cluster'])} cluster twins, {len(levels['bs'])} BS twins ({live_s:.0f} s)"
     )
     report: dict[str, Any] = {
         "squares": len(picked),
         "test_forecasts": len(live),
-        "live_test_mse": round(float(np.mean(errors)), 5),
+        "live_test_mse": round(live_mse, 5),
         "live_seconds": round(live_s, 1),
         "global_version": glob.get("version"),
         "clusters": len(levels["cluster"]),
@@ -326,7 +323,7 @@ def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool, json_
     if compare:
         with console.status("offline benchmark on the same data (same seed and psi)"):
             _, rows = run_offline(cfg.data, offline_config(cfg))
-        report["agreement"] = agreement(live, rows, series, picked, vt["train_hours"])
+        report["agreement"] = agreement(live, rows, scales)
         if not json_out:
             console.print(f"live vs offline vhtwin forecasts: {json.dumps(report['agreement'])}")
     if json_out:
