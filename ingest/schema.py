@@ -22,7 +22,12 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"NTB1"
-KINDS = ("traffic", "features", "forecast")
+KINDS = ("traffic", "features", "forecast", "sensor", "screened")
+# sensor telemetry (``sensor``: raw readings; ``screened``: readings marked by the worker's screening). The
+# ``squares`` column holds source ids; ``extra["sources"]`` maps every id in the batch (as a string) to the
+# source's name, and ``starts_ms`` is the reading's event time (not aligned to ``step_s``, the nominal step).
+SENSOR_KINDS = ("sensor", "screened")
+SCREENED_COLUMNS = ("value", "score", "flagged")
 ACTIVITY_COLUMNS = ("sms_in", "sms_out", "call_in", "call_out", "internet")
 # counts how many source intervals a window summed; present on feature records
 N_INTERVALS = "n_intervals"
@@ -150,6 +155,8 @@ def decode(data: bytes) -> RecordBatch:
 
 def validate(batch: RecordBatch) -> str | None:
     """Return why a batch is invalid, or None. Vectorised: one pass per check over the whole batch."""
+    if batch.kind in SENSOR_KINDS:
+        return _validate_sensor(batch)
     if len(batch) == 0:
         return None
     if not np.isfinite(batch.values).all():
@@ -160,4 +167,24 @@ def validate(batch: RecordBatch) -> str | None:
         return "square id 0 (ids start at 1)"
     if (batch.starts_ms % (batch.step_s * 1000) != 0).any():
         return f"interval start not aligned to step {batch.step_s} s"
+    return None
+
+
+def _validate_sensor(batch: RecordBatch) -> str | None:
+    sources = batch.extra.get("sources", {})
+    if not isinstance(sources, dict) or not all(isinstance(v, str) and v for v in sources.values()):
+        return "extra.sources must map source ids to non-empty names"
+    if len(batch) == 0:
+        return None
+    missing = [i for i in np.unique(batch.squares).tolist() if str(i) not in sources]
+    if missing:
+        return f"source id(s) {missing[:5]} missing from extra.sources"
+    if not np.isfinite(batch.values).all():
+        return "non-finite value"
+    if batch.kind == "screened":
+        if batch.columns != SCREENED_COLUMNS:
+            return f"screened batch columns must be {list(SCREENED_COLUMNS)}"
+        flagged = batch.values[:, 2]
+        if ((flagged != 0) & (flagged != 1)).any():
+            return "flagged must be 0 or 1"
     return None

@@ -27,6 +27,12 @@ class Topics:
     twin_models: str
     updates_local: str
     forecasts: str
+    updates_quarantine: str
+    telemetry_sensors: str
+    features_sensors: str
+    telemetry_ftm: str
+    telemetry_imu: str
+    telemetry_vision_sim: str
 
     @classmethod
     def from_settings(cls, settings: NettwinSettings) -> Topics:
@@ -38,6 +44,12 @@ class Topics:
             twin_models=f"{p}twin.models",
             updates_local=f"{p}updates.local",
             forecasts=f"{p}forecasts",
+            updates_quarantine=f"{p}updates.quarantine",
+            telemetry_sensors=f"{p}telemetry.sensors",
+            features_sensors=f"{p}features.sensors",
+            telemetry_ftm=f"{p}telemetry.ftm",
+            telemetry_imu=f"{p}telemetry.imu",
+            telemetry_vision_sim=f"{p}telemetry.vision_sim",
         )
 
 
@@ -57,4 +69,19 @@ def topic_specs(settings: NettwinSettings) -> list[TopicSpec]:
         ),
         TopicSpec(t.updates_local, n, False, "per-BS local model updates for the twin store"),
         TopicSpec(t.forecasts, n, False, "BS agents' one-step forecasts and their outcomes, by square"),
+        TopicSpec(
+            t.updates_quarantine, 1, False, "local updates the store refused or quarantined, with the reason"
+        ),
+        TopicSpec(t.telemetry_sensors, n, False, "sensor readings, batched per source, key = source name"),
+        TopicSpec(
+            t.features_sensors, n, False, "screened sensor readings (value, score, flagged), same keys"
+        ),
+        TopicSpec(t.telemetry_ftm, n, False, "FTM ranging rows of replayed walks (JSON), key = device/walk"),
+        TopicSpec(t.telemetry_imu, n, False, "IMU rows of replayed walks (JSON), key = device/walk"),
+        TopicSpec(
+            t.telemetry_vision_sim,
+            n,
+            False,
+            "SIMULATED camera detections of replayed walks, key = device/walk",
+        ),
     ]

@@ -88,6 +88,18 @@ class WorkerSettings(BaseModel):
     allowed_lateness_s: int = Field(default=0, ge=0)
 
 
+class SecuritySettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # BS key registry (`nettwin keys create`): BS agents sign their updates, the store verifies them.
+    # None: updates are not authenticated (any sender that knows a BS id can update its twin).
+    keys_file: Path | None = None
+    # the store rejects an update whose base twin is more than this many versions behind its cluster twin
+    max_staleness: int = Field(default=500, ge=0)
+    # how the store screens and aggregates updates (twin_store/screening): temporal is nettwin's default
+    defense: str = "temporal"
+
+
 class NettwinSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="NETTWIN_", env_nested_delimiter="__", frozen=True, extra="forbid"
@@ -97,6 +109,7 @@ class NettwinSettings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     influx: InfluxSettings = InfluxSettings()
     worker: WorkerSettings = WorkerSettings()
+    security: SecuritySettings = SecuritySettings()
     # where processes keep local files (Faust data dir, logs of processes the demo starts)
     state_dir: Path = Path(".state")
 

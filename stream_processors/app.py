@@ -2,6 +2,9 @@
 
 ``windows``: raw telemetry -> closed windows on ``features.traffic``.
 
+``sensor-screen``: sensor readings -> the same readings marked (score, flagged) on ``features.sensors``,
+per source (``stream_processors/sensor_screening.py``, robust z-score with ADWIN re-baselining).
+
 Acks are manual: an input message is acknowledged (and so its offset committed) only once every window it
 fed has been emitted and sent, so a crashed worker re-reads exactly the input of its still-open windows.
 Re-emitted windows overwrite identical points in InfluxDB (same series and timestamp). Faust flushes its
@@ -33,6 +36,8 @@ from ingest.topics import Topics
 from nettwin.settings import NettwinSettings
 from stream_processors.bs_agents import BsAgents
 from stream_processors.processor import PartitionProcessor, counters_total
+from stream_processors.sensor_screening import SensorScreening
+from twin_store.keys import KeyRegistry
 from twin_store.models_topic import decode_twin
 from twin_store.twin_service import LOW_LATENCY_FETCH_MS
 
@@ -107,7 +112,30 @@ def build_app(settings: NettwinSettings) -> faust.App:
             while queue and out.safe_offset is not None and queue[0].message.offset < out.safe_offset:
                 await stream.ack(queue.popleft())
 
-    agents = BsAgents()
+    # sensor-screen: telemetry.sensors -> features.sensors, each reading marked with score and flagged.
+    # Never acknowledges: a restarted worker re-reads the topic and re-emits identical marks and counts.
+    sensor_source = app.topic(
+        topics.telemetry_sensors, value_type=bytes, value_serializer="raw", partitions=kafka.partitions
+    )
+    sensor_sink = app.topic(
+        topics.features_sensors, value_type=bytes, value_serializer="raw", partitions=kafka.partitions
+    )
+    screening = SensorScreening("robust")
+
+    @app.agent(sensor_source, name="sensor-screen")
+    async def sensor_screen(stream: Any) -> None:
+        async for event in stream.noack().events():
+            msg = event.message
+            out = screening.on_message(event.value, msg.topic, msg.partition, msg.offset)
+            for batch in out.batches:
+                await sensor_sink.send(key=msg.key, value=batch.encode(), partition=msg.partition)
+            for letter in out.deadletters:
+                await deadletters.send(
+                    value=letter.original, key=letter.source.encode(), headers=letter.headers()
+                )
+
+    keys_file = settings.security.keys_file
+    agents = BsAgents(KeyRegistry.load(keys_file) if keys_file is not None else None)
     follower = TwinFollower(settings)
     forecasts = app.topic(
         topics.forecasts, value_type=bytes, value_serializer="raw", partitions=kafka.partitions

@@ -26,6 +26,7 @@ import torch
 from ingest.milan import HOUR_MS
 from ingest.schema import RecordBatch
 from twin_store.forecaster import TwinModel
+from twin_store.keys import KeyRegistry
 from twin_store.local_updates import StreamPlan, local_updates, profile_upto
 from twin_store.models_topic import TwinMessage, cluster_membership
 from twin_store.samples import LAGS
@@ -88,11 +89,12 @@ OUTCOME_COLUMNS = ("predicted", "actual", "abs_error", "cluster")
 
 
 class BsAgents:
-    def __init__(self) -> None:
+    def __init__(self, keys: KeyRegistry | None = None) -> None:
+        self.keys = keys  # signs every local update when the deployment authenticates them
         self.twins = TwinVersions()
         self.history: dict[int, SquareHistory] = {}
         self.issued: dict[tuple[int, int], tuple[float, int]] = {}  # (square, hour) -> (predicted, cluster)
-        self.accepted_seq: dict[int, int] = {}  # square -> newest update the store has accepted
+        self.accepted_seq: dict[int, int] = {}  # square -> newest update the store has decided on
         self.awaiting: dict[int, int] = {}  # square -> hour of its update not yet published by the store
         self.counters = {
             "hours": 0,
@@ -107,8 +109,9 @@ class BsAgents:
 
     # ---- twins
     def on_twin(self, msg: TwinMessage) -> None:
-        if msg.level == "bs":  # the store accepted this BS's update: a restarted agent need not redo it
-            square, seq = int(msg.twin_id), int(msg.meta.get("seq", -1))
+        if msg.level == "bs":  # the store decided on this BS's update: a restarted agent need not redo it
+            square = int(msg.twin_id)
+            seq = max(int(msg.meta.get("seq", -1)), int(msg.meta.get("decided_seq", -1)))
             self.accepted_seq[square] = seq
             if self.awaiting.get(square, seq + 1) <= seq:
                 del self.awaiting[square]
@@ -270,6 +273,12 @@ class BsAgents:
                     },
                 )
             )
+        if self.keys is not None:
+            for update in out.updates:
+                if update.twin_id in self.keys.keys:
+                    self.keys.sign(update)
+                else:  # sent unsigned: the store rejects it and says so in an `update` row
+                    self.counters["unsigned_updates"] = self.counters.get("unsigned_updates", 0) + 1
         self.counters["updates"] += len(out.updates)
         self.awaiting.update({int(u.twin_id): hour for u in out.updates})
 

@@ -36,6 +36,8 @@ def test_live_forecasts_match_the_offline_benchmark(isolated: NettwinSettings) -
         assert res.returncode == 0, res.stderr[-3000:]
         report = json.loads(res.stdout.strip().splitlines()[-1])
         assert report["squares"] == 6 and report["test_forecasts"] == 6 * 240
+        # the agents signed every update with the demo's keys and the store verified each one
+        assert report["updates"]["accepted"] >= 6 * 480 // 24 - 6 and set(report["updates"]) == {"accepted"}
         agree = report["agreement"]
         assert agree["compared"] == 6 * 240 and agree["missing"] == 0
         # the stated tolerance (README): median <= 0.01 z, 99% of forecasts within 0.1 z, MSE within 1%.

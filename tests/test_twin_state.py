@@ -44,10 +44,12 @@ def test_the_store_reclusters_before_the_first_update_of_a_later_hour_and_can_re
     for s in SQUARES[:5]:
         result = state.apply(update(s, 100))
         assert result is not None
-        published += result[0]
-        assert not any(line.startswith("membership") for line in result[1])
+        published += result.twins
+        assert not any(line.startswith("membership") for line in result.lines)
     assert state.counters["reclusterings"] == 0
-    twins, lines = state.apply(update(5002, 101))  # type: ignore[misc]
+    result = state.apply(update(5002, 101))
+    assert result is not None
+    twins, lines = result.twins, result.lines
     assert state.counters["reclusterings"] == 1
     membership = [line for line in lines if line.startswith("membership")]
     assert len(membership) == len(SQUARES) and all("epoch=1i" in line for line in membership)

@@ -37,7 +37,7 @@ from twin_store import dcs
 from twin_store.forecaster import FitConfig, TwinModel
 from twin_store.local_updates import Reclusterer, StreamPlan, local_updates, profile_upto
 from twin_store.samples import FIRST_TARGET, Scaler, inputs_at, samples
-from twin_store.twinning import GlobalTwin, fedavg, v_twinning
+from twin_store.twinning import GlobalTwin, VTwinResult, fedavg, v_twinning
 
 TEST_HOURS = 240
 VAL_HOURS = 240
@@ -146,6 +146,61 @@ class _Stream:
         self.preds[method][:, col] = values
 
 
+@dataclass
+class VTwinned:
+    """The data, its temporal split and scaling, DCS labels and the V-twinned twins: every stream starts here."""
+
+    series: np.ndarray  # [S, H] original units
+    squares: np.ndarray
+    z: np.ndarray  # [S, H] z-scored with training statistics
+    scaler: Scaler
+    val_start: int
+    test_start: int
+    model: TwinModel
+    labels: np.ndarray
+    init: torch.Tensor
+    vt: VTwinResult
+    milan_dir: Path
+    walls: dict[str, float]
+
+
+def v_twinned(data_path: Path, cfg: VhTwinConfig, gen: torch.Generator, rng: np.random.Generator) -> VTwinned:
+    """Load, split by time, scale on training hours, cluster (DCS) and V-twin on training hours."""
+    walls: dict[str, float] = {}
+    series, squares = load_matrix(data_path, cfg.squares, cfg.seed)
+    _, hours = series.shape
+    val_start, test_start = split_hours(hours)
+    scaler = Scaler.fit(series, val_start)
+    z = scaler.transform(series)
+    x_train, y_train = samples(z, 0, val_start)
+    model = TwinModel(cfg.hidden)
+
+    t0 = time.perf_counter()
+    milan_dir = cfg.milan_dir or data_path.parent
+    labels = dcs_labels(milan_dir, squares, z, val_start, cfg.clusters, cfg.seed)
+    walls["dcs_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    init = model.init(1, cfg.seed)[0]
+    vt = v_twinning(
+        model,
+        squares,
+        labels,
+        _t(x_train),
+        _t(y_train),
+        init,
+        cfg.v_rounds,
+        cfg.participation,
+        cfg.local,
+        gen,
+        rng,
+    )
+    walls["vtwinning_s"] = time.perf_counter() - t0
+    return VTwinned(
+        series, squares, z, scaler, val_start, test_start, model, labels, init, vt, milan_dir, walls
+    )
+
+
 def run(
     data_path: Path, cfg: VhTwinConfig
 ) -> tuple[dict[str, Any], list[tuple[str, int, int, float, float]]]:
@@ -154,36 +209,20 @@ def run(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    walls: dict[str, float] = {}
-
-    series, squares = load_matrix(data_path, cfg.squares, cfg.seed)
+    begun = v_twinned(data_path, cfg, gen, rng)
+    series, squares, z, scaler = begun.series, begun.squares, begun.z, begun.scaler
+    val_start, test_start, model = begun.val_start, begun.test_start, begun.model
+    labels, milan_dir, init = begun.labels, begun.milan_dir, begun.init
+    walls, vt = begun.walls, begun.vt
     n_sq, hours = series.shape
-    val_start, test_start = split_hours(hours)
-    scaler = Scaler.fit(series, val_start)
-    z = scaler.transform(series)
     x_train, y_train = samples(z, 0, val_start)
     xt, yt = _t(x_train), _t(y_train)
     n_train = x_train.shape[1]
-    model = TwinModel(cfg.hidden)
-
-    # ---- DCS on training hours
-    t0 = time.perf_counter()
-    milan_dir = cfg.milan_dir or data_path.parent
-    labels = dcs_labels(milan_dir, squares, z, val_start, cfg.clusters, cfg.seed)
-    walls["dcs_s"] = time.perf_counter() - t0
-
-    # ---- V-twinning (vhtwin) and synchronous FedAvg (fedavg) on training hours, same local budget
-    t0 = time.perf_counter()
-    init = model.init(1, cfg.seed)[0]
-    vt = v_twinning(
-        model, squares, labels, xt, yt, init, cfg.v_rounds, cfg.participation, cfg.local, gen, rng
-    )
     ctwins, g_v = vt.clusters, vt.global_params
     transfers = {
         "vhtwin": {"uploads": vt.uploads, "downloads": vt.downloads},
         "fedavg": {"uploads": 0, "downloads": 0},
     }
-    walls["vtwinning_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     g_f = init.clone()

@@ -1,4 +1,5 @@
-"""``nettwin store``: consume feature and forecast batches, write them to InfluxDB, then commit offsets.
+"""``nettwin store``: consume feature, forecast and screened sensor batches, write them to InfluxDB, then
+commit offsets.
 
 Offsets are committed only after InfluxDB acknowledged the write, so a crash re-delivers and rewrites
 (idempotent: same series and timestamps). If InfluxDB is unavailable the loop retries with back-off
@@ -25,6 +26,7 @@ from ingest.topics import Topics
 from nettwin.errors import InputError, ServiceError
 from nettwin.settings import NettwinSettings
 from twin_store.influx import InfluxClient
+from twin_store.sensors import sensor_points
 from twin_store.traffic import Points, TwinRegistry, batch_points
 
 log = logging.getLogger("nettwin.store")
@@ -71,6 +73,7 @@ class TwinStore:
             settings,
             self.topics.features_traffic,
             self.topics.forecasts,
+            self.topics.features_sensors,
             group_id=f"{settings.kafka.topic_prefix}nettwin-store",
             max_poll_records=2000,
         )
@@ -117,7 +120,7 @@ class TwinStore:
         (the HTTP wait releases the GIL), and the next poll is built while this one's writes finish.
         """
         items: list[tuple[Any, Points]] = []
-        pending: list[str] = []
+        pending: dict[str, list[str]] = {"s": [], "ms": []}  # lines by time precision
         futures: list[Future[None]] = []
         step = self.settings.influx.batch_points
         now_ms = int(time.time() * 1000)
@@ -126,19 +129,25 @@ class TwinStore:
                 self.counters.messages += 1
                 try:
                     batch = decode(m.value or b"")
-                    if batch.kind not in ("features", "forecast"):
-                        raise MalformedMessage(f"expected kind 'features' or 'forecast', got {batch.kind!r}")
+                    if batch.kind not in ("features", "forecast", "screened"):
+                        raise MalformedMessage(
+                            f"expected kind 'features', 'forecast' or 'screened', got {batch.kind!r}"
+                        )
                     if batch.kind == "forecast" and "cluster" not in batch.columns:
                         raise MalformedMessage("forecast batch without a 'cluster' column")
                 except MalformedMessage as exc:
                     self._deadletter(m, str(exc))
                     continue
-                points = batch_points(batch, tp.partition, self.twins, now_ms)
+                if batch.kind == "screened":
+                    points = sensor_points(batch, tp.partition)
+                else:
+                    points = batch_points(batch, tp.partition, self.twins, now_ms)
                 items.append((m, points))
-                pending += points.lines
-                if len(pending) >= step:
-                    futures.append(self.writer.submit(self._write, pending, "s"))
-                    pending = []
+                lines = pending[points.precision]
+                lines += points.lines
+                if len(lines) >= step:
+                    futures.append(self.writer.submit(self._write, lines, points.precision))
+                    pending[points.precision] = []
                 if batch.final:
                     self.counters.finals.append(
                         {
@@ -148,8 +157,9 @@ class TwinStore:
                             "received": batch.extra.get("received"),
                         }
                     )
-        if pending:
-            futures.append(self.writer.submit(self._write, pending, "s"))
+        for precision, lines in pending.items():
+            if lines:
+                futures.append(self.writer.submit(self._write, lines, precision))
         offsets = {tp: OffsetAndMetadata(msgs[-1].offset + 1, "", -1) for tp, msgs in polled.items() if msgs}
         self.inflight.append(_InFlight(futures, items, offsets))
 
@@ -174,7 +184,7 @@ class TwinStore:
                     f.exception()  # all settled before we rewrite
                 for m, p in head.items:
                     try:
-                        self._write(p.lines, "s")
+                        self._write(p.lines, p.precision)
                     except InputError as exc:
                         self._deadletter(m, f"InfluxDB rejected points: {exc}")
             acked_ms = int(time.time() * 1000)

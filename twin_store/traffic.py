@@ -31,7 +31,8 @@ def measurement_for(window_s: int) -> str:
 class Points:
     """What one feature message becomes: data lines now, progress rows once the data is acknowledged."""
 
-    lines: list[str] = field(default_factory=list)  # precision s
+    lines: list[str] = field(default_factory=list)  # in ``precision`` (s unless said otherwise)
+    precision: str = "s"
     records: int = 0
     partition: int = 0
     run: str | None = None

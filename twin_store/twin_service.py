@@ -14,6 +14,7 @@ the committed offsets. An update whose ``seq`` is not newer than the BS's last a
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,11 @@ from nettwin.errors import InputError
 from nettwin.settings import NettwinSettings
 from twin_store import dcs
 from twin_store.influx import InfluxClient
+from twin_store.keys import KeyRegistry
 from twin_store.lineproto import point
 from twin_store.local_updates import Reclusterer, StreamPlan
 from twin_store.models_topic import TwinMessage, cluster_membership, decode_twin
+from twin_store.screening import Candidate, Defense, make_defense
 from twin_store.twinning import ClusterTwins, GlobalTwin
 
 log = logging.getLogger("nettwin.twins")
@@ -55,8 +58,21 @@ class TwinState:
     meta: dict[str, Any] = field(default_factory=dict)  # the global's meta (scaler, plan, ...)
     accepted: int = 0  # accepted updates since V-twinning (kept on twin.models with the cluster twins)
     fixed_gamma: float | None = None  # H-twinning step; None: each cluster's share of the BSs
+    keys: KeyRegistry | None = None  # None: updates are not authenticated
+    max_staleness: int = 500  # versions an update's base twin may lag behind its cluster twin
+    defense: Defense = field(default_factory=Defense)  # screening + cluster aggregation (FedAvg: none)
+    sigs: dict[int, str] = field(default_factory=dict)  # square -> signature of its last accepted update
+    decided: dict[int, int] = field(default_factory=dict)  # square -> newest seq refused or accepted
     counters: dict[str, int] = field(
-        default_factory=lambda: {"uploads": 0, "downloads": 0, "replays": 0, "reclusterings": 0, "moves": 0}
+        default_factory=lambda: {
+            "uploads": 0,
+            "downloads": 0,
+            "replays": 0,
+            "reclusterings": 0,
+            "moves": 0,
+            "rejected": 0,
+            "quarantined": 0,
+        }
     )
 
     @classmethod
@@ -66,6 +82,9 @@ class TwinState:
         psi: float,
         milan_dir: Path | None = None,
         gamma: float | None = None,
+        keys: KeyRegistry | None = None,
+        defense: Defense | None = None,
+        max_staleness: int = 500,
     ) -> TwinState:
         glob = latest.get(b"global:0")
         if glob is None:
@@ -86,7 +105,12 @@ class TwinState:
             meta=glob.meta,
             accepted=accepted,
             fixed_gamma=gamma,
+            keys=keys,
+            max_staleness=max_staleness,
+            defense=defense or Defense(),
         )
+        if state.defense.name != "mean":
+            state.clusters.aggregator = state.defense.aggregate
         plan = StreamPlan.from_meta(glob.meta["plan"]) if "plan" in glob.meta else None
         if plan is not None and plan.recluster_every > 0:
             where = milan_dir or Path(glob.meta.get("milan_dir", ""))
@@ -103,6 +127,9 @@ class TwinState:
                 square = int(msg.twin_id)
                 state.clusters.latest[square] = (torch.as_tensor(msg.params), int(msg.meta["n_samples"]))
                 state.seq[square] = int(msg.meta["seq"])
+                state.decided[square] = int(msg.meta.get("decided_seq", state.seq[square]))
+                if "sig" in msg.meta:
+                    state.sigs[square] = msg.meta["sig"]
                 state.bs_versions[square] = msg.version
                 if state.reclusterer is not None:
                     r = state.reclusterer
@@ -170,30 +197,69 @@ class TwinState:
             + f" {now_ms}"
         )
 
-    def apply(self, update: TwinMessage) -> tuple[list[TwinMessage], list[str]] | None:
-        """Fold one local update in; return (twins to publish, InfluxDB lines), or None for a replay."""
+    def apply(self, update: TwinMessage) -> Outcome | None:
+        """Check, screen and fold in one local update; None for a duplicate delivery of an accepted one.
+
+        Rejected (not authentic, a replay, too stale) and quarantined (screened out) updates never touch a
+        twin. Every decision writes an ``update`` row; refused ones are also acknowledged to the BS
+        agents (``decided_seq`` on its ``bs`` twin), so an agent does not wait for an answer that never
+        comes.
+        """
         square = int(update.twin_id)
         seq = int(update.meta.get("seq", -1))
-        if square not in self.clusters.labels:
+        now = int(time.time() * 1000)
+        problem = self.keys.problem(update) if self.keys is not None else None
+        if problem is None and square not in self.clusters.labels:
             raise MalformedMessage(f"BS {square} is not a member of any cluster")
-        if update.params.shape != self.global_twin.params.shape:
+        if problem is None and update.params.shape != self.global_twin.params.shape:
             raise MalformedMessage(
                 f"BS {square}: {update.params.size} parameters, twins have {self.global_twin.params.numel()}"
             )
-        if seq <= self.seq.get(square, -1):
-            self.counters["replays"] += 1
-            return None
+        if problem is None and seq <= self.seq.get(square, -1):
+            if self.keys is None or update.meta.get("sig") == self.sigs.get(square):
+                self.counters["replays"] += 1  # redelivered after a restart: already in the twins
+                return None
+            problem = f"replay: seq {seq} is not newer than the accepted {self.seq[square]}"
+        if problem is None:
+            base, claimed = int(update.meta.get("base_version", -1)), int(update.meta.get("cluster", -1))
+            lag = self.clusters.versions.get(claimed, base) - base
+            if lag > self.max_staleness:
+                problem = (
+                    f"stale: base twin {lag} versions behind cluster {claimed} (bound {self.max_staleness})"
+                )
+        if problem is not None:
+            self.counters["rejected"] += 1
+            return self._refused(update, "rejected", problem, float("nan"), now)
         n_samples = int(update.meta.get("n_samples", 0))
         if n_samples <= 0 or not np.isfinite(update.params).all():
             raise MalformedMessage(f"BS {square}: update needs n_samples > 0 and finite parameters")
         hour = int(update.meta.get("hour", seq))
-        now = int(time.time() * 1000)
         out, lines = self.recluster(hour, now)
-        self.seq[square] = seq
+        params = torch.as_tensor(update.params)
+        cid = self.clusters.labels[square]
+        loss = float(update.meta.get("loss", 0.0))
+        verdict = self.defense.screen(
+            Candidate(
+                square,
+                cid,
+                params,
+                self.clusters.twins[cid],
+                tuple(self.clusters.members(cid)),
+                n_samples,
+                loss,
+                hour,
+            )
+        )
+        if not verdict.accepted:
+            self.counters["quarantined"] += 1
+            refused = self._refused(update, "quarantined", verdict.reason, verdict.score, now, verdict.norm)
+            return Outcome(out + refused.twins, lines + refused.lines, "quarantined", verdict.reason)
+        self.seq[square] = self.decided[square] = seq
+        if "sig" in update.meta:
+            self.sigs[square] = update.meta["sig"]
         self.bs_versions[square] = self.bs_versions.get(square, 0) + 1
         self.accepted += 1
         self.counters["uploads"] += 1
-        params = torch.as_tensor(update.params)
         cid = self.clusters.accept(square, params, n_samples)
         if self.reclusterer is not None:
             self.reclusterer.accepted(square, hour, update.meta.get("profile"))
@@ -201,23 +267,8 @@ class TwinState:
         self.counters["downloads"] += len(members)  # the members follow their cluster twin
         synced = self.global_twin.offer(self.clusters.twins[cid], self.gamma(cid))
         eps = self.global_twin.last_epsilon
-        loss = float(update.meta.get("loss", 0.0))
         out += [
-            TwinMessage(
-                "bs",
-                str(square),
-                self.bs_versions[square],
-                self.hidden,
-                update.params,
-                {
-                    "seq": seq,
-                    "hour": hour,
-                    "n_samples": n_samples,
-                    "loss": loss,
-                    "cluster": cid,
-                    "profile": update.meta.get("profile"),
-                },
-            ),
+            self._bs_message(square, update.params, hour, n_samples, loss, update.meta),
             self._cluster_message(cid, hour),
         ]
         lines += [
@@ -234,6 +285,7 @@ class TwinState:
             )
             + f" {now}",
             self._twin_row("cluster", cid, now, eps),
+            self._update_row(update, "accepted", "", verdict.score, verdict.norm, now),
         ]
         if synced:
             out.append(
@@ -260,7 +312,75 @@ class TwinState:
                 )
                 + f" {now}"
             )
-        return out, lines
+        return Outcome(out, lines, "accepted")
+
+    def _bs_message(
+        self, square: int, params: np.ndarray, hour: int, n_samples: int, loss: float, meta: dict[str, Any]
+    ) -> TwinMessage:
+        """The BS's latest accepted update, as kept on twin.models (``decided_seq``: the newest it refused)."""
+        return TwinMessage(
+            "bs",
+            str(square),
+            self.bs_versions.get(square, 0),
+            self.hidden,
+            params,
+            {
+                "seq": self.seq.get(square, -1),
+                "decided_seq": self.decided.get(square, -1),
+                "hour": hour,
+                "n_samples": n_samples,
+                "loss": loss,
+                "cluster": self.clusters.labels.get(square, -1),
+                "profile": meta.get("profile"),
+                **({"sig": self.sigs[square]} if square in self.sigs else {}),
+            },
+        )
+
+    def _refused(
+        self,
+        update: TwinMessage,
+        decision: str,
+        reason: str,
+        score: float,
+        now: int,
+        norm: float | None = None,
+    ) -> Outcome:
+        lines = [self._update_row(update, decision, reason, score, norm, now)]
+        square = int(update.twin_id)
+        if square not in self.clusters.latest:  # not a BS the agents serve: nothing to acknowledge
+            return Outcome([], lines, decision, reason)
+        seq = int(update.meta.get("seq", -1))
+        self.decided[square] = max(self.decided.get(square, -1), seq)
+        params, n_samples = self.clusters.latest[square]
+        last = {"profile": self.reclusterer.profiles.get(square)} if self.reclusterer else {}
+        ack = self._bs_message(square, params.numpy(), self.seq.get(square, -1), n_samples, 0.0, last)
+        return Outcome([ack], lines, decision, reason)
+
+    def _update_row(
+        self, update: TwinMessage, decision: str, reason: str, score: float, norm: float | None, now: int
+    ) -> str:
+        fields: dict[str, Any] = {
+            "score": score if np.isfinite(score) else None,
+            "reason": reason,
+            "base_version": int(update.meta.get("base_version", -1)),
+            "seq": int(update.meta.get("seq", -1)),
+        }
+        if norm is not None:
+            fields["norm"] = norm
+        tags = {
+            "square": update.twin_id,
+            "cluster": str(update.meta.get("cluster", -1)),
+            "decision": decision,
+        }
+        return point("update", tags, fields, None) + f" {now}"
+
+
+@dataclass
+class Outcome:
+    twins: list[TwinMessage]  # to publish on twin.models
+    lines: list[str]  # InfluxDB rows
+    decision: str  # accepted, quarantined or rejected
+    reason: str = ""
 
 
 def read_latest_twins(settings: NettwinSettings) -> dict[bytes, TwinMessage]:
@@ -287,7 +407,15 @@ class TwinService:
     ) -> None:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
-        self.state = TwinState.from_messages(read_latest_twins(settings), psi, milan_dir, gamma)
+        sec = settings.security
+        keys = KeyRegistry.load(sec.keys_file) if sec.keys_file is not None else None
+        try:
+            defense = make_defense(sec.defense)
+        except ValueError as exc:
+            raise InputError(f"security.defense: {exc}") from None
+        self.state = TwinState.from_messages(
+            read_latest_twins(settings), psi, milan_dir, gamma, keys, defense, sec.max_staleness
+        )
         self.influx = InfluxClient(settings.influx)
         self.producer = make_producer(settings)
         self.deadletters = DeadLetterSink(self.producer, self.topics.deadletter)
@@ -298,6 +426,15 @@ class TwinService:
             fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
         )
         self.stopping = False
+        # the screen's memory (peer deltas, per-BS detectors) is not on twin.models: it is kept beside the
+        # committed offsets, so a restarted store screens at once instead of warming up again
+        self.screen_file = settings.state_dir / "store" / f"{settings.kafka.topic_prefix}screen.pickle"
+        if self.screen_file.exists() and self.state.defense.name != "mean":
+            with self.screen_file.open("rb") as f:
+                saved = pickle.load(f)  # written by this store only (see _save_screen)
+            if type(saved) is type(self.state.defense):
+                self.state.defense = saved
+                self.state.clusters.aggregator = saved.aggregate
 
     def run(self, idle_exit_s: float | None = None, max_messages: int | None = None) -> dict[str, int]:
         handled = 0
@@ -325,6 +462,13 @@ class TwinService:
     def _on_retry(self, exc: Exception, delay: float) -> None:
         log.warning("InfluxDB write failed (%s); retrying in %.1f s without committing", exc, delay)
 
+    def _save_screen(self) -> None:
+        self.screen_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.screen_file.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            pickle.dump(self.state.defense, f)
+        tmp.replace(self.screen_file)  # atomic: a crash leaves the previous snapshot
+
     def process(self, polled: dict[Any, list[Any]]) -> int:
         lines: list[str] = []
         n = 0
@@ -341,11 +485,17 @@ class TwinService:
                     continue
                 if result is None:
                     continue
-                twins, rows = result
-                for t in twins:
+                for t in result.twins:
                     self.producer.send(self.topics.twin_models, key=t.key, value=t.encode())
-                lines += rows
+                if result.decision != "accepted":  # kept, with why, where `nettwin query updates` finds them
+                    headers = [("decision", result.decision.encode()), ("reason", result.reason.encode())]
+                    self.producer.send(
+                        self.topics.updates_quarantine, key=m.key, value=m.value, headers=headers
+                    )
+                lines += result.lines
         self.producer.flush()  # the snapshot is durable before the offsets move
         self.influx.write_lines(lines, "ms", lambda: self.stopping, self._on_retry)
+        if n and self.state.defense.name != "mean":
+            self._save_screen()
         self.consumer.commit()
         return n

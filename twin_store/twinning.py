@@ -5,6 +5,7 @@ Nothing here knows about Kafka or InfluxDB: the live store and the offline bench
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,9 @@ class ClusterTwins:
     twins: dict[int, torch.Tensor]  # cluster id -> parameter vector
     latest: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # square -> (params, samples)
     versions: dict[int, int] = field(default_factory=dict)
+    # (members' updates [k, P], their sample counts [k], the cluster twin now) -> the new cluster twin;
+    # None: FedAvg. A robust aggregator of twin_store/screening plugs in here.
+    aggregator: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def members(self, cid: int) -> list[int]:
         return sorted(s for s, c in self.labels.items() if c == cid)
@@ -56,7 +60,10 @@ class ClusterTwins:
             return
         stack = torch.stack([self.latest[s][0] for s in have])
         weights = torch.tensor([self.latest[s][1] for s in have], dtype=torch.float32)
-        self.twins[cid] = fedavg(stack, weights)
+        if self.aggregator is None or cid not in self.twins:
+            self.twins[cid] = fedavg(stack, weights)
+        else:
+            self.twins[cid] = self.aggregator(stack, weights, self.twins[cid])
         self.versions[cid] = self.versions.get(cid, 0) + 1
 
     def move(self, square: int, new_cid: int, fallback: torch.Tensor) -> None:

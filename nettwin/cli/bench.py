@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import typer
 
+from nettwin.cli.bench_poisoning import poisoning, write_predictions
+from nettwin.cli.bench_utt import utt
 from nettwin.cli.common import console, print_json, print_table
 from nettwin.errors import InputError
 
 app = typer.Typer(help="Evaluate the twin methods offline (figures beside baselines).", no_args_is_help=True)
+app.command("utt")(utt)
+app.command("poisoning")(poisoning)
 
 
 @app.command()
@@ -38,10 +41,7 @@ def vhtwin(
     with console.status("training and streaming (a few minutes on 2 cores)"):
         report, rows = run(data, cfg)
     if predictions is not None:
-        with open(predictions, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["method", "square", "hour_index", "actual", "predicted"])
-            writer.writerows(rows)
+        write_predictions(predictions, rows)
         report["predictions"] = str(predictions)
     if json_out:
         print_json(report)
@@ -63,3 +63,44 @@ def vhtwin(
         ],
     )
     console.print(f"wall time: {report['wall_s']}")
+
+
+@app.command()
+def nab(
+    data: Path = typer.Option(..., help="folder of NAB CSVs (timestamp,value) and labels_windows.json"),
+    json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
+) -> None:
+    """Online telemetry screens (hst, robust) beside the rolling z-score baseline on labelled NAB windows."""
+    from stream_processors.nab_eval import METHODS, run
+
+    report = run(data)
+    if json_out:
+        print_json(report)
+        return
+    cols = ["file", "method", "tp", "fn", "fp", "precision", "recall", "early", "nab", "flagged", "seconds"]
+    rows = [
+        {
+            "file": f["file"].removesuffix(".csv"),
+            "method": m + (" (baseline)" if m == report["baseline"] else ""),
+            **f[m],
+        }
+        for f in report["files"]
+        for m in METHODS
+    ]
+    rows += [
+        {"file": "overall", "method": m + (" (baseline)" if m == report["baseline"] else ""), **v}
+        for m, v in report["overall"].items()
+    ]
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="NAB windows (probation: first 15% of each file not scored)")
+    for c in cols:
+        table.add_column(c, no_wrap=c in ("file", "method"))
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in cols))
+    Console(width=max(Console().width, 150)).print(table)
+    console.print(
+        "early: first detection's position in the window (0 start, 1 end); nab: standard profile, "
+        f"0 = no detections, 100 = perfect; wall time: {report['wall_s']} s"
+    )

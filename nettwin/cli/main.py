@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from nettwin.cli import bench, data, infra, query, replay, services, twins
+from nettwin.cli import bench, data, infra, query, replay, security, services, twin_ops, twins
 from nettwin.errors import NettwinError
 from nettwin.settings import load_settings
 
@@ -24,8 +24,10 @@ app.add_typer(replay.app, name="replay")
 app.add_typer(data.app, name="data")
 app.add_typer(query.app, name="query")
 app.add_typer(bench.app, name="bench")
+app.add_typer(twin_ops.app, name="twin")
 services.register(app)
 twins.register(app)
+security.register(app)
 
 
 @app.callback()
@@ -37,6 +39,7 @@ def main(
     influx_url: str | None = typer.Option(None, help="InfluxDB base URL (v1 HTTP API)"),
     database: str | None = typer.Option(None, help="InfluxDB database"),
     profile: str | None = typer.Option(None, help="local (short group timeouts) or external"),
+    keys: Path | None = typer.Option(None, "--keys", help="BS key registry: sign and verify local updates"),
 ) -> None:
     overrides: dict[str, Any] = {}
     if profile is not None:
@@ -49,6 +52,8 @@ def main(
         overrides["kafka"] = kafka
     if influx:
         overrides["influx"] = influx
+    if keys is not None:
+        overrides["security"] = {"keys_file": keys}
     ctx.obj = load_settings(overrides, config_file=config)
 
 

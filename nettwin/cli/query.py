@@ -109,6 +109,46 @@ def twins(
         print_table("twins", rows, [c for c in cols if rows and c in rows[0]])
 
 
+DECISIONS = ("accepted", "quarantined", "rejected")
+
+
+def update_rows(
+    influx: InfluxClient, decision: str | None, square: int | None, limit: int
+) -> list[dict[str, Any]]:
+    where = []
+    if decision:
+        where.append(f"\"decision\" = '{decision}'")
+    if square is not None:
+        where.append(f"\"square\" = '{square}'")
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    q = f'SELECT * FROM "update"{clause} ORDER BY time DESC LIMIT {limit}'
+    rows = [r for s in influx.query(q) for r in s.rows()]
+    for r in rows:
+        r["time"] = _iso(r["time"])
+    return rows
+
+
+@app.command()
+def updates(
+    ctx: typer.Context,
+    decision: str | None = typer.Option(None, help="accepted, quarantined or rejected"),
+    square: int | None = typer.Option(None, help="only this BS"),
+    limit: int = typer.Option(100, min=1, help="newest first"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """The store's decision on every local update: accepted, quarantined (screened out) or rejected."""
+    if decision not in (None, *DECISIONS):
+        raise InputError(f"--decision {decision!r}: choose {', '.join(DECISIONS)}")
+    settings = settings_of(ctx)
+    with InfluxClient(settings.influx) as influx:
+        rows = update_rows(influx, decision, square, limit)
+    if json_out:
+        print_json(rows)
+    else:
+        cols = ["time", "square", "cluster", "decision", "score", "norm", "reason", "base_version", "seq"]
+        print_table(f"updates ({decision or 'all'})", rows, [c for c in cols if rows and c in rows[0]])
+
+
 def read_deadletters(settings: Any, limit: int, timeout_s: float = 3.0) -> list[DeadLetter]:
     consumer = make_consumer(
         settings,

@@ -7,8 +7,10 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ingest.deadletter import DeadLetterSink
 from ingest.kafka import make_producer
 from ingest.topics import Topics
+from nettwin.cli import replay_ftm
 from nettwin.cli.common import console, print_json, settings_of
 from nettwin.errors import InputError
 from producers.replay import Replayer, load_table
@@ -81,3 +83,114 @@ def milan(
         f"{d['malformed']:,} malformed -> {topics.deadletter}) in {d['seconds']} s "
         f"({d['records_per_s'] or 0:,.0f} records/s), run {d['run']}"
     )
+
+
+@app.command()
+def sensors(
+    ctx: typer.Context,
+    files: list[Path] = typer.Argument(
+        ..., help="sensor CSVs: NAB (timestamp,value), any CSV with a time column, or Intel Lab matrices"
+    ),
+    time_column: str | None = typer.Option(
+        None, help="name of the time column (default: 'timestamp'); ISO 8601 or epoch s/ms"
+    ),
+    value_columns: str | None = typer.Option(
+        None, help="comma-separated value columns (default: every other numeric column)"
+    ),
+    source: str | None = typer.Option(None, help="source name for a single CSV file (default: file stem)"),
+    intel_start: str = typer.Option(
+        "2004-02-28T00:00Z",
+        help="Intel Lab matrices carry no times: SYNTHESISED at 30-minute steps from this start "
+        "(Test columns continue after Train when both are given)",
+    ),
+    speed: float | None = typer.Option(None, help="event time runs N x real time (600: 10 min per second)"),
+    as_fast: bool = typer.Option(False, "--max", help="as fast as possible (the default without --speed)"),
+    limit: int | None = typer.Option(None, min=1, help="stop after this many readings (in time order)"),
+    run: str | None = typer.Option(
+        None, help="run id (default: random); the store reports completion per run"
+    ),
+    json_out: bool = typer.Option(False, "--json", help="print the summary as one JSON line"),
+) -> None:
+    """Publish sensor readings to telemetry.sensors, one message per source and tick, key = source name.
+
+    Layouts are recognised by header: NAB files (timestamp,value; source = file stem), any CSV with a
+    named time column (source = stem, or stem:column for several value columns), and the headerless Intel
+    Lab matrices intel{Temperature,Humidity}{Train,Test}.csv (source = kind:mote<row>), whose timestamps
+    are synthesised. Rows that cannot be parsed go to the dead-letter topic with their line number.
+    """
+    from ingest.sensors import iso_to_ms, read_sensor_files
+    from producers.sensor_replay import SensorReplayer
+
+    if as_fast and speed is not None:
+        raise InputError("give either --speed N or --max, not both")
+    settings = settings_of(ctx)
+    topics = Topics.from_settings(settings)
+    columns = [c.strip() for c in value_columns.split(",") if c.strip()] if value_columns else None
+    if value_columns is not None and not columns:
+        raise InputError("--value-columns: give at least one column name")
+    tables = read_sensor_files(files, time_column, columns, source, iso_to_ms(intel_start, "--intel-start"))
+    producer = make_producer(settings)
+    try:
+        empty = [t for t in tables if len(t) == 0]
+        if empty:
+            sink = DeadLetterSink(producer, topics.deadletter)
+            for letter in [d for t in empty for d in t.bad]:
+                sink.send(letter)
+            producer.flush()  # the dead letters are kept before we stop
+            t = empty[0]
+            first = f" (first: {t.bad[0].position}: {t.bad[0].reason})" if t.bad else ""
+            raise InputError(
+                f"{t.path}: no valid readings in {t.lines} line(s){first}; "
+                f"bad lines are on the dead-letter topic {topics.deadletter}"
+            )
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:,} readings"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=json_out or not console.is_terminal,
+        ) as progress:
+            total = sum(len(t) for t in tables)
+            task = progress.add_task("replay sensors", total=min(total, limit) if limit else total)
+            replayer = SensorReplayer.for_settings(
+                settings,
+                producer,
+                speed,
+                limit=limit,
+                on_records=lambda n: progress.advance(task, n),
+                run=run,
+            )
+            replayer.publish(tables)
+            summary = replayer.finish()
+    finally:
+        producer.close()
+    detail = [
+        {
+            "file": t.path,
+            "layout": t.layout,
+            "sources": len(t.sources),
+            "readings": len(t),
+            "malformed": len(t.bad),
+            "value_columns": list(t.value_columns),
+            "times": t.time_note,
+        }
+        for t in tables
+    ]
+    d = summary.as_dict() | {"topic": topics.telemetry_sensors, "file_detail": detail}
+    if json_out:
+        print_json(d)
+        return
+    for f in detail:
+        console.print(
+            f"{f['file']}: {f['layout']}, {f['sources']} source(s), {f['readings']:,} readings, "
+            f"{f['malformed']} malformed, times {f['times']}"
+        )
+    console.print(
+        f"replayed {d['records']:,} readings from {d['files']} file(s) ({d['lines']:,} lines, "
+        f"{d['malformed']:,} malformed -> {topics.deadletter}) to {topics.telemetry_sensors} in "
+        f"{d['seconds']} s ({d['records_per_s'] or 0:,.0f} readings/s), run {d['run']}"
+    )
+
+
+app.command("ftm")(replay_ftm.ftm)

@@ -103,7 +103,7 @@ def settings_env(settings: NettwinSettings) -> dict[str, str]:
     env.pop("NETTWIN_CONFIG", None)
     env["NETTWIN_PROFILE"] = settings.profile
     env["NETTWIN_STATE_DIR"] = str(settings.state_dir)
-    for section in ("kafka", "influx", "worker"):
+    for section in ("kafka", "influx", "worker", "security"):
         for key, value in getattr(settings, section).model_dump(mode="json").items():
             if value is None:
                 continue
@@ -247,6 +247,7 @@ def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool, json_
     )
     from nettwin.provision import deprovision
     from twin_store.evaluation import run as run_offline
+    from twin_store.keys import KeyRegistry
     from twin_store.vtwin_job import run_vtwin
 
     check_data(cfg)
@@ -274,12 +275,21 @@ def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool, json_
         f"V-twinning: {vt['squares']} BSs, clusters {vt['clusters']}, {vt['rounds']} rounds on "
         f"{vt['train_hours']} hours ({vt['seconds']} s)"
     )
+    # every BS gets a key: the agents sign their updates and the store verifies each one
+    keys_file = settings.state_dir / "demo" / "bs-keys.json"
+    KeyRegistry.create(str(s) for s in picked).save(keys_file)
+    demo_settings = demo_settings.model_copy(
+        update={"security": demo_settings.security.model_copy(update={"keys_file": keys_file.resolve()})}
+    )
     env = settings_env(demo_settings)
     logs = settings.state_dir / "log"
     procs = {
         "worker": spawn_cli(["worker"], logs / "demo-hourly-worker.log", env),
         "store": spawn_cli(["store"], logs / "demo-hourly-store.log", env),
-        "htwin": spawn_cli(["htwin", "--psi", repr(cfg.psi)], logs / "demo-hourly-htwin.log", env),
+        # FedAvg, unscreened: the aggregation of `nettwin bench vhtwin`, which this demo reproduces
+        "htwin": spawn_cli(
+            ["htwin", "--psi", repr(cfg.psi), "--defense", "mean"], logs / "demo-hourly-htwin.log", env
+        ),
     }
 
     def alive() -> None:
@@ -297,6 +307,7 @@ def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool, json_
             with InfluxClient(demo_settings.influx) as influx:
                 live = wait_for_forecasts(influx, len(picked), first_test, last_test, cfg.timeout_s, alive)
                 twins = twin_rows(influx, None)
+                decisions = influx.query('SELECT count("seq") FROM "update" GROUP BY "decision"')
     finally:
         for p in procs.values():
             stop_process(p)
@@ -317,6 +328,8 @@ def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool, json_
         "live_seconds": round(live_s, 1),
         "global_version": glob.get("version"),
         "clusters": len(levels["cluster"]),
+        # the store's decisions on the agents' signed updates
+        "updates": {str(d.tags.get("decision")): int(d.values[0][1]) for d in decisions},
         "database": demo_settings.influx.database,
         "topic_prefix": demo_settings.kafka.topic_prefix,
     }

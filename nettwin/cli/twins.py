@@ -26,6 +26,9 @@ def htwin(
     milan_dir: Path | None = typer.Option(
         None, help="grid and base stations for re-clustering (default: the folder vtwin used)"
     ),
+    defense: str | None = typer.Option(
+        None, help="screening/aggregation of updates: mean, median, trimmed, krum, clip, tid, temporal"
+    ),
     json_out: bool = typer.Option(False, "--json", help="print counters as JSON on exit"),
 ) -> None:
     """Live H-twinning: BS updates (updates.local) -> cluster and global twins (twin.models, InfluxDB)."""
@@ -34,7 +37,12 @@ def htwin(
     from twin_store.twin_service import TwinService
 
     setup_service_logging()
-    service = TwinService(settings_of(ctx), psi, milan_dir, gamma)
+    settings = settings_of(ctx)
+    if defense is not None:
+        settings = settings.model_copy(
+            update={"security": settings.security.model_copy(update={"defense": defense})}
+        )
+    service = TwinService(settings, psi, milan_dir, gamma)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(service, "stopping", True))
     counters = service.run(idle_exit_s=idle_exit)

@@ -1,0 +1,153 @@
+"""``nettwin keys create`` (BS identities for a deployment) and ``nettwin attack`` (poisoned updates against
+a live deployment, to see the store refuse them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+
+from ingest.kafka import make_producer
+from ingest.topics import Topics
+from nettwin.cli.common import console, print_json, settings_of
+from nettwin.errors import InputError
+from producers import attacks
+from producers.attacks import AttackConfig
+from twin_store.keys import KeyRegistry
+from twin_store.models_topic import TwinMessage
+from twin_store.twin_service import read_latest_twins
+
+keys_app = typer.Typer(help="BS identities and keys for authenticated updates.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(keys_app, name="keys")
+    app.command()(attack)
+
+
+@keys_app.command("create")
+def create_keys(
+    ctx: typer.Context,
+    out: Path = typer.Argument(
+        ..., help="registry file to write (mode 0600); point security.keys_file at it"
+    ),
+    ids: str | None = typer.Option(None, help="BS ids, comma-separated"),
+    from_twins: bool = typer.Option(False, "--from-twins", help="every BS of the V-twinned deployment"),
+    force: bool = typer.Option(False, help="overwrite an existing registry"),
+) -> None:
+    """Create a key for every BS of a deployment."""
+    if (ids is None) == (not from_twins):
+        raise InputError("give either --ids 1,2,3 or --from-twins")
+    if out.exists() and not force:
+        raise InputError(f"{out}: exists; pass --force to replace every key in it")
+    if ids is not None:
+        names = [i.strip() for i in ids.split(",") if i.strip()]
+        if not names or not all(n.isdigit() for n in names):
+            raise InputError(f"--ids {ids!r}: give BS ids as comma-separated integers")
+    else:
+        glob = read_latest_twins(settings_of(ctx)).get(b"global:0")
+        if glob is None:
+            raise InputError("twin.models has no global twin yet: run `nettwin vtwin` first")
+        names = sorted(glob.meta["scaler"], key=int)
+    KeyRegistry.create(names).save(out)
+    console.print(f"wrote keys for {len(names)} BSs to {out}")
+
+
+def attack(
+    ctx: typer.Context,
+    kind: str = typer.Argument(..., help="mpaf or tpi (fake BSs), signflip or scale (compromised BSs)"),
+    bs: str = typer.Option(..., help="BS ids, comma-separated: new ids for fake BSs, victims otherwise"),
+    cluster: int | None = typer.Option(None, help="cluster a fake BS claims (default: spread over all)"),
+    keys: Path | None = typer.Option(None, help="stolen key registry: sign the updates (compromised BSs)"),
+    seed: int = typer.Option(0, help="seed of the fake BSs' random models (mpaf)"),
+    factor: float | None = typer.Option(
+        None, help="boost of signflip / scale (default: producers/attacks.py AttackConfig)"
+    ),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Send poisoned local updates to updates.local, built from the twins the deployment publishes.
+
+    Fake BSs (mpaf, tpi) have no key; compromised BSs (signflip, scale) tamper with the victim's latest
+    accepted update and, with --keys, sign it with the victim's key. See producers/attacks.py.
+    """
+    if kind not in ("mpaf", "tpi", "signflip", "scale"):
+        raise InputError(f"attack {kind!r}: choose mpaf, tpi, signflip or scale")
+    try:
+        ids = [int(b) for b in bs.split(",") if b.strip()]
+    except ValueError:
+        raise InputError(f"--bs {bs!r}: give BS ids as comma-separated integers") from None
+    settings = settings_of(ctx)
+    registry = KeyRegistry.load(keys) if keys is not None else None
+    latest = read_latest_twins(settings)
+    glob = latest.get(b"global:0")
+    if glob is None:
+        raise InputError("twin.models has no global twin yet: nothing to attack")
+    clusters = {int(m.twin_id): m for m in latest.values() if m.level == "cluster"}
+    cfg = AttackConfig()
+    if factor is not None:
+        cfg = AttackConfig(flip_boost=factor, scale_factor=factor)
+    hour = max(int(m.meta.get("as_of", -1)) for m in latest.values() if m.level != "bs") + 1
+    # random models of the deployment's size: what an MPAF fake BS starts from
+    fake_models = torch.as_tensor(
+        np.random.default_rng(seed).normal(0.0, 0.1, (len(ids), glob.params.size)), dtype=torch.float32
+    )
+    updates = []
+    for k, square in enumerate(ids):
+        if kind in ("mpaf", "tpi"):
+            cid = cluster if cluster is not None else sorted(clusters)[k % len(clusters)]
+            if cid not in clusters:
+                raise InputError(f"--cluster {cid}: the deployment has clusters {sorted(clusters)}")
+            ref = torch.as_tensor(clusters[cid].params)
+            if kind == "mpaf":
+                params = attacks.mpaf(ref, fake_models[k], cfg.mpaf_lambda)
+            else:  # the attacker's view of the global's last step: towards the cluster it joins
+                now = torch.as_tensor(glob.params)
+                params = attacks.tpi(now, ref, cfg.tpi_kappa)
+            base, seq = clusters[cid].version, hour
+        else:
+            victim = latest.get(f"bs:{square}".encode())
+            if victim is None:
+                raise InputError(f"BS {square}: no accepted update on twin.models to tamper with")
+            cid = int(victim.meta.get("cluster", -1))
+            if cid not in clusters:
+                raise InputError(f"BS {square}: its cluster {cid} is not on twin.models")
+            # the victim's honest change of its twin, as an attacker on the BS sees it: its latest accepted
+            # update minus the global twin it follows, applied to its cluster twin
+            ref = torch.as_tensor(clusters[cid].params)
+            honest = ref + torch.as_tensor(victim.params) - torch.as_tensor(glob.params)
+            if kind == "signflip":
+                params = attacks.signflip(honest, ref, cfg.flip_boost)
+            else:
+                params = attacks.scale(honest, ref, cfg.scale_factor)
+            base, seq = clusters[cid].version, int(victim.meta.get("seq", -1)) + 1
+        msg = TwinMessage(
+            "bs",
+            str(square),
+            base,
+            glob.hidden,
+            params.numpy().astype(np.float32),
+            {"seq": seq, "hour": seq, "cluster": cid, "base_version": base, "n_samples": 336, "loss": 0.01},
+        )
+        if registry is not None and msg.twin_id in registry.keys:
+            registry.sign(msg)
+        updates.append(msg)
+    topic = Topics.from_settings(settings).updates_local
+    producer = make_producer(settings)
+    try:
+        for msg in updates:
+            producer.send(topic, key=msg.key, value=msg.encode())
+        producer.flush()
+    finally:
+        producer.close()
+    summary = {
+        "attack": kind,
+        "sent": len(updates),
+        "bs": ids,
+        "signed": sum("sig" in u.meta for u in updates),
+    }
+    if json_out:
+        print_json(summary)
+    else:
+        console.print(f"sent {len(updates)} {kind} update(s) to {topic} ({summary['signed']} signed)")

@@ -1,0 +1,116 @@
+"""``replay ftm`` against the real local broker: one walk with --limit, read back, bad row dead-lettered."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from ingest.deadletter import DeadLetter
+from ingest.kafka import make_consumer
+from ingest.topics import Topics
+from nettwin.cli.replay_ftm import ftm
+from nettwin.settings import NettwinSettings
+
+RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "ftm_imu" / "raw"
+
+
+def _read(
+    settings: NettwinSettings, topic: str, expected: int, timeout: float = 20.0
+) -> list[tuple[bytes, bytes, list]]:  # type: ignore[type-arg]
+    consumer = make_consumer(settings, topic, group_id=None)
+    out: list[tuple[bytes, bytes, list]] = []  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            for msgs in consumer.poll(timeout_ms=500).values():
+                out.extend((m.key, m.value, m.headers) for m in msgs)
+    finally:
+        consumer.close()
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not RAW.is_dir(), reason="../shared/data/ftm_imu/raw is absent")
+def test_replay_ftm_publishes_three_streams_keyed_by_device_walk(
+    isolated: NettwinSettings, tmp_path: Path
+) -> None:
+    lines = (RAW / "CarPark__5__524.csv").read_text().splitlines()
+    lines[4] = "garbage,row"  # file line 5
+    walk = tmp_path / "CarPark__5__524.csv"
+    walk.write_text("\n".join(lines) + "\n")
+    app = typer.Typer()
+    app.command()(ftm)
+    result = CliRunner().invoke(app, [str(walk), "--max", "--limit", "60", "--json"], obj=isolated)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["total"] == 60 and summary["dead_letters"] == 1
+    topics = Topics.from_settings(isolated)
+    ftm_recs = _read(isolated, topics.telemetry_ftm, summary["records"]["ftm"])
+    imu_recs = _read(isolated, topics.telemetry_imu, summary["records"]["imu"])
+    vis_recs = _read(isolated, topics.telemetry_vision_sim, summary["records"]["vision_sim"])
+    assert len(ftm_recs) == summary["records"]["ftm"] > 0
+    assert len(imu_recs) == summary["records"]["imu"] > 0
+    assert len(vis_recs) == summary["records"]["vision_sim"] > 0
+    assert {k for k, _v, _h in ftm_recs + imu_recs + vis_recs} == {b"M2/CarPark__5__524"}
+    first = json.loads(ftm_recs[0][1])
+    assert first["t_ms"] == 0.0 and first["line"] == 2
+    assert first["aps"]["AP1"] == [36.5945, 0.315, -74.0] and "AP2" not in first["aps"]  # AP2 absent: 0s
+    imu_t = [json.loads(v)["t_ms"] for _k, v, _h in imu_recs]
+    assert imu_t == sorted(imu_t) and 5 not in [json.loads(v)["line"] for _k, v, _h in imu_recs]
+    vis = json.loads(vis_recs[0][1])
+    assert vis["simulated"] is True and set(vis) >= {"u", "v", "box_w", "box_h", "detected"}
+    assert max(json.loads(v)["t_ms"] for _k, v, _h in ftm_recs + imu_recs + vis_recs) < 60_000
+    dead = _read(isolated, topics.deadletter, 1)
+    letter = DeadLetter.from_kafka(dead[0][1], dead[0][2])
+    assert letter.original == b"garbage,row" and letter.position == "line 5" and letter.stage == "producer"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.skipif(not RAW.is_dir(), reason="../shared/data/ftm_imu/raw is absent")
+def test_twin_operations_store_lineage_files_and_influx_rows(
+    isolated: NettwinSettings, tmp_path: Path
+) -> None:
+    from tests.conftest import run_cli
+    from twin_store.influx import InfluxClient
+
+    data = tmp_path / "raw"
+    data.mkdir()
+    for f in ("CarPark__5__513", "CarPark__5__524", "CarPark__6__613", "CarPark__6__624"):
+        (data / f"{f}.csv").symlink_to(RAW / f"{f}.csv")
+    common = ["--data", str(data), "--rounds", "1", "--json"]
+    done = {}
+    for args in (
+        ["transfer", "--from", "position", "--to", "trajectory"],
+        ["merge", "--from", "trajectory,tracking", "--to", "position", "--fuser", "attention"],
+        ["split", "--from", "position", "--to", "trajectory,tracking"],
+    ):
+        proc = run_cli(isolated, "twin", *args, *common, timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        for rec in json.loads(proc.stdout):
+            done[rec["twin_id"]] = rec
+    assert set(done) == {
+        "trajectory.transfer.position",
+        "position.merge.trajectory+tracking.attention",
+        "trajectory.split.position",
+        "tracking.split.position",
+    }
+    m = done["position.merge.trajectory+tracking.attention"]
+    assert (
+        m["operation"] == "merge" and m["sources"] == ["trajectory", "tracking"] and m["fuser"] == "attention"
+    )
+    assert m["modalities"] == ["vision", "imu"] and 0 < m["metrics"]["test_nmse"] < 5
+    state = Path(isolated.state_dir) / "utt"
+    assert (state / "position.json").is_file()  # the source twin trained once, then reused
+    assert json.loads((state / "tracking.split.position.json").read_text())["sources"] == ["position"]
+    with InfluxClient(isolated.influx) as influx:
+        rows = influx.query('SELECT * FROM "twin" WHERE "level" = \'utt\'')[0].rows()
+    assert {r["twin_id"] for r in rows} == set(done)
+    assert {r["operation"] for r in rows} == {"transfer", "merge", "split"}
+    bad = run_cli(isolated, "twin", "merge", "--from", "position", "--to", "trajectory", *common)
+    assert bad.returncode == 1 and "merge takes 2 --from twin(s)" in bad.stderr

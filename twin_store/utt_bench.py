@@ -1,0 +1,444 @@
+"""The UTT benchmark on real FTM/IMU walks (+ the SIMULATED vision modality), walk-level split.
+
+Split: walks with ground truth are grouped by (scene, device); the last walk (by name) of every group with
+at least two walks is a test walk, never seen in training; the rest are training walks (one federated
+client each: a local-area twin). Hyperparameters (the federated round kept, the fuser of the merged twin)
+are chosen on validation blocks cut out of the training walks (blocks 2 and 5 of 8 in time), never on the
+test walks. See :func:`run`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ingest.ftm import SiteGeometry, Walk, discover, read_walk, recover_ap_positions, trilaterate
+from ingest.simulated_vision import SimulatedDetections, camera_for_scene, seed_for, simulate_detections
+from nettwin.errors import InputError
+from stream_processors.multimodal import STEP_MS, Windows, build_windows, grid_ends
+from twin_store.utt import (
+    FUSERS,
+    TASKS,
+    Client,
+    FedConfig,
+    FedResult,
+    Scaler,
+    TaskTwin,
+    fed_train,
+    merge,
+    new_twin,
+    nmse,
+    split,
+    transfer,
+)
+
+WINDOW, HORIZON, STRIDE = 20, 10, 5
+INPUTS = ("ftm", "imu", "vision")
+
+
+@dataclass(frozen=True)
+class UttConfig:
+    seed: int = 1
+    rounds: int = 20
+    local_epochs: int = 2
+    d: int = 32
+    fusers: tuple[str, ...] = FUSERS
+    test_walks: tuple[str, ...] = ()  # default: the last walk of each (scene, device) group
+    threads: int = 1
+
+
+@dataclass
+class Prepared:
+    walks: dict[str, Walk]
+    geometry: dict[str, SiteGeometry]
+    vision: dict[str, SimulatedDetections]
+    train: list[str]
+    test: list[str]
+    unlabelled: list[str]
+    skipped: dict[str, str]
+    ap_ids: list[str]
+    fixes: dict[str, np.ndarray]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def split_walks(walks: list[Walk], test_names: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    labelled = [w for w in walks if w.gt is not None]
+    names = {w.name for w in labelled}
+    if test_names:
+        unknown = [t for t in test_names if t not in names]
+        if unknown:
+            raise InputError(f"--test-walks: {', '.join(unknown)} is not a walk with ground truth")
+        test = sorted(test_names)
+    else:
+        groups: dict[tuple[str, str], list[str]] = {}
+        for w in labelled:
+            groups.setdefault((w.scene, w.device), []).append(w.name)
+        test = sorted(sorted(g)[-1] for g in groups.values() if len(g) >= 2)
+    train = sorted(names - set(test))
+    if not test or not train:
+        raise InputError(
+            f"{len(labelled)} walks have ground truth: need at least one training and one test walk "
+            "(two walks of one scene and device, or --test-walks)"
+        )
+    return train, test
+
+
+def prepare(data: list[Path], cfg: UttConfig) -> Prepared:
+    t0 = time.perf_counter()
+    found = discover(data)
+    walks = {w.name: w for w in (read_walk(p) for p in found.walks)}
+    t_read = time.perf_counter() - t0
+    train, test = split_walks(list(walks.values()), cfg.test_walks)
+    labelled = train + test
+    unlabelled = sorted(set(walks) - set(labelled))
+    geometry: dict[str, SiteGeometry] = {}
+    for scene in sorted({walks[n].scene for n in labelled}):
+        geometry[scene] = recover_ap_positions(
+            [walks[n] for n in labelled if walks[n].scene == scene], found.site_files.get(scene, [])
+        )
+    t_geo = time.perf_counter() - t0 - t_read
+    vision: dict[str, SimulatedDetections] = {}
+    for scene in geometry:
+        names = [n for n in labelled if walks[n].scene == scene]
+        pts = np.concatenate([walks[n].gt for n in names if walks[n].gt is not None])
+        cam = camera_for_scene(pts)
+        for n in names:
+            w = walks[n]
+            assert w.gt is not None
+            vision[n] = simulate_detections(w.t_ms, w.gt, cam, seed_for(cfg.seed, n), scene_points=pts)
+    ap_ids = sorted({a for n in labelled for a in walks[n].ap_ids}, key=lambda a: (len(a), a))
+    skipped = {str(p.name): r for p, r in found.skipped.items()}
+    fixes = {n: trilaterate(walks[n], geometry[walks[n].scene]) for n in labelled}
+    prep = Prepared(walks, geometry, vision, train, test, unlabelled, skipped, ap_ids, fixes)
+    prep.timings = {
+        "read_s": round(t_read, 2),
+        "ap_recovery_s": round(t_geo, 3),
+        "vision_sim_s": round(time.perf_counter() - t0 - t_read - t_geo, 3),
+    }
+    return prep
+
+
+def _val_mask(w: Windows, walk: Walk) -> np.ndarray:
+    """Validation = windows wholly inside blocks 2 and 5 of 8 (in time) of their walk; the caller drops
+    windows that straddle a block edge."""
+    t0, t1 = walk.t_ms[0], walk.t_ms[-1]
+    block = np.floor((w.end_ms - t0) / (t1 - t0 + 1e-9) * 8).astype(int)
+    return np.isin(block, (2, 5))
+
+
+def _straddles(w: Windows, walk: Walk) -> np.ndarray:
+    t0, t1 = walk.t_ms[0], walk.t_ms[-1]
+    start = w.end_ms - (WINDOW - 1 + HORIZON) * STEP_MS
+    b_end = np.floor((w.end_ms + HORIZON * STEP_MS - t0) / (t1 - t0 + 1e-9) * 8)
+    b_start = np.floor((start - t0) / (t1 - t0 + 1e-9) * 8)
+    return b_end != b_start
+
+
+class Data:
+    """Windows as tensors, normalised with training statistics."""
+
+    def __init__(self, prep: Prepared) -> None:
+        self.prep = prep
+        parts_train: dict[str, Windows] = {}
+        parts_val: list[Windows] = []
+        for n in prep.train:
+            w = prep.walks[n]
+            win = build_windows(
+                w,
+                prep.ap_ids,
+                grid_ends(w, WINDOW, STRIDE, HORIZON),
+                prep.vision[n],
+                prep.fixes[n],
+                WINDOW,
+                HORIZON,
+            )
+            keep = ~_straddles(win, w)
+            val = _val_mask(win, w) & keep
+            parts_train[n] = win.take(np.flatnonzero(keep & ~val))
+            parts_val.append(win.take(np.flatnonzero(val)))
+        self.train = parts_train
+        self.val = Windows.concat(parts_val)
+        self.test_grid: dict[str, Windows] = {}
+        self.test_rows: dict[str, Windows] = {}
+        for n in prep.test:
+            w = prep.walks[n]
+            self.test_grid[n] = build_windows(
+                w,
+                prep.ap_ids,
+                grid_ends(w, WINDOW, STRIDE, HORIZON),
+                prep.vision[n],
+                prep.fixes[n],
+                WINDOW,
+                HORIZON,
+            )
+            ends = w.t_ms[w.t_ms >= w.t_ms[0] + (WINDOW - 1) * STEP_MS]
+            self.test_rows[n] = build_windows(
+                w, prep.ap_ids, ends, prep.vision[n], prep.fixes[n], WINDOW, HORIZON
+            )
+        all_train = Windows.concat(list(parts_train.values()))
+        self.in_scalers = {m: Scaler.fit(getattr(all_train, m)) for m in INPUTS}
+        self.out_scalers = {t: Scaler.fit(getattr(all_train, TASKS[t][0])) for t in TASKS}
+        self.in_channels = {m: getattr(all_train, m).shape[-1] for m in INPUTS}
+        self.lengths = {"position": WINDOW, "trajectory": HORIZON, "tracking": WINDOW}
+
+    def inputs(self, w: Windows) -> dict[str, torch.Tensor]:
+        out = {m: torch.tensor(self.in_scalers[m].apply(getattr(w, m)), dtype=torch.float32) for m in INPUTS}
+        out["mask"] = torch.tensor(w.mask)
+        return out
+
+    def target(self, w: Windows, task: str) -> torch.Tensor:
+        return torch.tensor(self.out_scalers[task].apply(getattr(w, TASKS[task][0])), dtype=torch.float32)
+
+    def clients(self, task: str) -> list[Client]:
+        return [Client(n, self.inputs(w), self.target(w, task)) for n, w in self.train.items()]
+
+    def val_client(self, task: str) -> Client:
+        return Client("validation", self.inputs(self.val), self.target(self.val, task))
+
+    def predict(self, twin: TaskTwin, w: Windows) -> np.ndarray:
+        pred = twin.predict(self.inputs(w)).numpy()
+        return self.out_scalers[twin.lineage.task].invert(pred)
+
+
+def _errors(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    e = np.linalg.norm(pred - true, axis=1)
+    return {"median_m": round(float(np.median(e)), 3), "p90_m": round(float(np.percentile(e, 90)), 3),
+            "mean_m": round(float(e.mean()), 3), "n": len(e)}  # fmt: skip
+
+
+def _fed(twin: TaskTwin, data: Data, cfg: UttConfig, fed: FedConfig) -> FedResult:
+    task = twin.lineage.task
+    return fed_train(twin, data.clients(task), data.val_client(task), fed)
+
+
+def _fed_summary(r: FedResult) -> dict[str, Any]:
+    return {
+        "train_s": round(r.train_s, 2),
+        "comm_s": round(r.comm_s, 4),
+        "comm_mb": round(r.comm_bytes / 1e6, 2),
+        "params": r.n_params,
+        "round_kept": r.best_round,
+        "val_loss": round(min(r.val_curve), 4) if r.val_curve else math.nan,
+    }
+
+
+def run(data_paths: list[Path], cfg: UttConfig) -> tuple[dict[str, Any], list[list[Any]]]:
+    """Train and evaluate every twin; returns the report and the positioning rows for the CSV."""
+    torch.set_num_threads(cfg.threads)
+    wall0 = time.perf_counter()
+    prep = prepare(data_paths, cfg)
+    t = time.perf_counter()
+    data = Data(prep)
+    timings = dict(prep.timings, windows_s=round(time.perf_counter() - t, 2))
+    fed = FedConfig(rounds=cfg.rounds, local_epochs=cfg.local_epochs, seed=cfg.seed)
+    report: dict[str, Any] = {
+        "split": {
+            "train_walks": prep.train,
+            "test_walks": prep.test,
+            "validation": "blocks 2 and 5 of 8 (in time) of each training walk",
+            "unlabelled_walks_not_used": prep.unlabelled,
+            "skipped_files": prep.skipped,
+            "windows": {
+                "train": int(sum(len(w) for w in data.train.values())),
+                "val": len(data.val),
+                "test_grid": int(sum(len(w) for w in data.test_grid.values())),
+                "test_rows": int(sum(len(w) for w in data.test_rows.values())),
+            },
+        },
+        "sites": {s: g.as_dict() for s, g in prep.geometry.items()},
+        "vision": "SIMULATED (pinhole camera, 10 fps, pixel noise, 5% misses, pillar occlusion) from ground truth",
+        "federation": {"clients": list(data.train), "rounds": cfg.rounds, "local_epochs": fed.local_epochs},
+    }
+    test_all = Windows.concat(list(data.test_grid.values()))
+    training: dict[str, Any] = {}
+    nm: dict[str, Any] = {}
+
+    def score(twin: TaskTwin) -> float:
+        task = twin.lineage.task
+        return round(nmse(data.predict(twin, test_all), getattr(test_all, TASKS[task][0])), 4)
+
+    def val_score(twin: TaskTwin) -> float:
+        task = twin.lineage.task
+        return nmse(data.predict(twin, data.val), getattr(data.val, TASKS[task][0]))
+
+    # direct mapping: each task twin from its own modality
+    t = time.perf_counter()
+    direct: dict[str, TaskTwin] = {}
+    for task, (_f, _c, modality) in TASKS.items():
+        twin = new_twin(task, task, [modality], data.in_channels, data.lengths, cfg.d, seed=cfg.seed)
+        training[f"direct {task}"] = _fed_summary(_fed(twin, data, cfg, fed))
+        direct[task] = twin
+    timings["direct_s"] = round(time.perf_counter() - t, 2)
+    nm["direct"] = {task: score(tw) for task, tw in direct.items()}
+    train_mean = {t_: data.out_scalers[t_].mean for t_ in TASKS}
+    nm["mean predictor"] = {
+        t_: round(
+            nmse(
+                np.broadcast_to(train_mean[t_], getattr(test_all, TASKS[t_][0]).shape),
+                getattr(test_all, TASKS[t_][0]),
+            ),
+            4,
+        )
+        for t_ in TASKS
+    }
+
+    # transfer: position (FTM) -> trajectory
+    t = time.perf_counter()
+    tr = transfer(direct["position"], "trajectory<-position", "trajectory", data.lengths, cfg.seed)
+    training["transfer position->trajectory"] = _fed_summary(_fed(tr, data, cfg, fed))
+    nm["transfer position->trajectory"] = score(tr)
+    timings["transfer_s"] = round(time.perf_counter() - t, 2)
+
+    # merges and splits, per fuser
+    t = time.perf_counter()
+    merges: dict[str, dict[str, float]] = {
+        "trajectory+tracking->position": {},
+        "position+tracking->position (FTM+IMU)": {},
+    }
+    splits: dict[str, dict[str, float]] = {"position->trajectory": {}, "position->tracking": {}}
+    merged_twins: dict[str, TaskTwin] = {}
+    merged_val: dict[str, float] = {}
+    for fz in cfg.fusers:
+        m1 = merge(
+            [direct["trajectory"], direct["tracking"]],
+            f"position<-trajectory+tracking/{fz}",
+            "position",
+            fz,
+            data.lengths,
+            cfg.seed,
+        )
+        training[f"merge trajectory+tracking->position {fz}"] = _fed_summary(_fed(m1, data, cfg, fed))
+        merges["trajectory+tracking->position"][fz] = score(m1)
+        m2 = merge(
+            [direct["position"], direct["tracking"]],
+            f"position<-position+tracking/{fz}",
+            "position",
+            fz,
+            data.lengths,
+            cfg.seed,
+        )
+        training[f"merge position+tracking->position {fz}"] = _fed_summary(_fed(m2, data, cfg, fed))
+        merges["position+tracking->position (FTM+IMU)"][fz] = score(m2)
+        merged_twins[fz] = m2
+        merged_val[fz] = val_score(m2)
+        parts = split(
+            m2,
+            {"trajectory": f"trajectory<-split/{fz}", "tracking": f"tracking<-split/{fz}"},
+            data.lengths,
+            cfg.seed,
+        )
+        for task, tw in parts.items():
+            training[f"split position->{task} {fz}"] = _fed_summary(_fed(tw, data, cfg, fed))
+            splits[f"position->{task}"][fz] = score(tw)
+    timings["merge_split_s"] = round(time.perf_counter() - t, 2)
+    nm["merge"] = merges
+    nm["split"] = splits
+    nm["direct mapping (for comparison)"] = {
+        "position (FTM->position)": nm["direct"]["position"],
+        "trajectory (vision->trajectory)": nm["direct"]["trajectory"],
+        "tracking (IMU->tracking)": nm["direct"]["tracking"],
+    }
+    report["nmse_test"] = nm
+    chosen = min(merged_val, key=lambda k: merged_val[k])
+    report["merged_fuser"] = {
+        "chosen_on_validation": chosen,
+        "val_nmse": {k: round(v, 4) for k, v in merged_val.items()},
+    }
+
+    # downstream: positioning on every test row, trajectory 1 s ahead, IMU (tracking) generation
+    t = time.perf_counter()
+    rows: list[list[Any]] = []
+    pos_err: dict[str, list[np.ndarray]] = {"trilateration": [], "position": [], "merged": []}
+    true_all: list[np.ndarray] = []
+    for n in prep.test:
+        w, win = prep.walks[n], data.test_rows[n]
+        assert w.gt is not None
+        sel = w.t_ms >= w.t_ms[0] + (WINDOW - 1) * STEP_MS
+        truth = w.gt[sel]
+        t_raw = [r for r, s in zip(w.t_raw, sel, strict=True) if s]
+        preds = {
+            "trilateration": prep.fixes[n][sel],
+            "position": data.predict(direct["position"], win)[:, -1],
+            "merged": data.predict(merged_twins[chosen], win)[:, -1],
+        }
+        true_all.append(truth)
+        for method, p in preds.items():
+            pos_err[method].append(p)
+            rows.extend(
+                [
+                    n,
+                    tr_,
+                    round(float(a[0]), 4),
+                    round(float(a[1]), 4),
+                    round(float(b[0]), 4),
+                    round(float(b[1]), 4),
+                    method,
+                ]
+                for tr_, a, b in zip(t_raw, truth, p, strict=True)
+            )
+    truth_cat = np.concatenate(true_all)
+    positioning: dict[str, Any] = {m: _errors(np.concatenate(p), truth_cat) for m, p in pos_err.items()}
+    tri = positioning["trilateration"]["median_m"]
+    positioning["merged_vs_trilateration_median_gain"] = (
+        round(1 - positioning["merged"]["median_m"] / tri, 3) if tri > 0 else math.nan
+    )
+    positioning["position_vs_trilateration_median_gain"] = (
+        round(1 - positioning["position"]["median_m"] / tri, 3) if tri > 0 else math.nan
+    )
+    report["positioning_test_rows"] = positioning
+
+    fut_true = test_all.future[:, -1]
+    ok = np.isfinite(fut_true).all(axis=1)
+    traj_direct = data.predict(direct["trajectory"], test_all)[:, -1]
+    traj_transfer = data.predict(tr, test_all)[:, -1]
+    cv = _constant_velocity(test_all, prep, list(data.test_grid))
+    report["trajectory_1s_ahead"] = {
+        "trajectory twin (vision, simulated)": _errors(traj_direct[ok], fut_true[ok]),
+        "transfer position->trajectory (FTM)": _errors(traj_transfer[ok], fut_true[ok]),
+        "constant velocity (back-projected detections)": _errors(
+            cv[ok & np.isfinite(cv).all(axis=1)], fut_true[ok & np.isfinite(cv).all(axis=1)]
+        ),
+    }
+    report["tracking_generation_nmse"] = {
+        "direct (IMU->tracking)": nm["direct"]["tracking"],
+        "mean predictor (training mean)": nm["mean predictor"]["tracking"],
+        **{f"split position->tracking {fz}": v for fz, v in splits["position->tracking"].items()},
+    }
+    g, c = (
+        merges["position+tracking->position (FTM+IMU)"].get("gating"),
+        merges["position+tracking->position (FTM+IMU)"].get("concatenation"),
+    )
+    report["targets"] = {
+        "merged_median_gain_ge_20pct": bool(positioning["merged_vs_trilateration_median_gain"] >= 0.2),
+        "gating_nmse_le_concatenation (FTM+IMU merge)": bool(g is not None and c is not None and g <= c),
+    }
+    timings["downstream_s"] = round(time.perf_counter() - t, 2)
+    report["training"] = training
+    report["timings"] = timings
+    report["wall_s"] = round(time.perf_counter() - wall0, 1)
+    report["threads"] = cfg.threads
+    return report, rows
+
+
+def _constant_velocity(win: Windows, prep: Prepared, names: list[str]) -> np.ndarray:
+    """Back-project each window's detected boxes to the floor, fit a line in time over the window's
+    detections, and extrapolate 1 s past the window's end (NaN with fewer than two detections)."""
+    out = np.full((len(win), 2), np.nan)
+    tt = (np.arange(WINDOW) - (WINDOW - 1)) * STEP_MS / 1000.0
+    cams = {n: prep.vision[n].camera for n in names}
+    for i in range(len(win)):
+        det = win.vision[i, :, 4] > 0
+        if det.sum() < 2:
+            continue
+        cam = cams[win.walk[i]]
+        xy = cam.ground_point(win.vision[i, det, 0], win.vision[i, det, 1])
+        a = np.column_stack([np.ones(det.sum()), tt[det]])
+        coef, *_ = np.linalg.lstsq(a, xy, rcond=None)
+        out[i] = coef[0] + coef[1] * (HORIZON * STEP_MS / 1000.0)
+    return out
