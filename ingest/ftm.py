@@ -485,6 +485,17 @@ def recover_ap_positions(walks: list[Walk], site_files: list[Path] | None = None
     return geo
 
 
+def _lstsq2(j: np.ndarray, res: np.ndarray) -> np.ndarray:
+    """Least-squares ``step`` minimising ``|j @ step - res|`` for a ``(k, 2)`` ``j``: the normal equations in
+    closed form (much faster than ``np.linalg.lstsq`` per row); a rank-deficient ``j`` falls back to it."""
+    a, b, c = float(j[:, 0] @ j[:, 0]), float(j[:, 0] @ j[:, 1]), float(j[:, 1] @ j[:, 1])
+    det = a * c - b * b
+    if det <= 1e-12 * max(a * c, 1e-300):
+        return np.linalg.lstsq(j, res, rcond=None)[0]
+    u, v = float(j[:, 0] @ res), float(j[:, 1] @ res)
+    return np.array([(c * u - b * v) / det, (a * v - b * u) / det])
+
+
 def trilaterate(walk: Walk, geo: SiteGeometry, margin_m: float = 10.0) -> np.ndarray:
     """Least-squares position per row from the raw RTT distances of the APs ranged in that row (>= 3 APs;
     otherwise the previous fix is held). Gauss-Newton from the previous fix (first: the APs' centroid); a
@@ -500,10 +511,10 @@ def trilaterate(walk: Walk, geo: SiteGeometry, margin_m: float = 10.0) -> np.nda
             x = est.copy()
             for _ in range(15):
                 diff = x - a
-                r = np.maximum(np.linalg.norm(diff, axis=1), 1e-6)
-                step, *_ = np.linalg.lstsq(diff / r[:, None], d - r, rcond=None)
+                r = np.maximum(np.sqrt((diff**2).sum(axis=1)), 1e-6)
+                step = _lstsq2(diff / r[:, None], d - r)
                 x = x + step
-                if np.linalg.norm(step) < 1e-6:
+                if step[0] ** 2 + step[1] ** 2 < 1e-12:
                     break
             if np.all(np.isfinite(x)) and np.all(x >= lo) and np.all(x <= hi):
                 est = x

@@ -33,6 +33,7 @@ class Topics:
     telemetry_ftm: str
     telemetry_imu: str
     telemetry_vision_sim: str
+    features_multimodal: str
 
     @classmethod
     def from_settings(cls, settings: NettwinSettings) -> Topics:
@@ -50,6 +51,7 @@ class Topics:
             telemetry_ftm=f"{p}telemetry.ftm",
             telemetry_imu=f"{p}telemetry.imu",
             telemetry_vision_sim=f"{p}telemetry.vision_sim",
+            features_multimodal=f"{p}features.multimodal",
         )
 
 
@@ -83,5 +85,11 @@ def topic_specs(settings: NettwinSettings) -> list[TopicSpec]:
             n,
             False,
             "SIMULATED camera detections of replayed walks, key = device/walk",
+        ),
+        TopicSpec(
+            t.features_multimodal,
+            n,
+            False,
+            "per-device time-aligned FTM/IMU/vision windows (JSON, 2 s at 10 Hz + mask), key = device/walk",
         ),
     ]

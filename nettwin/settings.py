@@ -98,6 +98,9 @@ class SecuritySettings(BaseModel):
     max_staleness: int = Field(default=500, ge=0)
     # how the store screens and aggregates updates (twin_store/screening): temporal is nettwin's default
     defense: str = "temporal"
+    # BS agents screen each square's hourly traffic online (robust z-score + drift detection) and leave
+    # flagged hours out of local training; the flag is kept on the forecast outcome rows
+    screen_traffic: bool = True
 
 
 class NettwinSettings(BaseSettings):

@@ -4,10 +4,10 @@ poisoning`` and by ``nettwin attack`` against a live deployment.
 Fake BSs (no key; they exist only if the store admits unknown BSs):
 - ``mpaf``: MPAF-style random fake updates. Each fake BS holds a random model ``w`` of its own and sends
   ``reference + lam * (w - reference)``: a large step towards a meaningless twin.
-- ``tpi``: an update crafted from the current global twin (the seed project's TPI idea). The attacker
-  watches the global twin move, ``step = global_now - global_before``, and sends
-  ``global_now - kappa * step``: close to the twin every BS downloads, so it looks ordinary, but it
-  consistently pulls the twin back along its own learning direction.
+- ``tpi``: a stealthy update crafted from the current global twin (the seed project's TPI idea). The
+  attacker watches how far the global twin moves in a day, ``|global_now - global_before|``, and sends
+  its cluster twin moved that far (times ``kappa``) towards its own meaningless model: an update of an
+  ordinary size that pulls, every time it is sent, in the same harmful direction.
 
 Compromised BSs (genuine keys, honest training, then tampering):
 - ``signflip``: ``reference - boost * (honest - reference)``;
@@ -30,7 +30,7 @@ FAKE_BS_ATTACKS = frozenset({"mpaf", "tpi"})
 @dataclass(frozen=True)
 class AttackConfig:
     mpaf_lambda: float = 5.0
-    tpi_kappa: float = 3.0
+    tpi_kappa: float = 1.0
     flip_boost: float = 3.0
     scale_factor: float = 10.0
     spike_share: float = 0.05  # share of hours with an injected spike
@@ -50,8 +50,16 @@ def mpaf(reference: torch.Tensor, own_model: torch.Tensor, lam: float) -> torch.
     return reference + lam * (own_model - reference)
 
 
-def tpi(global_now: torch.Tensor, global_before: torch.Tensor, kappa: float) -> torch.Tensor:
-    return global_now - kappa * (global_now - global_before)
+def tpi(
+    reference: torch.Tensor,
+    global_now: torch.Tensor,
+    global_before: torch.Tensor,
+    own_model: torch.Tensor,
+    kappa: float,
+) -> torch.Tensor:
+    direction = own_model - global_now
+    step = float((global_now - global_before).norm())
+    return reference + kappa * step * direction / direction.norm().clamp_min(1e-12)
 
 
 def poison_series(z: np.ndarray, first_hour: int, cfg: AttackConfig, rng: np.random.Generator) -> np.ndarray:

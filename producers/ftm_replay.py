@@ -7,7 +7,8 @@ order, to three topics keyed by ``device/walk`` (so one walk stays in one partit
   line, aps: {ap: [rtt_m, std_m, rss_dbm]}}``;
 * ``telemetry.imu``: one per row: ``{walk, device, t_ms, line, acc, gyro, mag, azimuth, pitch, roll}``;
 * ``telemetry.vision_sim``: the SIMULATED camera's detections at 10 fps for walks with ground truth
-  (``simulated: true``, ``u, v, box_w, box_h, detected``).
+  (``simulated: true``, ``u, v, box_w, box_h, detected``, and ``floor_x, floor_y``: the box back-projected
+  with the simulated camera's calibration, 0 when not detected).
 
 Rows the reader could not parse go to the dead-letter topic with their original text, file and line.
 """
@@ -117,6 +118,7 @@ def _record(kind: int, w: Walk, i: int, vision: dict[str, SimulatedDetections]) 
         "walk": w.name, "device": w.device, "t_ms": float(v.t_ms[i]), "simulated": True,
         "u": round(float(o[0]), 2), "v": round(float(o[1]), 2), "box_w": round(float(o[2]), 2),
         "box_h": round(float(o[3]), 2), "detected": bool(o[4] > 0),
+        "floor_x": round(float(v.floor_xy[i, 0]), 4), "floor_y": round(float(v.floor_xy[i, 1]), 4),
     }  # fmt: skip
 
 

@@ -10,6 +10,9 @@ fed has been emitted and sent, so a crashed worker re-reads exactly the input of
 Re-emitted windows overwrite identical points in InfluxDB (same series and timestamp). Faust flushes its
 producer before each (non-transactional) offset commit, so acknowledged input never has unsent output.
 
+``multimodal``: ``replay ftm``'s FTM, IMU and SIMULATED vision records -> per-device time-aligned windows
+with a modality mask on ``features.multimodal`` (``stream_processors/multimodal_live.py``).
+
 ``bs-twins``: hourly windows -> forecasts/outcomes on ``forecasts`` and local updates on ``updates.local``.
 It follows ``twin.models`` through a plain consumer thread (every worker needs every twin, so no group).
 It never acknowledges: a restarted worker rebuilds the BS histories by reading ``features.traffic`` from
@@ -21,9 +24,11 @@ Training runs in an executor thread, so heartbeats and windowing go on meanwhile
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -35,6 +40,7 @@ from ingest.schema import MalformedMessage, decode
 from ingest.topics import Topics
 from nettwin.settings import NettwinSettings
 from stream_processors.bs_agents import BsAgents
+from stream_processors.multimodal_live import MultimodalWindower, encode_window
 from stream_processors.processor import PartitionProcessor, counters_total
 from stream_processors.sensor_screening import SensorScreening
 from twin_store.keys import KeyRegistry
@@ -135,7 +141,9 @@ def build_app(settings: NettwinSettings) -> faust.App:
                 )
 
     keys_file = settings.security.keys_file
-    agents = BsAgents(KeyRegistry.load(keys_file) if keys_file is not None else None)
+    agents = BsAgents(
+        KeyRegistry.load(keys_file) if keys_file is not None else None, settings.security.screen_traffic
+    )
     follower = TwinFollower(settings)
     forecasts = app.topic(
         topics.forecasts, value_type=bytes, value_serializer="raw", partitions=kafka.partitions
@@ -179,6 +187,61 @@ def build_app(settings: NettwinSettings) -> faust.App:
                 await forecasts.send(value=rows.encode(), partition=msg.partition)
             for update in out.updates:
                 await updates.send(key=update.key, value=update.encode(), partition=msg.partition)
+
+    # multimodal: telemetry.ftm + telemetry.imu + telemetry.vision_sim -> features.multimodal, per device/walk
+    # time-aligned windows with a modality mask (stream_processors/multimodal_live.py). The three topics are
+    # keyed alike, so a device's records share a partition number. Never acknowledges: a restarted worker
+    # re-reads the topics and re-emits the windows (same key and end_ms).
+    mm_kinds = {
+        topics.telemetry_ftm: "ftm",
+        topics.telemetry_imu: "imu",
+        topics.telemetry_vision_sim: "vision",
+    }
+    mm_source = app.topic(*mm_kinds, value_type=bytes, value_serializer="raw", partitions=kafka.partitions)
+    mm_sink = app.topic(
+        topics.features_multimodal, value_type=bytes, value_serializer="raw", partitions=kafka.partitions
+    )
+    windowers: dict[int, MultimodalWindower] = {}
+
+    async def send_windows(windows: list[dict[str, Any]], partition: int) -> None:
+        for w in windows:
+            await mm_sink.send(key=w["key"].encode(), value=encode_window(w), partition=partition)
+
+    @app.agent(mm_source, name="multimodal")
+    async def multimodal(stream: Any) -> None:
+        async for event in stream.noack().events():
+            msg = event.message
+            windower = windowers.setdefault(msg.partition, MultimodalWindower())
+            key = msg.key.decode(errors="replace") if msg.key else ""
+            where = f"{msg.topic}[{msg.partition}]@{msg.offset}"
+            try:
+                rec = json.loads(event.value)
+                windows, late = windower.on_record(key, mm_kinds[msg.topic], rec, time.monotonic())
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                reason = f"unreadable {mm_kinds[msg.topic]} record: {exc!r}"
+                windows, late = [], False
+                letter = DeadLetter(reason, msg.topic, where, event.value, "multimodal")
+                await deadletters.send(
+                    value=letter.original, key=letter.source.encode(), headers=letter.headers()
+                )
+            if late:
+                reason = f"late: event time {rec['t_ms']} is not after the last emitted window of {key}"
+                letter = DeadLetter(reason, msg.topic, where, event.value, "multimodal")
+                await deadletters.send(
+                    value=letter.original, key=letter.source.encode(), headers=letter.headers()
+                )
+            await send_windows(windows, msg.partition)
+
+    @app.timer(interval=0.5)
+    async def multimodal_idle() -> None:  # idle modalities and the grace period release windows
+        now = time.monotonic()
+        for partition, windower in list(windowers.items()):
+            await send_windows(windower.flush(now), partition)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode types async receivers too narrowly
+    async def on_multimodal_revoked(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        for tp in args[0] if args else ():  # another worker re-reads these partitions
+            windowers.pop(tp.partition, None)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode types async receivers too narrowly
     async def on_revoked(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:

@@ -25,6 +25,7 @@ import torch
 
 from ingest.milan import HOUR_MS
 from ingest.schema import RecordBatch
+from stream_processors.telemetry_screen import SourceScreen
 from twin_store.forecaster import TwinModel
 from twin_store.keys import KeyRegistry
 from twin_store.local_updates import StreamPlan, local_updates, profile_upto
@@ -65,15 +66,17 @@ def as_of(msg: TwinMessage) -> int:
 @dataclass
 class SquareHistory:
     raw: np.ndarray = field(default_factory=lambda: np.full(1024, np.nan))  # index = hour
+    flagged: np.ndarray = field(default_factory=lambda: np.zeros(1024, bool))  # telemetry screen's verdicts
 
-    def put(self, hour: int, value: float) -> None:
+    def put(self, hour: int, value: float, flagged: bool = False) -> None:
         if hour < 0:
             return  # before the series' hour 0: outside the plan
         if hour >= self.raw.size:
-            grown = np.full(max(hour + 1, 2 * self.raw.size), np.nan)
-            grown[: self.raw.size] = self.raw
-            self.raw = grown
+            size = max(hour + 1, 2 * self.raw.size)
+            self.raw = np.concatenate([self.raw, np.full(size - self.raw.size, np.nan)])
+            self.flagged = np.concatenate([self.flagged, np.zeros(size - self.flagged.size, bool)])
         self.raw[hour] = value
+        self.flagged[hour] = flagged
 
 
 @dataclass
@@ -85,12 +88,15 @@ class AgentOutput:
 
 
 FORECAST_COLUMNS = ("predicted", "cluster")
-OUTCOME_COLUMNS = ("predicted", "actual", "abs_error", "cluster")
+# flagged: 1 if the telemetry screen flagged the actual value (kept, but left out of local training)
+OUTCOME_COLUMNS = ("predicted", "actual", "abs_error", "flagged", "cluster")
 
 
 class BsAgents:
-    def __init__(self, keys: KeyRegistry | None = None) -> None:
+    def __init__(self, keys: KeyRegistry | None = None, screen_traffic: bool = False) -> None:
         self.keys = keys  # signs every local update when the deployment authenticates them
+        # per-square online screen of the hourly (z-scored) traffic: flagged hours never reach training
+        self.screens: dict[int, SourceScreen] | None = {} if screen_traffic else None
         self.twins = TwinVersions()
         self.history: dict[int, SquareHistory] = {}
         self.issued: dict[tuple[int, int], tuple[float, int]] = {}  # (square, hour) -> (predicted, cluster)
@@ -103,6 +109,7 @@ class BsAgents:
             "updates": 0,
             "skipped_updates": 0,
             "other_batches": 0,
+            "flagged_hours": 0,
         }
         self.backlog: list[RecordBatch] = []
         self._model: TwinModel | None = None
@@ -191,12 +198,19 @@ class BsAgents:
         self.counters["hours"] += 1
         known = [(s, v) for s, v in values if str(s) in scaler]
         out.skipped += len(values) - len(known)
-        outcome_rows: list[tuple[int, float, float, float, int]] = []
+        outcome_rows: list[tuple[int, float, float, float, float, int]] = []
+        hour_ms = plan.start_ms + hour * HOUR_MS
         for s, v in known:
-            self.history.setdefault(s, SquareHistory()).put(hour, v)
+            flagged = False
+            if self.screens is not None:
+                mean, std = scaler[str(s)]
+                screen = self.screens.setdefault(s, SourceScreen("robust"))
+                flagged = screen.update((v - mean) / std, hour_ms)[1]
+                self.counters["flagged_hours"] += int(flagged)
+            self.history.setdefault(s, SquareHistory()).put(hour, v, flagged)
             issued = self.issued.pop((s, hour), None)
             if issued is not None:
-                outcome_rows.append((s, issued[0], v, abs(v - issued[0]), issued[1]))
+                outcome_rows.append((s, issued[0], v, abs(v - issued[0]), float(flagged), issued[1]))
         if outcome_rows:
             out.outcomes.append(_batch(OUTCOME_COLUMNS, plan, hour, outcome_rows))
             self.counters["outcomes"] += len(outcome_rows)
@@ -249,7 +263,7 @@ class BsAgents:
             bases.append(twin.version)
         if not fresh:
             return
-        series = [self._z(s, scaler, np.arange(hour + 1)) for s in fresh]
+        series = [self._z(s, scaler, np.arange(hour + 1), training=True) for s in fresh]
         new, loss, counts = local_updates(model, torch.stack(starts), series, fresh, hour, plan)
         hidden = model.hidden
         for k, s in enumerate(fresh):
@@ -282,12 +296,17 @@ class BsAgents:
         self.counters["updates"] += len(out.updates)
         self.awaiting.update({int(u.twin_id): hour for u in out.updates})
 
-    def _z(self, square: int, scaler: dict[str, list[float]], hours: np.ndarray) -> np.ndarray:
-        raw = self.history[square].raw
+    def _z(
+        self, square: int, scaler: dict[str, list[float]], hours: np.ndarray, training: bool = False
+    ) -> np.ndarray:
+        """z-scored history at ``hours`` (NaN where unknown; for training, also where screened out)."""
+        history = self.history[square]
         mean, std = scaler[str(square)]
         vals = np.full(hours.shape, np.nan)
-        ok = (hours >= 0) & (hours < raw.size)
-        vals[ok] = raw[hours[ok]]
+        ok = (hours >= 0) & (hours < history.raw.size)
+        vals[ok] = history.raw[hours[ok]]
+        if training:
+            vals[ok & history.flagged[np.clip(hours, 0, history.raw.size - 1)]] = np.nan
         return (vals - mean) / std
 
 

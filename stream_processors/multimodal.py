@@ -82,6 +82,82 @@ def grid_ends(walk: Walk, window: int, stride: int, horizon: int = 0) -> np.ndar
     return np.arange(first, t1 + 1e-9, stride * STEP_MS)
 
 
+@dataclass
+class Readings:
+    """One device's readings per modality, each sorted by time, in the windows' channel layout.
+
+    ``ftm``: AP id -> (``t_ms (k,)``, ``[rtt_m, std_m, rss_dbm] (k, 3)``), ranged readings only;
+    ``imu``: (``t_ms``, ``(k, 13)`` acc, gyro, mag, sin/cos azimuth, pitch, roll);
+    ``vision``: (``t_ms``, ``(k, 7)`` u, v, box_w, box_h, detected, floor x, y) or None;
+    ``fix``: (``t_ms``, ``(k, 2)``) a position from the FTM ranging alone, or None.
+    The offline windows (:func:`build_windows`) and the live ones (``multimodal_live``) both go through
+    :func:`align`, so a live window equals the offline window on the same rows.
+    """
+
+    ftm: dict[str, tuple[np.ndarray, np.ndarray]]
+    imu: tuple[np.ndarray, np.ndarray]
+    vision: tuple[np.ndarray, np.ndarray] | None = None
+    fix: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def of_walk(
+        cls, walk: Walk, vision: SimulatedDetections | None = None, fix: np.ndarray | None = None
+    ) -> Readings:
+        ftm = {}
+        for j, ap in enumerate(walk.ap_ids):
+            rows = walk.rtt[:, j] > 0
+            ftm[ap] = (
+                walk.t_ms[rows],
+                np.column_stack([walk.rtt[rows, j], walk.std[rows, j], walk.rss[rows, j]]),
+            )
+        return cls(
+            ftm,
+            (walk.t_ms, imu_channels(walk.imu)),
+            (vision.t_ms, np.column_stack([vision.obs, vision.floor_xy])) if vision is not None else None,
+            (walk.t_ms, fix) if fix is not None else None,
+        )
+
+
+def imu_channels(imu: np.ndarray) -> np.ndarray:
+    """``(k, 12)`` IMU rows (IMU_CHANNELS order) -> the windows' 13 channels (azimuth as sin, cos)."""
+    az = imu[:, 9]
+    return np.column_stack([imu[:, :9], np.sin(az), np.cos(az), imu[:, 10:12]])
+
+
+def align(
+    readings: Readings,
+    ap_ids: list[str],
+    end_ms: np.ndarray,
+    window: int = 20,
+    max_age_ms: float = 1000.0,
+    min_present: float = 0.25,
+    vision_max_age_ms: float = 60.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``ftm (N, T, 4A + 2), imu (N, T, 13), vision (N, T, 7), mask (N, 3)`` on the 10 Hz grid."""
+    n = len(end_ms)
+    tq = end_ms[:, None] + (np.arange(window) - (window - 1)) * STEP_MS  # (N, T)
+    ftm = np.zeros((n, window, 4 * len(ap_ids) + 2))
+    any_ap = np.zeros((n, window), dtype=bool)
+    for k, ap in enumerate(ap_ids):
+        if ap not in readings.ftm:
+            continue
+        t_ap, vals = readings.ftm[ap]
+        held, ok = hold(t_ap, vals, tq, max_age_ms)
+        ftm[:, :, 4 * k : 4 * k + 3] = held
+        ftm[:, :, 4 * k + 3] = ok
+        any_ap |= ok
+    if readings.fix is not None:
+        ftm[:, :, -2:], _ = hold(*readings.fix, tq, max_age_ms)
+    imu, imu_ok = hold(*readings.imu, tq, max_age_ms)
+    vis = np.zeros((n, window, 7))
+    vis_ok = np.zeros((n, window), dtype=bool)
+    if readings.vision is not None and len(readings.vision[0]):
+        vis, vis_ok = hold(*readings.vision, tq, vision_max_age_ms)
+        vis_ok &= vis[:, :, 4] > 0
+    mask = np.column_stack([m.mean(axis=1) >= min_present for m in (any_ap, imu_ok, vis_ok)])
+    return ftm, imu, vis, mask
+
+
 def build_windows(
     walk: Walk,
     ap_ids: list[str],
@@ -100,30 +176,9 @@ def build_windows(
     """
     n = len(end_ms)
     tq = end_ms[:, None] + (np.arange(window) - (window - 1)) * STEP_MS  # (N, T)
-    ftm = np.zeros((n, window, 4 * len(ap_ids) + 2))
-    any_ap = np.zeros((n, window), dtype=bool)
-    for k, ap in enumerate(ap_ids):
-        if ap not in walk.ap_ids:
-            continue
-        j = walk.ap_ids.index(ap)
-        rows = walk.rtt[:, j] > 0
-        vals = np.column_stack([walk.rtt[rows, j], walk.std[rows, j], walk.rss[rows, j]])
-        held, ok = hold(walk.t_ms[rows], vals, tq, max_age_ms)
-        ftm[:, :, 4 * k : 4 * k + 3] = held
-        ftm[:, :, 4 * k + 3] = ok
-        any_ap |= ok
-    if fix is not None:
-        ftm[:, :, -2:], _ = hold(walk.t_ms, fix, tq, max_age_ms)
-    az = walk.imu[:, 9]
-    imu_vals = np.column_stack([walk.imu[:, :9], np.sin(az), np.cos(az), walk.imu[:, 10:12]])
-    imu, imu_ok = hold(walk.t_ms, imu_vals, tq, max_age_ms)
-    vis = np.zeros((n, window, 7))
-    vis_ok = np.zeros((n, window), dtype=bool)
-    if vision is not None:
-        held, vis_ok = hold(vision.t_ms, np.column_stack([vision.obs, vision.floor_xy]), tq, 60.0)
-        vis = held
-        vis_ok &= vis[:, :, 4] > 0
-    mask = np.column_stack([m.mean(axis=1) >= min_present for m in (any_ap, imu_ok, vis_ok)])
+    ftm, imu, vis, mask = align(
+        Readings.of_walk(walk, vision, fix), ap_ids, end_ms, window, max_age_ms, min_present
+    )
     if walk.gt is not None:
         gx, gy = walk.gt[:, 0], walk.gt[:, 1]
         pos = np.stack([np.interp(tq, walk.t_ms, gx), np.interp(tq, walk.t_ms, gy)], axis=-1)

@@ -80,7 +80,7 @@ def test_forecasts_come_before_their_hour_and_outcomes_after() -> None:
     got = fc.values[fc.squares.tolist().index(3), 0]
     assert abs(got - (float(expected) * 10.0 + 100.0)) < 1e-4
     [oc] = out[130][0].outcomes  # hour 130 arrived: predicted vs actual
-    assert oc.columns == ("predicted", "actual", "abs_error", "cluster")
+    assert oc.columns == ("predicted", "actual", "abs_error", "flagged", "cluster")
     row = oc.values[oc.squares.tolist().index(3)]
     assert row[0] == got and row[1] == series(3, 131)[130] and row[2] == abs(row[1] - row[0]) and row[3] == 0
     # the store turns them into `forecast` rows, round-tripping the wire format
@@ -154,3 +154,22 @@ def test_twin_versions_pick_the_newest_as_of_the_hour() -> None:
         and versions.at(b"cluster:1", 19) is None
         and versions.cluster_of(20) == {1: 0, 2: 1}
     )
+
+
+def test_screened_traffic_is_kept_and_flagged_but_left_out_of_local_training() -> None:
+    agents = BsAgents(screen_traffic=True)
+    for t in twins(MODEL.init(1, 0)[0]):
+        agents.on_twin(t)
+    data = {s: series(s, 141) for s in SQUARES}
+    data[3][133] += 30 * 10.0  # a 30-sigma spike in square 3's traffic, hour 133
+    flags = {}
+    for h in range(141):
+        out = agents.on_hour(hour_batch(h, {s: data[s][h] for s in SQUARES}))
+        for oc in out.outcomes:
+            for sq, row in zip(oc.squares.tolist(), oc.values.tolist(), strict=True):
+                flags[(sq, h)] = row[oc.columns.index("flagged")]
+    assert flags[(3, 133)] == 1.0 and flags[(7, 133)] == 0.0  # marked on the outcome row, value kept
+    assert agents.history[3].raw[133] == data[3][133]
+    training = agents._z(3, SCALER, np.arange(141), training=True)
+    assert np.isnan(training[133]) and np.isfinite(training[120:133]).all()
+    assert agents.counters["flagged_hours"] < 0.02 * 2 * 141 + 1  # the smooth series is rarely flagged

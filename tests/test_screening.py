@@ -201,7 +201,15 @@ def test_a_quarantined_update_never_enters_a_twin_and_is_acknowledged_to_its_age
     keys.sign(msg)  # a compromised BS: its key is genuine
     result = state.apply(msg)
     assert result is not None and result.decision == "quarantined" and result.reason.startswith("outlier")
-    assert torch.equal(state.clusters.twins[0], before)
+    # the cluster twin is now the FedAvg of the other members only: BS 5's earlier update was evicted too
+    others = torch.stack([state.clusters.latest[s][0] for s in members if s != 5])
+    assert 5 not in state.clusters.latest and state.counters["evictions"] == 1
+    assert torch.allclose(state.clusters.twins[0], others.mean(dim=0), atol=1e-6)
+    assert float((state.clusters.twins[0] - before).norm()) < 0.01 * float(
+        (torch.as_tensor(boosted) - before).norm()
+    )
     ack = [t for t in result.twins if t.level == "bs"]
-    assert ack and ack[0].meta["decided_seq"] == 7 and ack[0].meta["seq"] == 1
+    assert ack and ack[0].meta["decided_seq"] == 7 and ack[0].meta["seq"] == 1 and ack[0].meta["evicted"]
+    restarted = TwinState.from_messages({**{m.key: m for m in msgs}, ack[0].key: ack[0]}, psi=0.0)
+    assert 5 not in restarted.clusters.latest  # the eviction survives a restart
     assert any(line.startswith("update,cluster=0,decision=quarantined,square=5 ") for line in result.lines)

@@ -60,12 +60,24 @@ def test_fake_and_compromised_bs_updates_are_refused_and_listed(
     rows = json.loads(run_cli(secured, "query", "updates", "--json").stdout)
     assert counters["quarantined"] == 1 and counters["uploads"] == 0, (counters, rows[:3])
     after = read_latest_twins(secured)
-    for key, twin in before.items():
-        if twin.level in ("cluster", "global"):
-            assert np.array_equal(after[key].params, twin.params), key  # no twin moved
     assert not any(k.startswith(b"bs:9000") for k in after)
     ack = after[f"bs:{victim}".encode()].meta
     assert ack["decided_seq"] > ack["seq"]  # the agent of the victim learns its update was decided on
+    assert ack["evicted"]  # and its earlier accepted update left its cluster twin
+    cid = ack["cluster"]
+    for key, twin in before.items():
+        if twin.level == "cluster" and twin.twin_id != str(cid):
+            assert np.array_equal(after[key].params, twin.params), key
+    # the victim's cluster twin is the FedAvg of the remaining members' accepted updates
+    # (or, if it was the cluster's only reporting member, the global twin)
+    members = after[f"cluster:{cid}".encode()].meta["members"]
+    kept = [after[f"bs:{s}".encode()] for s in members if s != victim]
+    if kept:
+        weights = np.array([m.meta["n_samples"] for m in kept], dtype=np.float64)
+        expected = (np.stack([m.params for m in kept]) * (weights / weights.sum())[:, None]).sum(axis=0)
+    else:
+        expected = after[b"global:0"].params
+    assert np.allclose(after[f"cluster:{cid}".encode()].params, expected, atol=1e-5)
 
     res = run_cli(secured, "query", "updates", "--decision", "rejected", "--json")
     assert res.returncode == 0, res.stderr

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from nettwin.cli import bench
 from nettwin.settings import load_settings
 from tests.conftest import run_cli
 
@@ -30,18 +32,42 @@ def test_bench_utt_cli_writes_positioning_csv_for_unseen_walks(tmp_path: Path) -
         (data / f"{f}.csv").symlink_to(RAW / f"{f}.csv")
     (data / "CarPark__7__broken.csv").write_text("hello,world\n1,2\n")  # not a walk: skipped, reported
     out = tmp_path / "pred.csv"
-    proc = run_cli(
-        load_settings(),
-        "bench", "utt", "--data", str(data), "--predictions", str(out),
-        "--rounds", "2", "--fusers", "gating,concatenation", "--json",
-        timeout=240,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
+    res = CliRunner().invoke(
+        bench.app,
+        [
+            "utt", "--data", str(data), "--predictions", str(out), "--rounds", "2",
+            "--fusers", "gating,concatenation", "--unified-fusers", "gating", "--seed-repeats", "2", "--json",
+        ],
+        obj=load_settings(),
+    )  # fmt: skip  # in process: one torch import (the error case below goes through the real CLI)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
     assert report["split"]["test_walks"] == ["CarPark__6__613", "CarPark__6__624"]
     assert set(report["split"]["train_walks"]).isdisjoint(report["split"]["test_walks"])
     assert "CarPark__7__broken.csv" in report["split"]["skipped_files"]
     assert set(report["nmse_test"]["merge"]["trajectory+tracking->position"]) == {"gating", "concatenation"}
+    unified = report["nmse_test"]["unified"]["gating"]  # one model, every direction, beside the specific ones
+    assert set(unified["nmse"]) == {
+        "transfer position->trajectory",
+        "merge trajectory+tracking->position",
+        "merge position+tracking->position (FTM+IMU)",
+        "split position->trajectory",
+        "split position->tracking",
+    }
+    for direction, v in unified["nmse"].items():
+        assert 0 < v["unified"] < 5 and 0 < v["function_specific"] < 5, direction
+    fs = report["nmse_test"]["merge"]["position+tracking->position (FTM+IMU)"]["gating"]
+    assert unified["nmse"]["merge position+tracking->position (FTM+IMU)"]["function_specific"] == fs
+    assert report["training"]["unified gating"]["round_kept"] in (1, 2)
+    assert (
+        unified["train_s"]["unified"] > 0
+        and unified["params"]["unified"] < unified["params"]["function_specific"]
+    )
+    spread = report["nmse_test"]["merge_seed_spread"]["position+tracking->position (FTM+IMU)"]
+    assert spread["gating"]["seeds"] == [1, 1001] and spread["gating"]["test_nmse"][0] == fs
+    assert spread["gating"]["std"] > 0 and spread["concatenation"]["mean"] > 0
+    assert report["federation"]["defense"] == "mean"
+    assert report["training"]["direct position"]["accepted"] == 2 * 2  # 2 clients x 2 rounds, all accepted
     pos = report["positioning_test_rows"]
     assert pos["trilateration"]["n"] == pos["merged"]["n"] == pos["position"]["n"] > 1000
     assert 0 < pos["trilateration"]["median_m"] < 10

@@ -14,7 +14,21 @@ from ingest.ftm import discover, read_site_file, read_walk, recover_ap_positions
 from ingest.simulated_vision import PinholeCamera, VisionNoise, camera_for_scene, simulate_detections
 from nettwin.errors import InputError
 from stream_processors.multimodal import build_windows, grid_ends
-from twin_store.utt import FUSERS, make_fuser, merge, new_twin, nmse, split, transfer
+from twin_store.utt import (
+    FUSERS,
+    UNIFIED_DIRECTIONS,
+    Client,
+    FedConfig,
+    UnifiedTwin,
+    fed_train,
+    find_direction,
+    make_fuser,
+    merge,
+    new_twin,
+    nmse,
+    split,
+    transfer,
+)
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "ftm_imu" / "raw"
 needs_data = pytest.mark.skipif(not RAW.is_dir(), reason="../shared/data/ftm_imu/raw is absent")
@@ -228,3 +242,89 @@ def test_operations_reuse_frozen_parts_and_record_lineage() -> None:
     assert all(not p.requires_grad for p in parts["tracking"].fuser.parameters())  # type: ignore[union-attr]
     y = np.random.default_rng(0).normal(size=(50, 2))
     assert nmse(y, y) == 0.0 and nmse(np.zeros_like(y) + y.mean(axis=0), y) == pytest.approx(1.0)
+
+
+def _area(name: str, seed: int, scale: float = 1.0) -> Client:
+    """A local-area twin with one window (so its local training does not depend on minibatch order)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 20, 6, generator=g)
+    inputs = {"ftm": x, "imu": torch.zeros(1, 20, 13), "vision": torch.zeros(1, 20, 7)}
+    inputs["mask"] = torch.tensor([[True, False, False]])
+    return Client(name, inputs, {"position": x[..., :2].cumsum(dim=1) * scale})
+
+
+def test_federated_training_goes_through_the_screening_defenses() -> None:
+    ch = {"ftm": 6, "imu": 13, "vision": 7}
+    lengths = {"position": 20, "trajectory": 10, "tracking": 20}
+    a = _area("a", 1)
+    areas = [a, a, a, _area("b", 2, -50.0), _area("c", 3, 50.0)]  # two areas far off
+    val = _area("val", 4)
+    params = {}
+    for name, defense, clients in (
+        ("mean of 5", "mean", areas),
+        ("median of 5", "median", areas),
+        ("a alone", "mean", [a]),
+    ):
+        twin = new_twin("p", "position", ["ftm"], ch, lengths, d=8)
+        res = fed_train(twin, clients, val, FedConfig(rounds=1, seed=0, defense=defense))
+        assert (res.defense, res.accepted, res.quarantined) == (defense, len(clients), 0)
+        assert res.version == twin.lineage.version == 1
+        params[name] = torch.cat([q.detach().reshape(-1) for q in twin.trainable()])
+    # the coordinate-wise median of three equal updates and two others is the three's update; FedAvg moves
+    assert torch.equal(params["median of 5"], params["a alone"])
+    assert not torch.allclose(params["mean of 5"], params["a alone"], atol=1e-4)
+    twin = new_twin("p", "position", ["ftm"], ch, lengths, d=8)
+    with pytest.raises(ValueError, match="unknown defense"):
+        fed_train(twin, areas, val, FedConfig(rounds=1, defense="nope"))
+
+
+def test_unified_model_shares_its_parts_across_directions_and_sums_the_three_operations() -> None:
+    ch = {"ftm": 6, "imu": 13, "vision": 7}
+    lengths = {"position": 20, "trajectory": 10, "tracking": 20}
+    u = UnifiedTwin("unified.gating", ch, lengths, d=16, fuser="gating")
+    n = 8
+    x = {"ftm": torch.randn(n, 20, 6), "imu": torch.randn(n, 20, 13), "vision": torch.randn(n, 20, 7)}
+    x["mask"] = torch.ones(n, 3, dtype=torch.bool)
+    y = {
+        "position": torch.randn(n, 20, 2),
+        "trajectory": torch.randn(n, 10, 2),
+        "tracking": torch.randn(n, 20, 4),
+    }
+    terms = u.terms(x, y)
+    assert set(terms) == set(UNIFIED_DIRECTIONS)
+    expected = (
+        terms["transfer position->trajectory"]
+        + (
+            terms["merge trajectory+tracking->position"]
+            + terms["merge position+tracking->position (FTM+IMU)"]
+        )
+        / 2
+        + (terms["split position->trajectory"] + terms["split position->tracking"]) / 2
+    )
+    assert torch.allclose(u.local_loss((x, y), None), expected)
+    m = u.view("merge position+tracking->position (FTM+IMU)", "m")
+    s = u.view("split position->tracking", "s")
+    assert m.encoders["ftm"] is s.encoders["ftm"] is u.encoders["ftm"] and m.decoder is u.decoders["position"]
+    assert (m.lineage.operation, m.lineage.sources, m.lineage.model) == (
+        "merge",
+        ["position", "tracking"],
+        "unified.gating",
+    )
+    with torch.no_grad():  # a view computes the unified model's direction; vision is masked out of it
+        assert torch.allclose(
+            m(x),
+            u.decoders["position"](
+                u.fuser(
+                    [u.encoders[k](x[k]) for k in ("ftm", "imu", "vision")],
+                    torch.tensor([[True, True, False]] * n),
+                )
+            ),
+            atol=1e-6,
+        )
+        x2 = dict(x, vision=x["vision"] * 50)
+        assert torch.allclose(m(x2), m(x), atol=1e-6)
+    assert find_direction("split", ["position"], ["trajectory", "tracking"]) == [
+        "split position->trajectory",
+        "split position->tracking",
+    ]
+    assert find_direction("transfer", ["tracking"], ["position"]) == []

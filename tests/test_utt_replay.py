@@ -76,6 +76,7 @@ def test_replay_ftm_publishes_three_streams_keyed_by_device_walk(
 def test_twin_operations_store_lineage_files_and_influx_rows(
     isolated: NettwinSettings, tmp_path: Path
 ) -> None:
+    from nettwin.cli import twin_ops
     from tests.conftest import run_cli
     from twin_store.influx import InfluxClient
 
@@ -86,20 +87,33 @@ def test_twin_operations_store_lineage_files_and_influx_rows(
     common = ["--data", str(data), "--rounds", "1", "--json"]
     done = {}
     for args in (
-        ["transfer", "--from", "position", "--to", "trajectory"],
+        ["transfer", "--from", "position", "--to", "trajectory", "--defense", "median"],
         ["merge", "--from", "trajectory,tracking", "--to", "position", "--fuser", "attention"],
         ["split", "--from", "position", "--to", "trajectory,tracking"],
+        ["merge", "--from", "position,tracking", "--to", "position", "--unified", "--fuser", "concatenation"],
     ):
-        proc = run_cli(isolated, "twin", *args, *common, timeout=240)
-        assert proc.returncode == 0, proc.stderr
-        for rec in json.loads(proc.stdout):
+        # in process (one torch import for all four); the error cases below go through the real CLI
+        res = CliRunner().invoke(twin_ops.app, [*args, *common], obj=isolated)
+        assert res.exit_code == 0, res.output
+        for rec in json.loads(res.stdout):
             done[rec["twin_id"]] = rec
     assert set(done) == {
         "trajectory.transfer.position",
         "position.merge.trajectory+tracking.attention",
         "trajectory.split.position",
         "tracking.split.position",
+        "position.merge.position+tracking.unified.concatenation",
     }
+    t = done["trajectory.transfer.position"]
+    assert t["metrics"]["defense"] == "median" and t["metrics"]["accepted"] == 2  # 2 clients x 1 round
+    assert t["version"] == 1 and t["model"] == "function-specific"
+    u = done["position.merge.position+tracking.unified.concatenation"]
+    assert (
+        u["model"] == "unified.concatenation" and u["operation"] == "merge" and u["fuser"] == "concatenation"
+    )
+    assert u["modalities"] == ["ftm", "imu"] and 0 < u["metrics"]["test_nmse"] < 5
+    unified = json.loads((Path(isolated.state_dir) / "utt" / "unified.concatenation.json").read_text())
+    assert unified["operation"] == "unified" and unified["modalities"] == ["ftm", "imu", "vision"]
     m = done["position.merge.trajectory+tracking.attention"]
     assert (
         m["operation"] == "merge" and m["sources"] == ["trajectory", "tracking"] and m["fuser"] == "attention"
@@ -112,5 +126,16 @@ def test_twin_operations_store_lineage_files_and_influx_rows(
         rows = influx.query('SELECT * FROM "twin" WHERE "level" = \'utt\'')[0].rows()
     assert {r["twin_id"] for r in rows} == set(done)
     assert {r["operation"] for r in rows} == {"transfer", "merge", "split"}
+    by_id = {r["twin_id"]: r for r in rows}
+    assert by_id["trajectory.transfer.position"]["defense"] == "median"
+    assert by_id["position.merge.position+tracking.unified.concatenation"]["model"] == "unified.concatenation"
     bad = run_cli(isolated, "twin", "merge", "--from", "position", "--to", "trajectory", *common)
     assert bad.returncode == 1 and "merge takes 2 --from twin(s)" in bad.stderr
+    bad = run_cli(
+        isolated, "twin", "transfer", "--from", "tracking", "--to", "position", "--unified", *common
+    )
+    assert (
+        bad.returncode == 1
+        and "the unified model is not trained for transfer tracking -> position" in bad.stderr
+    )
+    assert len(bad.stderr.strip().splitlines()) == 1

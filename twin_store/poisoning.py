@@ -221,7 +221,8 @@ def _stream(
                 if attack == "mpaf":
                     params = attacks.mpaf(ctwins.twins[ctwins.labels[f]], fake_models[k], acfg.mpaf_lambda)
                 else:
-                    params = attacks.tpi(g.params, before, acfg.tpi_kappa)
+                    ref = ctwins.twins[ctwins.labels[f]]
+                    params = attacks.tpi(ref, g.params, before, fake_models[k], acfg.tpi_kappa)
                 arriving.append((f, params, plan.window, "fake"))
         if arriving and reclusterer.due(t):
             reclusterer.run(ctwins, vt.global_params)
@@ -239,6 +240,10 @@ def _stream(
                 reasons[verdict.reason.split(":")[0]] += 1
                 if group == "honest":
                     honest_flagged.add(s)
+                if (
+                    ctwins.evict(s, g.params) is not None
+                ):  # as the store does: its last accepted update leaves too
+                    g.offer(ctwins.twins[cid], len(ctwins.members(cid)) / len(ctwins.labels))
                 continue
             decisions[(group, "accepted")] += 1
             ctwins.accept(s, params, n)

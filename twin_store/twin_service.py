@@ -63,6 +63,8 @@ class TwinState:
     defense: Defense = field(default_factory=Defense)  # screening + cluster aggregation (FedAvg: none)
     sigs: dict[int, str] = field(default_factory=dict)  # square -> signature of its last accepted update
     decided: dict[int, int] = field(default_factory=dict)  # square -> newest seq refused or accepted
+    # square -> its latest accepted update (params, samples), kept even after it was evicted from its cluster
+    accepted_updates: dict[int, tuple[np.ndarray, int]] = field(default_factory=dict)
     counters: dict[str, int] = field(
         default_factory=lambda: {
             "uploads": 0,
@@ -72,6 +74,7 @@ class TwinState:
             "moves": 0,
             "rejected": 0,
             "quarantined": 0,
+            "evictions": 0,
         }
     )
 
@@ -125,7 +128,9 @@ class TwinState:
         for msg in latest.values():
             if msg.level == "bs":
                 square = int(msg.twin_id)
-                state.clusters.latest[square] = (torch.as_tensor(msg.params), int(msg.meta["n_samples"]))
+                state.accepted_updates[square] = (msg.params, int(msg.meta["n_samples"]))
+                if not msg.meta.get("evicted"):
+                    state.clusters.latest[square] = (torch.as_tensor(msg.params), int(msg.meta["n_samples"]))
                 state.seq[square] = int(msg.meta["seq"])
                 state.decided[square] = int(msg.meta.get("decided_seq", state.seq[square]))
                 if "sig" in msg.meta:
@@ -252,9 +257,21 @@ class TwinState:
         )
         if not verdict.accepted:
             self.counters["quarantined"] += 1
+            evicted = self.clusters.evict(
+                square, self.global_twin.params
+            )  # its earlier accepted update leaves its cluster too
             refused = self._refused(update, "quarantined", verdict.reason, verdict.score, now, verdict.norm)
-            return Outcome(out + refused.twins, lines + refused.lines, "quarantined", verdict.reason)
+            out, lines = out + refused.twins, lines + refused.lines
+            if evicted is not None:
+                self.counters["evictions"] += 1
+                out.append(self._cluster_message(cid, hour))
+                lines.append(self._twin_row("cluster", cid, now))
+                glob = self._offer_global(cid, hour, now)
+                out += glob.twins
+                lines += glob.lines
+            return Outcome(out, lines, "quarantined", verdict.reason)
         self.seq[square] = self.decided[square] = seq
+        self.accepted_updates[square] = (update.params, n_samples)
         if "sig" in update.meta:
             self.sigs[square] = update.meta["sig"]
         self.bs_versions[square] = self.bs_versions.get(square, 0) + 1
@@ -265,11 +282,11 @@ class TwinState:
             self.reclusterer.accepted(square, hour, update.meta.get("profile"))
         members = self.clusters.members(cid)
         self.counters["downloads"] += len(members)  # the members follow their cluster twin
-        synced = self.global_twin.offer(self.clusters.twins[cid], self.gamma(cid))
-        eps = self.global_twin.last_epsilon
+        glob = self._offer_global(cid, hour, now)
         out += [
             self._bs_message(square, update.params, hour, n_samples, loss, update.meta),
             self._cluster_message(cid, hour),
+            *glob.twins,
         ]
         lines += [
             point(
@@ -284,35 +301,36 @@ class TwinState:
                 None,
             )
             + f" {now}",
-            self._twin_row("cluster", cid, now, eps),
+            self._twin_row("cluster", cid, now, self.global_twin.last_epsilon),
             self._update_row(update, "accepted", "", verdict.score, verdict.norm, now),
+            *glob.lines,
         ]
-        if synced:
-            out.append(
-                TwinMessage(
-                    "global",
-                    "0",
-                    self.global_twin.version,
-                    self.hidden,
-                    self.global_twin.params.numpy(),
-                    self.meta | {"as_of": hour},
-                )
-            )
-            lines.append(
-                point(
-                    "twin",
-                    {"level": "global", "twin_id": "0"},
-                    {
-                        "version": self.global_twin.version,
-                        "epsilon": eps,
-                        "n_updates": self.global_twin.syncs,
-                        "n_members": len(self.clusters.labels),
-                    },
-                    None,
-                )
-                + f" {now}"
-            )
         return Outcome(out, lines, "accepted")
+
+    def _offer_global(self, cid: int, hour: int, now: int) -> Outcome:
+        """H-twinning: offer the changed cluster twin to the global; the global's message and row if merged."""
+        if not self.global_twin.offer(self.clusters.twins[cid], self.gamma(cid)):
+            return Outcome([], [], "")
+        msg = TwinMessage(
+            "global",
+            "0",
+            self.global_twin.version,
+            self.hidden,
+            self.global_twin.params.numpy(),
+            self.meta | {"as_of": hour},
+        )
+        row = point(
+            "twin",
+            {"level": "global", "twin_id": "0"},
+            {
+                "version": self.global_twin.version,
+                "epsilon": self.global_twin.last_epsilon,
+                "n_updates": self.global_twin.syncs,
+                "n_members": len(self.clusters.labels),
+            },
+            None,
+        )
+        return Outcome([msg], [row + f" {now}"], "")
 
     def _bs_message(
         self, square: int, params: np.ndarray, hour: int, n_samples: int, loss: float, meta: dict[str, Any]
@@ -333,6 +351,7 @@ class TwinState:
                 "cluster": self.clusters.labels.get(square, -1),
                 "profile": meta.get("profile"),
                 **({"sig": self.sigs[square]} if square in self.sigs else {}),
+                **({"evicted": True} if square not in self.clusters.latest else {}),
             },
         )
 
@@ -347,13 +366,13 @@ class TwinState:
     ) -> Outcome:
         lines = [self._update_row(update, decision, reason, score, norm, now)]
         square = int(update.twin_id)
-        if square not in self.clusters.latest:  # not a BS the agents serve: nothing to acknowledge
+        if square not in self.accepted_updates:  # not a BS the agents serve: nothing to acknowledge
             return Outcome([], lines, decision, reason)
         seq = int(update.meta.get("seq", -1))
         self.decided[square] = max(self.decided.get(square, -1), seq)
-        params, n_samples = self.clusters.latest[square]
+        params, n_samples = self.accepted_updates[square]
         last = {"profile": self.reclusterer.profiles.get(square)} if self.reclusterer else {}
-        ack = self._bs_message(square, params.numpy(), self.seq.get(square, -1), n_samples, 0.0, last)
+        ack = self._bs_message(square, params, self.seq.get(square, -1), n_samples, 0.0, last)
         return Outcome([ack], lines, decision, reason)
 
     def _update_row(

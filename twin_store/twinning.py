@@ -54,6 +54,20 @@ class ClusterTwins:
         self.aggregate(cid)
         return cid
 
+    def evict(self, square: int, fallback: torch.Tensor) -> int | None:
+        """Drop a member's latest update from its cluster twin (a BS caught attacking: what it sent before
+        it was caught is suspect too); return the re-aggregated cluster, or None if there was nothing.
+        A cluster left without updates falls back to ``fallback`` (the global twin)."""
+        if self.latest.pop(square, None) is None:
+            return None
+        cid = self.labels[square]
+        if any(s in self.latest for s in self.members(cid)):
+            self.aggregate(cid)
+        else:
+            self.twins[cid] = fallback.clone()
+            self.versions[cid] = self.versions.get(cid, 0) + 1
+        return cid
+
     def aggregate(self, cid: int) -> None:
         have = [s for s in self.members(cid) if s in self.latest]
         if not have:

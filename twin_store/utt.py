@@ -14,9 +14,14 @@ with a new decoder for another task; **merge** fuses the encoders of several twi
 reuses a (merged) twin's fused representation with one new decoder per task. Which parts are frozen is the
 twin's ``frozen`` setting (``encoders`` or ``fuser``); frozen outputs are computed once and cached.
 
+A **unified model** (:class:`UnifiedTwin`) shares one encoder per modality, one fuser and one decoder per task
+across all operations and is trained with ``loss = transfer + merge + split`` (each operation's term is the
+mean of its directions' losses); every direction is then a view of that one model (:meth:`UnifiedTwin.view`).
+
 Training is federated across local-area twins (one client per walk area): each round every client trains
-from the global flat parameter vector, and the server takes the sample-weighted FedAvg
-(:func:`twin_store.twinning.fedavg`) and bumps the version. The version with the best validation loss wins.
+from the global flat parameter vector; every upload is screened and the accepted ones aggregated by a
+``twin_store.screening`` defense (default ``mean``: sample-weighted FedAvg), which makes a new version.
+The version with the best validation loss wins.
 """
 
 from __future__ import annotations
@@ -24,13 +29,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from twin_store.twinning import fedavg
+from twin_store.screening import Candidate, make_defense
 
 FUSERS = ("addition", "average", "concatenation", "multiplication", "max", "min", "gating", "attention")
 TASKS = {  # task -> (Windows field, output channels, own modality)
@@ -218,7 +223,8 @@ class Lineage:
     sources: list[str] = field(default_factory=list)
     fuser: str | None = None
     version: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    model: str = "function-specific"  # or the id of the unified model this twin is a view of
 
 
 class TaskTwin(nn.Module):
@@ -282,6 +288,17 @@ class TaskTwin(nn.Module):
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def local_state(self, client: Client) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        return self.cached_inputs(client.inputs), client.inputs["mask"], client.targets[self.lineage.task]
+
+    def local_loss(
+        self, state: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor], idx: torch.Tensor | None
+    ) -> torch.Tensor:
+        cached, mask, target = state
+        if idx is None:
+            return masked_mse(self.head(cached, mask), target)
+        return masked_mse(self.head([x[idx] for x in cached], mask[idx]), target[idx])
+
     def predict(self, inputs: dict[str, torch.Tensor], batch: int = 1024) -> torch.Tensor:
         self.eval()
         n = inputs["mask"].shape[0]
@@ -309,26 +326,54 @@ class FedConfig:
     lr: float = 3e-3
     batch: int = 64
     seed: int = 0
+    defense: str = "mean"  # a twin_store.screening defense: screens each client update, then aggregates
 
 
 @dataclass
 class Client:
-    """A local-area twin's data: model inputs and normalised targets ``(N, L, C)`` (NaN: no target)."""
+    """A local-area twin's data: model inputs and normalised targets per task ``(N, L, C)`` (NaN: none)."""
 
     name: str
     inputs: dict[str, torch.Tensor]
-    target: torch.Tensor
+    targets: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return int(self.inputs["mask"].shape[0])
 
 
 @dataclass
 class FedResult:
-    version: int
+    version: int  # aggregations (versions) up to and including the one kept
     best_round: int
     val_curve: list[float]
     train_s: float
     comm_s: float
     comm_bytes: int
     n_params: int
+    defense: str = "mean"
+    accepted: int = 0  # client updates the defense let in, over all rounds
+    quarantined: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+class Federated(Protocol):
+    """What :func:`fed_train` trains: a trainable parameter list and a loss on a client's rows."""
+
+    lineage: Lineage
+
+    def trainable(self) -> list[nn.Parameter]: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def local_state(self, client: Client) -> Any:
+        """What the loss starts from for this client (e.g. frozen parts' outputs, computed once)."""
+        ...
+
+    def local_loss(self, state: Any, idx: torch.Tensor | None) -> torch.Tensor:
+        """Loss on rows ``idx`` of a client's state (all rows when None)."""
+        ...
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -342,57 +387,80 @@ def _exchange(vec: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(np.frombuffer(payload, dtype=np.float32).copy()), len(payload)
 
 
-def fed_train(twin: TaskTwin, clients: list[Client], val: Client | None, cfg: FedConfig) -> FedResult:
-    """FedAvg over ``clients`` for ``cfg.rounds`` rounds; keeps the version with the lowest validation loss."""
+def fed_train(model: Federated, clients: list[Client], val: Client | None, cfg: FedConfig) -> FedResult:
+    """Federated rounds across ``clients`` (local-area twins) with the twin store's aggregation machinery.
+
+    Each round every client trains from the global parameter vector; each upload is a
+    :class:`~twin_store.screening.Candidate` screened by ``cfg.defense`` (``make_defense``), and the
+    accepted ones are combined by the defense's ``aggregate`` (``mean``: sample-weighted FedAvg) into the
+    next version. The version with the lowest validation loss is kept.
+    """
+    defense = make_defense(cfg.defense)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    params = twin.trainable()
+    params = model.trainable()
     glob = flat(params)
-    cached = [(twin.cached_inputs(c.inputs), c.inputs["mask"], c.target) for c in clients]
-    val_cached = (twin.cached_inputs(val.inputs), val.inputs["mask"], val.target) if val is not None else None
-    weights = torch.tensor([float(len(c.target)) for c in clients])
-    best = (math.inf, glob.clone(), 0)
+    states = [model.local_state(c) for c in clients]
+    val_state = model.local_state(val) if val is not None else None
+    sizes = [len(c) for c in clients]
+    members = tuple(range(len(clients)))
+    best = (math.inf, glob.clone(), 0, 0)
     curve: list[float] = []
+    version, accepted, quarantined = 0, 0, 0
+    reasons: dict[str, int] = {}
     comm_s, comm_bytes, t0 = 0.0, 0, time.perf_counter()
     for rnd in range(1, cfg.rounds + 1):
-        locals_: list[torch.Tensor] = []
-        for inputs, mask, target in cached:
+        uploads: list[torch.Tensor] = []
+        weights: list[float] = []
+        for k, (state, n) in enumerate(zip(states, sizes, strict=True)):
             tc = time.perf_counter()
             down, nb = _exchange(glob)
             comm_s += time.perf_counter() - tc
             comm_bytes += nb
             load_flat(params, down)
             opt = torch.optim.Adam(params, lr=cfg.lr)
-            twin.train()
-            n = len(target)
+            model.train()
+            last = math.nan
             for _ in range(cfg.local_epochs):
                 perm = torch.randperm(n, generator=gen)
                 for i in range(0, n, cfg.batch):
-                    idx = perm[i : i + cfg.batch]
-                    loss = masked_mse(twin.head([x[idx] for x in inputs], mask[idx]), target[idx])
+                    loss = model.local_loss(state, perm[i : i + cfg.batch])
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    last = float(loss.detach())
             tc = time.perf_counter()
             up, nb = _exchange(flat(params))
             comm_s += time.perf_counter() - tc
             comm_bytes += nb
-            locals_.append(up)
-        glob = fedavg(torch.stack(locals_), weights)
-        if val_cached is not None:
+            verdict = defense.screen(Candidate(k, 0, up, glob, members, n, last, rnd))
+            if verdict.accepted:
+                uploads.append(up)
+                weights.append(float(n))
+                accepted += 1
+            else:
+                quarantined += 1
+                reasons[verdict.reason] = reasons.get(verdict.reason, 0) + 1
+        if uploads:  # a round whose every update was quarantined leaves the twin (and its version) as is
+            glob = defense.aggregate(torch.stack(uploads), torch.tensor(weights), glob)
+            version += 1
+        if val_state is not None:
             load_flat(params, glob)
-            twin.eval()
+            model.eval()
             with torch.no_grad():
-                vloss = float(masked_mse(twin.head(val_cached[0], val_cached[1]), val_cached[2]))
+                vloss = float(model.local_loss(val_state, None))
             curve.append(vloss)
             if vloss < best[0]:
-                best = (vloss, glob.clone(), rnd)
+                best = (vloss, glob.clone(), rnd, version)
         else:
-            best = (math.nan, glob.clone(), rnd)
+            best = (math.nan, glob.clone(), rnd, version)
     load_flat(params, best[1])
-    twin.lineage.version = best[2]
+    model.lineage.version = best[3]
     train_s = time.perf_counter() - t0 - comm_s
-    return FedResult(best[2], best[2], curve, train_s, comm_s, comm_bytes, int(glob.numel()))
+    return FedResult(
+        best[3], best[2], curve, train_s, comm_s, comm_bytes, int(glob.numel()),
+        cfg.defense, accepted, quarantined, reasons,
+    )  # fmt: skip
 
 
 def new_twin(
@@ -467,6 +535,137 @@ def split(
         t.lineage.operation = "split"
         out[task] = t
     return out
+
+
+# direction -> (operation, source twins, input modalities, task): what the unified model is trained on.
+# A split of ``position`` starts from the FTM+IMU position representation (the benchmark's merged twin).
+UNIFIED_DIRECTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str]] = {
+    "transfer position->trajectory": ("transfer", ("position",), ("ftm",), "trajectory"),
+    "merge trajectory+tracking->position": (
+        "merge",
+        ("trajectory", "tracking"),
+        ("vision", "imu"),
+        "position",
+    ),
+    "merge position+tracking->position (FTM+IMU)": (
+        "merge",
+        ("position", "tracking"),
+        ("ftm", "imu"),
+        "position",
+    ),
+    "split position->trajectory": ("split", ("position",), ("ftm", "imu"), "trajectory"),
+    "split position->tracking": ("split", ("position",), ("ftm", "imu"), "tracking"),
+}
+
+
+class SubsetFuser(Fuser):
+    """A fuser over every modality, used on some of them (the others are masked as missing)."""
+
+    kind = "subset"
+
+    def __init__(self, inner: Fuser, modalities: list[str]) -> None:
+        super().__init__(inner.m, inner.d)
+        self.inner = inner
+        self.cols = [MODALITY_INDEX[m] for m in modalities]
+
+    def forward(self, feats: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        full = [torch.zeros_like(feats[0]) for _ in range(self.inner.m)]
+        full_mask = torch.zeros(mask.shape[0], self.inner.m, dtype=torch.bool)
+        for j, c in enumerate(self.cols):
+            full[c] = feats[j]
+            full_mask[:, c] = mask[:, j]
+        return self.inner(full, full_mask)
+
+
+class UnifiedTwin(nn.Module):
+    """One encoder per modality, one fuser over all modalities and one decoder per task, shared by every
+    direction of :data:`UNIFIED_DIRECTIONS`; trained with ``loss = transfer + merge + split``."""
+
+    def __init__(
+        self,
+        twin_id: str,
+        in_channels: dict[str, int],
+        lengths: dict[str, int],
+        d: int = 32,
+        fuser: str = "gating",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.modalities = list(MODALITY_INDEX)
+        self.encoders = nn.ModuleDict({m: ModalityEncoder(in_channels[m], d) for m in self.modalities})
+        self.fuser = make_fuser(fuser, len(self.modalities), d)
+        self.decoders = nn.ModuleDict({t: ModalityDecoder(d, TASKS[t][1], lengths[t]) for t in TASKS})
+        self.lineage = Lineage(
+            twin_id, ",".join(TASKS), list(self.modalities), "unified", [], fuser, model=twin_id
+        )
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def local_state(self, client: Client) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return client.inputs, client.targets
+
+    def terms(
+        self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Loss of every direction on these rows (encoders run once, each fused representation once)."""
+        feats = {m: self.encoders[m](inputs[m]) for m in self.modalities}
+        reps: dict[tuple[str, ...], torch.Tensor] = {}
+        out = {}
+        for name, (_op, _src, mods, task) in UNIFIED_DIRECTIONS.items():
+            if mods not in reps:
+                if len(mods) == 1:
+                    reps[mods] = feats[mods[0]]
+                else:
+                    keep = torch.tensor([m in mods for m in self.modalities])
+                    reps[mods] = self.fuser([feats[m] for m in self.modalities], inputs["mask"] & keep)
+            out[name] = masked_mse(self.decoders[task](reps[mods]), targets[task])
+        return out
+
+    def local_loss(
+        self, state: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]], idx: torch.Tensor | None
+    ) -> torch.Tensor:
+        inputs, targets = state
+        if idx is not None:
+            inputs = {k: v[idx] for k, v in inputs.items()}
+            targets = {k: v[idx] for k, v in targets.items()}
+        per_op: dict[str, list[torch.Tensor]] = {}
+        for name, loss in self.terms(inputs, targets).items():
+            per_op.setdefault(UNIFIED_DIRECTIONS[name][0], []).append(loss)
+        return torch.stack([torch.stack(v).mean() for v in per_op.values()]).sum()
+
+    def view(self, direction: str, twin_id: str) -> TaskTwin:
+        """The task twin of one direction: this model's shared parts, not copies (trained already)."""
+        op, sources, mods, task = UNIFIED_DIRECTIONS[direction]
+        fz = SubsetFuser(self.fuser, list(mods)) if len(mods) > 1 else None
+        lin = Lineage(
+            twin_id,
+            task,
+            list(mods),
+            op,
+            list(sources),
+            self.lineage.fuser if fz is not None else None,
+            self.lineage.version,
+            model=self.lineage.twin_id,
+        )
+        encs = {m: self.encoders[m] for m in mods}
+        twin = TaskTwin(lin, encs, fz, self.decoders[task])  # type: ignore[arg-type]
+        return twin
+
+
+def find_direction(op: str, sources: list[str], targets: list[str]) -> list[str]:
+    """The unified directions an operation maps to (one per target), or [] when it was not trained."""
+    found = []
+    for t in targets:
+        match = [
+            n for n, (o, src, _m, task) in UNIFIED_DIRECTIONS.items()
+            if o == op and list(src) == sources and task == t
+        ]  # fmt: skip
+        if not match:
+            return []
+        found.append(match[0])
+    return found
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,13 @@ from stream_processors.multimodal import STEP_MS, Windows, build_windows, grid_e
 from twin_store.utt import (
     FUSERS,
     TASKS,
+    UNIFIED_DIRECTIONS,
     Client,
     FedConfig,
     FedResult,
     Scaler,
     TaskTwin,
+    UnifiedTwin,
     fed_train,
     merge,
     new_twin,
@@ -51,6 +53,10 @@ class UttConfig:
     fusers: tuple[str, ...] = FUSERS
     test_walks: tuple[str, ...] = ()  # default: the last walk of each (scene, device) group
     threads: int = 1
+    defense: str = "mean"  # twin_store.screening defense of every federated aggregation
+    unified_fusers: tuple[str, ...] = ("gating", "concatenation")  # one unified model per fuser
+    seed_repeats: int = 3  # merges of seed_fusers trained this many times (other init/minibatch seeds)
+    seed_fusers: tuple[str, ...] = ("gating", "concatenation")
 
 
 @dataclass
@@ -195,11 +201,15 @@ class Data:
     def target(self, w: Windows, task: str) -> torch.Tensor:
         return torch.tensor(self.out_scalers[task].apply(getattr(w, TASKS[task][0])), dtype=torch.float32)
 
-    def clients(self, task: str) -> list[Client]:
-        return [Client(n, self.inputs(w), self.target(w, task)) for n, w in self.train.items()]
+    def _client(self, name: str, w: Windows, tasks: tuple[str, ...]) -> Client:
+        return Client(name, self.inputs(w), {t: self.target(w, t) for t in tasks})
 
-    def val_client(self, task: str) -> Client:
-        return Client("validation", self.inputs(self.val), self.target(self.val, task))
+    def clients(self, tasks: tuple[str, ...]) -> list[Client]:
+        """One client per training walk (a local-area twin) with the targets of ``tasks``."""
+        return [self._client(n, w, tasks) for n, w in self.train.items()]
+
+    def val_client(self, tasks: tuple[str, ...]) -> Client:
+        return self._client("validation", self.val, tasks)
 
     def predict(self, twin: TaskTwin, w: Windows) -> np.ndarray:
         pred = twin.predict(self.inputs(w)).numpy()
@@ -212,9 +222,9 @@ def _errors(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
             "mean_m": round(float(e.mean()), 3), "n": len(e)}  # fmt: skip
 
 
-def _fed(twin: TaskTwin, data: Data, cfg: UttConfig, fed: FedConfig) -> FedResult:
-    task = twin.lineage.task
-    return fed_train(twin, data.clients(task), data.val_client(task), fed)
+def _fed(twin: TaskTwin | UnifiedTwin, data: Data, fed: FedConfig) -> FedResult:
+    tasks = tuple(TASKS) if isinstance(twin, UnifiedTwin) else (twin.lineage.task,)
+    return fed_train(twin, data.clients(tasks), data.val_client(tasks), fed)
 
 
 def _fed_summary(r: FedResult) -> dict[str, Any]:
@@ -225,6 +235,10 @@ def _fed_summary(r: FedResult) -> dict[str, Any]:
         "params": r.n_params,
         "round_kept": r.best_round,
         "val_loss": round(min(r.val_curve), 4) if r.val_curve else math.nan,
+        "version": r.version,
+        "defense": r.defense,
+        "accepted": r.accepted,
+        "quarantined": r.quarantined,
     }
 
 
@@ -236,7 +250,7 @@ def run(data_paths: list[Path], cfg: UttConfig) -> tuple[dict[str, Any], list[li
     t = time.perf_counter()
     data = Data(prep)
     timings = dict(prep.timings, windows_s=round(time.perf_counter() - t, 2))
-    fed = FedConfig(rounds=cfg.rounds, local_epochs=cfg.local_epochs, seed=cfg.seed)
+    fed = FedConfig(rounds=cfg.rounds, local_epochs=cfg.local_epochs, seed=cfg.seed, defense=cfg.defense)
     report: dict[str, Any] = {
         "split": {
             "train_walks": prep.train,
@@ -253,7 +267,12 @@ def run(data_paths: list[Path], cfg: UttConfig) -> tuple[dict[str, Any], list[li
         },
         "sites": {s: g.as_dict() for s, g in prep.geometry.items()},
         "vision": "SIMULATED (pinhole camera, 10 fps, pixel noise, 5% misses, pillar occlusion) from ground truth",
-        "federation": {"clients": list(data.train), "rounds": cfg.rounds, "local_epochs": fed.local_epochs},
+        "federation": {
+            "clients": list(data.train),
+            "rounds": cfg.rounds,
+            "local_epochs": fed.local_epochs,
+            "defense": cfg.defense,
+        },
     }
     test_all = Windows.concat(list(data.test_grid.values()))
     training: dict[str, Any] = {}
@@ -272,7 +291,7 @@ def run(data_paths: list[Path], cfg: UttConfig) -> tuple[dict[str, Any], list[li
     direct: dict[str, TaskTwin] = {}
     for task, (_f, _c, modality) in TASKS.items():
         twin = new_twin(task, task, [modality], data.in_channels, data.lengths, cfg.d, seed=cfg.seed)
-        training[f"direct {task}"] = _fed_summary(_fed(twin, data, cfg, fed))
+        training[f"direct {task}"] = _fed_summary(_fed(twin, data, fed))
         direct[task] = twin
     timings["direct_s"] = round(time.perf_counter() - t, 2)
     nm["direct"] = {task: score(tw) for task, tw in direct.items()}
@@ -291,7 +310,7 @@ def run(data_paths: list[Path], cfg: UttConfig) -> tuple[dict[str, Any], list[li
     # transfer: position (FTM) -> trajectory
     t = time.perf_counter()
     tr = transfer(direct["position"], "trajectory<-position", "trajectory", data.lengths, cfg.seed)
-    training["transfer position->trajectory"] = _fed_summary(_fed(tr, data, cfg, fed))
+    training["transfer position->trajectory"] = _fed_summary(_fed(tr, data, fed))
     nm["transfer position->trajectory"] = score(tr)
     timings["transfer_s"] = round(time.perf_counter() - t, 2)
 
@@ -313,7 +332,7 @@ def run(data_paths: list[Path], cfg: UttConfig) -> tuple[dict[str, Any], list[li
             data.lengths,
             cfg.seed,
         )
-        training[f"merge trajectory+tracking->position {fz}"] = _fed_summary(_fed(m1, data, cfg, fed))
+        training[f"merge trajectory+tracking->position {fz}"] = _fed_summary(_fed(m1, data, fed))
         merges["trajectory+tracking->position"][fz] = score(m1)
         m2 = merge(
             [direct["position"], direct["tracking"]],
@@ -323,7 +342,7 @@ def run(data_paths: list[Path], cfg: UttConfig) -> tuple[dict[str, Any], list[li
             data.lengths,
             cfg.seed,
         )
-        training[f"merge position+tracking->position {fz}"] = _fed_summary(_fed(m2, data, cfg, fed))
+        training[f"merge position+tracking->position {fz}"] = _fed_summary(_fed(m2, data, fed))
         merges["position+tracking->position (FTM+IMU)"][fz] = score(m2)
         merged_twins[fz] = m2
         merged_val[fz] = val_score(m2)
@@ -334,7 +353,7 @@ def run(data_paths: list[Path], cfg: UttConfig) -> tuple[dict[str, Any], list[li
             cfg.seed,
         )
         for task, tw in parts.items():
-            training[f"split position->{task} {fz}"] = _fed_summary(_fed(tw, data, cfg, fed))
+            training[f"split position->{task} {fz}"] = _fed_summary(_fed(tw, data, fed))
             splits[f"position->{task}"][fz] = score(tw)
     timings["merge_split_s"] = round(time.perf_counter() - t, 2)
     nm["merge"] = merges
@@ -344,6 +363,79 @@ def run(data_paths: list[Path], cfg: UttConfig) -> tuple[dict[str, Any], list[li
         "trajectory (vision->trajectory)": nm["direct"]["trajectory"],
         "tracking (IMU->tracking)": nm["direct"]["tracking"],
     }
+
+    # the unified model: one model per fuser, loss = transfer + merge + split, same clients/rounds/test walks
+    t = time.perf_counter()
+
+    def function_specific(direction: str, fz: str) -> float | None:
+        op, rest = direction.split(" ", 1)
+        if op == "transfer":
+            return float(nm[direction])
+        return {"merge": merges, "split": splits}[op][rest].get(fz)
+
+    def train_s(key: str) -> float:
+        return float(training[key]["train_s"]) if key in training else math.nan
+
+    unified: dict[str, dict[str, Any]] = {}
+    for fz in cfg.unified_fusers:
+        ut = UnifiedTwin(f"unified.{fz}", data.in_channels, data.lengths, cfg.d, fz, cfg.seed)
+        r = _fed(ut, data, fed)
+        training[f"unified {fz}"] = _fed_summary(r)
+        fs_keys = [f"direct {t_}" for t_ in TASKS] + ["transfer position->trajectory"]
+        fs_keys += [
+            f"merge {d_} {fz}" for d_ in ("trajectory+tracking->position", "position+tracking->position")
+        ]
+        fs_keys += [f"split position->{t_} {fz}" for t_ in ("trajectory", "tracking")]
+        unified[fz] = {
+            "nmse": {
+                name: {
+                    "unified": score(ut.view(name, f"{name}/unified.{fz}")),
+                    "function_specific": function_specific(name, fz),
+                }
+                for name in UNIFIED_DIRECTIONS
+            },
+            "train_s": {
+                "unified": round(r.train_s, 2),
+                "function_specific (3 direct + transfer + 2 merges + 2 splits)": round(
+                    sum(train_s(k) for k in fs_keys), 2
+                ),
+            },
+            "params": {
+                "unified": r.n_params,
+                "function_specific": int(sum(training[k]["params"] for k in fs_keys if k in training)),
+            },
+        }
+    timings["unified_s"] = round(time.perf_counter() - t, 2)
+    nm["unified"] = unified
+
+    # seed spread of the merges: fuser/decoder initialisation and minibatch order re-seeded, the (frozen)
+    # direct encoders kept; the first seed is the run above
+    t = time.perf_counter()
+    spread: dict[str, dict[str, Any]] = {}
+    merge_sources = {
+        "trajectory+tracking->position": ["trajectory", "tracking"],
+        "position+tracking->position (FTM+IMU)": ["position", "tracking"],
+    }
+    seeds = [cfg.seed + 1000 * k for k in range(max(cfg.seed_repeats, 1))]
+    for direction, srcs in merge_sources.items():
+        for fz in (f for f in cfg.seed_fusers if f in cfg.fusers and cfg.seed_repeats > 1):
+            vals, vvals = [merges[direction][fz]], [merged_val.get(fz, math.nan)]
+            for s_ in seeds[1:]:
+                m = merge(
+                    [direct[x] for x in srcs], f"{direction}/{fz}/seed{s_}", "position", fz, data.lengths, s_
+                )
+                _fed(m, data, replace(fed, seed=s_))
+                vals.append(score(m))
+                vvals.append(val_score(m))
+            spread.setdefault(direction, {})[fz] = {
+                "seeds": seeds,
+                "test_nmse": vals,
+                "mean": round(float(np.mean(vals)), 4),
+                "std": round(float(np.std(vals, ddof=1)), 4),
+                "val_nmse": [round(v, 4) for v in vvals] if direction.endswith("(FTM+IMU)") else None,
+            }
+    timings["seed_spread_s"] = round(time.perf_counter() - t, 2)
+    nm["merge_seed_spread"] = spread
     report["nmse_test"] = nm
     chosen = min(merged_val, key=lambda k: merged_val[k])
     report["merged_fuser"] = {
@@ -418,6 +510,15 @@ def run(data_paths: list[Path], cfg: UttConfig) -> tuple[dict[str, Any], list[li
         "merged_median_gain_ge_20pct": bool(positioning["merged_vs_trilateration_median_gain"] >= 0.2),
         "gating_nmse_le_concatenation (FTM+IMU merge)": bool(g is not None and c is not None and g <= c),
     }
+    ftm_imu = spread.get("position+tracking->position (FTM+IMU)", {})
+    if "gating" in ftm_imu and "concatenation" in ftm_imu:
+        gs, cs = ftm_imu["gating"], ftm_imu["concatenation"]
+        report["targets"]["gating_mean_le_concatenation_mean over seeds (FTM+IMU merge)"] = bool(
+            gs["mean"] <= cs["mean"]
+        )
+        report["targets"]["gating - concatenation within one std (seed noise)"] = bool(
+            abs(gs["mean"] - cs["mean"]) <= max(gs["std"], cs["std"])
+        )
     timings["downstream_s"] = round(time.perf_counter() - t, 2)
     report["training"] = training
     report["timings"] = timings

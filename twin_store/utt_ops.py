@@ -2,8 +2,11 @@
 
 Source twins are the function-specific (direct) twins of each task, trained federatedly from the walks on
 first use and stored under ``<state_dir>/utt/`` (``<twin_id>.pt`` weights + ``<twin_id>.json`` lineage).
-The new twin is trained federatedly (frozen reused parts), evaluated on the test walks (normalised MSE) and
-stored the same way; the caller writes its ``twin`` row (level ``utt``) to InfluxDB.
+The new twin is trained federatedly (frozen reused parts; every client update screened and aggregated by a
+``twin_store.screening`` defense, ``mean`` = FedAvg by default), evaluated on the test walks (normalised MSE)
+and stored the same way; the caller writes its ``twin`` row (level ``utt``) to InfluxDB. With ``unified`` the
+new twin is instead a view of the stored unified model (loss = transfer + merge + split), with the same
+lineage record and ``model = unified.<fuser>``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,20 @@ import torch
 from nettwin.errors import InputError
 from stream_processors.multimodal import Windows
 from twin_store.lineproto import point
-from twin_store.utt import TASKS, FedConfig, TaskTwin, fed_train, merge, new_twin, nmse, split, transfer
+from twin_store.utt import (
+    TASKS,
+    UNIFIED_DIRECTIONS,
+    FedConfig,
+    TaskTwin,
+    UnifiedTwin,
+    fed_train,
+    find_direction,
+    merge,
+    new_twin,
+    nmse,
+    split,
+    transfer,
+)
 from twin_store.utt_bench import Data, UttConfig, prepare
 
 OPERATIONS = {"transfer": (1, 1), "merge": (2, 1), "split": (1, 2)}  # (sources, targets)
@@ -41,17 +57,17 @@ class TwinStore:
         self.root = state_dir / "utt"
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def paths(self, twin: TaskTwin) -> tuple[Path, Path]:
+    def paths(self, twin: TaskTwin | UnifiedTwin) -> tuple[Path, Path]:
         stem = twin.lineage.twin_id.replace("/", "_")
         return self.root / f"{stem}.pt", self.root / f"{stem}.json"
 
-    def save(self, twin: TaskTwin) -> Path:
+    def save(self, twin: TaskTwin | UnifiedTwin) -> Path:
         weights, meta = self.paths(twin)
         torch.save(twin.state_dict(), weights)
         meta.write_text(json.dumps(asdict(twin.lineage), indent=1))
         return meta
 
-    def load_into(self, twin: TaskTwin) -> bool:
+    def load_into(self, twin: TaskTwin | UnifiedTwin) -> bool:
         weights, meta_path = self.paths(twin)
         if not weights.is_file() or not meta_path.is_file():
             return False
@@ -74,29 +90,59 @@ def run_operation(
     fuser: str = "gating",
     rounds: int = 10,
     seed: int = 1,
+    defense: str = "mean",
+    unified: bool = False,
 ) -> list[dict[str, Any]]:
-    """Perform ``op`` and return one lineage dict per new twin (with its metrics and stored path)."""
+    """Perform ``op`` and return one lineage dict per new twin (with its metrics and stored path).
+
+    ``unified``: the new twin is the direction's view of the stored unified model (``unified.<fuser>``,
+    trained with loss = transfer + merge + split on first use) instead of a function-specific twin.
+    """
     _check(op, sources, targets)
+    directions = find_direction(op, sources, targets) if unified else []
+    if unified and not directions:
+        known = "; ".join(
+            f"{o} --from {','.join(src)} --to {task}" for o, src, _m, task in UNIFIED_DIRECTIONS.values()
+        )
+        raise InputError(f"the unified model is not trained for {op} {','.join(sources)} -> {','.join(targets)}; "
+                         f"it has: {known}")  # fmt: skip
     torch.set_num_threads(1)
     data = Data(prepare(data_paths, UttConfig(seed=seed, rounds=rounds)))
-    fed = FedConfig(rounds=rounds, seed=seed)
+    fed = FedConfig(rounds=rounds, seed=seed, defense=defense)
     store = TwinStore(state_dir)
     test = Windows.concat(list(data.test_grid.values()))
 
     def evaluate(twin: TaskTwin) -> float:
         return round(nmse(data.predict(twin, test), getattr(test, TASKS[twin.lineage.task][0])), 4)
 
-    def train(twin: TaskTwin) -> None:
+    def train(twin: TaskTwin | UnifiedTwin) -> None:
         t0 = time.perf_counter()
-        r = fed_train(twin, data.clients(twin.lineage.task), data.val_client(twin.lineage.task), fed)
+        tasks = tuple(TASKS) if isinstance(twin, UnifiedTwin) else (twin.lineage.task,)
+        r = fed_train(twin, data.clients(tasks), data.val_client(tasks), fed)
         twin.lineage.metrics = {
-            "test_nmse": evaluate(twin),
             "val_loss": round(min(r.val_curve), 4),
             "train_s": round(time.perf_counter() - t0, 2),
             "comm_mb": round(r.comm_bytes / 1e6, 2),
             "clients": len(data.train),
             "rounds": rounds,
+            "defense": r.defense,
+            "accepted": r.accepted,
+            "quarantined": r.quarantined,
         }
+        if isinstance(twin, TaskTwin):
+            twin.lineage.metrics["test_nmse"] = evaluate(twin)
+
+    made: list[TaskTwin] = []
+    if unified:
+        model = UnifiedTwin(f"unified.{fuser}", data.in_channels, data.lengths, fuser=fuser, seed=seed)
+        if not store.load_into(model):
+            train(model)
+            store.save(model)
+        for direction, target in zip(directions, targets, strict=True):
+            view = model.view(direction, f"{target}.{op}.{'+'.join(sources)}.unified.{fuser}")
+            view.lineage.metrics = {**model.lineage.metrics, "test_nmse": evaluate(view)}
+            made.append(view)
+        return [{**asdict(t.lineage), "stored": str(store.save(t))} for t in made]
 
     def source(task: str) -> TaskTwin:
         twin = new_twin(task, task, [TASKS[task][2]], data.in_channels, data.lengths, seed=seed)
@@ -106,7 +152,6 @@ def run_operation(
         return twin
 
     src = [source(s) for s in sources]
-    made: list[TaskTwin] = []
     if op == "transfer":
         made = [transfer(src[0], f"{targets[0]}.transfer.{sources[0]}", targets[0], data.lengths, seed)]
     elif op == "merge":
@@ -125,7 +170,8 @@ def run_operation(
 
 
 def twin_lines(records: list[dict[str, Any]], time_s: int) -> list[str]:
-    """``twin`` rows (level ``utt``) with the lineage as string fields."""
+    """``twin`` rows (level ``utt``) with the lineage as string fields; ``n_updates`` = client updates the
+    defense accepted, ``quarantined`` = the ones it refused."""
     return [
         point(
             "twin",
@@ -133,8 +179,12 @@ def twin_lines(records: list[dict[str, Any]], time_s: int) -> list[str]:
             {
                 "version": int(r["version"]),
                 "loss": float(r["metrics"]["test_nmse"]),
-                "n_updates": int(r["metrics"]["rounds"]),
+                "n_updates": int(r["metrics"]["accepted"]),
                 "n_members": int(r["metrics"]["clients"]),
+                "rounds": int(r["metrics"]["rounds"]),
+                "quarantined": int(r["metrics"]["quarantined"]),
+                "defense": r["metrics"]["defense"],
+                "model": r["model"],
                 "operation": r["operation"],
                 "sources": ",".join(r["sources"]),
                 "fuser": r["fuser"] or "",

@@ -32,9 +32,20 @@ def utt(
         "", help="comma-separated test walks (default: last walk of each scene+device)"
     ),
     threads: int = typer.Option(1, min=1, max=8, help="torch threads"),
+    defense: str = typer.Option(
+        "mean", help="twin_store.screening defense of every federated aggregation (mean = FedAvg)"
+    ),
+    unified_fusers: str = typer.Option(
+        "gating,concatenation",
+        help="comma-separated fusers of the unified model (one model each; empty: none)",
+    ),
+    seed_repeats: int = typer.Option(
+        3, min=1, help="train the gating and concatenation merges with this many seeds (mean ± std)"
+    ),
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
 ) -> None:
     """Direct, transfer, merge and split twins (every fuser) vs trilateration, constant velocity, mean."""
+    from twin_store.screening import DEFENSES
     from twin_store.utt import FUSERS
     from twin_store.utt_bench import UttConfig, run
 
@@ -44,12 +55,20 @@ def utt(
     bad = [f for f in chosen if f not in FUSERS]
     if bad or not chosen:
         raise InputError(f"--fusers: {', '.join(bad) or 'empty'}; choose from {', '.join(FUSERS)}")
+    unified = tuple(f.strip() for f in unified_fusers.split(",") if f.strip())
+    if [f for f in unified if f not in FUSERS]:
+        raise InputError(f"--unified-fusers: {unified_fusers}; choose from {', '.join(FUSERS)}")
+    if defense not in DEFENSES:
+        raise InputError(f"--defense {defense!r}: one of {', '.join(DEFENSES)}")
     cfg = UttConfig(
         seed=seed,
         rounds=rounds,
         fusers=chosen,
         test_walks=tuple(t.strip() for t in test_walks.split(",") if t.strip()),
         threads=threads,
+        defense=defense,
+        unified_fusers=unified,
+        seed_repeats=seed_repeats,
     )
     with console.status("training the twins (a few minutes on 2 cores)"):
         report, rows = run([data], cfg)
@@ -87,6 +106,18 @@ def utt(
         for direction, per in nm[op].items():
             rows_nm += [{"twin": f"{op} {direction}", "fuser": f, "nmse": v} for f, v in per.items()]
     print_table("normalised MSE on the test walks (vision is SIMULATED)", rows_nm, ["twin", "fuser", "nmse"])
+    for fz, u in nm["unified"].items():
+        print_table(
+            f"unified model ({fz}; loss = transfer + merge + split) beside the function-specific twins, NMSE",
+            [{"direction": d, **v} for d, v in u["nmse"].items()],
+        )
+        console.print(f"training time (s): {u['train_s']}; parameters: {u['params']}")
+    for direction, per in nm["merge_seed_spread"].items():
+        print_table(
+            f"merge {direction}: NMSE over seeds (fuser/decoder init + minibatch order)",
+            [{"fuser": f, "seeds": v["seeds"], "nmse": v["test_nmse"], "mean": v["mean"], "std": v["std"]}
+             for f, v in per.items()],
+        )  # fmt: skip
     pos = report["positioning_test_rows"]
     print_table(
         f"positioning error on the test walks (merged fuser: {report['merged_fuser']['chosen_on_validation']}, chosen on validation)",

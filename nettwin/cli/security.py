@@ -102,9 +102,9 @@ def attack(
             ref = torch.as_tensor(clusters[cid].params)
             if kind == "mpaf":
                 params = attacks.mpaf(ref, fake_models[k], cfg.mpaf_lambda)
-            else:  # the attacker's view of the global's last step: towards the cluster it joins
+            else:  # the global's last step as the attacker sees it: from its cluster twin to the global
                 now = torch.as_tensor(glob.params)
-                params = attacks.tpi(now, ref, cfg.tpi_kappa)
+                params = attacks.tpi(ref, now, ref, fake_models[k], cfg.tpi_kappa)
             base, seq = clusters[cid].version, hour
         else:
             victim = latest.get(f"bs:{square}".encode())

@@ -278,8 +278,10 @@ def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool, json_
     # every BS gets a key: the agents sign their updates and the store verifies each one
     keys_file = settings.state_dir / "demo" / "bs-keys.json"
     KeyRegistry.create(str(s) for s in picked).save(keys_file)
+    # no traffic screening: the demo reproduces `nettwin bench vhtwin`, which trains on every hour
+    security = {"keys_file": keys_file.resolve(), "screen_traffic": False}
     demo_settings = demo_settings.model_copy(
-        update={"security": demo_settings.security.model_copy(update={"keys_file": keys_file.resolve()})}
+        update={"security": demo_settings.security.model_copy(update=security)}
     )
     env = settings_env(demo_settings)
     logs = settings.state_dir / "log"

@@ -15,6 +15,8 @@ app = typer.Typer(
 )
 
 DATA_HELP = "folder of walk CSVs (like ftm_imu/raw): trains missing source twins and evaluates the new one"
+DEFENSE_HELP = "twin_store.screening defense screening and aggregating the client updates (mean = FedAvg)"
+UNIFIED_HELP = "take the twin from the unified model (loss = transfer + merge + split; trained on first use)"
 
 
 def _run(
@@ -26,20 +28,27 @@ def _run(
     fuser: str,
     rounds: int,
     seed: int,
+    defense: str,
+    unified: bool,
     json_out: bool,
 ) -> None:
     from nettwin.errors import InputError
     from twin_store.influx import InfluxClient
+    from twin_store.screening import DEFENSES
     from twin_store.utt import FUSERS
     from twin_store.utt_ops import run_operation, twin_lines
 
     if fuser not in FUSERS:
         raise InputError(f"--fuser {fuser!r}: one of {', '.join(FUSERS)}")
+    if defense not in DEFENSES:
+        raise InputError(f"--defense {defense!r}: one of {', '.join(DEFENSES)}")
     settings = settings_of(ctx)
     sources = [s.strip() for s in src.split(",") if s.strip()]
     targets = [t.strip() for t in dst.split(",") if t.strip()]
     with console.status(f"{op}: training (federated) and evaluating"):
-        records = run_operation(op, sources, targets, [data], Path(settings.state_dir), fuser, rounds, seed)
+        records = run_operation(
+            op, sources, targets, [data], Path(settings.state_dir), fuser, rounds, seed, defense, unified
+        )
     with InfluxClient(settings.influx) as influx:
         influx.write("\n".join(twin_lines(records, int(time.time()))).encode(), precision="s")
     if json_out:
@@ -53,6 +62,7 @@ def _run(
                 "operation": r["operation"],
                 "sources": ",".join(r["sources"]),
                 "fuser": r["fuser"] or "-",
+                "model": r["model"],
                 "version": r["version"],
                 **r["metrics"],
             }
@@ -67,12 +77,15 @@ def transfer_cmd(
     src: str = typer.Option(..., "--from", help="source twin: position, trajectory or tracking"),
     dst: str = typer.Option(..., "--to", help="task of the new twin"),
     data: Path = typer.Option(..., help=DATA_HELP),
+    fuser: str = typer.Option("gating", help="fuser of the unified model (with --unified)"),
     rounds: int = typer.Option(10, min=1, help="federated rounds"),
     seed: int = typer.Option(1),
+    defense: str = typer.Option("mean", help=DEFENSE_HELP),
+    unified: bool = typer.Option(False, "--unified", help=UNIFIED_HELP),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Reuse a twin's encoder (frozen) with a new decoder for another task."""
-    _run(ctx, "transfer", src, dst, data, "gating", rounds, seed, json_out)
+    _run(ctx, "transfer", src, dst, data, fuser, rounds, seed, defense, unified, json_out)
 
 
 @app.command("merge")
@@ -88,10 +101,12 @@ def merge_cmd(
     ),
     rounds: int = typer.Option(10, min=1, help="federated rounds"),
     seed: int = typer.Option(1),
+    defense: str = typer.Option("mean", help=DEFENSE_HELP),
+    unified: bool = typer.Option(False, "--unified", help=UNIFIED_HELP),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Fuse the (frozen) encoders of two twins with a new fuser and decoder."""
-    _run(ctx, "merge", src, dst, data, fuser, rounds, seed, json_out)
+    _run(ctx, "merge", src, dst, data, fuser, rounds, seed, defense, unified, json_out)
 
 
 @app.command("split")
@@ -100,9 +115,12 @@ def split_cmd(
     src: str = typer.Option(..., "--from", help="the twin to split"),
     dst: str = typer.Option(..., "--to", help="two tasks, comma-separated (e.g. trajectory,tracking)"),
     data: Path = typer.Option(..., help=DATA_HELP),
+    fuser: str = typer.Option("gating", help="fuser of the unified model (with --unified)"),
     rounds: int = typer.Option(10, min=1, help="federated rounds"),
     seed: int = typer.Option(1),
+    defense: str = typer.Option("mean", help=DEFENSE_HELP),
+    unified: bool = typer.Option(False, "--unified", help=UNIFIED_HELP),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """One new twin per task, each reusing the source's representation (frozen) with its own decoder."""
-    _run(ctx, "split", src, dst, data, "gating", rounds, seed, json_out)
+    _run(ctx, "split", src, dst, data, fuser, rounds, seed, defense, unified, json_out)

@@ -94,13 +94,15 @@ class TemporalScreen(Defense):
             self.rising.discard(update.square)
             self.suspect.discard(update.square)
         worst = max(feats, key=feats.__getitem__) if feats else ""
+        reason = ""
         if self.accepted >= self.warmup:
             if score > self.hard:
                 reason = f"outlier: {worst} {feats[worst]:.1f}x typical > {self.hard:g}"
-                return Verdict(False, score, reason, norm)
-            if update.square in self.suspect:
+            elif update.square in self.suspect:
                 reason = f"drifted: score level {level.get():.1f} > {self.soft:g} since its scores rose"
-                return Verdict(False, score, reason, norm)
+        if reason:
+            self.deltas.pop(update.square, None)  # no longer a peer: its earlier updates are suspect too
+            return Verdict(False, score, reason, norm)
         self.deltas[update.square] = delta
         self.recent.append(update.square)
         self.accepted += 1

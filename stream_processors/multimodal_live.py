@@ -1,0 +1,214 @@
+"""Live per-device multimodal windows from the ``replay ftm`` streams (FTM, IMU, SIMULATED vision), pure Python.
+
+The three topics arrive interleaved in no particular event-time order (separate topics, separate fetches),
+and a device may lack a modality altogether. Per key (``device/walk``) the windower keeps each modality's
+recent readings sorted by event time, and a window ending at ``e`` is emitted once every *active* modality
+has been seen past ``e + lateness_ms`` (its event-time watermark):
+
+* a modality not seen yet for a key holds windows back for at most ``grace_s`` (wall clock) after the key's
+  first record; after that it counts as missing (mask False) until it shows up;
+* a modality whose newest reading has not advanced for ``idle_s`` (wall clock) stops holding windows back
+  (an idle source); when every modality is idle, all data is taken to be in and windows are emitted up to
+  the newest reading;
+* a reading at or before the end of a window already emitted is *late*: it is counted and returned to the
+  caller (the worker dead-letters it), never silently merged.
+
+Grid: window ends start at the key's first event time + ``(window - 1)`` steps and advance by ``stride``
+steps, as ``grid_ends`` does offline. Each window is computed by :func:`stream_processors.multimodal.align`
+on the buffered readings, so it equals the offline ``build_windows`` on the same rows (``Readings``).
+State is explicit (one :class:`KeyState` per key); time (``now``) is passed in.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stream_processors.multimodal import MODALITIES, STEP_MS, Readings, align, imu_channels
+
+
+@dataclass(frozen=True)
+class LiveWindowConfig:
+    window: int = 20  # steps of 100 ms: 2 s
+    stride: int = 5  # steps between window ends: 0.5 s
+    max_age_ms: float = 1000.0
+    min_present: float = 0.25
+    lateness_ms: float = 1000.0  # event time a modality must be past a window's end before it is emitted
+    grace_s: float = 2.0  # wall time an unseen modality may hold a new key's windows back
+    idle_s: float = 2.0  # wall time after which a modality that stopped advancing no longer holds back
+
+
+class Series:
+    """Readings of one stream sorted by event time (out-of-order inserts allowed)."""
+
+    def __init__(self, width: int) -> None:
+        self.t: list[float] = []
+        self.v: list[list[float]] = []
+        self.width = width
+
+    def insert(self, t: float, values: list[float]) -> None:
+        i = bisect.bisect_right(self.t, t)
+        self.t.insert(i, t)
+        self.v.insert(i, values)
+
+    def trim(self, before: float) -> None:
+        """Drop readings older than ``before``: no window can hold them any more."""
+        i = bisect.bisect_left(self.t, before)
+        del self.t[:i], self.v[:i]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.t, dtype=np.float64), np.asarray(self.v, dtype=np.float64).reshape(
+            -1, self.width
+        )
+
+
+@dataclass
+class KeyState:
+    first_wall: float
+    first_t: float = math.inf
+    ftm: dict[str, Series] = field(default_factory=dict)
+    imu: Series = field(default_factory=lambda: Series(13))
+    vision: Series = field(default_factory=lambda: Series(7))
+    newest_t: dict[str, float] = field(default_factory=dict)  # modality -> newest event time seen
+    advanced_wall: dict[str, float] = field(default_factory=dict)  # modality -> when that last grew
+    next_end: float | None = None
+    last_emitted: float = -math.inf
+    emitted: int = 0
+    late: int = 0
+
+
+def parse(kind: str, rec: dict[str, Any]) -> tuple[float, Any]:
+    """(event time, the modality's values) of a ``replay ftm`` record; KeyError/ValueError/TypeError if bad."""
+    t = float(rec["t_ms"])
+    if not math.isfinite(t):
+        raise ValueError(f"t_ms {rec['t_ms']!r}")
+    if kind == "ftm":
+        aps = {str(a): [float(x) for x in v] for a, v in rec["aps"].items()}
+        if any(len(v) != 3 for v in aps.values()):
+            raise ValueError("an AP reading is not [rtt_m, std_m, rss_dbm]")
+        return t, aps
+    if kind == "imu":
+        row = [*rec["acc"], *rec["gyro"], *rec["mag"], rec["azimuth"], rec["pitch"], rec["roll"]]
+        if len(row) != 12:
+            raise ValueError("IMU record needs 3 acc, 3 gyro, 3 mag, azimuth, pitch, roll")
+        return t, imu_channels(np.asarray([row], dtype=np.float64))[0].tolist()
+    if kind == "vision":
+        det = 1.0 if rec["detected"] else 0.0
+        vals = [
+            rec["u"],
+            rec["v"],
+            rec["box_w"],
+            rec["box_h"],
+            det,
+            rec.get("floor_x", 0.0),
+            rec.get("floor_y", 0.0),
+        ]
+        return t, [float(x) for x in vals]
+    raise ValueError(f"unknown modality {kind!r}")
+
+
+class MultimodalWindower:
+    """Per key state and the emission rule; ``on_record`` and ``flush`` return finished window dicts."""
+
+    def __init__(self, cfg: LiveWindowConfig | None = None) -> None:
+        self.cfg = cfg or LiveWindowConfig()
+        self.keys: dict[str, KeyState] = {}
+
+    def on_record(
+        self, key: str, kind: str, rec: dict[str, Any], now: float
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Add one record; returns the windows it completed and whether the record was late (not added)."""
+        t, values = parse(kind, rec)
+        st = self.keys.get(key)
+        if st is None:
+            st = self.keys[key] = KeyState(first_wall=now)
+        if t <= st.last_emitted:
+            st.late += 1
+            return [], True
+        if kind == "ftm":
+            for ap, v in values.items():
+                st.ftm.setdefault(ap, Series(3)).insert(t, v)
+        else:
+            getattr(st, kind).insert(t, values)
+        st.first_t = min(st.first_t, t)
+        if t > st.newest_t.get(kind, -math.inf):
+            st.newest_t[kind] = t
+            st.advanced_wall[kind] = now
+        return self._ready(key, st, now), False
+
+    def flush(self, now: float) -> list[dict[str, Any]]:
+        """Windows that idle modalities or the grace period now let through (call it periodically)."""
+        return [w for key, st in self.keys.items() for w in self._ready(key, st, now)]
+
+    def _watermark(self, st: KeyState, now: float) -> float:
+        cfg = self.cfg
+        if len(st.newest_t) < len(MODALITIES) and now - st.first_wall < cfg.grace_s:
+            return -math.inf  # a modality may still show up
+        active = [st.newest_t[m] for m in st.newest_t if now - st.advanced_wall[m] < cfg.idle_s]
+        if not active:
+            return max(st.newest_t.values(), default=-math.inf)  # everything idle: all data is in
+        return min(active) - cfg.lateness_ms
+
+    def _ready(self, key: str, st: KeyState, now: float) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        wm = self._watermark(st, now)
+        # the grid is anchored when the first window is due, so an earlier reading arriving late still counts
+        first = st.next_end if st.next_end is not None else st.first_t + (cfg.window - 1) * STEP_MS
+        if not first <= wm:
+            return []
+        st.next_end = first
+        n = math.floor((wm - st.next_end) / (cfg.stride * STEP_MS) + 1e-9) + 1
+        ends = st.next_end + np.arange(n) * cfg.stride * STEP_MS
+        out = self._windows(key, st, ends)
+        st.last_emitted = float(ends[-1])
+        st.next_end = float(ends[-1] + cfg.stride * STEP_MS)
+        st.emitted += n
+        keep_from = st.next_end - (cfg.window - 1) * STEP_MS - cfg.max_age_ms
+        for s in [*st.ftm.values(), st.imu, st.vision]:
+            s.trim(keep_from)
+        return out
+
+    def readings(self, st: KeyState) -> Readings:
+        return Readings(
+            {ap: s.arrays() for ap, s in st.ftm.items()},
+            st.imu.arrays(),
+            st.vision.arrays(),
+        )
+
+    def _windows(self, key: str, st: KeyState, ends: np.ndarray) -> list[dict[str, Any]]:
+        """Window dicts; a window lists the APs ranged in it (``ap_ids``), 4 channels each."""
+        cfg = self.cfg
+        known = sorted(st.ftm, key=lambda a: (len(a), a))
+        ftm, imu, vis, mask = align(
+            self.readings(st), known, ends, cfg.window, cfg.max_age_ms, cfg.min_present
+        )
+        device, _, walk = key.partition("/")
+        out = []
+        for i, e in enumerate(ends):
+            ranged = [k for k in range(len(known)) if ftm[i, :, 4 * k + 3].any()]
+            cols = [4 * k + c for k in ranged for c in range(4)]
+            out.append(
+                {
+                    "key": key,
+                    "device": device,
+                    "walk": walk,
+                    "end_ms": float(e),
+                    "step_ms": STEP_MS,
+                    "window": cfg.window,
+                    "mask": dict(zip(MODALITIES, (bool(x) for x in mask[i]), strict=True)),
+                    "ap_ids": [known[k] for k in ranged],
+                    "ftm": np.round(ftm[i][:, cols], 6).tolist(),  # per AP: rtt, std, rss, present
+                    "imu": np.round(imu[i], 6).tolist(),
+                    "vision": np.round(vis[i], 6).tolist(),  # SIMULATED camera
+                }
+            )
+        return out
+
+
+def encode_window(w: dict[str, Any]) -> bytes:
+    return json.dumps(w, separators=(",", ":")).encode()

@@ -1,0 +1,157 @@
+"""Live multimodal windows: the pure windower (order, lateness, a missing modality) and the Faust agent on
+the real broker, both checked against the offline ``build_windows`` on the same rows."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import typer
+from numpy.testing import assert_allclose
+from typer.testing import CliRunner
+
+from ingest.kafka import make_consumer
+from ingest.topics import Topics
+from nettwin.settings import NettwinSettings
+from producers.ftm_replay import KINDS, _events, _record, load_walks
+from stream_processors.multimodal import build_windows, grid_ends
+from stream_processors.multimodal_live import LiveWindowConfig, MultimodalWindower
+
+RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "ftm_imu" / "raw"
+needs_data = pytest.mark.skipif(not RAW.is_dir(), reason="../shared/data/ftm_imu/raw is absent")
+WALK = "CarPark__5__524"
+KIND = {"ftm": "ftm", "imu": "imu", "vision_sim": "vision"}
+
+
+def _stream(seconds: float) -> tuple[Any, Any, list[tuple[str, dict[str, Any]]]]:
+    walks, vision, _ = load_walks([RAW / f"{WALK}.csv"], seed=1)
+    w = walks[0]
+    recs = [
+        (KIND[KINDS[kind]], _record(kind, w, i, vision))
+        for t, kind, _wi, i in _events(walks, vision)
+        if t < seconds * 1000
+    ]
+    return w, vision[w.name], recs
+
+
+def _check_against_offline(windows: list[dict[str, Any]], walk: Any, vision: Any, vision_on: bool) -> None:
+    ends = np.array([w["end_ms"] for w in windows])
+    ap_ids = list(walk.ap_ids)
+    off = build_windows(walk, ap_ids, ends, vision if vision_on else None, None)
+    for i, w in enumerate(windows):
+        ranged = [k for k, _a in enumerate(ap_ids) if off.ftm[i, :, 4 * k + 3].any()]
+        assert w["ap_ids"] == [ap_ids[k] for k in ranged]  # the APs ranged in the window
+        cols = [4 * k + c for k in ranged for c in range(4)]
+        assert [w["mask"][m] for m in ("ftm", "imu", "vision")] == off.mask[i].tolist()
+        assert_allclose(np.array(w["ftm"]), off.ftm[i][:, cols], atol=6e-5)  # sent at 4 dp
+        assert_allclose(np.array(w["imu"]), off.imu[i], atol=1e-5)
+        assert_allclose(np.array(w["vision"])[:, :5], off.vision[i, :, :5], atol=1e-2)  # u, v, box: 2 dp
+        assert_allclose(np.array(w["vision"])[:, 5:], off.vision[i, :, 5:], atol=1e-3)
+
+
+@needs_data
+def test_shuffled_within_lateness_gives_the_offline_windows() -> None:
+    walk, vision, recs = _stream(30.0)
+    rng = random.Random(0)
+    shuffled = sorted(recs, key=lambda r: r[1]["t_ms"] + rng.uniform(0, 800))  # out of order by < 1 s
+    assert [r[1]["t_ms"] for r in shuffled] != sorted(r[1]["t_ms"] for r in shuffled)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, seq in (("ordered", recs), ("shuffled", shuffled)):
+        win = MultimodalWindower(LiveWindowConfig(lateness_ms=1000.0))
+        got: list[dict[str, Any]] = []
+        for kind, rec in seq:
+            windows, late = win.on_record(f"M2/{WALK}", kind, rec, now=0.0)
+            assert not late
+            got.extend(windows)
+        got.extend(win.flush(now=10.0))  # every modality idle: the rest is emitted
+        out[name] = got
+    assert out["ordered"] == out["shuffled"]
+    ends = np.array([w["end_ms"] for w in out["ordered"]])
+    assert_allclose(ends, grid_ends(walk, 20, 5)[: len(ends)])  # the offline grid
+    assert ends[-1] == pytest.approx(grid_ends(walk, 20, 5)[grid_ends(walk, 20, 5) < 30_000][-1])
+    assert all(all(w["mask"].values()) for w in out["ordered"][:10])
+    _check_against_offline(out["ordered"], walk, vision, vision_on=True)
+
+
+@needs_data
+def test_a_missing_modality_waits_for_the_grace_period_then_is_masked_and_late_rows_are_refused() -> None:
+    walk, vision, recs = _stream(12.0)
+    no_vision = [r for r in recs if r[0] != "vision"]
+    win = MultimodalWindower(LiveWindowConfig(grace_s=2.0, idle_s=5.0))
+    got: list[dict[str, Any]] = []
+    for kind, rec in no_vision:
+        got.extend(win.on_record("M2/w", kind, rec, now=1.0)[0])
+    assert got == []  # vision may still show up
+    got = win.flush(now=3.5)  # grace over; FTM and IMU still active: up to their watermark - lateness
+    assert got and max(w["end_ms"] for w in got) <= 12_000 - 1000
+    assert not any(w["mask"]["vision"] for w in got) and all(w["mask"]["imu"] for w in got)
+    _check_against_offline(got, walk, vision, vision_on=False)
+    late_rec = dict(no_vision[5][1])
+    windows, late = win.on_record("M2/w", no_vision[5][0], late_rec, now=3.6)
+    assert late and windows == [] and win.keys["M2/w"].late == 1
+    more = win.flush(now=20.0)  # everything idle: emitted up to the newest reading
+    assert more and more[0]["end_ms"] == got[-1]["end_ms"] + 500
+    assert more[-1]["end_ms"] <= no_vision[-1][1]["t_ms"] < more[-1]["end_ms"] + 500
+
+
+def _read_all(settings: NettwinSettings, topic: str, expected: int, timeout: float) -> list[Any]:
+    consumer = make_consumer(settings, topic, group_id=None)
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and len(out) < expected:
+            for msgs in consumer.poll(timeout_ms=300).values():
+                out.extend(msgs)
+        for msgs in consumer.poll(timeout_ms=500).values():  # a duplicate or extra window would show here
+            out.extend(msgs)
+    finally:
+        consumer.close()
+    return out
+
+
+@pytest.mark.integration
+@needs_data
+def test_worker_publishes_aligned_multimodal_windows_of_a_replayed_walk(
+    isolated: NettwinSettings, tmp_path: Path
+) -> None:
+    from nettwin.cli.replay_ftm import ftm
+    from tests.conftest import Pipeline
+
+    settings = isolated
+    pipeline = Pipeline(settings, tmp_path)  # the worker only: no store needed
+    pipeline.start("worker")
+    try:
+        _replay_and_check(settings, pipeline, ftm)
+    finally:
+        pipeline.stop("worker", kill=True)  # its never-acknowledged topics make a clean stop wait ~20 s
+
+
+def _replay_and_check(settings: NettwinSettings, pipeline: Any, ftm: Any) -> None:
+    app = typer.Typer()
+    app.command()(ftm)
+    res = CliRunner().invoke(
+        app, [str(RAW / f"{WALK}.csv"), "--max", "--limit", "900", "--json"], obj=settings
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["total"] == 900
+    walks, vision, _ = load_walks([RAW / f"{WALK}.csv"], seed=1)
+    sent = [t for t, *_ in _events(walks, vision)][:900]
+    grid = grid_ends(walks[0], 20, 5)
+    topics = Topics.from_settings(settings)
+    msgs = _read_all(settings, topics.features_multimodal, len(grid[grid <= sent[-1]]), timeout=90.0)
+    pipeline.assert_running()
+    windows = sorted((json.loads(m.value) for m in msgs), key=lambda w: w["end_ms"])
+    assert windows, pipeline.logs()
+    assert {m.key for m in msgs} == {f"M2/{WALK}".encode()}
+    ends = np.array([w["end_ms"] for w in windows])
+    assert len(set(ends)) == len(ends)  # each window once
+    assert_allclose(ends, grid[grid <= sent[-1]])  # every grid window up to the newest record, no gap
+    full = [w for w in windows if w["end_ms"] < sent[-1]]  # rows up to these ends were all sent
+    assert all(w["mask"]["ftm"] and w["mask"]["imu"] for w in full)
+    assert sum(w["mask"]["vision"] for w in full) > len(full) // 2
+    _check_against_offline(full, walks[0], vision[walks[0].name], vision_on=True)
