@@ -113,3 +113,20 @@ def test_bad_security_input_is_one_line(isolated: NettwinSettings, tmp_path: Pat
     assert res.returncode == 1 and "--ids" in res.stderr
     res = run_cli(isolated, "bench", "poisoning", "--data", str(HOURLY), "--attack", "nuke")
     assert res.returncode == 1 and "unknown attack 'nuke'" in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_telemetry_attack_writes_a_poisoned_copy_to_replay(isolated: NettwinSettings, tmp_path: Path) -> None:
+    original = np.loadtxt(HOURLY, delimiter=",", skiprows=1)
+    victims = [int(original[0, 0]), int(original[5, 0])]
+    out = tmp_path / "poisoned.csv"
+    args = ["attack", "telemetry", "--bs", ",".join(map(str, victims)), "--data", str(HOURLY)]
+    res = run_cli(isolated, *args, "--out", str(out), "--from-hour", "1000", "--json")
+    assert res.returncode == 0, res.stderr
+    poisoned = np.loadtxt(out, delimiter=",", skiprows=1)
+    changed = np.abs(poisoned[:, 1:] - original[:, 1:]) > 1e-3 * (1 + np.abs(original[:, 1:]))
+    assert sorted(poisoned[changed.any(axis=1), 0].astype(int).tolist()) == victims
+    assert not changed[:, :1000].any() and changed[[0, 5], 1000:].mean() > 0.05
+    res = run_cli(
+        isolated, "attack", "telemetry", "--bs", "99999999", "--data", str(HOURLY), "--out", str(out)
+    )
+    assert res.returncode == 1 and "not in" in res.stderr and res.stderr.count("\n") == 1

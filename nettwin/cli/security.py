@@ -57,7 +57,9 @@ def create_keys(
 
 def attack(
     ctx: typer.Context,
-    kind: str = typer.Argument(..., help="mpaf or tpi (fake BSs), signflip or scale (compromised BSs)"),
+    kind: str = typer.Argument(
+        ..., help="mpaf or tpi (fake BSs), signflip or scale (compromised BSs), telemetry (poisoned traffic)"
+    ),
     bs: str = typer.Option(..., help="BS ids, comma-separated: new ids for fake BSs, victims otherwise"),
     cluster: int | None = typer.Option(None, help="cluster a fake BS claims (default: spread over all)"),
     keys: Path | None = typer.Option(None, help="stolen key registry: sign the updates (compromised BSs)"),
@@ -65,19 +67,33 @@ def attack(
     factor: float | None = typer.Option(
         None, help="boost of signflip / scale (default: producers/attacks.py AttackConfig)"
     ),
+    data: Path | None = typer.Option(None, help="telemetry: the hourly CSV to poison"),
+    out: Path | None = typer.Option(None, help="telemetry: where to write the poisoned copy (replay it)"),
+    from_hour: int = typer.Option(0, min=0, help="telemetry: first hour index to poison"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Send poisoned local updates to updates.local, built from the twins the deployment publishes.
 
     Fake BSs (mpaf, tpi) have no key; compromised BSs (signflip, scale) tamper with the victim's latest
-    accepted update and, with --keys, sign it with the victim's key. See producers/attacks.py.
+    accepted update and, with --keys, sign it with the victim's key. ``telemetry`` writes a copy of an
+    hourly file with spikes and a level shift in the squares --bs, for `nettwin replay milan --format
+    hourly`. See producers/attacks.py.
     """
-    if kind not in ("mpaf", "tpi", "signflip", "scale"):
-        raise InputError(f"attack {kind!r}: choose mpaf, tpi, signflip or scale")
+    if kind not in ("mpaf", "tpi", "signflip", "scale", "telemetry"):
+        raise InputError(f"attack {kind!r}: choose mpaf, tpi, signflip, scale or telemetry")
     try:
         ids = [int(b) for b in bs.split(",") if b.strip()]
     except ValueError:
         raise InputError(f"--bs {bs!r}: give BS ids as comma-separated integers") from None
+    if kind == "telemetry":
+        if data is None or out is None:
+            raise InputError("attack telemetry needs --data HOURLY.csv and --out POISONED.csv")
+        poisoned = poison_hourly(data, out, ids, from_hour, seed)
+        if json_out:
+            print_json({"attack": kind, "squares": poisoned, "out": str(out)})
+        else:
+            console.print(f"wrote {out}: squares {poisoned} poisoned from hour {from_hour}; replay it")
+        return
     settings = settings_of(ctx)
     registry = KeyRegistry.load(keys) if keys is not None else None
     latest = read_latest_twins(settings)
@@ -151,3 +167,29 @@ def attack(
         print_json(summary)
     else:
         console.print(f"sent {len(updates)} {kind} update(s) to {topic} ({summary['signed']} signed)")
+
+
+def poison_hourly(src: Path, dst: Path, squares: list[int], from_hour: int, seed: int) -> list[int]:
+    """A copy of an hourly file with ``squares`` poisoned (``attacks.poison_series``, in each square's own
+    standard deviations); returns the squares poisoned."""
+    from twin_store.evaluation import load_matrix
+
+    if not src.is_file():
+        raise InputError(f"{src}: no such file")
+    matrix, all_squares = load_matrix(src, None, seed)
+    missing = sorted(set(squares) - set(all_squares.tolist()))
+    if missing:
+        raise InputError(f"--bs: squares {missing} are not in {src}")
+    if from_hour >= matrix.shape[1]:
+        raise InputError(f"--from-hour {from_hour}: {src} has {matrix.shape[1]} hours")
+    rng = np.random.default_rng(seed)
+    out = matrix.astype(np.float64).copy()
+    for i, square in enumerate(all_squares.tolist()):
+        if square in squares:
+            mean, std = out[i].mean(), out[i].std() or 1.0
+            out[i] = mean + std * attacks.poison_series((out[i] - mean) / std, from_hour, AttackConfig(), rng)
+    with dst.open("w") as f:
+        f.write("square_id," + ",".join(f"h{h}" for h in range(out.shape[1])) + "\n")
+        for square, row in zip(all_squares.tolist(), out, strict=True):
+            f.write(f"{square}," + ",".join(repr(round(float(v), 6)) for v in row) + "\n")
+    return sorted(squares)
