@@ -328,3 +328,16 @@ def test_unified_model_shares_its_parts_across_directions_and_sums_the_three_ope
         "split position->tracking",
     ]
     assert find_direction("transfer", ["tracking"], ["position"]) == []
+
+
+def test_a_stored_twin_is_reused_only_if_trained_with_the_same_settings(tmp_path: Path) -> None:
+    from twin_store.utt_ops import TwinStore
+
+    ch, lengths = {"ftm": 6, "imu": 13, "vision": 7}, {"position": 20, "trajectory": 10, "tracking": 20}
+    twin = new_twin("position", "position", ["ftm"], ch, lengths, d=8)
+    twin.lineage.metrics = {"rounds": 5, "seed": 1, "defense": "mean", "data": ["d"]}
+    store = TwinStore(tmp_path)
+    store.save(twin)
+    again = new_twin("position", "position", ["ftm"], ch, lengths, d=8)
+    assert store.load_into(again, {"rounds": 5, "seed": 1, "defense": "mean", "data": ["d"]})
+    assert not store.load_into(again, {"rounds": 20, "seed": 1, "defense": "mean", "data": ["d"]})

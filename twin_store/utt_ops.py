@@ -67,9 +67,14 @@ class TwinStore:
         meta.write_text(json.dumps(asdict(twin.lineage), indent=1))
         return meta
 
-    def load_into(self, twin: TaskTwin | UnifiedTwin) -> bool:
+    def load_into(self, twin: TaskTwin | UnifiedTwin, trained_with: dict[str, Any]) -> bool:
+        """Load a stored twin if it was trained with the same settings (``trained_with`` against its
+        lineage metrics); otherwise the caller retrains it."""
         weights, meta_path = self.paths(twin)
         if not weights.is_file() or not meta_path.is_file():
+            return False
+        stored = json.loads(meta_path.read_text()).get("metrics", {})
+        if any(stored.get(k) != v for k, v in trained_with.items()):
             return False
         try:
             twin.load_state_dict(torch.load(weights, weights_only=True))
@@ -115,17 +120,19 @@ def run_operation(
     def evaluate(twin: TaskTwin) -> float:
         return round(nmse(data.predict(twin, test), getattr(test, TASKS[twin.lineage.task][0])), 4)
 
+    # a stored source twin is reused only if it was trained like this run asks
+    trained_with = {"rounds": rounds, "seed": seed, "defense": defense, "data": sorted(map(str, data_paths))}
+
     def train(twin: TaskTwin | UnifiedTwin) -> None:
         t0 = time.perf_counter()
         tasks = tuple(TASKS) if isinstance(twin, UnifiedTwin) else (twin.lineage.task,)
         r = fed_train(twin, data.clients(tasks), data.val_client(tasks), fed)
         twin.lineage.metrics = {
+            **trained_with,
             "val_loss": round(min(r.val_curve), 4),
             "train_s": round(time.perf_counter() - t0, 2),
             "comm_mb": round(r.comm_bytes / 1e6, 2),
             "clients": len(data.train),
-            "rounds": rounds,
-            "defense": r.defense,
             "accepted": r.accepted,
             "quarantined": r.quarantined,
         }
@@ -135,7 +142,7 @@ def run_operation(
     made: list[TaskTwin] = []
     if unified:
         model = UnifiedTwin(f"unified.{fuser}", data.in_channels, data.lengths, fuser=fuser, seed=seed)
-        if not store.load_into(model):
+        if not store.load_into(model, trained_with):
             train(model)
             store.save(model)
         for direction, target in zip(directions, targets, strict=True):
@@ -146,7 +153,7 @@ def run_operation(
 
     def source(task: str) -> TaskTwin:
         twin = new_twin(task, task, [TASKS[task][2]], data.in_channels, data.lengths, seed=seed)
-        if not store.load_into(twin):
+        if not store.load_into(twin, trained_with):
             train(twin)
             store.save(twin)
         return twin
