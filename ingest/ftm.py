@@ -23,6 +23,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -379,6 +380,7 @@ class SiteGeometry:
     source: str  # "recovered" or the site file's path
     ambiguous: list[str] = field(default_factory=list)  # APs whose mirror image fits equally well
     site_check_m: dict[str, float] = field(default_factory=dict)  # distance to the nearest site-file point
+    mirror_resolved: list[str] = field(default_factory=list)  # ambiguous APs a site file told apart
 
     def position(self, ap: str) -> np.ndarray:
         return self.positions[self.ap_ids.index(ap)]
@@ -400,11 +402,15 @@ class SiteGeometry:
                 for a, p in zip(self.ap_ids, self.positions, strict=True)
             },
             "ambiguous": self.ambiguous,
+            **({"mirror_resolved": self.mirror_resolved} if self.mirror_resolved else {}),
         }
 
 
-def _solve_ap(p: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Least squares ``|p_i - a| = d_i``: linearised solve, then Gauss-Newton on the range residuals."""
+def _solve_ap(p: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Least squares ``|p_i - a| = d_i``: linearised solve, then Gauss-Newton on the range residuals.
+
+    Returns the position and, when the observations lie on one line, its mirror image across that line
+    (which fits them equally well); None otherwise."""
     centre = p.mean(axis=0)
     q = p - centre
     a_mat = np.column_stack([-2 * q[:, 0], -2 * q[:, 1], np.ones(len(q))])
@@ -430,15 +436,19 @@ def _solve_ap(p: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, bool]:
         a = a + step
         if np.linalg.norm(step) < 1e-9:
             break
-    return a + centre, colinear
+    if not colinear:
+        return a + centre, None
+    mirror = a - 2 * float(a @ nrm) * nrm  # reflected across the walk's line (through the centroid)
+    return a + centre, mirror + centre
 
 
 def recover_ap_positions(walks: list[Walk], site_files: list[Path] | None = None) -> SiteGeometry:
     """AP positions of one scene from all its walks' true distances and ground truth together.
 
     A single straight walk cannot tell an AP from its mirror image across the walk; walks on different
-    lines resolve it. APs whose observations all lie on one line are listed in ``ambiguous``. Without true
-    distances, the positions come from the first site file naming the walks' APs.
+    lines resolve it. So does a site file: of the two images, the one nearer to a site-file point (of any
+    name) is kept and the AP is listed in ``mirror_resolved``; APs left unresolved are listed in
+    ``ambiguous``. Without true distances, the positions come from the first site file naming the walks' APs.
     """
     if not walks:
         raise InputError("no walk to recover AP positions from")
@@ -459,7 +469,8 @@ def recover_ap_positions(walks: list[Walk], site_files: list[Path] | None = None
             )
         pts = read_site_file(Path(site_src))
         return SiteGeometry(scene, ap_ids, np.array([pts[a] for a in ap_ids]), {}, {}, site_src)
-    positions, residual, n_obs, ambiguous = [], {}, {}, []
+    pts_arr = np.array(list(site_points.values())) if site_points else np.empty((0, 2))
+    positions, residual, n_obs, ambiguous, resolved = [], {}, {}, [], []
     for a in ap_ids:
         ps, ds = [], []
         for w in usable:
@@ -471,15 +482,21 @@ def recover_ap_positions(walks: list[Walk], site_files: list[Path] | None = None
         p, d = np.concatenate(ps), np.concatenate(ds)
         if len(p) < 3:
             raise InputError(f"scene {scene}: AP {a} has {len(p)} true-distance observations, need 3")
-        pos, colinear = _solve_ap(p, d)
-        if colinear:
-            ambiguous.append(a)
+        pos, mirror = _solve_ap(p, d)
+        if mirror is not None:
+            near = [float(np.min(np.linalg.norm(pts_arr - x, axis=1))) if len(pts_arr) else 0.0
+                    for x in (pos, mirror)]  # fmt: skip
+            if abs(near[0] - near[1]) > 0.5:  # the site file tells the two images apart
+                pos = pos if near[0] < near[1] else mirror
+                resolved.append(a)
+            else:
+                ambiguous.append(a)
         positions.append(pos)
         residual[a] = float(np.sqrt(np.mean((np.linalg.norm(p - pos, axis=1) - d) ** 2)))
         n_obs[a] = len(p)
     geo = SiteGeometry(scene, ap_ids, np.array(positions), residual, n_obs, "recovered", ambiguous)
+    geo.mirror_resolved = resolved
     if site_points:
-        pts_arr = np.array(list(site_points.values()))
         for a, pos in zip(ap_ids, geo.positions, strict=True):
             geo.site_check_m[a] = float(np.min(np.linalg.norm(pts_arr - pos, axis=1)))
     return geo
@@ -496,19 +513,31 @@ def _lstsq2(j: np.ndarray, res: np.ndarray) -> np.ndarray:
     return np.array([(c * u - b * v) / det, (a * v - b * u) / det])
 
 
-def trilaterate(walk: Walk, geo: SiteGeometry, margin_m: float = 10.0) -> np.ndarray:
-    """Least-squares position per row from the raw RTT distances of the APs ranged in that row (>= 3 APs;
-    otherwise the previous fix is held). Gauss-Newton from the previous fix (first: the APs' centroid); a
-    fix more than ``margin_m`` outside the APs' bounding box is discarded and the previous one held."""
-    aps = np.array([geo.position(a) if a in geo.ap_ids else [np.nan, np.nan] for a in walk.ap_ids])
-    est = np.nanmean(aps, axis=0)
-    lo, hi = np.nanmin(aps, axis=0) - margin_m, np.nanmax(aps, axis=0) + margin_m
-    out = np.zeros((len(walk), 2))
-    for i in range(len(walk)):
-        ok = (walk.rtt[i] > 0) & np.isfinite(aps[:, 0])
+class FixTracker:
+    """The least-squares FTM fix, one ranging row at a time (what :func:`trilaterate` does per row), so the
+    live windows compute the fix the offline windows have.
+
+    ``ap_ids`` (default: the site's APs) fixes the starting point (their centroid) and the bounding box.
+    ``fixed`` tells whether any row has been ranged by >= 3 known APs yet (before that ``est`` is the
+    centroid)."""
+
+    def __init__(self, geo: SiteGeometry, ap_ids: list[str] | None = None, margin_m: float = 10.0) -> None:
+        ids = list(geo.ap_ids if ap_ids is None else ap_ids)
+        self.index = {a: k for k, a in enumerate(ids)}
+        self.aps = np.array(
+            [geo.position(a) if a in geo.ap_ids else [np.nan, np.nan] for a in ids], dtype=np.float64
+        ).reshape(-1, 2)
+        self.est = np.nanmean(self.aps, axis=0)
+        self.lo = np.nanmin(self.aps, axis=0) - margin_m
+        self.hi = np.nanmax(self.aps, axis=0) + margin_m
+        self.fixed = False
+
+    def update_row(self, rtt: np.ndarray) -> np.ndarray:
+        """One row of RTT distances in ``ap_ids`` order (0: not ranged); returns the fix after it."""
+        ok = (rtt > 0) & np.isfinite(self.aps[:, 0])
         if ok.sum() >= 3:
-            a, d = aps[ok], walk.rtt[i, ok]
-            x = est.copy()
+            a, d = self.aps[ok], rtt[ok]
+            x = self.est.copy()
             for _ in range(15):
                 diff = x - a
                 r = np.maximum(np.sqrt((diff**2).sum(axis=1)), 1e-6)
@@ -516,7 +545,90 @@ def trilaterate(walk: Walk, geo: SiteGeometry, margin_m: float = 10.0) -> np.nda
                 x = x + step
                 if step[0] ** 2 + step[1] ** 2 < 1e-12:
                     break
-            if np.all(np.isfinite(x)) and np.all(x >= lo) and np.all(x <= hi):
-                est = x
-        out[i] = est
+            if np.all(np.isfinite(x)) and np.all(x >= self.lo) and np.all(x <= self.hi):
+                self.est = x
+                self.fixed = True
+        return self.est
+
+    def update(self, ranged: dict[str, float]) -> np.ndarray:
+        """One row as ``{ap: rtt_m}`` (APs the site does not know are ignored)."""
+        rtt = np.zeros(len(self.index))
+        for a, d in ranged.items():
+            k = self.index.get(a)
+            if k is not None:
+                rtt[k] = d
+        return self.update_row(rtt)
+
+
+def trilaterate(walk: Walk, geo: SiteGeometry, margin_m: float = 10.0) -> np.ndarray:
+    """Least-squares position per row from the raw RTT distances of the APs ranged in that row (>= 3 APs;
+    otherwise the previous fix is held). Gauss-Newton from the previous fix (first: the APs' centroid); a
+    fix more than ``margin_m`` outside the APs' bounding box is discarded and the previous one held."""
+    tracker = FixTracker(geo, walk.ap_ids, margin_m)
+    out = np.zeros((len(walk), 2))
+    for i in range(len(walk)):
+        out[i] = tracker.update_row(walk.rtt[i])
     return out
+
+
+def site_message(geo: SiteGeometry, walks: list[str]) -> dict[str, Any]:
+    """The ``sites.ftm`` record of a scene (key = scene): full-precision positions, so a consumer's fix
+    equals one computed from the recovered geometry itself."""
+    recovered = geo.source == "recovered"
+    return {
+        "scene": geo.scene,
+        "ap_ids": list(geo.ap_ids),
+        "positions": [[float(x), float(y)] for x, y in geo.positions],
+        "residual_m": {a: geo.residual_m[a] for a in geo.ap_ids if a in geo.residual_m},
+        "n_obs": {a: geo.n_obs[a] for a in geo.ap_ids if a in geo.n_obs},
+        "source": "recovered" if recovered else "site-file",
+        "site_file": None if recovered else Path(geo.source).name,
+        "ambiguous": list(geo.ambiguous),
+        "mirror_resolved": list(geo.mirror_resolved),
+        "site_file_diff_m": dict(geo.site_check_m),
+        "walks": sorted(walks),
+    }
+
+
+def site_from_message(msg: dict[str, Any]) -> SiteGeometry:
+    """Inverse of :func:`site_message`; KeyError/ValueError/TypeError on a malformed record."""
+    ids = [str(a) for a in msg["ap_ids"]]
+    pos = np.asarray(msg["positions"], dtype=np.float64).reshape(-1, 2)
+    if len(pos) != len(ids) or not np.all(np.isfinite(pos)):
+        raise ValueError("positions do not match ap_ids")
+    return SiteGeometry(
+        str(msg["scene"]),
+        ids,
+        pos,
+        {str(k): float(v) for k, v in msg.get("residual_m", {}).items()},
+        {str(k): int(v) for k, v in msg.get("n_obs", {}).items()},
+        str(msg.get("site_file") or msg.get("source", "recovered")),
+        [str(a) for a in msg.get("ambiguous", [])],
+        {str(k): float(v) for k, v in msg.get("site_file_diff_m", {}).items()},
+        [str(a) for a in msg.get("mirror_resolved", [])],
+    )
+
+
+def site_files_near(walk_paths: list[Path]) -> dict[str, list[Path]]:
+    """Site files (``<scene>__*AP_idx*.csv``) in the folders of the given walk files, per scene."""
+    out: dict[str, list[Path]] = {}
+    for folder in sorted({p.resolve().parent for p in walk_paths}):
+        for f in sorted(folder.glob("*.csv")):
+            if kind_of(f) == "site":
+                out.setdefault(scene_of(f), []).append(f)
+    return out
+
+
+def recover_sites(
+    walks: list[Walk], site_files: dict[str, list[Path]]
+) -> tuple[dict[str, SiteGeometry], dict[str, str]]:
+    """AP positions per scene from all of that scene's walks together (plus its site files); the scenes
+    whose positions the walks cannot determine come back in the second dict with the reason."""
+    sites: dict[str, SiteGeometry] = {}
+    problems: dict[str, str] = {}
+    for scene in sorted({w.scene for w in walks}):
+        try:
+            sites[scene] = recover_ap_positions([w for w in walks if w.scene == scene], site_files.get(scene))
+        except InputError as exc:
+            problems[scene] = str(exc)
+    return sites, problems

@@ -34,6 +34,7 @@ class Topics:
     telemetry_imu: str
     telemetry_vision_sim: str
     features_multimodal: str
+    sites_ftm: str
 
     @classmethod
     def from_settings(cls, settings: NettwinSettings) -> Topics:
@@ -52,6 +53,7 @@ class Topics:
             telemetry_imu=f"{p}telemetry.imu",
             telemetry_vision_sim=f"{p}telemetry.vision_sim",
             features_multimodal=f"{p}features.multimodal",
+            sites_ftm=f"{p}sites.ftm",
         )
 
 
@@ -91,5 +93,11 @@ def topic_specs(settings: NettwinSettings) -> list[TopicSpec]:
             n,
             False,
             "per-device time-aligned FTM/IMU/vision windows (JSON, 2 s at 10 Hz + mask), key = device/walk",
+        ),
+        TopicSpec(
+            t.sites_ftm,
+            1,
+            True,
+            "AP positions per scene (JSON site metadata, compacted), key = scene, followed by the worker",
         ),
     ]

@@ -11,6 +11,10 @@ order, to three topics keyed by ``device/walk`` (so one walk stays in one partit
   with the simulated camera's calibration, 0 when not detected).
 
 Rows the reader could not parse go to the dead-letter topic with their original text, file and line.
+
+Before the records, :func:`publish_sites` puts each scene's AP positions on the compacted ``sites.ftm``
+topic (key = scene, JSON ``site_message``), recovered from all the given walks of the scene together plus
+the site files in their folders; a scene the walks cannot determine gets nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ingest.deadletter import DeadLetter, DeadLetterSink
-from ingest.ftm import Walk, discover, read_walk
+from ingest.ftm import Walk, discover, read_walk, recover_sites, site_files_near, site_message
 from ingest.simulated_vision import SimulatedDetections, camera_for_scene, seed_for, simulate_detections
 from ingest.topics import Topics
 from producers.replay import ReplayClock
@@ -41,6 +45,8 @@ class FtmReplaySummary:
     dead_letters: int = 0
     skipped_files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # scene -> the published site record
+    sites_undetermined: dict[str, str] = field(default_factory=dict)  # scene -> why nothing was published
 
     def as_dict(self) -> dict[str, Any]:
         total = sum(self.records.values())
@@ -51,6 +57,8 @@ class FtmReplaySummary:
             "total": total,
             "dead_letters": self.dead_letters,
             "skipped_files": self.skipped_files,
+            "sites": self.sites,
+            "sites_undetermined": self.sites_undetermined,
             "seconds": round(self.seconds, 3),
             "records_per_s": round(total / self.seconds, 1) if self.seconds > 0 else None,
         }
@@ -122,6 +130,26 @@ def _record(kind: int, w: Walk, i: int, vision: dict[str, SimulatedDetections]) 
     }  # fmt: skip
 
 
+def publish_sites(
+    producer: Any, topics: Topics, walks: list[Walk], run: str = ""
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Recover each scene's AP positions from all its walks (plus the site files next to them) and publish
+    them on ``sites.ftm`` (key = scene). Returns the published records and, per scene left out, why."""
+    sites, problems = recover_sites(walks, site_files_near([w.source for w in walks]))
+    published: dict[str, dict[str, Any]] = {}
+    for scene, geo in sites.items():
+        msg = site_message(geo, [w.name for w in walks if w.scene == scene])
+        producer.send(
+            topics.sites_ftm,
+            key=scene.encode(),
+            value=json.dumps(msg, separators=(",", ":")).encode(),
+            headers=[("nettwin.run", run.encode())],
+        )
+        published[scene] = msg
+    producer.flush()
+    return published, problems
+
+
 def replay_walks(
     producer: Any,
     topics: Topics,
@@ -133,6 +161,7 @@ def replay_walks(
 ) -> FtmReplaySummary:
     """Publish the walks' records in event-time order (``limit``: at most that many records in all)."""
     summary = FtmReplaySummary(run or uuid.uuid4().hex[:12], [w.name for w in walks])
+    summary.sites, summary.sites_undetermined = publish_sites(producer, topics, walks, summary.run)
     sink = DeadLetterSink(producer, topics.deadletter)
     for w in walks:
         for line, reason, raw in w.bad_rows:

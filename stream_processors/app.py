@@ -11,7 +11,9 @@ Re-emitted windows overwrite identical points in InfluxDB (same series and times
 producer before each (non-transactional) offset commit, so acknowledged input never has unsent output.
 
 ``multimodal``: ``replay ftm``'s FTM, IMU and SIMULATED vision records -> per-device time-aligned windows
-with a modality mask on ``features.multimodal`` (``stream_processors/multimodal_live.py``).
+with a modality mask on ``features.multimodal`` (``stream_processors/multimodal_live.py``). It follows
+``sites.ftm`` (AP positions per scene) through a plain consumer thread, like ``twin.models``, and adds the
+least-squares FTM fix to the windows of scenes whose site it knows.
 
 ``bs-twins``: hourly windows -> forecasts/outcomes on ``forecasts`` and local updates on ``updates.local``.
 It follows ``twin.models`` through a plain consumer thread (every worker needs every twin, so no group).
@@ -35,6 +37,7 @@ from typing import Any
 import faust
 
 from ingest.deadletter import DeadLetter
+from ingest.ftm import SiteGeometry, site_from_message
 from ingest.kafka import make_consumer
 from ingest.schema import MalformedMessage, decode
 from ingest.topics import Topics
@@ -202,6 +205,8 @@ def build_app(settings: NettwinSettings) -> faust.App:
         topics.features_multimodal, value_type=bytes, value_serializer="raw", partitions=kafka.partitions
     )
     windowers: dict[int, MultimodalWindower] = {}
+    sites: dict[str, SiteGeometry] = {}  # scene -> AP positions from sites.ftm, shared by the windowers
+    site_follower = SiteFollower(settings)
 
     async def send_windows(windows: list[dict[str, Any]], partition: int) -> None:
         for w in windows:
@@ -209,9 +214,12 @@ def build_app(settings: NettwinSettings) -> faust.App:
 
     @app.agent(mm_source, name="multimodal")
     async def multimodal(stream: Any) -> None:
+        if not site_follower.is_alive():
+            site_follower.start()
         async for event in stream.noack().events():
             msg = event.message
-            windower = windowers.setdefault(msg.partition, MultimodalWindower())
+            site_follower.drain_into(sites)
+            windower = windowers.setdefault(msg.partition, MultimodalWindower(sites=sites))
             key = msg.key.decode(errors="replace") if msg.key else ""
             where = f"{msg.topic}[{msg.partition}]@{msg.offset}"
             try:
@@ -234,6 +242,7 @@ def build_app(settings: NettwinSettings) -> faust.App:
 
     @app.timer(interval=0.5)
     async def multimodal_idle() -> None:  # idle modalities and the grace period release windows
+        site_follower.drain_into(sites)
         now = time.monotonic()
         for partition, windower in list(windowers.items()):
             await send_windows(windower.flush(now), partition)
@@ -292,6 +301,44 @@ class TwinFollower(threading.Thread):
                 agents.on_twin(decode_twin(value))
             except MalformedMessage as exc:
                 log.warning("ignoring an unreadable twin on twin.models: %s", exc)
+
+
+class SiteFollower(threading.Thread):
+    """Reads every scene's AP positions on ``sites.ftm`` from the start and keeps following (no group)."""
+
+    def __init__(self, settings: NettwinSettings) -> None:
+        super().__init__(name="site-follower", daemon=True)
+        self.settings = settings
+        self.inbox: queue.SimpleQueue[tuple[bytes | None, bytes | None]] = queue.SimpleQueue()
+
+    def run(self) -> None:
+        try:
+            consumer = make_consumer(
+                self.settings,
+                Topics.from_settings(self.settings).sites_ftm,
+                group_id=None,
+                fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
+            )
+            for m in consumer:
+                self.inbox.put((m.key, m.value))
+        except Exception:  # the windows would silently lack the fix: say why
+            log.exception("the sites.ftm follower stopped; live windows get no new AP positions")
+
+    def drain_into(self, sites: dict[str, SiteGeometry]) -> None:
+        while True:
+            try:
+                key, value = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if value is None:  # a tombstone: the scene's site is withdrawn
+                sites.pop((key or b"").decode(errors="replace"), None)
+                continue
+            try:
+                geo = site_from_message(json.loads(value))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.warning("ignoring an unreadable site on sites.ftm: %r", exc)
+                continue
+            sites[geo.scene] = geo
 
 
 def run_worker(settings: NettwinSettings, loglevel: str = "info") -> None:

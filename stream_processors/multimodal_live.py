@@ -13,6 +13,14 @@ has been seen past ``e + lateness_ms`` (its event-time watermark):
 * a reading at or before the end of a window already emitted is *late*: it is counted and returned to the
   caller (the worker dead-letters it), never silently merged.
 
+Least-squares FTM fix (the offline windows' last two FTM channels): when the key's scene has site
+metadata (``sites``, from the ``sites.ftm`` topic), the rows of a key are run through a
+:class:`~ingest.ftm.FixTracker` in event-time order up to each emitted window's end (the readings up to there
+are final: later ones are refused as late), and the fix is held at every FTM/IMU row time, as offline. Until
+the scene's site is known the windows are held back like an unseen modality (``grace_s``); after that the
+window's ``mask["fix"]`` is False. It is True from the first row ranged by >= 3 known APs on. A site that
+arrives after a key's first window starts that key's fix from the APs' centroid at its next window.
+
 Grid: window ends start at the key's first event time + ``(window - 1)`` steps and advance by ``stride``
 steps, as ``grid_ends`` does offline. Each window is computed by :func:`stream_processors.multimodal.align`
 on the buffered readings, so it equals the offline ``build_windows`` on the same rows (``Readings``).
@@ -29,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ingest.ftm import FixTracker, SiteGeometry
 from stream_processors.multimodal import MODALITIES, STEP_MS, Readings, align, imu_channels
 
 
@@ -80,6 +89,12 @@ class KeyState:
     last_emitted: float = -math.inf
     emitted: int = 0
     late: int = 0
+    scene: str | None = None
+    rows: list[tuple[float, int, dict[str, float] | None]] = field(default_factory=list)  # (t, seq, ranging)
+    seq: int = 0
+    tracker: FixTracker | None = None
+    fix: Series = field(default_factory=lambda: Series(2))
+    first_fix_t: float = math.inf  # event time of the first real fix
 
 
 def parse(kind: str, rec: dict[str, Any]) -> tuple[float, Any]:
@@ -115,9 +130,13 @@ def parse(kind: str, rec: dict[str, Any]) -> tuple[float, Any]:
 class MultimodalWindower:
     """Per key state and the emission rule; ``on_record`` and ``flush`` return finished window dicts."""
 
-    def __init__(self, cfg: LiveWindowConfig | None = None) -> None:
+    def __init__(
+        self, cfg: LiveWindowConfig | None = None, sites: dict[str, SiteGeometry] | None = None
+    ) -> None:
+        """``sites``: scene -> AP positions, shared with (and filled by) the caller; None: no fix channel."""
         self.cfg = cfg or LiveWindowConfig()
         self.keys: dict[str, KeyState] = {}
+        self.sites = sites
 
     def on_record(
         self, key: str, kind: str, rec: dict[str, Any], now: float
@@ -133,8 +152,14 @@ class MultimodalWindower:
         if kind == "ftm":
             for ap, v in values.items():
                 st.ftm.setdefault(ap, Series(3)).insert(t, v)
+            if isinstance(rec.get("scene"), str):
+                st.scene = rec["scene"]
         else:
             getattr(st, kind).insert(t, values)
+        if self.sites is not None and kind in ("ftm", "imu"):  # a walk row: the fix is held at its time
+            st.seq += 1
+            ranging = {ap: v[0] for ap, v in values.items()} if kind == "ftm" else None
+            bisect.insort(st.rows, (t, st.seq, ranging), key=lambda r: (r[0], r[1]))
         st.first_t = min(st.first_t, t)
         if t > st.newest_t.get(kind, -math.inf):
             st.newest_t[kind] = t
@@ -147,8 +172,11 @@ class MultimodalWindower:
 
     def _watermark(self, st: KeyState, now: float) -> float:
         cfg = self.cfg
-        if len(st.newest_t) < len(MODALITIES) and now - st.first_wall < cfg.grace_s:
-            return -math.inf  # a modality may still show up
+        if now - st.first_wall < cfg.grace_s and (
+            len(st.newest_t) < len(MODALITIES)
+            or (self.sites is not None and (st.scene is None or st.scene not in self.sites))
+        ):
+            return -math.inf  # a modality, or the scene's site metadata, may still show up
         active = [st.newest_t[m] for m in st.newest_t if now - st.advanced_wall[m] < cfg.idle_s]
         if not active:
             return max(st.newest_t.values(), default=-math.inf)  # everything idle: all data is in
@@ -164,20 +192,39 @@ class MultimodalWindower:
         st.next_end = first
         n = math.floor((wm - st.next_end) / (cfg.stride * STEP_MS) + 1e-9) + 1
         ends = st.next_end + np.arange(n) * cfg.stride * STEP_MS
+        self._advance_fix(st, float(ends[-1]))
         out = self._windows(key, st, ends)
         st.last_emitted = float(ends[-1])
         st.next_end = float(ends[-1] + cfg.stride * STEP_MS)
         st.emitted += n
         keep_from = st.next_end - (cfg.window - 1) * STEP_MS - cfg.max_age_ms
-        for s in [*st.ftm.values(), st.imu, st.vision]:
+        for s in [*st.ftm.values(), st.imu, st.vision, st.fix]:
             s.trim(keep_from)
         return out
+
+    def _advance_fix(self, st: KeyState, upto: float) -> None:
+        """Run the key's rows up to ``upto`` (final: later ones are late) through its fix tracker."""
+        if st.tracker is None and self.sites is not None and st.scene in self.sites:
+            st.tracker = FixTracker(self.sites[st.scene])
+        k = bisect.bisect_right(st.rows, (upto, math.inf), key=lambda r: (r[0], r[1]))
+        done, st.rows = st.rows[:k], st.rows[k:]
+        tracker = st.tracker
+        if tracker is None:
+            return
+        for i, (t, _seq, ranging) in enumerate(done):
+            if ranging is not None:
+                tracker.update(ranging)
+                if tracker.fixed and st.first_fix_t == math.inf:
+                    st.first_fix_t = t
+            if i + 1 == len(done) or done[i + 1][0] != t:  # the fix after the last row at this time
+                st.fix.insert(t, tracker.est.tolist())
 
     def readings(self, st: KeyState) -> Readings:
         return Readings(
             {ap: s.arrays() for ap, s in st.ftm.items()},
             st.imu.arrays(),
             st.vision.arrays(),
+            st.fix.arrays() if st.tracker is not None else None,
         )
 
     def _windows(self, key: str, st: KeyState, ends: np.ndarray) -> list[dict[str, Any]]:
@@ -200,11 +247,15 @@ class MultimodalWindower:
                     "end_ms": float(e),
                     "step_ms": STEP_MS,
                     "window": cfg.window,
-                    "mask": dict(zip(MODALITIES, (bool(x) for x in mask[i]), strict=True)),
+                    "mask": {
+                        **dict(zip(MODALITIES, (bool(x) for x in mask[i]), strict=True)),
+                        "fix": bool(st.tracker is not None and st.first_fix_t <= e),
+                    },
                     "ap_ids": [known[k] for k in ranged],
                     "ftm": np.round(ftm[i][:, cols], 6).tolist(),  # per AP: rtt, std, rss, present
                     "imu": np.round(imu[i], 6).tolist(),
                     "vision": np.round(vis[i], 6).tolist(),  # SIMULATED camera
+                    "fix": np.round(ftm[i][:, -2:], 6).tolist(),  # least-squares FTM fix x, y (mask "fix")
                 }
             )
         return out

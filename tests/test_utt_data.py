@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from twin_store.utt import (
     Client,
     FedConfig,
     UnifiedTwin,
+    Upload,
     fed_train,
     find_direction,
     make_fuser,
@@ -29,6 +31,7 @@ from twin_store.utt import (
     split,
     transfer,
 )
+from twin_store.utt_ops import update_lines
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "ftm_imu" / "raw"
 needs_data = pytest.mark.skipif(not RAW.is_dir(), reason="../shared/data/ftm_imu/raw is absent")
@@ -131,8 +134,32 @@ def test_ap_recovery_on_real_walks_has_small_residual_and_resolves_the_mirror() 
     assert wide["AP1"] == (30.84, 6.75) and wide["C"] == (-4.42, 4.55)
 
 
+@needs_data
+def test_a_site_file_resolves_one_walks_mirror_and_the_site_record_round_trips() -> None:
+    from ingest.ftm import recover_sites, site_files_near, site_from_message, site_message
+
+    walks = [read_walk(RAW / f"{n}.csv") for n in CARPARK]
+    near = site_files_near([RAW / "CarPark__5__524.csv"])
+    assert [f.name for f in near["CarPark"]] == ["CarPark__AP_idx.csv", "CarPark__AP_idx_CarPark.csv"]
+    full = recover_ap_positions(walks, near["CarPark"])
+    alone = recover_ap_positions(walks[1:2], near["CarPark"])  # one straight walk + the site files
+    assert alone.ambiguous == [] and alone.mirror_resolved == alone.ap_ids
+    assert_allclose(alone.positions, full.positions, atol=1e-6)
+    assert not np.allclose(recover_ap_positions(walks[1:2]).positions, full.positions, atol=1)  # unresolved
+    msg = site_message(alone, ["CarPark__5__524"])
+    assert msg["source"] == "recovered" and msg["walks"] == ["CarPark__5__524"]
+    back = site_from_message(json.loads(json.dumps(msg)))
+    assert np.array_equal(back.positions, alone.positions) and back.ap_ids == alone.ap_ids
+    assert back.mirror_resolved == alone.ap_ids and back.residual_m == alone.residual_m
+    phone = read_walk(RAW / "CarPark__5__13_17_06_22.csv")  # no ground truth, APs keyed by MAC
+    sites, problems = recover_sites([phone, walks[1]], near)
+    assert list(sites) == ["CarPark"] and problems == {}  # the phone log does not stop the scene
+    sites, problems = recover_sites([phone], near)
+    assert sites == {} and "no walk has true distances and ground truth" in problems["CarPark"]
+
+
 def test_trilateration_is_exact_on_noise_free_ranges() -> None:
-    from ingest.ftm import SiteGeometry, Walk
+    from ingest.ftm import FixTracker, SiteGeometry, Walk
 
     aps = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 8.0], [10.0, 8.0]])
     truth = np.column_stack([np.linspace(1, 9, 30), np.linspace(2, 6, 30)])
@@ -142,6 +169,12 @@ def test_trilateration_is_exact_on_noise_free_ranges() -> None:
              np.zeros((30, 12)), truth)  # fmt: skip
     geo = SiteGeometry("s", ids, aps, {}, {}, "test")
     assert_allclose(trilaterate(w, geo), truth, atol=1e-4)
+    tracker = FixTracker(geo)  # the live form: one {ap: rtt} row at a time, unknown APs ignored
+    assert not tracker.fixed and np.allclose(tracker.est, aps.mean(axis=0))
+    assert_allclose(tracker.update({"AP1": 3.0, "AP9": 1.0}), aps.mean(axis=0))  # < 3 known APs: held
+    assert not tracker.fixed
+    live = [tracker.update({**dict(zip(ids, row, strict=True)), "AP9": 5.0}).copy() for row in dist]
+    assert tracker.fixed and np.array_equal(np.array(live), trilaterate(w, geo))
 
 
 def test_pinhole_projection_geometry() -> None:
@@ -273,6 +306,19 @@ def test_federated_training_goes_through_the_screening_defenses() -> None:
     # the coordinate-wise median of three equal updates and two others is the three's update; FedAvg moves
     assert torch.equal(params["median of 5"], params["a alone"])
     assert not torch.allclose(params["mean of 5"], params["a alone"], atol=1e-4)
+    twin = new_twin("p", "position", ["ftm"], ch, lengths, d=8)
+    res = fed_train(twin, areas[2:], val, FedConfig(rounds=2, seed=0))
+    assert [(u.client, u.round, u.base_version, u.accepted) for u in res.uploads] == [
+        (c.name, r, r - 1, True) for r in (1, 2) for c in areas[2:]
+    ]  # every upload, with the version its client trained from
+    assert all(u.norm > 0 and u.reason == "" for u in res.uploads)
+    assert len({u.time_ns for u in res.uploads}) == len(res.uploads)  # distinct InfluxDB points
+    bad = Upload("walk 1", 2, 1, False, 3.5, 9.0, "score above threshold", 1_000)
+    (line,) = update_lines([("position", bad)])
+    assert line == (
+        r"update,cluster=position,decision=quarantined,square=walk\ 1 norm=3.5,score=9.0,"
+        r'reason="score above threshold",base_version=1i,seq=2i 1000'
+    )
     twin = new_twin("p", "position", ["ftm"], ch, lengths, d=8)
     with pytest.raises(ValueError, match="unknown defense"):
         fed_train(twin, areas, val, FedConfig(rounds=1, defense="nope"))

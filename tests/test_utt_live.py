@@ -1,5 +1,6 @@
-"""Live multimodal windows: the pure windower (order, lateness, a missing modality) and the Faust agent on
-the real broker, both checked against the offline ``build_windows`` on the same rows."""
+"""Live multimodal windows: the pure windower (order, lateness, a missing modality, the least-squares fix
+with and without site metadata) and the Faust agent on the real broker (following ``sites.ftm``), all
+checked against the offline ``build_windows`` on the same rows, fix channel included."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import typer
 from numpy.testing import assert_allclose
 from typer.testing import CliRunner
 
+from ingest.ftm import SiteGeometry, recover_ap_positions, site_files_near, trilaterate
 from ingest.kafka import make_consumer
 from ingest.topics import Topics
 from nettwin.settings import NettwinSettings
@@ -39,10 +41,21 @@ def _stream(seconds: float) -> tuple[Any, Any, list[tuple[str, dict[str, Any]]]]
     return w, vision[w.name], recs
 
 
-def _check_against_offline(windows: list[dict[str, Any]], walk: Any, vision: Any, vision_on: bool) -> None:
+def _site(walk: Any) -> SiteGeometry:
+    """What ``replay ftm`` publishes for this walk alone: recovered, mirror resolved by the site files."""
+    return recover_ap_positions([walk], site_files_near([walk.source])[walk.scene])
+
+
+def _check_against_offline(
+    windows: list[dict[str, Any]], walk: Any, vision: Any, vision_on: bool, geo: SiteGeometry | None = None
+) -> None:
     ends = np.array([w["end_ms"] for w in windows])
     ap_ids = list(walk.ap_ids)
-    off = build_windows(walk, ap_ids, ends, vision if vision_on else None, None)
+    fix = trilaterate(walk, geo) if geo is not None else None
+    off = build_windows(walk, ap_ids, ends, vision if vision_on else None, fix)
+    assert all(w["mask"]["fix"] for w in windows) == (geo is not None)  # this walk is ranged from row 1
+    if geo is not None:  # the same least-squares fix; RTT goes out at 4 dp, hence the tolerance
+        assert_allclose(np.array([w["fix"] for w in windows]), off.ftm[:, :, -2:], atol=1e-3)
     for i, w in enumerate(windows):
         ranged = [k for k, _a in enumerate(ap_ids) if off.ftm[i, :, 4 * k + 3].any()]
         assert w["ap_ids"] == [ap_ids[k] for k in ranged]  # the APs ranged in the window
@@ -61,8 +74,9 @@ def test_shuffled_within_lateness_gives_the_offline_windows() -> None:
     shuffled = sorted(recs, key=lambda r: r[1]["t_ms"] + rng.uniform(0, 800))  # out of order by < 1 s
     assert [r[1]["t_ms"] for r in shuffled] != sorted(r[1]["t_ms"] for r in shuffled)
     out: dict[str, list[dict[str, Any]]] = {}
+    geo = _site(walk)
     for name, seq in (("ordered", recs), ("shuffled", shuffled)):
-        win = MultimodalWindower(LiveWindowConfig(lateness_ms=1000.0))
+        win = MultimodalWindower(LiveWindowConfig(lateness_ms=1000.0), sites={"CarPark": geo})
         got: list[dict[str, Any]] = []
         for kind, rec in seq:
             windows, late = win.on_record(f"M2/{WALK}", kind, rec, now=0.0)
@@ -75,27 +89,33 @@ def test_shuffled_within_lateness_gives_the_offline_windows() -> None:
     assert_allclose(ends, grid_ends(walk, 20, 5)[: len(ends)])  # the offline grid
     assert ends[-1] == pytest.approx(grid_ends(walk, 20, 5)[grid_ends(walk, 20, 5) < 30_000][-1])
     assert all(all(w["mask"].values()) for w in out["ordered"][:10])
-    _check_against_offline(out["ordered"], walk, vision, vision_on=True)
+    _check_against_offline(out["ordered"], walk, vision, vision_on=True, geo=geo)
 
 
 @needs_data
 def test_a_missing_modality_waits_for_the_grace_period_then_is_masked_and_late_rows_are_refused() -> None:
     walk, vision, recs = _stream(12.0)
     no_vision = [r for r in recs if r[0] != "vision"]
-    win = MultimodalWindower(LiveWindowConfig(grace_s=2.0, idle_s=5.0))
+    sites: dict[str, SiteGeometry] = {}  # the scene's site is not known (yet)
+    win = MultimodalWindower(LiveWindowConfig(grace_s=2.0, idle_s=5.0), sites=sites)
     got: list[dict[str, Any]] = []
     for kind, rec in no_vision:
         got.extend(win.on_record("M2/w", kind, rec, now=1.0)[0])
-    assert got == []  # vision may still show up
+    assert got == []  # vision, and the site, may still show up
     got = win.flush(now=3.5)  # grace over; FTM and IMU still active: up to their watermark - lateness
     assert got and max(w["end_ms"] for w in got) <= 12_000 - 1000
     assert not any(w["mask"]["vision"] for w in got) and all(w["mask"]["imu"] for w in got)
-    _check_against_offline(got, walk, vision, vision_on=False)
+    _check_against_offline(got, walk, vision, vision_on=False)  # no site: the fix is masked out
+    assert all(w["fix"] == [[0.0, 0.0]] * 20 for w in got)
     late_rec = dict(no_vision[5][1])
     windows, late = win.on_record("M2/w", no_vision[5][0], late_rec, now=3.6)
     assert late and windows == [] and win.keys["M2/w"].late == 1
+    sites["CarPark"] = _site(walk)  # the site arrives: the next windows carry the fix
     more = win.flush(now=20.0)  # everything idle: emitted up to the newest reading
     assert more and more[0]["end_ms"] == got[-1]["end_ms"] + 500
+    assert all(w["mask"]["fix"] for w in more)
+    off = trilaterate(walk, sites["CarPark"])[walk.t_ms <= more[-1]["end_ms"]][-1]
+    assert_allclose(more[-1]["fix"][-1], off, atol=0.05)  # started from the centroid, then converged
     assert more[-1]["end_ms"] <= no_vision[-1][1]["t_ms"] < more[-1]["end_ms"] + 500
 
 
@@ -138,8 +158,12 @@ def _replay_and_check(settings: NettwinSettings, pipeline: Any, ftm: Any) -> Non
         app, [str(RAW / f"{WALK}.csv"), "--max", "--limit", "900", "--json"], obj=settings
     )
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout.strip().splitlines()[-1])["total"] == 900
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["total"] == 900 and summary["sites_undetermined"] == {}
     walks, vision, _ = load_walks([RAW / f"{WALK}.csv"], seed=1)
+    geo = _site(walks[0])
+    assert summary["sites"]["CarPark"]["mirror_resolved"] == geo.ap_ids  # the site files next to the walk
+    assert_allclose(summary["sites"]["CarPark"]["positions"], geo.positions, rtol=0, atol=0)
     sent = [t for t, *_ in _events(walks, vision)][:900]
     grid = grid_ends(walks[0], 20, 5)
     topics = Topics.from_settings(settings)
@@ -154,4 +178,6 @@ def _replay_and_check(settings: NettwinSettings, pipeline: Any, ftm: Any) -> Non
     full = [w for w in windows if w["end_ms"] < sent[-1]]  # rows up to these ends were all sent
     assert all(w["mask"]["ftm"] and w["mask"]["imu"] for w in full)
     assert sum(w["mask"]["vision"] for w in full) > len(full) // 2
-    _check_against_offline(full, walks[0], vision[walks[0].name], vision_on=True)
+    _check_against_offline(full, walks[0], vision[walks[0].name], vision_on=True, geo=geo)
+    (site,) = _read_all(settings, topics.sites_ftm, 1, timeout=5.0)
+    assert site.key == b"CarPark" and json.loads(site.value) == summary["sites"]["CarPark"]

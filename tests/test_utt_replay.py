@@ -68,6 +68,48 @@ def test_replay_ftm_publishes_three_streams_keyed_by_device_walk(
     dead = _read(isolated, topics.deadletter, 1)
     letter = DeadLetter.from_kafka(dead[0][1], dead[0][2])
     assert letter.original == b"garbage,row" and letter.position == "line 5" and letter.stage == "producer"
+    # site metadata first, from the whole walk (not --limit); no site file here: one straight walk leaves
+    # every AP mirror-ambiguous, which the record says
+    ((key, value, _h),) = _read(isolated, topics.sites_ftm, 1)
+    site = json.loads(value)
+    assert key == b"CarPark" and site == summary["sites"]["CarPark"] and site["source"] == "recovered"
+    assert (
+        site["ap_ids"] == ["AP1", "AP2", "AP3", "AP4", "AP5", "AP6"] and site["ambiguous"] == site["ap_ids"]
+    )
+    assert max(site["residual_m"].values()) < 0.01 and site["n_obs"]["AP1"] > 800
+    assert site["walks"] == ["CarPark__5__524"] and site["site_file"] is None
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not RAW.is_dir(), reason="../shared/data/ftm_imu/raw is absent")
+def test_replay_ftm_publishes_no_site_for_a_scene_its_walks_cannot_determine(
+    isolated: NettwinSettings, tmp_path: Path
+) -> None:
+    from kafka import TopicPartition
+
+    log = tmp_path / "Office__circle1.csv"  # a phone log: no ground truth, no true distances, no site file
+    log.write_text("\n".join((RAW / "Office__office_different_AP_positions__position1__circle1.csv")
+                              .read_text().splitlines()[:40]) + "\n")  # fmt: skip
+    app = typer.Typer()
+    app.command()(ftm)
+    result = CliRunner().invoke(app, [str(log), "--max", "--limit", "5"], obj=isolated)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # the console (stderr) wraps at its width
+    assert (
+        said.count("site Office") == 1
+        and (
+            "site Office: AP positions not published: scene Office: no walk has true distances and ground "
+            "truth, and no site file names its APs"
+        )
+        in said
+    )
+    assert "replayed 5 records" in said  # the replay itself went on
+    consumer = make_consumer(isolated, Topics.from_settings(isolated).sites_ftm, group_id=None)
+    try:
+        tp = TopicPartition(Topics.from_settings(isolated).sites_ftm, 0)
+        assert consumer.end_offsets([tp])[tp] == 0
+    finally:
+        consumer.close()
 
 
 @pytest.mark.integration
@@ -129,6 +171,21 @@ def test_twin_operations_store_lineage_files_and_influx_rows(
     by_id = {r["twin_id"]: r for r in rows}
     assert by_id["trajectory.transfer.position"]["defense"] == "median"
     assert by_id["position.merge.position+tracking.unified.concatenation"]["model"] == "unified.concatenation"
+    # one `update` row per client upload of every federated training the four operations ran
+    res = run_cli(isolated, "query", "updates", "--json", "--limit", "1000")
+    assert res.returncode == 0, res.stderr
+    ups = json.loads(res.stdout)
+    trained = {  # twin id -> trainings: 2 clients x 1 round each; `position` trained with median, then mean
+        "position": 2, "trajectory.transfer.position": 1, "trajectory": 1, "tracking": 1,
+        "position.merge.trajectory+tracking.attention": 1, "trajectory.split.position": 1,
+        "tracking.split.position": 1, "unified.concatenation": 1,
+    }  # fmt: skip
+    assert sorted(r["cluster"] for r in ups) == sorted(c for c, n in trained.items() for _ in range(2 * n))
+    assert {r["square"] for r in ups} == {"CarPark__5__513", "CarPark__5__524"}  # the clients' walks
+    assert all(r["decision"] == "accepted" and r["norm"] > 0 for r in ups)
+    assert all(r["base_version"] == 0 and r["seq"] == 1 and r["reason"] == "" for r in ups)
+    one = run_cli(isolated, "query", "updates", "--square", "CarPark__5__524", "--json", "--limit", "1000")
+    assert len(json.loads(one.stdout)) == len(ups) // 2
     bad = run_cli(isolated, "twin", "merge", "--from", "position", "--to", "trajectory", *common)
     assert bad.returncode == 1 and "merge takes 2 --from twin(s)" in bad.stderr
     bad = run_cli(

@@ -354,6 +354,21 @@ class FedResult:
     accepted: int = 0  # client updates the defense let in, over all rounds
     quarantined: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    uploads: list[Upload] = field(default_factory=list)  # every client upload with the defense's decision
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One client upload and the defense's verdict on it (what an ``update`` row records)."""
+
+    client: str
+    round: int
+    base_version: int  # the global version the client trained from
+    accepted: bool
+    norm: float  # |upload - global|
+    score: float
+    reason: str
+    time_ns: int  # when it was screened
 
 
 class Federated(Protocol):
@@ -408,6 +423,7 @@ def fed_train(model: Federated, clients: list[Client], val: Client | None, cfg: 
     curve: list[float] = []
     version, accepted, quarantined = 0, 0, 0
     reasons: dict[str, int] = {}
+    log: list[Upload] = []
     comm_s, comm_bytes, t0 = 0.0, 0, time.perf_counter()
     for rnd in range(1, cfg.rounds + 1):
         uploads: list[torch.Tensor] = []
@@ -434,6 +450,8 @@ def fed_train(model: Federated, clients: list[Client], val: Client | None, cfg: 
             comm_s += time.perf_counter() - tc
             comm_bytes += nb
             verdict = defense.screen(Candidate(k, 0, up, glob, members, n, last, rnd))
+            log.append(Upload(clients[k].name, rnd, version, verdict.accepted, verdict.norm,
+                              verdict.score, verdict.reason, time.time_ns()))  # fmt: skip
             if verdict.accepted:
                 uploads.append(up)
                 weights.append(float(n))
@@ -459,7 +477,7 @@ def fed_train(model: Federated, clients: list[Client], val: Client | None, cfg: 
     train_s = time.perf_counter() - t0 - comm_s
     return FedResult(
         best[3], best[2], curve, train_s, comm_s, comm_bytes, int(glob.numel()),
-        cfg.defense, accepted, quarantined, reasons,
+        cfg.defense, accepted, quarantined, reasons, log,
     )  # fmt: skip
 
 

@@ -4,7 +4,8 @@ Source twins are the function-specific (direct) twins of each task, trained fede
 first use and stored under ``<state_dir>/utt/`` (``<twin_id>.pt`` weights + ``<twin_id>.json`` lineage).
 The new twin is trained federatedly (frozen reused parts; every client update screened and aggregated by a
 ``twin_store.screening`` defense, ``mean`` = FedAvg by default), evaluated on the test walks (normalised MSE)
-and stored the same way; the caller writes its ``twin`` row (level ``utt``) to InfluxDB. With ``unified`` the
+and stored the same way; the caller writes its ``twin`` row (level ``utt``) to InfluxDB, and one ``update``
+row per client upload of every federated training the operation ran (:func:`update_lines`). With ``unified`` the
 new twin is instead a view of the stored unified model (loss = transfer + merge + split), with the same
 lineage record and ``model = unified.<fuser>``.
 """
@@ -12,6 +13,7 @@ lineage record and ``model = unified.<fuser>``.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +30,7 @@ from twin_store.utt import (
     FedConfig,
     TaskTwin,
     UnifiedTwin,
+    Upload,
     fed_train,
     find_direction,
     merge,
@@ -97,11 +100,14 @@ def run_operation(
     seed: int = 1,
     defense: str = "mean",
     unified: bool = False,
+    uploads: list[tuple[str, Upload]] | None = None,
 ) -> list[dict[str, Any]]:
     """Perform ``op`` and return one lineage dict per new twin (with its metrics and stored path).
 
     ``unified``: the new twin is the direction's view of the stored unified model (``unified.<fuser>``,
     trained with loss = transfer + merge + split on first use) instead of a function-specific twin.
+    ``uploads`` collects (twin id, upload) for every client upload of every training run here (source twins
+    and the unified model included; a stored twin that is reused had none).
     """
     _check(op, sources, targets)
     directions = find_direction(op, sources, targets) if unified else []
@@ -127,6 +133,8 @@ def run_operation(
         t0 = time.perf_counter()
         tasks = tuple(TASKS) if isinstance(twin, UnifiedTwin) else (twin.lineage.task,)
         r = fed_train(twin, data.clients(tasks), data.val_client(tasks), fed)
+        if uploads is not None:
+            uploads.extend((twin.lineage.twin_id, u) for u in r.uploads)
         twin.lineage.metrics = {
             **trained_with,
             "val_loss": round(min(r.val_curve), 4),
@@ -200,4 +208,25 @@ def twin_lines(records: list[dict[str, Any]], time_s: int) -> list[str]:
             time_s,
         )
         for r in records
+    ]
+
+
+def update_lines(uploads: list[tuple[str, Upload]]) -> list[str]:
+    """``update`` rows (time: when screened, ns), as the traffic store writes them: tags ``square`` = the
+    client (walk / local-area twin), ``cluster`` = the twin id, ``decision``; fields ``norm``, ``score``,
+    ``reason``, ``base_version`` and ``seq`` (the round)."""
+    return [
+        point(
+            "update",
+            {"square": u.client, "cluster": twin_id, "decision": "accepted" if u.accepted else "quarantined"},
+            {
+                "norm": u.norm if math.isfinite(u.norm) else None,
+                "score": u.score if math.isfinite(u.score) else None,
+                "reason": u.reason,
+                "base_version": int(u.base_version),
+                "seq": int(u.round),
+            },
+            u.time_ns,
+        )
+        for twin_id, u in uploads
     ]

@@ -113,13 +113,14 @@ DECISIONS = ("accepted", "quarantined", "rejected")
 
 
 def update_rows(
-    influx: InfluxClient, decision: str | None, square: int | None, limit: int
+    influx: InfluxClient, decision: str | None, square: int | str | None, limit: int
 ) -> list[dict[str, Any]]:
     where = []
     if decision:
         where.append(f"\"decision\" = '{decision}'")
     if square is not None:
-        where.append(f"\"square\" = '{square}'")
+        quoted = str(square).replace("\\", "\\\\").replace("'", "\\'")
+        where.append(f"\"square\" = '{quoted}'")
     clause = f" WHERE {' AND '.join(where)}" if where else ""
     q = f'SELECT * FROM "update"{clause} ORDER BY time DESC LIMIT {limit}'
     rows = [r for s in influx.query(q) for r in s.rows()]
@@ -132,7 +133,7 @@ def update_rows(
 def updates(
     ctx: typer.Context,
     decision: str | None = typer.Option(None, help="accepted, quarantined or rejected"),
-    square: int | None = typer.Option(None, help="only this BS"),
+    square: str | None = typer.Option(None, help="only this BS (or UTT client walk)"),
     limit: int = typer.Option(100, min=1, help="newest first"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:

@@ -29,7 +29,10 @@ def ftm(
     run: str | None = typer.Option(None, help="run id (default: random), sent as the nettwin.run header"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as one JSON line"),
 ) -> None:
-    """Publish FTM ranging, IMU and SIMULATED vision records, key = device/walk, at the recorded rates."""
+    """Publish FTM ranging, IMU and SIMULATED vision records, key = device/walk, at the recorded rates.
+
+    First, each scene's AP positions (recovered from all the given walks of the scene, plus the site files
+    in their folders) go to the compacted sites.ftm topic, key = scene."""
     from producers.ftm_replay import load_walks, replay_walks
     from producers.replay import ReplayClock
 
@@ -54,5 +57,12 @@ def ftm(
         f"replayed {d['total']:,} records ({d['records']}; vision is SIMULATED) from {len(d['walks'])} walk(s), "
         f"{d['dead_letters']} bad row(s) -> {topics.deadletter}, in {d['seconds']} s, run {d['run']}"
     )
+    for scene, site in d["sites"].items():
+        flags = f", mirror-ambiguous: {','.join(site['ambiguous'])}" if site["ambiguous"] else ""
+        console.print(
+            f"site {scene}: {len(site['ap_ids'])} AP positions ({site['source']}{flags}) -> {topics.sites_ftm}"
+        )
+    for scene, reason in d["sites_undetermined"].items():
+        console.print(f"site {scene}: AP positions not published: {reason}")
     for name, reason in skipped.items():
         console.print(f"skipped {name}: {reason}")

@@ -35,8 +35,8 @@ def _run(
     from nettwin.errors import InputError
     from twin_store.influx import InfluxClient
     from twin_store.screening import DEFENSES
-    from twin_store.utt import FUSERS
-    from twin_store.utt_ops import run_operation, twin_lines
+    from twin_store.utt import FUSERS, Upload
+    from twin_store.utt_ops import run_operation, twin_lines, update_lines
 
     if fuser not in FUSERS:
         raise InputError(f"--fuser {fuser!r}: one of {', '.join(FUSERS)}")
@@ -45,17 +45,20 @@ def _run(
     settings = settings_of(ctx)
     sources = [s.strip() for s in src.split(",") if s.strip()]
     targets = [t.strip() for t in dst.split(",") if t.strip()]
+    uploads: list[tuple[str, Upload]] = []
     with console.status(f"{op}: training (federated) and evaluating"):
         records = run_operation(
-            op, sources, targets, [data], Path(settings.state_dir), fuser, rounds, seed, defense, unified
-        )
+            op, sources, targets, [data], Path(settings.state_dir), fuser, rounds, seed, defense, unified,
+            uploads=uploads,
+        )  # fmt: skip
     with InfluxClient(settings.influx) as influx:
         influx.write("\n".join(twin_lines(records, int(time.time()))).encode(), precision="s")
+        influx.write("\n".join(update_lines(uploads)).encode(), precision="ns")  # one row per client upload
     if json_out:
         print_json(records)
         return
     print_table(
-        f"twin {op} (rows written to InfluxDB measurement 'twin', level=utt)",
+        f"twin {op} (rows written to InfluxDB: 'twin', level=utt; {len(uploads)} 'update' rows, one per upload)",
         [
             {
                 "twin_id": r["twin_id"],
