@@ -213,3 +213,13 @@ def test_a_quarantined_update_never_enters_a_twin_and_is_acknowledged_to_its_age
     restarted = TwinState.from_messages({**{m.key: m for m in msgs}, ack[0].key: ack[0]}, psi=0.0)
     assert 5 not in restarted.clusters.latest  # the eviction survives a restart
     assert any(line.startswith("update,cluster=0,decision=quarantined,square=5 ") for line in result.lines)
+
+
+def test_an_update_the_store_cannot_read_is_a_dead_letter_not_a_crash() -> None:
+    from ingest.schema import MalformedMessage
+
+    state = state_with(KeyRegistry.create(["1"]))
+    with pytest.raises(MalformedMessage, match="not a square number"):
+        state.apply(TwinMessage("bs", "evil", 1, 8, np.zeros(6, np.float32), {"seq": 1}))
+    with pytest.raises(MalformedMessage, match="seq must be an integer"):
+        state.apply(TwinMessage("bs", "1", 1, 8, np.zeros(6, np.float32), {"seq": "1; drop"}))

@@ -210,6 +210,12 @@ class TwinState:
         agents (``decided_seq`` on its ``bs`` twin), so an agent does not wait for an answer that never
         comes.
         """
+        if not update.twin_id.isdigit():
+            raise MalformedMessage(f"BS id {update.twin_id!r} is not a square number")
+        for key in ("seq", "hour", "n_samples", "base_version", "cluster"):
+            value = update.meta.get(key, 0)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise MalformedMessage(f"BS {update.twin_id}: {key} must be an integer, got {value!r}")
         square = int(update.twin_id)
         seq = int(update.meta.get("seq", -1))
         now = int(time.time() * 1000)
@@ -257,9 +263,8 @@ class TwinState:
         )
         if not verdict.accepted:
             self.counters["quarantined"] += 1
-            evicted = self.clusters.evict(
-                square, self.global_twin.params
-            )  # its earlier accepted update leaves its cluster too
+            # its earlier accepted update leaves its cluster too
+            evicted = self.clusters.evict(square, self.global_twin.params)
             refused = self._refused(update, "quarantined", verdict.reason, verdict.score, now, verdict.norm)
             out, lines = out + refused.twins, lines + refused.lines
             if evicted is not None:
