@@ -3,6 +3,7 @@ store; nothing they send moves a twin, and every decision is queryable."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -130,3 +131,39 @@ def test_telemetry_attack_writes_a_poisoned_copy_to_replay(isolated: NettwinSett
         isolated, "attack", "telemetry", "--bs", "99999999", "--data", str(HOURLY), "--out", str(out)
     )
     assert res.returncode == 1 and "not in" in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_bench_poisoning_reports_the_pair_beside_the_clean_run(
+    isolated: NettwinSettings, tmp_path: Path
+) -> None:
+    out = tmp_path / "pred.csv"
+    args = ["bench", "poisoning", "--data", str(HOURLY), "--squares", "8", "--seed", "2", "--attack", "scale"]
+    res = run_cli(
+        isolated,
+        *args,
+        "--malicious",
+        "0.25",
+        "--defense",
+        "mean,default",
+        "--predictions",
+        str(out),
+        "--json",
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(res.stdout)
+    runs = {(r["attack"], r["defense"]): r for r in report["runs"]}
+    assert set(runs) == {("none", "mean"), ("scale", "mean"), ("scale", "default")}
+    assert runs[("none", "mean")]["test_mse_vs_clean"] == 1.0
+    undefended, defended = runs[("scale", "mean")], runs[("scale", "default")]
+    assert (
+        undefended["decisions"]["compromised_accepted"] > 0
+        and "compromised_quarantined" not in undefended["decisions"]
+    )
+    assert defended["decisions"]["compromised_quarantined"] > defended["decisions"].get(
+        "compromised_accepted", 0
+    )
+    assert defended["test"]["mse"] < undefended["test"]["mse"]
+    with out.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["method", "square", "hour_index", "actual", "predicted"] and len(rows) == 8 * 240

@@ -59,7 +59,9 @@ class TemporalScreen(Defense):
         delta = update.params - update.reference
         peers = [s for s in update.members if s in self.deltas and s != update.square]
         if len(peers) < self.min_peers:
-            peers = [s for s in dict.fromkeys(reversed(self.recent)) if s != update.square]
+            peers = [
+                s for s in dict.fromkeys(reversed(self.recent)) if s != update.square and s in self.deltas
+            ]
         if len(peers) < 3:
             return {}, delta
         d = torch.stack([self.deltas[s] for s in peers])
