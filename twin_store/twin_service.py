@@ -36,6 +36,7 @@ from twin_store.lineproto import point
 from twin_store.local_updates import Reclusterer, StreamPlan
 from twin_store.models_topic import TwinMessage, cluster_membership, decode_twin
 from twin_store.screening import Candidate, Defense, make_defense
+from twin_store.screening.temporal import TemporalScreen
 from twin_store.twinning import ClusterTwins, GlobalTwin
 
 log = logging.getLogger("nettwin.twins")
@@ -115,6 +116,12 @@ class TwinState:
         if state.defense.name != "mean":
             state.clusters.aggregator = state.defense.aggregate
         plan = StreamPlan.from_meta(glob.meta["plan"]) if "plan" in glob.meta else None
+        if (
+            plan is not None
+            and isinstance(state.defense, TemporalScreen)
+            and state.defense.max_samples is None
+        ):
+            state.defense.max_samples = plan.window  # no honest update trains on more samples than that
         if plan is not None and plan.recluster_every > 0:
             where = milan_dir or Path(glob.meta.get("milan_dir", ""))
             state.reclusterer = Reclusterer(
