@@ -14,11 +14,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
-from ingest.deadletter import DeadLetterSink
+from ingest.deadletter import DeadLetter, DeadLetterSink
 from ingest.kafka import MAX_RECORDS_PER_MESSAGE
 from ingest.milan import TrafficTable, read_hourly, read_raw
 from ingest.schema import RecordBatch
@@ -99,8 +99,11 @@ def load_table(path: Path, fmt: str) -> TrafficTable:
     raise InputError(f"unknown format {fmt!r} (raw or hourly)")
 
 
-class Replayer:
-    """Publishes tables through a kafka-python producer; ``publish_table`` per file, ``finish`` at the end."""
+class Publisher:
+    """What every replay shares: the producer and its topic, dead letters, the clock, the limit, the summary,
+    per-partition counts, and sends whose futures are settled every 1000 messages (an error raises)."""
+
+    topic_name: str  # the ``Topics`` field ``for_settings`` publishes to, set by each kind of replay
 
     def __init__(
         self,
@@ -122,25 +125,68 @@ class Replayer:
         self.on_records = on_records or (lambda n: None)
         self.summary = ReplaySummary(run=run or uuid.uuid4().hex[:12])
         self.sent = np.zeros(partitions, np.int64)
-        self.columns: tuple[str, ...] | None = None
-        self.step_s: int | None = None
         self.futures: list[Any] = []
         self.started = time.monotonic()
 
     @classmethod
     def for_settings(
         cls, settings: NettwinSettings, producer: Any, speed: float | None, **kwargs: Any
-    ) -> Replayer:
-        """Replay into the settings' telemetry topic, dead letters to its dead-letter topic."""
+    ) -> Self:
+        """Replay into the settings' topic for this kind of data, dead letters to its dead-letter topic."""
         topics = Topics.from_settings(settings)
         return cls(
             producer,
-            topics.telemetry_milan,
+            getattr(topics, cls.topic_name),
             settings.kafka.partitions,
             DeadLetterSink(producer, topics.deadletter),
             ReplayClock(speed),
             **kwargs,
         )
+
+    def _read_file(self, lines: int, bad: list[DeadLetter]) -> None:
+        """Count one input file and dead-letter its malformed lines."""
+        s = self.summary
+        s.files += 1
+        s.lines += lines
+        for letter in bad:
+            self.deadletters.send(letter)
+        s.malformed += len(bad)
+
+    def _count_sent(self, partition: int, n: int) -> None:
+        self.sent[partition] += n
+        self.summary.per_partition[partition] = int(self.sent[partition])
+
+    def _send(self, partition: int, batch: RecordBatch, key: bytes | None = None) -> None:
+        self.futures.append(
+            self.producer.send(self.topic, value=batch.encode(), key=key, partition=partition)
+        )
+        self.summary.messages += 1
+        if len(self.futures) >= 1000:
+            self._settle()
+
+    def _settle(self) -> None:
+        self.producer.flush()
+        for f in self.futures:
+            exc = f.exception if f.is_done else None
+            if exc is not None:
+                raise ServiceError(f"publishing to {self.topic} failed: {exc}") from exc
+        self.futures = []
+
+    def _finished(self) -> ReplaySummary:
+        self._settle()
+        self.summary.seconds = time.monotonic() - self.started
+        return self.summary
+
+
+class Replayer(Publisher):
+    """Publishes Milan traffic tables; ``publish_table`` per file, ``finish`` at the end."""
+
+    topic_name = "telemetry_milan"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.columns: tuple[str, ...] | None = None
+        self.step_s: int | None = None
 
     @property
     def exhausted(self) -> bool:
@@ -148,11 +194,7 @@ class Replayer:
 
     def publish_table(self, table: TrafficTable) -> None:
         s = self.summary
-        s.files += 1
-        s.lines += table.lines
-        for letter in table.bad:
-            self.deadletters.send(letter)
-        s.malformed += len(table.bad)
+        self._read_file(table.lines, table.bad)
         if self.columns is None:
             self.columns, self.step_s = table.columns, table.step_s
         elif (self.columns, self.step_s) != (table.columns, table.step_s):
@@ -210,8 +252,7 @@ class Replayer:
                 )
                 self._send(p, batch)
                 self.on_records(len(chunk))
-            self.sent[p] += len(idx)
-            self.summary.per_partition[p] = int(self.sent[p])
+            self._count_sent(p, len(idx))
 
     def _publish_interval(self, table: TrafficTable, a: int, b: int, watermark_ms: int) -> None:
         squares = table.squares[a:b]
@@ -237,23 +278,8 @@ class Replayer:
                     run=self.summary.run,
                 )
                 self._send(p, batch)
-            self.sent[p] += len(sel)
-            self.summary.per_partition[p] = int(self.sent[p])
+            self._count_sent(p, len(sel))
         self.on_records(b - a)
-
-    def _send(self, partition: int, batch: RecordBatch) -> None:
-        self.futures.append(self.producer.send(self.topic, value=batch.encode(), partition=partition))
-        self.summary.messages += 1
-        if len(self.futures) >= 1000:
-            self._settle(self.futures)
-            self.futures = []
-
-    def _settle(self, futures: list[Any]) -> None:
-        self.producer.flush()
-        for f in futures:
-            exc = f.exception if f.is_done else None
-            if exc is not None:
-                raise ServiceError(f"publishing to {self.topic} failed: {exc}") from exc
 
     def finish(self) -> ReplaySummary:
         """Send each partition its final message (run id + count), flush, and return the summary."""
@@ -271,7 +297,4 @@ class Replayer:
                 closed_ms=int(time.time() * 1000),
             )
             self._send(p, marker)
-        self._settle(self.futures)
-        self.futures = []
-        self.summary.seconds = time.monotonic() - self.started
-        return self.summary
+        return self._finished()

@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import itertools
 import time
-import uuid
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from ingest.deadletter import DeadLetterSink
 from ingest.kafka import MAX_RECORDS_PER_MESSAGE
 from ingest.schema import RecordBatch
 from ingest.sensors import SensorTable, source_id
-from ingest.topics import Topics
-from nettwin.errors import InputError, ServiceError
-from nettwin.settings import NettwinSettings
-from producers.replay import ReplayClock, ReplaySummary
+from nettwin.errors import InputError
+from producers.replay import Publisher, ReplaySummary
 
 SENSOR_COLUMNS = ("value",)
 TICK_WALL_S = 0.05
@@ -42,48 +37,16 @@ def _nominal_step_s(times_ms: np.ndarray) -> int:
     return max(1, int(np.median(np.diff(times_ms)) // 1000))
 
 
-class SensorReplayer:
+class SensorReplayer(Publisher):
     """``publish(tables)`` once with every file's readings, then ``finish()``."""
 
-    def __init__(
-        self,
-        producer: Any,
-        topic: str,
-        partitions: int,
-        deadletters: DeadLetterSink,
-        clock: ReplayClock,
-        limit: int | None = None,
-        on_records: Callable[[int], None] | None = None,
-        run: str | None = None,
-    ) -> None:
-        self.producer = producer
-        self.topic = topic
-        self.partitions = partitions
-        self.deadletters = deadletters
-        self.clock = clock
-        self.limit = limit
-        self.on_records = on_records or (lambda n: None)
-        self.summary = ReplaySummary(run=run or uuid.uuid4().hex[:12])
-        self.sent = np.zeros(partitions, np.int64)
-        self.futures: list[Any] = []
-        self.started = time.monotonic()
+    topic_name = "telemetry_sensors"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.names: list[str] = []
         self.wire = np.empty(0, np.int64)
         self.steps: dict[int, int] = {}
-
-    @classmethod
-    def for_settings(
-        cls, settings: NettwinSettings, producer: Any, speed: float | None, **kwargs: Any
-    ) -> SensorReplayer:
-        topics = Topics.from_settings(settings)
-        return cls(
-            producer,
-            topics.telemetry_sensors,
-            settings.kafka.partitions,
-            DeadLetterSink(producer, topics.deadletter),
-            ReplayClock(speed),
-            **kwargs,
-        )
 
     def publish(self, tables: list[SensorTable]) -> None:
         s = self.summary
@@ -91,11 +54,7 @@ class SensorReplayer:
         index: dict[str, int] = {}
         ids, times, values = [], [], []
         for table in tables:
-            s.files += 1
-            s.lines += table.lines
-            for letter in table.bad:
-                self.deadletters.send(letter)
-            s.malformed += len(table.bad)
+            self._read_file(table.lines, table.bad)
             local = []
             for name in table.sources:
                 if name in index:
@@ -156,24 +115,8 @@ class SensorReplayer:
         )
         p = wire_id % self.partitions
         self._send(p, batch, self.names[i].encode())
-        self.sent[p] += sel.shape[0]
-        self.summary.per_partition[p] = int(self.sent[p])
+        self._count_sent(p, int(sel.shape[0]))
         self.on_records(int(sel.shape[0]))
-
-    def _send(self, partition: int, batch: RecordBatch, key: bytes | None) -> None:
-        future = self.producer.send(self.topic, value=batch.encode(), key=key, partition=partition)
-        self.futures.append(future)
-        self.summary.messages += 1
-        if len(self.futures) >= 1000:
-            self._settle()
-
-    def _settle(self) -> None:
-        self.producer.flush()
-        for f in self.futures:
-            exc = f.exception if f.is_done else None
-            if exc is not None:
-                raise ServiceError(f"publishing to {self.topic} failed: {exc}") from exc
-        self.futures = []
 
     def finish(self) -> ReplaySummary:
         """Send each partition its final marker (run id + readings sent there), flush, return the summary."""
@@ -188,7 +131,5 @@ class SensorReplayer:
                 closed_ms=int(time.time() * 1000),
                 extra={"sources": {}},
             )
-            self._send(p, marker, None)
-        self._settle()
-        self.summary.seconds = time.monotonic() - self.started
-        return self.summary
+            self._send(p, marker)
+        return self._finished()
