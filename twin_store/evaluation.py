@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -89,7 +89,22 @@ def load_matrix(path: Path, n_squares: int | None, seed: int) -> tuple[np.ndarra
     return matrix[pick], all_squares[pick].astype(np.int64)
 
 
-def stream_plan(cfg: VhTwinConfig, start_hour: int) -> StreamPlan:
+class PlanSource(Protocol):
+    """What a stream plan is made of: ``VhTwinConfig`` and ``VTwinJob`` both carry it."""
+
+    @property
+    def seed(self) -> int: ...
+    @property
+    def update_every(self) -> int: ...
+    @property
+    def window(self) -> int: ...
+    @property
+    def stream(self) -> FitConfig: ...
+    @property
+    def recluster_every(self) -> int: ...
+
+
+def stream_plan(cfg: PlanSource, start_hour: int) -> StreamPlan:
     return StreamPlan(
         seed=cfg.seed,
         start_hour=start_hour,
@@ -361,13 +376,30 @@ def run(
     report["wall_s"] = {k: round(v, 2) for k, v in walls.items()}
 
     rows: list[tuple[str, int, int, float, float]] = []
-    test_hours = stream_hours[test_cols].tolist()
     for m in methods:
-        pred = scaler.inverse(out.preds[m][:, test_cols]).tolist()
-        act = series[:, stream_hours[test_cols]].tolist()
-        for idx, square_id in enumerate(squares.tolist()):
-            rows += [(m, square_id, hour, act[idx][j], pred[idx][j]) for j, hour in enumerate(test_hours)]
+        rows += prediction_rows(
+            m, squares, stream_hours[test_cols], series, scaler, out.preds[m][:, test_cols]
+        )
     return report, rows
+
+
+def prediction_rows(
+    method: str,
+    squares: np.ndarray,
+    hours: np.ndarray,
+    series: np.ndarray,
+    scaler: Scaler,
+    pred_z: np.ndarray,
+) -> list[tuple[str, int, int, float, float]]:
+    """``(method, square, hour_index, actual, predicted)`` in original units for z-scored ``pred_z [S, hours]``."""
+    pred = scaler.inverse(pred_z).tolist()
+    act = series[:, hours].tolist()
+    rows: list[tuple[str, int, int, float, float]] = []
+    for idx, square_id in enumerate(squares.tolist()):
+        rows += [
+            (method, square_id, hour, act[idx][j], pred[idx][j]) for j, hour in enumerate(hours.tolist())
+        ]
+    return rows
 
 
 def _replay_global(

@@ -41,6 +41,7 @@ from twin_store.evaluation import (
     VTwinned,
     _metrics,
     _t,
+    prediction_rows,
     stream_plan,
     v_twinned,
 )
@@ -112,19 +113,9 @@ def run(
         "wall_s": walls,
     }
     assert first_pred is not None
-    return report, _rows(begun, first_pred)
-
-
-def _rows(begun: VTwinned, pred: np.ndarray) -> list[tuple[str, int, int, float, float]]:
     test_hours = np.arange(begun.test_start, begun.series.shape[1])
-    predicted = begun.scaler.inverse(pred[:, VAL_HOURS:]).tolist()
-    actual = begun.series[:, test_hours].tolist()
-    rows = []
-    for i, square in enumerate(begun.squares.tolist()):
-        rows += [
-            ("vhtwin", square, h, actual[i][j], predicted[i][j]) for j, h in enumerate(test_hours.tolist())
-        ]
-    return rows
+    pred_z = first_pred[:, VAL_HOURS:]
+    return report, prediction_rows("vhtwin", begun.squares, test_hours, begun.series, begun.scaler, pred_z)
 
 
 def _stream(

@@ -17,11 +17,10 @@ import numpy as np
 import torch
 
 from ingest.kafka import make_producer
-from ingest.milan import HOURLY_START_MS
 from ingest.topics import Topics
 from nettwin.errors import InputError, ServiceError
 from nettwin.settings import NettwinSettings
-from twin_store.evaluation import dcs_labels, load_matrix, split_hours
+from twin_store.evaluation import dcs_labels, load_matrix, split_hours, stream_plan
 from twin_store.forecaster import FitConfig, TwinModel
 from twin_store.influx import InfluxClient
 from twin_store.lineproto import point
@@ -97,15 +96,7 @@ def run_vtwin(settings: NettwinSettings, job: VTwinJob) -> dict[str, Any]:
                 "rounds": result.rounds,
                 "train_hours": train_hours,
                 # how BS agents and the store run the stream (local_updates.py), and the DCS inputs
-                "plan": StreamPlan(
-                    seed=job.seed,
-                    start_hour=train_hours,
-                    start_ms=HOURLY_START_MS,
-                    update_every=job.update_every,
-                    window=job.window,
-                    fit=job.stream,
-                    recluster_every=job.recluster_every,
-                ).to_meta(),
+                "plan": stream_plan(job, train_hours).to_meta(),
                 "clusters": job.clusters,
                 "milan_dir": str(milan_dir),
                 "as_of": -1,

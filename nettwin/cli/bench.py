@@ -6,10 +6,9 @@ from pathlib import Path
 
 import typer
 
-from nettwin.cli.bench_poisoning import poisoning, write_predictions
+from nettwin.cli.bench_poisoning import check_hourly, poisoning, save_report
 from nettwin.cli.bench_utt import utt
 from nettwin.cli.common import console, print_json, print_table
-from nettwin.errors import InputError
 
 app = typer.Typer(help="Evaluate the twin methods offline (figures beside baselines).", no_args_is_help=True)
 app.command("utt")(utt)
@@ -33,18 +32,11 @@ def vhtwin(
     """VH-Twin vs FedAvg, central LSTM, ridge, persistence and seasonal on a temporal split."""
     from twin_store.evaluation import VhTwinConfig, run
 
-    if fmt != "hourly":
-        raise InputError(f"--format {fmt!r}: the VH-Twin benchmark reads the hourly layout only")
-    if not data.is_file():
-        raise InputError(f"{data}: no such file")
+    check_hourly(data, fmt, "VH-Twin")
     cfg = VhTwinConfig(squares=squares, seed=seed, clusters=clusters or None, psi=psi, milan_dir=milan_dir)
     with console.status("training and streaming (a few minutes on 2 cores)"):
         report, rows = run(data, cfg)
-    if predictions is not None:
-        write_predictions(predictions, rows)
-        report["predictions"] = str(predictions)
-    if json_out:
-        print_json(report)
+    if save_report(report, rows, predictions, json_out):
         return
     table = [{"method": m, **v} for m, v in report["methods"].items()]
     print_table("test hours (z-scored)", table, ["method", "mse", "mae", "nrmse", "val_mse"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -11,11 +12,29 @@ from nettwin.cli.common import console, print_json, print_table
 from nettwin.errors import InputError
 
 
-def write_predictions(path: Path, rows: list[tuple[str, int, int, float, float]]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["method", "square", "hour_index", "actual", "predicted"])
-        writer.writerows(rows)
+def check_hourly(data: Path, fmt: str, bench: str) -> None:
+    if fmt != "hourly":
+        raise InputError(f"--format {fmt!r}: the {bench} benchmark reads the hourly layout only")
+    if not data.is_file():
+        raise InputError(f"{data}: no such file")
+
+
+def save_report(
+    report: dict[str, Any],
+    rows: list[tuple[str, int, int, float, float]],
+    predictions: Path | None,
+    json_out: bool,
+) -> bool:
+    """Write the test-hour forecasts CSV if asked; with --json print the report. True: nothing more to print."""
+    if predictions is not None:
+        with open(predictions, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["method", "square", "hour_index", "actual", "predicted"])
+            writer.writerows(rows)
+        report["predictions"] = str(predictions)
+    if json_out:
+        print_json(report)
+    return json_out
 
 
 def poisoning(
@@ -41,8 +60,7 @@ def poisoning(
     from twin_store.evaluation import VhTwinConfig
     from twin_store.poisoning import PoisonConfig, check, run
 
-    if fmt != "hourly":
-        raise InputError(f"--format {fmt!r}: the poisoning benchmark reads the hourly layout only")
+    check_hourly(data, fmt, "poisoning")
     cfg = PoisonConfig(
         base=VhTwinConfig(squares=squares, seed=seed, milan_dir=milan_dir),
         attacks=tuple(a.strip() for a in attack.split(",")),
@@ -54,15 +72,9 @@ def poisoning(
         check(cfg)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    if not data.is_file():
-        raise InputError(f"{data}: no such file")
     with console.status("V-twinning, then one stream per attack x defense"):
         report, rows = run(data, cfg)
-    if predictions is not None:
-        write_predictions(predictions, rows)
-        report["predictions"] = str(predictions)
-    if json_out:
-        print_json(report)
+    if save_report(report, rows, predictions, json_out):
         return
     table = [
         {
