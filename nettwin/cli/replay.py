@@ -18,6 +18,18 @@ from producers.replay import Replayer, load_table
 app = typer.Typer(help="Replay data sets into Kafka as live streams.", no_args_is_help=True)
 
 
+def replay_progress(unit: str, quiet: bool) -> Progress:
+    """The bar every replay shows on a terminal (not with --json)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,} " + unit),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet or not console.is_terminal,
+    )
+
+
 @app.command()
 def milan(
     ctx: typer.Context,
@@ -41,14 +53,7 @@ def milan(
             raise InputError(f"{f}: no such file")
     producer = make_producer(settings)
     try:
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed:,} records"),
-            TimeElapsedColumn(),
-            console=console,
-            disable=json_out or not console.is_terminal,
-        ) as progress:
+        with replay_progress("records", json_out) as progress:
             task = progress.add_task("replay", total=None)
             replayer = Replayer.for_settings(
                 settings,
@@ -143,14 +148,7 @@ def sensors(
                 f"{t.path}: no valid readings in {t.lines} line(s){first}; "
                 f"bad lines are on the dead-letter topic {topics.deadletter}"
             )
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed:,} readings"),
-            TimeElapsedColumn(),
-            console=console,
-            disable=json_out or not console.is_terminal,
-        ) as progress:
+        with replay_progress("readings", json_out) as progress:
             total = sum(len(t) for t in tables)
             task = progress.add_task("replay sensors", total=min(total, limit) if limit else total)
             replayer = SensorReplayer.for_settings(
