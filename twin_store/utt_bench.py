@@ -323,27 +323,17 @@ def run(data_paths: list[Path], cfg: UttConfig) -> tuple[dict[str, Any], list[li
     splits: dict[str, dict[str, float]] = {"position->trajectory": {}, "position->tracking": {}}
     merged_twins: dict[str, TaskTwin] = {}
     merged_val: dict[str, float] = {}
+    # report key -> (training key, source twins); the FTM+IMU merge comes last and is split below
+    merge_plan = {
+        "trajectory+tracking->position": ("trajectory+tracking->position", ["trajectory", "tracking"]),
+        "position+tracking->position (FTM+IMU)": ("position+tracking->position", ["position", "tracking"]),
+    }
     for fz in cfg.fusers:
-        m1 = merge(
-            [direct["trajectory"], direct["tracking"]],
-            f"position<-trajectory+tracking/{fz}",
-            "position",
-            fz,
-            data.lengths,
-            cfg.seed,
-        )
-        training[f"merge trajectory+tracking->position {fz}"] = _fed_summary(_fed(m1, data, fed))
-        merges["trajectory+tracking->position"][fz] = score(m1)
-        m2 = merge(
-            [direct["position"], direct["tracking"]],
-            f"position<-position+tracking/{fz}",
-            "position",
-            fz,
-            data.lengths,
-            cfg.seed,
-        )
-        training[f"merge position+tracking->position {fz}"] = _fed_summary(_fed(m2, data, fed))
-        merges["position+tracking->position (FTM+IMU)"][fz] = score(m2)
+        for label, (name, sources) in merge_plan.items():
+            twin_id = f"position<-{'+'.join(sources)}/{fz}"
+            m2 = merge([direct[s] for s in sources], twin_id, "position", fz, data.lengths, cfg.seed)
+            training[f"merge {name} {fz}"] = _fed_summary(_fed(m2, data, fed))
+            merges[label][fz] = score(m2)
         merged_twins[fz] = m2
         merged_val[fz] = val_score(m2)
         parts = split(
