@@ -32,6 +32,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import faust
@@ -269,67 +270,62 @@ def build_app(settings: NettwinSettings) -> faust.App:
     return app
 
 
-class TwinFollower(threading.Thread):
-    """Reads every twin on ``twin.models`` from the start and keeps following it (no consumer group)."""
+class TopicFollower(threading.Thread):
+    """Reads a compacted topic from the start and keeps following it (no consumer group) into an inbox the
+    event loop drains (``pending``); says why if it stops, since its readers would otherwise wait silently."""
 
-    def __init__(self, settings: NettwinSettings) -> None:
-        super().__init__(name="twin-follower", daemon=True)
+    def __init__(self, settings: NettwinSettings, topic: str, without_it: str) -> None:
+        super().__init__(name=f"{topic}-follower", daemon=True)
         self.settings = settings
-        self.inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.topic = topic
+        self.without_it = without_it  # what goes missing when the follower stops
+        self.inbox: queue.SimpleQueue[tuple[bytes | None, bytes | None]] = queue.SimpleQueue()
 
     def run(self) -> None:
         try:
             consumer = make_consumer(
-                self.settings,
-                Topics.from_settings(self.settings).twin_models,
-                group_id=None,
-                fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
+                self.settings, self.topic, group_id=None, fetch_max_wait_ms=LOW_LATENCY_FETCH_MS
             )
             for m in consumer:
-                if m.value is not None:
-                    self.inbox.put(m.value)
-        except Exception:  # the agents would silently wait for twins forever: say why
-            log.exception("the twin.models follower stopped; BS agents get no new twins")
+                self.inbox.put((m.key, m.value))
+        except Exception:
+            log.exception("the %s follower stopped; %s", self.topic, self.without_it)
 
-    def drain_into(self, agents: BsAgents) -> None:
+    def pending(self) -> Iterator[tuple[bytes | None, bytes | None]]:
+        """The (key, value) messages received since the last call."""
         while True:
             try:
-                value = self.inbox.get_nowait()
+                yield self.inbox.get_nowait()
             except queue.Empty:
                 return
+
+
+class TwinFollower(TopicFollower):
+    """Every twin on ``twin.models``, for the BS agents."""
+
+    def __init__(self, settings: NettwinSettings) -> None:
+        super().__init__(settings, Topics.from_settings(settings).twin_models, "BS agents get no new twins")
+
+    def drain_into(self, agents: BsAgents) -> None:
+        for _, value in self.pending():
+            if value is None:
+                continue
             try:
                 agents.on_twin(decode_twin(value))
             except MalformedMessage as exc:
                 log.warning("ignoring an unreadable twin on twin.models: %s", exc)
 
 
-class SiteFollower(threading.Thread):
-    """Reads every scene's AP positions on ``sites.ftm`` from the start and keeps following (no group)."""
+class SiteFollower(TopicFollower):
+    """Every scene's AP positions on ``sites.ftm``, for the multimodal windows' least-squares fix."""
 
     def __init__(self, settings: NettwinSettings) -> None:
-        super().__init__(name="site-follower", daemon=True)
-        self.settings = settings
-        self.inbox: queue.SimpleQueue[tuple[bytes | None, bytes | None]] = queue.SimpleQueue()
-
-    def run(self) -> None:
-        try:
-            consumer = make_consumer(
-                self.settings,
-                Topics.from_settings(self.settings).sites_ftm,
-                group_id=None,
-                fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
-            )
-            for m in consumer:
-                self.inbox.put((m.key, m.value))
-        except Exception:  # the windows would silently lack the fix: say why
-            log.exception("the sites.ftm follower stopped; live windows get no new AP positions")
+        super().__init__(
+            settings, Topics.from_settings(settings).sites_ftm, "live windows get no new AP positions"
+        )
 
     def drain_into(self, sites: dict[str, SiteGeometry]) -> None:
-        while True:
-            try:
-                key, value = self.inbox.get_nowait()
-            except queue.Empty:
-                return
+        for key, value in self.pending():
             if value is None:  # a tombstone: the scene's site is withdrawn
                 sites.pop((key or b"").decode(errors="replace"), None)
                 continue
