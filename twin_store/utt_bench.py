@@ -153,17 +153,16 @@ class Data:
         self.prep = prep
         parts_train: dict[str, Windows] = {}
         parts_val: list[Windows] = []
+
+        def windows(n: str, ends: np.ndarray | None = None) -> Windows:
+            """Walk ``n``'s windows ending at ``ends`` (default: the regular grid)."""
+            w = prep.walks[n]
+            at = grid_ends(w, WINDOW, STRIDE, HORIZON) if ends is None else ends
+            return build_windows(w, prep.ap_ids, at, prep.vision[n], prep.fixes[n], WINDOW, HORIZON)
+
         for n in prep.train:
             w = prep.walks[n]
-            win = build_windows(
-                w,
-                prep.ap_ids,
-                grid_ends(w, WINDOW, STRIDE, HORIZON),
-                prep.vision[n],
-                prep.fixes[n],
-                WINDOW,
-                HORIZON,
-            )
+            win = windows(n)
             keep = ~_straddles(win, w)
             val = _val_mask(win, w) & keep
             parts_train[n] = win.take(np.flatnonzero(keep & ~val))
@@ -174,19 +173,8 @@ class Data:
         self.test_rows: dict[str, Windows] = {}
         for n in prep.test:
             w = prep.walks[n]
-            self.test_grid[n] = build_windows(
-                w,
-                prep.ap_ids,
-                grid_ends(w, WINDOW, STRIDE, HORIZON),
-                prep.vision[n],
-                prep.fixes[n],
-                WINDOW,
-                HORIZON,
-            )
-            ends = w.t_ms[w.t_ms >= w.t_ms[0] + (WINDOW - 1) * STEP_MS]
-            self.test_rows[n] = build_windows(
-                w, prep.ap_ids, ends, prep.vision[n], prep.fixes[n], WINDOW, HORIZON
-            )
+            self.test_grid[n] = windows(n)
+            self.test_rows[n] = windows(n, w.t_ms[w.t_ms >= w.t_ms[0] + (WINDOW - 1) * STEP_MS])
         all_train = Windows.concat(list(parts_train.values()))
         self.in_scalers = {m: Scaler.fit(getattr(all_train, m)) for m in INPUTS}
         self.out_scalers = {t: Scaler.fit(getattr(all_train, TASKS[t][0])) for t in TASKS}
