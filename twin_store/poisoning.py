@@ -140,7 +140,7 @@ def _stream(
         twins={c: p.clone() for c, p in vt.clusters.twins.items()},
         latest=dict(vt.clusters.latest),
         versions=dict(vt.clusters.versions),
-        aggregator=None if defense.name == "mean" else defense.aggregate,
+        aggregator=defense.aggregate,
     )
     n_bad = round(cfg.malicious * n_sq) if attack != "none" else 0
     fakes: list[int] = []

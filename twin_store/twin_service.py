@@ -113,8 +113,7 @@ class TwinState:
             max_staleness=max_staleness,
             defense=defense or Defense(),
         )
-        if state.defense.name != "mean":
-            state.clusters.aggregator = state.defense.aggregate
+        state.clusters.aggregator = state.defense.aggregate
         plan = StreamPlan.from_meta(glob.meta["plan"]) if "plan" in glob.meta else None
         if (
             plan is not None
@@ -460,7 +459,7 @@ class TwinService:
         # the screen's memory (peer deltas, per-BS detectors) is not on twin.models: it is kept beside the
         # committed offsets, so a restarted store screens at once instead of warming up again
         self.screen_file = settings.state_dir / "store" / f"{settings.kafka.topic_prefix}screen.pickle"
-        if self.screen_file.exists() and self.state.defense.name != "mean":
+        if self.screen_file.exists() and self.state.defense.remembers:
             with self.screen_file.open("rb") as f:
                 saved = pickle.load(f)  # written by this store only (see _save_screen)
             if type(saved) is type(self.state.defense):
@@ -526,7 +525,7 @@ class TwinService:
                 lines += result.lines
         self.producer.flush()  # the snapshot is durable before the offsets move
         self.influx.write_lines(lines, "ms", lambda: self.stopping, self._on_retry)
-        if n and self.state.defense.name != "mean":
+        if n and self.state.defense.remembers:
             self._save_screen()
         self.consumer.commit()
         return n

@@ -43,6 +43,7 @@ class Defense:
     """FedAvg: accept every update, sample-weighted mean. Subclasses override one or both methods."""
 
     name = "mean"
+    remembers = False  # True: its decisions depend on what it saw before (the store keeps its state)
 
     def screen(self, update: Candidate) -> Verdict:
         return Verdict(True, 0.0, "", delta_norm(update))

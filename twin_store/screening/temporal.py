@@ -33,6 +33,7 @@ from twin_store.screening.base import Candidate, Defense, Verdict
 
 class TemporalScreen(Defense):
     name = "temporal"
+    remembers = True
 
     def __init__(
         self,
