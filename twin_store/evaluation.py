@@ -35,7 +35,7 @@ from ingest.milan import HOURLY_START_MS, read_hourly
 from nettwin.errors import InputError
 from twin_store import dcs
 from twin_store.forecaster import FitConfig, TwinModel
-from twin_store.local_updates import Reclusterer, StreamPlan, local_updates, profile_upto
+from twin_store.local_updates import Reclusterer, StreamPlan, due_updates, profile_upto
 from twin_store.samples import FIRST_TARGET, Scaler, inputs_at, samples
 from twin_store.twinning import GlobalTwin, VTwinResult, fedavg, v_twinning
 
@@ -291,18 +291,15 @@ def run(
         cluster_seen = torch.stack([ctwins.twins[ctwins.labels[s]] for s in sq_list])
 
         # hour t is now known: the due BSs train from their cluster twins (as of hour t - 1)
-        due = [i for i, s in enumerate(sq_list) if plan.due(s, t)]
-        if due:
-            due_sq = [sq_list[i] for i in due]
-            start = torch.stack([ctwins.twins[ctwins.labels[s]] for s in due_sq])
-            new, _, counts = local_updates(model, start, [z[i] for i in due], due_sq, t, plan)
+        trained = due_updates(model, plan, ctwins, sq_list, z, t)
+        if trained:
             if reclusterer.due(t):  # the store re-clusters when the first update of a later hour arrives
                 moves += len(reclusterer.run(ctwins, g_v))
-            for k, (i, s) in enumerate(zip(due, due_sq, strict=True)):
-                if counts[k] == 0:
+            for u in trained:
+                if u.n_samples == 0:
                     continue
-                cid = ctwins.accept(s, new[k], counts[k])
-                reclusterer.accepted(s, t, profile_upto(z[i], t))
+                cid = ctwins.accept(u.square, u.params, u.n_samples)
+                reclusterer.accepted(u.square, t, profile_upto(z[u.row], t))
                 members = ctwins.members(cid)
                 transfers["vhtwin"]["uploads"] += 1
                 transfers["vhtwin"]["downloads"] += len(members)  # the members follow their cluster twin

@@ -119,6 +119,36 @@ def local_updates(
     return new, loss, counts
 
 
+@dataclass(frozen=True)
+class DueUpdate:
+    row: int  # the square's row in the series matrix
+    square: int
+    start: torch.Tensor  # the cluster twin it trained from
+    params: torch.Tensor
+    n_samples: int  # 0: no sample in its window, nothing to send
+
+
+def due_updates(
+    model: TwinModel,
+    plan: StreamPlan,
+    clusters: ClusterTwins,
+    squares: list[int],
+    series: np.ndarray,
+    hour: int,
+) -> list[DueUpdate]:
+    """The offline streams' BSs due at ``hour`` (``series [S, H]`` rows in ``squares`` order), each trained from
+    its cluster twin as it stands now, in one batched pass."""
+    rows = [i for i, s in enumerate(squares) if plan.due(s, hour)]
+    if not rows:
+        return []
+    due = [squares[i] for i in rows]
+    starts = torch.stack([clusters.twins[clusters.labels[s]] for s in due])
+    new, _, counts = local_updates(model, starts, [series[i] for i in rows], due, hour, plan)
+    return [
+        DueUpdate(i, s, starts[k], new[k], counts[k]) for k, (i, s) in enumerate(zip(rows, due, strict=True))
+    ]
+
+
 def profile_upto(z: np.ndarray, hour: int) -> list[float]:
     """Mean of ``z [H]`` per hour of day over hours 0..hour (missing hours skipped): the running traffic
     statistics a BS reports with its updates and DCS clusters on."""

@@ -45,7 +45,7 @@ from twin_store.evaluation import (
     stream_plan,
     v_twinned,
 )
-from twin_store.local_updates import Reclusterer, local_updates, profile_upto
+from twin_store.local_updates import Reclusterer, due_updates, profile_upto
 from twin_store.samples import inputs_at
 from twin_store.screening import DEFENSES, Candidate, make_defense
 from twin_store.twinning import ClusterTwins, GlobalTwin
@@ -190,22 +190,17 @@ def _stream(
         seen = g.params
 
         arriving: list[tuple[int, torch.Tensor, int, str]] = []  # (square, params, n_samples, group)
-        due = [i for i, s in enumerate(sq_list) if plan.due(s, t)]
-        if due:
-            due_sq = [sq_list[i] for i in due]
-            start = torch.stack([ctwins.twins[ctwins.labels[s]] for s in due_sq])
-            new, _, counts = local_updates(model, start, [train_z[i] for i in due], due_sq, t, plan)
-            for k, s in enumerate(due_sq):
-                if counts[k] == 0:
-                    continue
-                params, group = new[k], "honest"
-                if s in compromised:
-                    group = "compromised"
-                    if attack == "signflip":
-                        params = attacks.signflip(params, start[k], acfg.flip_boost)
-                    elif attack == "scale":
-                        params = attacks.scale(params, start[k], acfg.scale_factor)
-                arriving.append((s, params, counts[k], group))
+        for u in due_updates(model, plan, ctwins, sq_list, train_z, t):
+            if u.n_samples == 0:
+                continue
+            params, group = u.params, "honest"
+            if u.square in compromised:
+                group = "compromised"
+                if attack == "signflip":
+                    params = attacks.signflip(params, u.start, acfg.flip_boost)
+                elif attack == "scale":
+                    params = attacks.scale(params, u.start, acfg.scale_factor)
+            arriving.append((u.square, params, u.n_samples, group))
         before = global_at.get(t - plan.update_every, vt.global_params)
         for k, f in enumerate(fakes):
             if plan.due(f, t):
