@@ -32,16 +32,16 @@ import numpy as np
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from ingest.kafka import make_consumer, make_producer  # noqa: E402
-from ingest.milan import read_raw  # noqa: E402
+from ingest.readers.milan import read_raw  # noqa: E402
 from ingest.schema import ACTIVITY_COLUMNS, RecordBatch, decode  # noqa: E402
+from ingest.settings import NettwinSettings, load_settings  # noqa: E402
 from ingest.topics import Topics  # noqa: E402
-from nettwin.cli.services import settings_env, spawn_cli, stop_process  # noqa: E402
-from nettwin.provision import deprovision, provision  # noqa: E402
-from nettwin.settings import NettwinSettings, load_settings  # noqa: E402
 from producers.replay import Replayer  # noqa: E402
-from twin_store.influx import InfluxClient  # noqa: E402
-from twin_store.lineproto import columns_to_lines  # noqa: E402
-from twin_store.service import wait_for_run  # noqa: E402
+from twin_store.adapters.influx import InfluxClient  # noqa: E402
+from twin_store.adapters.lineproto import columns_to_lines  # noqa: E402
+from twin_store.adapters.provision import deprovision, provision  # noqa: E402
+from twin_store.services.processes import settings_env, spawn_cli, stop_process  # noqa: E402
+from twin_store.services.store import wait_for_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "milan" / "raw_2013-11-01_26squares.txt"

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from twin_store.evaluation import load_matrix
-from twin_store.forecaster import TwinModel
-from twin_store.local_updates import StreamPlan, local_updates
-from twin_store.samples import Scaler
+from twin_store.federation.local_updates import StreamPlan, local_updates
+from twin_store.federation.plan import load_matrix
+from twin_store.federation.samples import Scaler
+from twin_store.models.forecaster import TwinModel
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan" / "hourly_150squares_62days.csv"
 

@@ -14,9 +14,9 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from ingest.errors import ServiceError
+from ingest.settings import NettwinSettings
 from ingest.topics import TopicSpec
-from nettwin.errors import ServiceError
-from nettwin.settings import NettwinSettings
 
 # one Kafka message carries up to this many records; keeps messages well under the 1 MB default
 # message.max.bytes of Apache Kafka (52 bytes a record with five activity columns -> ~520 kB)

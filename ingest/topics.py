@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nettwin.settings import NettwinSettings
+from ingest.settings import NettwinSettings
 
 
 @dataclass(frozen=True)

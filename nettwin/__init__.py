@@ -1,7 +1,7 @@
 """nettwin: keep network digital twins current while telemetry flows."""
 
-from nettwin.errors import ConfigError, InputError, NettwinError, ServiceError
-from nettwin.settings import InfluxSettings, KafkaSettings, NettwinSettings, load_settings
+from ingest.errors import ConfigError, InputError, NettwinError, ServiceError
+from ingest.settings import InfluxSettings, KafkaSettings, NettwinSettings, load_settings
 
 __all__ = [
     "ConfigError",

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import requests
 
-from nettwin.errors import InputError, ServiceError
+from ingest.errors import InputError, ServiceError
 
 DEFAULT_BASE_URL = "https://dataverse.harvard.edu"
 CHUNK_SIZE = 1 << 20

@@ -29,8 +29,13 @@ from typing import Any
 import numpy as np
 
 from ingest.deadletter import DeadLetter, DeadLetterSink
-from ingest.ftm import Walk, discover, read_walk, recover_sites, site_files_near, site_message
-from ingest.simulated_vision import SimulatedDetections, camera_for_scene, seed_for, simulate_detections
+from ingest.readers.ftm import Walk, discover, read_walk, recover_sites, site_files_near, site_message
+from ingest.readers.simulated_vision import (
+    SimulatedDetections,
+    camera_for_scene,
+    seed_for,
+    simulate_detections,
+)
 from ingest.topics import Topics
 from producers.replay import ReplayClock
 

@@ -19,12 +19,12 @@ from typing import Any, Self
 import numpy as np
 
 from ingest.deadletter import DeadLetter, DeadLetterSink
+from ingest.errors import InputError, ServiceError
 from ingest.kafka import MAX_RECORDS_PER_MESSAGE
-from ingest.milan import TrafficTable, read_hourly, read_raw
+from ingest.readers.milan import TrafficTable, read_hourly, read_raw
 from ingest.schema import RecordBatch
+from ingest.settings import NettwinSettings
 from ingest.topics import Topics
-from nettwin.errors import InputError, ServiceError
-from nettwin.settings import NettwinSettings
 
 
 def _opt_min(a: int | None, b: int) -> int:

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from ingest.errors import InputError
 from ingest.kafka import MAX_RECORDS_PER_MESSAGE
+from ingest.readers.sensors import SensorTable, source_id
 from ingest.schema import RecordBatch
-from ingest.sensors import SensorTable, source_id
-from nettwin.errors import InputError
 from producers.replay import Publisher, ReplaySummary
 
 SENSOR_COLUMNS = ("value",)

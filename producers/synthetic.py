@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.milan import HOURLY_START_MS, INTERVAL_MS
+from ingest.readers.milan import HOURLY_START_MS, INTERVAL_MS
 
 INTERVALS_PER_DAY = 144
 

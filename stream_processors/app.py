@@ -38,18 +38,18 @@ from typing import Any
 import faust
 
 from ingest.deadletter import DeadLetter
-from ingest.ftm import SiteGeometry, site_from_message
 from ingest.kafka import make_consumer
+from ingest.readers.ftm import SiteGeometry, site_from_message
 from ingest.schema import MalformedMessage, decode
+from ingest.settings import NettwinSettings
 from ingest.topics import Topics
-from nettwin.settings import NettwinSettings
 from stream_processors.bs_agents import BsAgents
 from stream_processors.multimodal_live import MultimodalWindower, encode_window
 from stream_processors.processor import PartitionProcessor, counters_total
 from stream_processors.sensor_screening import SensorScreening
-from twin_store.keys import KeyRegistry
-from twin_store.models_topic import decode_twin
-from twin_store.twin_service import LOW_LATENCY_FETCH_MS
+from twin_store.federation.keys import KeyRegistry
+from twin_store.federation.models_topic import decode_twin
+from twin_store.services.htwin import LOW_LATENCY_FETCH_MS
 
 log = logging.getLogger("nettwin.worker")
 

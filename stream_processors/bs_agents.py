@@ -11,7 +11,7 @@
 
 Twins come from ``twin.models`` through ``on_twin``. ``TwinVersions`` keeps a few versions per twin with
 the hour they reflect (``as_of``), so an agent acts on twins up to the previous hour whatever the arrival
-order (the protocol in ``twin_store/local_updates.py``). The plan, scaling statistics and model size come
+order (the protocol in ``twin_store/federation/local_updates.py``). The plan, scaling statistics and model size come
 with the global twin. Until it arrives, hours are only recorded.
 """
 
@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ingest.milan import HOUR_MS
+from ingest.readers.milan import HOUR_MS
 from ingest.schema import RecordBatch
-from stream_processors.telemetry_screen import SourceScreen
-from twin_store.forecaster import TwinModel
-from twin_store.keys import KeyRegistry
-from twin_store.local_updates import StreamPlan, local_updates, profile_upto
-from twin_store.models_topic import TwinMessage, cluster_membership
-from twin_store.samples import LAGS
+from twin_store.federation.keys import KeyRegistry
+from twin_store.federation.local_updates import StreamPlan, local_updates, profile_upto
+from twin_store.federation.models_topic import TwinMessage, cluster_membership
+from twin_store.federation.samples import LAGS
+from twin_store.models.forecaster import TwinModel
+from twin_store.models.telemetry_screen import SourceScreen
 
 KEEP_VERSIONS = 16  # per twin; acting needs only the newest ones up to the previous hour
 

@@ -15,14 +15,14 @@ has been seen past ``e + lateness_ms`` (its event-time watermark):
 
 Least-squares FTM fix (the offline windows' last two FTM channels): when the key's scene has site
 metadata (``sites``, from the ``sites.ftm`` topic), the rows of a key are run through a
-:class:`~ingest.ftm.FixTracker` in event-time order up to each emitted window's end (the readings up to there
+:class:`~ingest.readers.ftm.FixTracker` in event-time order up to each emitted window's end (the readings up to there
 are final: later ones are refused as late), and the fix is held at every FTM/IMU row time, as offline. Until
 the scene's site is known the windows are held back like an unseen modality (``grace_s``); after that the
 window's ``mask["fix"]`` is False. It is True from the first row ranged by >= 3 known APs on. A site that
 arrives after a key's first window starts that key's fix from the APs' centroid at its next window.
 
 Grid: window ends start at the key's first event time + ``(window - 1)`` steps and advance by ``stride``
-steps, as ``grid_ends`` does offline. Each window is computed by :func:`stream_processors.multimodal.align`
+steps, as ``grid_ends`` does offline. Each window is computed by :func:`twin_store.models.multimodal.align`
 on the buffered readings, so it equals the offline ``build_windows`` on the same rows (``Readings``).
 State is explicit (one :class:`KeyState` per key); time (``now``) is passed in.
 """
@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from ingest.ftm import FixTracker, SiteGeometry
-from stream_processors.multimodal import MODALITIES, STEP_MS, Readings, align, imu_channels
+from ingest.readers.ftm import FixTracker, SiteGeometry
+from twin_store.models.multimodal import MODALITIES, STEP_MS, Readings, align, imu_channels
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ingest.deadletter import DeadLetter
 from ingest.schema import MalformedMessage, RecordBatch, decode
-from nettwin.settings import WorkerSettings
+from ingest.settings import WorkerSettings
 from stream_processors.windows import TumblingWindows
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ingest.deadletter import DeadLetter
 from ingest.schema import SCREENED_COLUMNS, MalformedMessage, RecordBatch, decode
-from stream_processors.telemetry_screen import SourceScreen
+from twin_store.models.telemetry_screen import SourceScreen
 
 
 @dataclass

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from nettwin.cli.services import services_up, settings_env
-from nettwin.provision import deprovision, provision
-from nettwin.settings import NettwinSettings, load_settings
+from ingest.settings import NettwinSettings, load_settings
+from nettwin.cli.services import services_up
+from twin_store.adapters.provision import deprovision, provision
+from twin_store.services.processes import settings_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MILAN = REPO.parent / "shared" / "data" / "milan"

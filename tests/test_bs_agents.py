@@ -7,11 +7,11 @@ import torch
 
 from ingest.schema import RecordBatch, decode
 from stream_processors.bs_agents import BsAgents, TwinVersions
-from twin_store.forecaster import FitConfig, TwinModel
-from twin_store.local_updates import StreamPlan
-from twin_store.models_topic import TwinMessage
-from twin_store.samples import LAGS
-from twin_store.traffic import forecast_lines
+from twin_store.adapters.traffic import forecast_lines
+from twin_store.federation.local_updates import StreamPlan
+from twin_store.federation.models_topic import TwinMessage
+from twin_store.federation.samples import LAGS
+from twin_store.models.forecaster import FitConfig, TwinModel
 
 SQUARES = [3, 7]
 START_MS = 1_383_260_400_000

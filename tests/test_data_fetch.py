@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nettwin.errors import InputError, ServiceError
+from ingest.errors import InputError, ServiceError
 from producers import dataverse
 from producers.dataverse import FileEntry
 

@@ -13,8 +13,8 @@ import pytest
 from networkx.algorithms.community import girvan_newman
 from numpy.testing import assert_allclose, assert_array_equal
 
-from nettwin.errors import InputError
-from twin_store.dcs import (
+from ingest.errors import InputError
+from twin_store.federation.dcs import (
     DcsWeights,
     Membership,
     SquareAttributes,

@@ -11,11 +11,11 @@ import psutil
 import pytest
 
 from ingest.schema import ACTIVITY_COLUMNS
+from ingest.settings import NettwinSettings
 from nettwin.cli.query import read_deadletters
-from nettwin.settings import NettwinSettings
 from tests.conftest import SHARED_MILAN, Pipeline, run_cli
-from twin_store.influx import InfluxClient
-from twin_store.service import wait_for_run
+from twin_store.adapters.influx import InfluxClient
+from twin_store.services.store import wait_for_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ RAW_COLUMNS = ["square", "start", "country", *ACTIVITY_COLUMNS]
 
 
 def expected_from_file(path: Path) -> pd.DataFrame:
-    """The per-(square, interval) sums computed directly from the file, independent of ingest.milan."""
+    """The per-(square, interval) sums computed directly from the file, independent of ingest.readers.milan."""
     df = pd.read_csv(path, sep="\t", header=None, names=RAW_COLUMNS).fillna(0.0)
     return df.groupby(["square", "start"])[list(ACTIVITY_COLUMNS)].sum().sort_index()
 

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from ingest.kafka import make_producer
+from ingest.settings import NettwinSettings, load_settings
 from ingest.topics import Topics
-from nettwin.provision import deprovision, provision
-from nettwin.settings import NettwinSettings, load_settings
 from tests.conftest import run_cli, small_vtwin
-from twin_store.forecaster import FitConfig, TwinModel
-from twin_store.influx import InfluxClient
-from twin_store.models_topic import TwinMessage
-from twin_store.samples import Scaler, samples
-from twin_store.twin_service import TwinService, read_latest_twins
+from twin_store.adapters.influx import InfluxClient
+from twin_store.adapters.provision import deprovision, provision
+from twin_store.federation.models_topic import TwinMessage
+from twin_store.federation.samples import Scaler, samples
+from twin_store.models.forecaster import FitConfig, TwinModel
+from twin_store.services.htwin import TwinService, read_latest_twins
 
 HOURLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan" / "hourly_150squares_62days.csv"
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not HOURLY.exists(), reason="real data not found")]

@@ -11,15 +11,15 @@ import pytest
 from kafka import TopicPartition
 
 from ingest.kafka import make_consumer, make_producer
-from ingest.milan import read_raw
+from ingest.readers.milan import read_raw
 from ingest.schema import N_INTERVALS, RecordBatch
+from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from nettwin.cli.query import read_deadletters
-from nettwin.settings import NettwinSettings
 from producers.replay import Replayer
 from tests.conftest import SHARED_MILAN, Pipeline, wait_until
-from twin_store.influx import InfluxClient
-from twin_store.service import TwinStore, wait_for_run
+from twin_store.adapters.influx import InfluxClient
+from twin_store.services.store import TwinStore, wait_for_run
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""twin_store.lineproto: InfluxDB line protocol built in bulk."""
+"""twin_store.adapters.lineproto: InfluxDB line protocol built in bulk."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from twin_store.lineproto import columns_to_lines, escape_measurement, escape_tag, format_field, point
+from twin_store.adapters.lineproto import (
+    columns_to_lines,
+    escape_measurement,
+    escape_tag,
+    format_field,
+    point,
+)
 
 # --- escaping ---------------------------------------------------------------------------------------
 

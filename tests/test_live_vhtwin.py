@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from nettwin.provision import deprovision
-from nettwin.settings import NettwinSettings
+from ingest.settings import NettwinSettings
 from tests.conftest import run_cli
-from twin_store.influx import InfluxClient
+from twin_store.adapters.influx import InfluxClient
+from twin_store.adapters.provision import deprovision
 
 HOURLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan" / "hourly_150squares_62days.csv"
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not HOURLY.exists(), reason="real data not found")]

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from twin_store import dcs
-from twin_store.forecaster import FitConfig, TwinModel
-from twin_store.local_updates import (
+from twin_store.federation import dcs
+from twin_store.federation.local_updates import (
     Reclusterer,
     StreamPlan,
     local_updates,
@@ -18,8 +17,9 @@ from twin_store.local_updates import (
     profile_upto,
     window_samples,
 )
-from twin_store.samples import FIRST_TARGET, samples
-from twin_store.twinning import ClusterTwins
+from twin_store.federation.samples import FIRST_TARGET, samples
+from twin_store.federation.twinning import ClusterTwins
+from twin_store.models.forecaster import FitConfig, TwinModel
 
 MILAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan"
 

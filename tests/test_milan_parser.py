@@ -1,4 +1,4 @@
-"""ingest.milan: the official daily files and the hourly CSV, bad lines kept as dead letters."""
+"""ingest.readers.milan: the official daily files and the hourly CSV, bad lines kept as dead letters."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from ingest import milan
-from ingest.milan import HOURLY_START_MS, RAW_FIELDS, TrafficTable, read_hourly, read_raw
+from ingest.errors import InputError
+from ingest.readers import milan
+from ingest.readers.milan import HOURLY_START_MS, RAW_FIELDS, TrafficTable, read_hourly, read_raw
 from ingest.schema import ACTIVITY_COLUMNS
-from nettwin.errors import InputError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan"
 RAW_DAY = DATA / "raw_2013-11-01_26squares.txt"

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from ingest.milan import TrafficTable, read_hourly, read_raw
+from ingest.readers.milan import TrafficTable, read_hourly, read_raw
 from ingest.schema import ACTIVITY_COLUMNS, N_INTERVALS, RecordBatch, decode
-from nettwin.settings import WorkerSettings
+from ingest.settings import WorkerSettings
 from stream_processors.processor import Output, PartitionProcessor, counters_total
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan"

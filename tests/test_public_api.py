@@ -49,8 +49,8 @@ def test_star_import_gives_exactly_all(module: types.ModuleType) -> None:
 
 def test_nettwin_exports_the_error_root_and_settings() -> None:
     import nettwin
-    from nettwin.errors import ConfigError, InputError, NettwinError, ServiceError
-    from nettwin.settings import NettwinSettings, load_settings
+    from ingest.errors import ConfigError, InputError, NettwinError, ServiceError
+    from ingest.settings import NettwinSettings, load_settings
 
     assert nettwin.NettwinError is NettwinError
     assert all(issubclass(e, NettwinError) for e in (ConfigError, InputError, ServiceError))

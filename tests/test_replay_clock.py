@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from ingest.milan import HOURLY_START_MS, INTERVAL_MS, RAW_FIELDS, read_raw
+from ingest.errors import InputError
+from ingest.readers.milan import HOURLY_START_MS, INTERVAL_MS, RAW_FIELDS, read_raw
 from ingest.schema import ACTIVITY_COLUMNS
-from nettwin.errors import InputError
 from producers import replay
 from producers.replay import ReplayClock
 from producers.synthetic import INTERVALS_PER_DAY, synthetic_day

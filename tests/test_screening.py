@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from nettwin.errors import InputError
+from ingest.errors import InputError
 from producers import attacks
-from twin_store.keys import KeyRegistry
-from twin_store.models_topic import TwinMessage
-from twin_store.screening import DEFENSES, Candidate, make_defense
-from twin_store.screening.temporal import TemporalScreen
-from twin_store.twin_service import TwinState
+from twin_store.federation.keys import KeyRegistry
+from twin_store.federation.models_topic import TwinMessage
+from twin_store.federation.screening import DEFENSES, Candidate, make_defense
+from twin_store.federation.screening.temporal import TemporalScreen
+from twin_store.services.htwin import TwinState
 
 P = 50
 

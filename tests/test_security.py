@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from ingest.kafka import make_consumer
+from ingest.settings import NettwinSettings
 from ingest.topics import Topics
-from nettwin.settings import NettwinSettings
 from tests.conftest import run_cli
 from tests.test_htwin_service import bootstrap, local_updates, publish
-from twin_store.keys import KeyRegistry
-from twin_store.twin_service import TwinService, read_latest_twins
+from twin_store.federation.keys import KeyRegistry
+from twin_store.services.htwin import TwinService, read_latest_twins
 
 HOURLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan" / "hourly_150squares_62days.csv"
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not HOURLY.exists(), reason="real data not found")]

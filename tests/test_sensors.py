@@ -11,18 +11,24 @@ import pandas as pd
 import pytest
 from numpy.testing import assert_array_equal
 
+from bench.nab import scaled_sigmoid, score_flags
+from ingest.errors import InputError
+from ingest.readers.sensors import (
+    INTEL_START_MS,
+    INTEL_STEP_MS,
+    read_csv_layout,
+    read_sensor_files,
+    source_id,
+)
 from ingest.schema import decode
-from ingest.sensors import INTEL_START_MS, INTEL_STEP_MS, read_csv_layout, read_sensor_files, source_id
+from ingest.settings import NettwinSettings
 from nettwin.cli.query import read_deadletters
-from nettwin.errors import InputError
-from nettwin.settings import NettwinSettings
-from stream_processors.nab_eval import scaled_sigmoid, score_flags
 from stream_processors.sensor_screening import SensorScreening
-from stream_processors.telemetry_screen import SourceScreen, screen_series
 from tests.conftest import REPO, Pipeline, run_cli, wait_until
 from tests.test_cli import assert_one_line_error, nettwin
-from twin_store.influx import InfluxClient
-from twin_store.service import wait_for_run
+from twin_store.adapters.influx import InfluxClient
+from twin_store.models.telemetry_screen import SourceScreen, screen_series
+from twin_store.services.store import wait_for_run
 
 SENSORS = REPO.parent / "shared" / "data" / "sensors"
 NAB = SENSORS / "nab"

@@ -1,4 +1,4 @@
-"""nettwin.settings: one frozen model; precedence CLI overrides > env > TOML file > defaults."""
+"""ingest.settings: one frozen model; precedence CLI overrides > env > TOML file > defaults."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from nettwin.errors import ConfigError, NettwinError
-from nettwin.settings import KafkaSettings, NettwinSettings, WorkerSettings, load_settings
+from ingest.errors import ConfigError, NettwinError
+from ingest.settings import KafkaSettings, NettwinSettings, WorkerSettings, load_settings
 
 
 @pytest.fixture(autouse=True)

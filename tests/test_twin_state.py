@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twin_store.forecaster import FitConfig
-from twin_store.local_updates import StreamPlan
-from twin_store.models_topic import TwinMessage
-from twin_store.twin_service import TwinState
+from twin_store.federation.local_updates import StreamPlan
+from twin_store.federation.models_topic import TwinMessage
+from twin_store.models.forecaster import FitConfig
+from twin_store.services.htwin import TwinState
 
 MILAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan"
 pytestmark = pytest.mark.skipif(not (MILAN / "milano-grid.geojson").exists(), reason="Milan grid not found")

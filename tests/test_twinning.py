@@ -7,9 +7,9 @@ import pytest
 import torch
 from numpy.testing import assert_allclose
 
-from twin_store.forecaster import N_STEPS, FitConfig, TwinModel
-from twin_store.samples import FIRST_TARGET, LAGS, Scaler, inputs_at, samples
-from twin_store.twinning import ClusterTwins, GlobalTwin, epsilon, fedavg
+from twin_store.federation.samples import FIRST_TARGET, LAGS, Scaler, inputs_at, samples
+from twin_store.federation.twinning import ClusterTwins, GlobalTwin, epsilon, fedavg
+from twin_store.models.forecaster import N_STEPS, FitConfig, TwinModel
 
 
 def test_forward_equals_torch_lstm_with_the_same_weights() -> None:

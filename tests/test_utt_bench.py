@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from ingest.settings import load_settings
 from nettwin.cli import bench
-from nettwin.settings import load_settings
 from tests.conftest import run_cli
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "ftm_imu" / "raw"

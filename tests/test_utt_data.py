@@ -11,18 +11,16 @@ import pytest
 import torch
 from numpy.testing import assert_allclose
 
-from ingest.ftm import discover, read_site_file, read_walk, recover_ap_positions, trilaterate
-from ingest.simulated_vision import PinholeCamera, VisionNoise, camera_for_scene, simulate_detections
-from nettwin.errors import InputError
-from stream_processors.multimodal import build_windows, grid_ends
-from twin_store.utt import (
+from ingest.errors import InputError
+from ingest.readers.ftm import discover, read_site_file, read_walk, recover_ap_positions, trilaterate
+from ingest.readers.simulated_vision import PinholeCamera, VisionNoise, camera_for_scene, simulate_detections
+from twin_store.federation.utt_training import FedConfig, Upload, fed_train
+from twin_store.models.multimodal import build_windows, grid_ends
+from twin_store.models.utt import (
     FUSERS,
     UNIFIED_DIRECTIONS,
     Client,
-    FedConfig,
     UnifiedTwin,
-    Upload,
-    fed_train,
     find_direction,
     make_fuser,
     merge,
@@ -31,7 +29,7 @@ from twin_store.utt import (
     split,
     transfer,
 )
-from twin_store.utt_ops import update_lines
+from twin_store.services.twin import update_lines
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "ftm_imu" / "raw"
 needs_data = pytest.mark.skipif(not RAW.is_dir(), reason="../shared/data/ftm_imu/raw is absent")
@@ -136,7 +134,7 @@ def test_ap_recovery_on_real_walks_has_small_residual_and_resolves_the_mirror() 
 
 @needs_data
 def test_a_site_file_resolves_one_walks_mirror_and_the_site_record_round_trips() -> None:
-    from ingest.ftm import recover_sites, site_files_near, site_from_message, site_message
+    from ingest.readers.ftm import recover_sites, site_files_near, site_from_message, site_message
 
     walks = [read_walk(RAW / f"{n}.csv") for n in CARPARK]
     near = site_files_near([RAW / "CarPark__5__524.csv"])
@@ -159,7 +157,7 @@ def test_a_site_file_resolves_one_walks_mirror_and_the_site_record_round_trips()
 
 
 def test_trilateration_is_exact_on_noise_free_ranges() -> None:
-    from ingest.ftm import FixTracker, SiteGeometry, Walk
+    from ingest.readers.ftm import FixTracker, SiteGeometry, Walk
 
     aps = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 8.0], [10.0, 8.0]])
     truth = np.column_stack([np.linspace(1, 9, 30), np.linspace(2, 6, 30)])
@@ -377,7 +375,7 @@ def test_unified_model_shares_its_parts_across_directions_and_sums_the_three_ope
 
 
 def test_a_stored_twin_is_reused_only_if_trained_with_the_same_settings(tmp_path: Path) -> None:
-    from twin_store.utt_ops import TwinStore
+    from twin_store.services.twin import TwinStore
 
     ch, lengths = {"ftm": 6, "imu": 13, "vision": 7}, {"position": 20, "trajectory": 10, "tracking": 20}
     twin = new_twin("position", "position", ["ftm"], ch, lengths, d=8)

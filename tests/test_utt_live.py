@@ -16,13 +16,13 @@ import typer
 from numpy.testing import assert_allclose
 from typer.testing import CliRunner
 
-from ingest.ftm import SiteGeometry, recover_ap_positions, site_files_near, trilaterate
 from ingest.kafka import make_consumer
+from ingest.readers.ftm import SiteGeometry, recover_ap_positions, site_files_near, trilaterate
+from ingest.settings import NettwinSettings
 from ingest.topics import Topics
-from nettwin.settings import NettwinSettings
 from producers.ftm_replay import KINDS, _events, _record, load_walks
-from stream_processors.multimodal import build_windows, grid_ends
 from stream_processors.multimodal_live import LiveWindowConfig, MultimodalWindower
+from twin_store.models.multimodal import build_windows, grid_ends
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "ftm_imu" / "raw"
 needs_data = pytest.mark.skipif(not RAW.is_dir(), reason="../shared/data/ftm_imu/raw is absent")

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from ingest.deadletter import DeadLetter
 from ingest.kafka import make_consumer
+from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from nettwin.cli.replay_ftm import ftm
-from nettwin.settings import NettwinSettings
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "ftm_imu" / "raw"
 
@@ -120,7 +120,7 @@ def test_twin_operations_store_lineage_files_and_influx_rows(
 ) -> None:
     from nettwin.cli import twin_ops
     from tests.conftest import run_cli
-    from twin_store.influx import InfluxClient
+    from twin_store.adapters.influx import InfluxClient
 
     data = tmp_path / "raw"
     data.mkdir()

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twin_store.evaluation import TEST_HOURS, VAL_HOURS, VhTwinConfig, run
-from twin_store.forecaster import FitConfig
+from bench.vhtwin import run
+from twin_store.federation.plan import TEST_HOURS, VAL_HOURS, VhTwinConfig
+from twin_store.models.forecaster import FitConfig
 
 MILAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan"
 HOURLY = MILAN / "hourly_150squares_62days.csv"

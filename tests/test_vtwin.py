@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from ingest.schema import MalformedMessage
-from nettwin.settings import NettwinSettings
+from ingest.settings import NettwinSettings
 from tests.conftest import run_cli, small_vtwin
-from twin_store.forecaster import TwinModel
-from twin_store.influx import InfluxClient
-from twin_store.models_topic import TwinMessage, decode_twin
-from twin_store.twin_service import read_latest_twins
+from twin_store.adapters.influx import InfluxClient
+from twin_store.federation.models_topic import TwinMessage, decode_twin
+from twin_store.models.forecaster import TwinModel
+from twin_store.services.htwin import read_latest_twins
 
 MILAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan"
 HOURLY = MILAN / "hourly_150squares_62days.csv"

@@ -30,7 +30,8 @@ def vhtwin(
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
 ) -> None:
     """VH-Twin vs FedAvg, central LSTM, ridge, persistence and seasonal on a temporal split."""
-    from twin_store.evaluation import VhTwinConfig, run
+    from bench.vhtwin import run
+    from twin_store.federation.plan import VhTwinConfig
 
     check_hourly(data, fmt, "VH-Twin")
     cfg = VhTwinConfig(squares=squares, seed=seed, clusters=clusters or None, psi=psi, milan_dir=milan_dir)
@@ -63,7 +64,7 @@ def nab(
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
 ) -> None:
     """Online telemetry screens (hst, robust) beside the rolling z-score baseline on labelled NAB windows."""
-    from stream_processors.nab_eval import METHODS, run
+    from bench.nab import METHODS, run
 
     report = run(data)
     if json_out:

@@ -8,8 +8,8 @@ from typing import Any
 
 import typer
 
+from ingest.errors import InputError
 from nettwin.cli.common import console, print_json, print_table
-from nettwin.errors import InputError
 
 
 def check_hourly(data: Path, fmt: str, bench: str) -> None:
@@ -57,8 +57,8 @@ def poisoning(
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
 ) -> None:
     """Global twin's test MSE under attack for every attack x defense, beside the clean run (FedAvg)."""
-    from twin_store.evaluation import VhTwinConfig
-    from twin_store.poisoning import PoisonConfig, check, run
+    from bench.poisoning import PoisonConfig, check, run
+    from twin_store.federation.plan import VhTwinConfig
 
     check_hourly(data, fmt, "poisoning")
     cfg = PoisonConfig(

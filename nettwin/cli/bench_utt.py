@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
+from ingest.errors import InputError
 from nettwin.cli.common import console, print_json, print_table
-from nettwin.errors import InputError
 
 PREDICTION_COLUMNS = ["walk", "t_ms", "true_x", "true_y", "pred_x", "pred_y", "method"]
 
@@ -33,7 +33,7 @@ def utt(
     ),
     threads: int = typer.Option(1, min=1, max=8, help="torch threads"),
     defense: str = typer.Option(
-        "mean", help="twin_store.screening defense of every federated aggregation (mean = FedAvg)"
+        "mean", help="twin_store.federation.screening defense of every federated aggregation (mean = FedAvg)"
     ),
     unified_fusers: str = typer.Option(
         "gating,concatenation",
@@ -45,9 +45,10 @@ def utt(
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
 ) -> None:
     """Direct, transfer, merge and split twins (every fuser) vs trilateration, constant velocity, mean."""
-    from twin_store.screening import DEFENSES
-    from twin_store.utt import FUSERS
-    from twin_store.utt_bench import UttConfig, run
+    from bench.utt import run
+    from twin_store.federation.screening import DEFENSES
+    from twin_store.federation.utt_data import UttConfig
+    from twin_store.models.utt import FUSERS
 
     if not data.exists():
         raise InputError(f"{data}: no such file or folder")

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nettwin.settings import NettwinSettings
+from ingest.settings import NettwinSettings
 
 console = Console(stderr=True)
 

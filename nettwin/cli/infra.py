@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from nettwin.cli.common import console, print_json, settings_of
-from nettwin.provision import provision
+from twin_store.adapters.provision import provision
 
 app = typer.Typer(help="Initialise Kafka topics and the InfluxDB database.", no_args_is_help=True)
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import typer
 
+from ingest.errors import NettwinError
+from ingest.settings import load_settings
 from nettwin.cli import bench, data, infra, query, replay, security, services, twin_ops, twins
-from nettwin.errors import NettwinError
-from nettwin.settings import load_settings
 
 app = typer.Typer(
     name="nettwin",

@@ -8,12 +8,12 @@ from typing import Any
 import typer
 
 from ingest.deadletter import DeadLetter
+from ingest.errors import InputError
 from ingest.kafka import make_consumer
 from ingest.topics import Topics
 from nettwin.cli.common import print_json, print_table, settings_of
-from nettwin.errors import InputError
-from twin_store.influx import InfluxClient
-from twin_store.traffic import measurement_for
+from twin_store.adapters.influx import InfluxClient
+from twin_store.adapters.traffic import measurement_for
 
 app = typer.Typer(help="Query twin state, traffic and dead letters.", no_args_is_help=True)
 

@@ -8,11 +8,11 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ingest.deadletter import DeadLetterSink
+from ingest.errors import InputError
 from ingest.kafka import make_producer
 from ingest.topics import Topics
 from nettwin.cli import replay_ftm
 from nettwin.cli.common import console, print_json, settings_of
-from nettwin.errors import InputError
 from producers.replay import Replayer, load_table
 
 app = typer.Typer(help="Replay data sets into Kafka as live streams.", no_args_is_help=True)
@@ -123,7 +123,7 @@ def sensors(
     Lab matrices intel{Temperature,Humidity}{Train,Test}.csv (source = kind:mote<row>), whose timestamps
     are synthesised. Rows that cannot be parsed go to the dead-letter topic with their line number.
     """
-    from ingest.sensors import iso_to_ms, read_sensor_files
+    from ingest.readers.sensors import iso_to_ms, read_sensor_files
     from producers.sensor_replay import SensorReplayer
 
     if as_fast and speed is not None:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import typer
 
+from ingest.errors import InputError
 from ingest.kafka import make_producer
 from ingest.topics import Topics
 from nettwin.cli.common import console, print_json, settings_of
-from nettwin.errors import InputError
 
 
 def ftm(

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from ingest.errors import InputError
 from ingest.kafka import make_producer
 from ingest.topics import Topics
 from nettwin.cli.common import console, print_json, settings_of
-from nettwin.errors import InputError
-from twin_store.keys import KeyRegistry
-from twin_store.models_topic import TwinMessage
+from twin_store.federation.keys import KeyRegistry
+from twin_store.federation.models_topic import TwinMessage
 
 # torch (via producers.attacks and the twin store) is imported inside the commands: every other
 # `nettwin` command would start 1.6 s slower
@@ -46,7 +46,7 @@ def create_keys(
         if not names or not all(n.isdigit() for n in names):
             raise InputError(f"--ids {ids!r}: give BS ids as comma-separated integers")
     else:
-        from twin_store.twin_service import read_latest_twins
+        from twin_store.services.htwin import read_latest_twins
 
         glob = read_latest_twins(settings_of(ctx)).get(b"global:0")
         if glob is None:
@@ -84,7 +84,7 @@ def attack(
 
     from producers import attacks
     from producers.attacks import AttackConfig
-    from twin_store.twin_service import read_latest_twins
+    from twin_store.services.htwin import read_latest_twins
 
     if kind not in ("mpaf", "tpi", "signflip", "scale", "telemetry"):
         raise InputError(f"attack {kind!r}: choose mpaf, tpi, signflip, scale or telemetry")
@@ -181,7 +181,7 @@ def poison_hourly(src: Path, dst: Path, squares: list[int], from_hour: int, seed
     standard deviations); returns the squares poisoned."""
     from producers import attacks
     from producers.attacks import AttackConfig
-    from twin_store.evaluation import load_matrix
+    from twin_store.federation.plan import load_matrix
 
     if not src.is_file():
         raise InputError(f"{src}: no such file")

@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
+from ingest.errors import NettwinError, ServiceError
 from ingest.kafka import ensure_kafka_reachable, make_producer
+from ingest.settings import NettwinSettings
 from nettwin.cli.common import console, print_json, print_table, settings_of, setup_service_logging
 from nettwin.cli.query import twin_rows
-from nettwin.errors import NettwinError, ServiceError
-from nettwin.provision import provision
-from nettwin.settings import NettwinSettings
 from producers.replay import Replayer, load_table
 from producers.synthetic import synthetic_day
-from twin_store.influx import InfluxClient
-from twin_store.service import wait_for_run
+from twin_store.adapters.influx import InfluxClient
+from twin_store.adapters.provision import provision
+from twin_store.services.processes import settings_env, spawn_cli, stop_process
+from twin_store.services.store import wait_for_run
 
 if TYPE_CHECKING:
-    from nettwin.live_vhtwin import LiveConfig
+    from bench.live_vhtwin import LiveConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DAY = REPO_ROOT.parent / "shared" / "data" / "milan" / "raw_2013-11-01_26squares.txt"
@@ -52,7 +51,7 @@ def store(
     json_out: bool = typer.Option(False, "--json", help="print counters as JSON on exit"),
 ) -> None:
     """Run the twin store: features -> InfluxDB (traffic, traffic_hourly, twin), committing after each write."""
-    from twin_store.service import TwinStore
+    from twin_store.services.store import TwinStore
 
     setup_service_logging()
     twin_store = TwinStore(settings_of(ctx))
@@ -76,44 +75,6 @@ def services_up(settings: NettwinSettings) -> tuple[bool, bool]:
     except ServiceError:
         influx_ok = False
     return kafka, influx_ok
-
-
-def spawn_cli(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "nettwin.cli.main", *args], stdout=log, stderr=subprocess.STDOUT, env=env
-        )
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def settings_env(settings: NettwinSettings) -> dict[str, str]:
-    """Environment that gives a child process exactly these settings."""
-    env = dict(os.environ)
-    env.pop("NETTWIN_CONFIG", None)
-    env["NETTWIN_PROFILE"] = settings.profile
-    env["NETTWIN_STATE_DIR"] = str(settings.state_dir)
-    for section in ("kafka", "influx", "worker", "security"):
-        for key, value in getattr(settings, section).model_dump(mode="json").items():
-            if value is None:
-                continue
-            secret = getattr(getattr(settings, section), key)
-            if hasattr(secret, "get_secret_value"):
-                value = secret.get_secret_value()
-            env[f"NETTWIN_{section.upper()}__{key.upper()}"] = (
-                json.dumps(value) if isinstance(value, list) else str(value)
-            )
-    return env
 
 
 def ensure_services(settings: NettwinSettings) -> None:
@@ -150,7 +111,7 @@ def demo(
     """
     settings = settings_of(ctx)
     if hourly is not None:
-        from nettwin.live_vhtwin import LiveConfig
+        from bench.live_vhtwin import LiveConfig
 
         cfg = LiveConfig(
             hourly,
@@ -233,7 +194,7 @@ def demo(
 
 def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool, json_out: bool) -> None:
     """``nettwin demo --hourly``: its own topics (prefix ``demo.``) and database, fresh on every run."""
-    from nettwin.live_vhtwin import (
+    from bench.live_vhtwin import (
         agreement,
         check_data,
         live_test_mse,
@@ -245,10 +206,10 @@ def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool, json_
         wait_for_forecasts,
         z_scales,
     )
-    from nettwin.provision import deprovision
-    from twin_store.evaluation import run as run_offline
-    from twin_store.keys import KeyRegistry
-    from twin_store.vtwin_job import run_vtwin
+    from bench.vhtwin import run as run_offline
+    from twin_store.adapters.provision import deprovision
+    from twin_store.federation.keys import KeyRegistry
+    from twin_store.services.vtwin import run_vtwin
 
     check_data(cfg)
     ensure_services(settings)

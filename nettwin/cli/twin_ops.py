@@ -15,7 +15,9 @@ app = typer.Typer(
 )
 
 DATA_HELP = "folder of walk CSVs (like ftm_imu/raw): trains missing source twins and evaluates the new one"
-DEFENSE_HELP = "twin_store.screening defense screening and aggregating the client updates (mean = FedAvg)"
+DEFENSE_HELP = (
+    "twin_store.federation.screening defense screening and aggregating the client updates (mean = FedAvg)"
+)
 UNIFIED_HELP = "take the twin from the unified model (loss = transfer + merge + split; trained on first use)"
 
 
@@ -32,11 +34,12 @@ def _run(
     unified: bool,
     json_out: bool,
 ) -> None:
-    from nettwin.errors import InputError
-    from twin_store.influx import InfluxClient
-    from twin_store.screening import DEFENSES
-    from twin_store.utt import FUSERS, Upload
-    from twin_store.utt_ops import run_operation, twin_lines, update_lines
+    from ingest.errors import InputError
+    from twin_store.adapters.influx import InfluxClient
+    from twin_store.federation.screening import DEFENSES
+    from twin_store.federation.utt_training import Upload
+    from twin_store.models.utt import FUSERS
+    from twin_store.services.twin import run_operation, twin_lines, update_lines
 
     if fuser not in FUSERS:
         raise InputError(f"--fuser {fuser!r}: one of {', '.join(FUSERS)}")

@@ -34,7 +34,7 @@ def htwin(
     """Live H-twinning: BS updates (updates.local) -> cluster and global twins (twin.models, InfluxDB)."""
     import signal
 
-    from twin_store.twin_service import TwinService
+    from twin_store.services.htwin import TwinService
 
     setup_service_logging()
     settings = settings_of(ctx)
@@ -67,7 +67,7 @@ def vtwin(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Run V-twinning on history; publish the twins to twin.models and write twin/membership rows."""
-    from twin_store.vtwin_job import VTwinJob, run_vtwin
+    from twin_store.services.vtwin import VTwinJob, run_vtwin
 
     job = VTwinJob(
         data=data,

@@ -1,0 +1,198 @@
+"""The one settings model. Precedence: CLI (init kwargs) > env (``NETTWIN_``, nested ``__``) > TOML file > defaults.
+
+The TOML file is named by ``NETTWIN_CONFIG`` (or the CLI's ``--config``). Example::
+
+    profile = "external"
+    [kafka]
+    bootstrap_servers = "broker-1:9092,broker-2:9092"
+    topic_prefix = "prod."
+    [influx]
+    url = "https://influx.example:8086"
+    database = "nettwin"
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
+
+from ingest.errors import ConfigError
+
+Profile = Literal["local", "external"]
+
+
+class KafkaSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = ""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    # partitions of the keyed data topics (telemetry, features); a square always maps to square % partitions
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    # None: derived from the profile (6 s locally, where joining a group takes half of it; 30 s otherwise)
+    session_timeout_ms: int | None = Field(default=None, ge=1000)
+
+    def client_options(self) -> dict[str, Any]:
+        """Connection options in kafka-python's spelling."""
+        opts: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            opts["sasl_mechanism"] = self.sasl_mechanism
+            opts["sasl_plain_username"] = self.sasl_username
+            opts["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        if self.ssl_cafile:
+            opts["ssl_cafile"] = str(self.ssl_cafile)
+        return opts
+
+
+class InfluxSettings(BaseModel):
+    """InfluxDB through its v1 HTTP API (/write line protocol, /query InfluxQL): served by 1.x, 2.x and 3.x."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = "http://127.0.0.1:8086"
+    database: str = "nettwin"
+    retention_policy: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    # 2.x/3.x: sent as "Authorization: Token ..." (v1 compatibility endpoints accept it)
+    token: SecretStr | None = None
+    # 1.x lets us CREATE DATABASE; on 2.x/3.x create the bucket + DBRP mapping yourself and set this false
+    create_database: bool = True
+    timeout_s: float = Field(default=10.0, gt=0)
+    # points per /write request; 5-10k measured best here
+    batch_points: int = Field(default=10_000, ge=1)
+
+
+class WorkerSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # tumbling windows the worker emits, in seconds (10 minutes and one hour)
+    windows_s: tuple[int, ...] = (600, 3600)
+    # event time a window stays open past its end for late records when no watermark says otherwise
+    allowed_lateness_s: int = Field(default=0, ge=0)
+
+
+class SecuritySettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # BS key registry (`nettwin keys create`): BS agents sign their updates, the store verifies them.
+    # None: updates are not authenticated (any sender that knows a BS id can update its twin).
+    keys_file: Path | None = None
+    # the store rejects an update whose base twin is more than this many versions behind its cluster twin
+    max_staleness: int = Field(default=500, ge=0)
+    # how the store screens and aggregates updates (twin_store/federation/screening): temporal is nettwin's default
+    defense: str = "temporal"
+    # BS agents screen each square's hourly traffic online (robust z-score + drift detection) and leave
+    # flagged hours out of local training; the flag is kept on the forecast outcome rows
+    screen_traffic: bool = True
+
+
+class NettwinSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="NETTWIN_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    profile: Profile = "local"
+    kafka: KafkaSettings = KafkaSettings()
+    influx: InfluxSettings = InfluxSettings()
+    worker: WorkerSettings = WorkerSettings()
+    security: SecuritySettings = SecuritySettings()
+    # where processes keep local files (Faust data dir, logs of processes the demo starts)
+    state_dir: Path = Path(".state")
+
+    @property
+    def session_timeout_ms(self) -> int:
+        if self.kafka.session_timeout_ms is not None:
+            return self.kafka.session_timeout_ms
+        return 6_000 if self.profile == "local" else 30_000
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlFileSource(settings_cls))
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Reads the TOML file named by NETTWIN_CONFIG; absent variable means no file."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("NETTWIN_CONFIG")
+        if not path:
+            return {}
+        try:
+            with open(path, "rb") as fh:
+                return tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: not valid TOML ({exc})") from exc
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(
+    overrides: dict[str, Any] | None = None, config_file: Path | None = None
+) -> NettwinSettings:
+    """Build settings with CLI overrides on top, translating validation errors into one-line ConfigErrors.
+
+    Nested overrides (``{"kafka": {"topic_prefix": "x."}}``) are merged with env and file values rather than
+    replacing the whole section.
+    """
+    if config_file is not None:
+        os.environ["NETTWIN_CONFIG"] = str(config_file)
+    try:
+        base = NettwinSettings()
+        if not overrides:
+            return base
+        merged = _deep_merge(base.model_dump(), overrides)
+        return NettwinSettings.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(
+            f"setting {where}: {first['msg']} (env NETTWIN_{where.upper().replace('.', '__')})"
+        ) from exc
+    except SettingsError as exc:
+        # an env value of a list/table field that is not JSON, e.g. NETTWIN_WORKER__WINDOWS_S=600,3600
+        field = re.search(r'field "(\w+)"', str(exc))
+        prefix = f"NETTWIN_{field.group(1).upper()}" if field else "NETTWIN_"
+        names = sorted(
+            k.upper() for k in os.environ if k.upper().startswith(prefix) and k.upper() != "NETTWIN_CONFIG"
+        )
+        raise ConfigError(
+            f"{exc}: {' '.join(str(exc.__cause__).split())} (env {', '.join(names)}; "
+            "list and table values are JSON, e.g. [600, 3600])"
+        ) from exc

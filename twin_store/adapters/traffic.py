@@ -1,0 +1,142 @@
+"""Turn feature batches into InfluxDB points (the data model in DESIGN.md). Pure: no I/O.
+
+- 10-minute windows -> ``traffic`` (tag ``square``; fields the activity sums), time = interval start.
+- 1-hour windows -> ``traffic_hourly`` (same fields + ``n_intervals``), time = hour start.
+- the first time a square is seen -> a ``twin`` row (level=bs, twin_id=square, version 0).
+- each feature message -> a ``pipeline`` row: lag from the source closing the interval to the write
+  being acknowledged.
+- BS agents' forecast batches -> ``forecast`` rows (``forecast_lines``).
+- a run's final marker -> a ``replay`` row per partition: records sent by the producer and received by
+  the worker, written after everything before it on that partition is acknowledged, so completeness is
+  checkable end to end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ingest.schema import N_INTERVALS, RecordBatch
+from twin_store.adapters.lineproto import columns_to_lines, point
+
+MEASUREMENT_BY_WINDOW = {600: "traffic", 3600: "traffic_hourly"}
+
+
+def measurement_for(window_s: int) -> str:
+    return MEASUREMENT_BY_WINDOW.get(window_s, f"traffic_{window_s}s")
+
+
+@dataclass
+class Points:
+    """What one feature message becomes: data lines now, progress rows once the data is acknowledged."""
+
+    lines: list[str] = field(default_factory=list)  # in ``precision`` (s unless said otherwise)
+    precision: str = "s"
+    records: int = 0
+    partition: int = 0
+    run: str | None = None
+    window_s: int = 0
+    closed_ms: int | None = None  # the source closed the newest interval at this wall time
+    final: bool = False
+    sent: int = 0
+    received: int = 0
+
+    def progress_lines(self, acked_ms: int) -> list[str]:
+        """``pipeline`` (lag) and ``replay`` (completion) rows, stamped with the write acknowledgement time.
+
+        Written only after this message's data lines were acknowledged, so "visible" means visible.
+        """
+        tags = {"run": self.run or "", "partition": str(self.partition)}
+        out = []
+        if self.records and self.closed_ms is not None:
+            fields = {
+                "lag_ms": max(0, acked_ms - self.closed_ms),
+                "records": self.records,
+                "window_s": self.window_s,
+            }
+            # keyed by the source's close time: unique per interval, window and partition
+            out.append(
+                point("pipeline", tags | {"window": str(self.window_s)}, fields, None) + f" {self.closed_ms}"
+            )
+        if self.final:
+            fields = {"sent": self.sent, "received": self.received, "final": True}
+            out.append(point("replay", tags, fields, None) + f" {acked_ms}")
+        return out
+
+
+def feature_lines(batch: RecordBatch) -> list[str]:
+    cols = list(batch.columns)
+    ints: dict[str, np.ndarray] = {}
+    values = batch.values
+    if N_INTERVALS in cols:
+        j = cols.index(N_INTERVALS)
+        counts = values[:, j].astype(np.int64)
+        values = np.delete(values, j, axis=1)
+        cols.pop(j)
+        if batch.step_s != 600:  # a 10-minute window of 10-minute data always sums one interval
+            ints[N_INTERVALS] = counts
+    return columns_to_lines(
+        measurement_for(batch.step_s), "square", batch.squares, batch.starts_ms // 1000, cols, values, ints
+    )
+
+
+class TwinRegistry:
+    """Which BS twins already have their first state row (recoverable from InfluxDB at start)."""
+
+    def __init__(self, known: set[int] | None = None) -> None:
+        self.known: set[int] = set(known or ())
+
+    def first_rows(self, squares: np.ndarray, now_s: int) -> list[str]:
+        new = [s for s in np.unique(squares).tolist() if s not in self.known]
+        self.known.update(new)
+        return [
+            point(
+                "twin",
+                {"level": "bs", "twin_id": str(s)},
+                {"version": 0, "epsilon": 0.0, "n_updates": 0, "n_members": 1},
+                now_s,
+            )
+            for s in new
+        ]
+
+
+def forecast_lines(batch: RecordBatch) -> list[str]:
+    """BS agents' forecasts (``predicted``) and outcomes (+ ``actual``, ``abs_error``) -> ``forecast`` rows.
+
+    Tags ``square`` and ``cluster`` (the BS's cluster when the forecast was made), time = the target hour.
+    An outcome rewrites its forecast's point with the actual value added (same series and time).
+    """
+    cols = list(batch.columns)
+    j = cols.index("cluster")
+    fields = [c for c in cols if c != "cluster"]
+    idx = [cols.index(c) for c in fields]
+    times = (batch.starts_ms // 1000).tolist()
+    return [
+        point(
+            "forecast",
+            {"square": str(sq), "cluster": str(int(row[j]))},
+            {f: float(row[i]) for f, i in zip(fields, idx, strict=True)},
+            t,
+        )
+        for sq, t, row in zip(batch.squares.tolist(), times, batch.values.tolist(), strict=True)
+    ]
+
+
+def batch_points(batch: RecordBatch, partition: int, twins: TwinRegistry, now_ms: int) -> Points:
+    if batch.kind == "forecast":
+        return Points(lines=forecast_lines(batch), partition=partition, window_s=batch.step_s)
+    out = Points(
+        partition=partition,
+        run=batch.run,
+        window_s=batch.step_s,
+        closed_ms=batch.closed_ms,
+        final=batch.final,
+    )
+    if len(batch):
+        out.lines = feature_lines(batch) + twins.first_rows(batch.squares, now_ms // 1000)
+        out.records = len(batch)
+    if batch.final:
+        out.sent = int(batch.sent or 0)
+        out.received = int(batch.extra.get("received", 0))
+    return out

@@ -1,0 +1,208 @@
+"""The stream protocol of H-twinning, shared by the offline benchmark and the live BS agents.
+
+Both drive the same rules, so a live run and the benchmark make the same forecasts for the same data and
+seed:
+
+- **Hours.** Hour ``h`` counts from the start of the series (``start_ms``). V-twinning used the hours
+  before ``start_hour``. Forecasts and local updates begin at ``start_hour``.
+- **What a twin sees.** At the close of hour ``h`` an agent acts on twins that reflect updates up to hour
+  ``h - 1`` only. So the forecast of hour ``t`` (issued when ``t - 1`` closes) uses twins up to ``t - 2``, and
+  a local update at ``h`` starts from its cluster twin as of ``h - 1``. The round trip through the twin
+  store then has a whole hour of stream time; a live agent only waits (bounded) when its own updates of
+  the previous hour have not come back yet.
+- **Schedule.** BS ``s`` trains every ``update_every`` hours, at a fixed offset drawn from (seed, s). This
+  staggers the BSs, and the schedule does not depend on which process serves the BS.
+- **Local update.** A few Adam steps on the samples whose target lies in the last ``window`` hours. The
+  minibatches come from a generator seeded by (seed, square, hour), so the result does not depend on which
+  other BSs share the batched training pass.
+- **Running traffic statistics.** Each BS reports its mean z-scored traffic per hour of day with every
+  update. DCS re-clustering uses these profiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ingest.readers.milan import HOUR_MS
+from twin_store.federation import dcs
+from twin_store.federation.samples import DAY, FIRST_TARGET, LAGS
+from twin_store.federation.twinning import ClusterTwins
+from twin_store.models.forecaster import FitConfig, TwinModel
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    seed: int
+    start_hour: int  # first hour with forecasts and local updates (V-twinning used the hours before)
+    start_ms: int  # epoch ms of hour 0
+    update_every: int = 24  # hours between a BS's local updates
+    window: int = 336  # hours of recent samples a local update trains on
+    # lr 3e-3: the lowest validation MSE of 1e-2 / 3e-3 / 1e-3 in `nettwin bench vhtwin` (50 squares, seed 1)
+    fit: FitConfig = field(default_factory=lambda: FitConfig(steps=20, lr=3e-3, batch=64))
+    recluster_every: int = 500  # accepted updates between DCS re-clusterings; 0: never
+    column: str = "activity"  # which feature column is the traffic series
+
+    def offset(self, square: int) -> int:
+        return int(np.random.default_rng([self.seed, square]).integers(self.update_every))
+
+    def due(self, square: int, hour: int) -> bool:
+        return (
+            hour >= self.start_hour
+            and (hour - self.start_hour + self.offset(square)) % self.update_every == 0
+        )
+
+    def first_target(self, hour: int) -> int:
+        """The oldest target hour a local update at ``hour`` trains on."""
+        return max(FIRST_TARGET, hour + 1 - self.window)
+
+    def hour_of(self, start_ms: int) -> int:
+        return (start_ms - self.start_ms) // HOUR_MS
+
+    def to_meta(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> StreamPlan:
+        values = dict(meta)
+        values["fit"] = FitConfig(**values["fit"])
+        return cls(**values)
+
+
+def minibatch_generators(seed: int, squares: list[int], hour: int) -> list[torch.Generator]:
+    return [
+        torch.Generator().manual_seed(int(np.random.SeedSequence([seed, s, hour]).generate_state(1)[0]))
+        for s in squares
+    ]
+
+
+def window_samples(z: np.ndarray, first_target: int, hour: int) -> tuple[np.ndarray, np.ndarray]:
+    """Samples of one series ``z [H]`` (hour-indexed) with targets in [first_target, hour]; NaN rows dropped."""
+    targets = np.arange(first_target, hour + 1)
+    x = z[targets[:, None] - LAGS[None, :]]
+    y = z[targets]
+    ok = np.isfinite(x).all(axis=1) & np.isfinite(y)
+    return x[ok], y[ok]
+
+
+def local_updates(
+    model: TwinModel,
+    starts: torch.Tensor,
+    series: list[np.ndarray],
+    squares: list[int],
+    hour: int,
+    plan: StreamPlan,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Train the BSs due at ``hour`` in one batched pass.
+
+    ``starts [B, P]`` are their cluster twins, ``series[b]`` square b's z-scored history (index = hour, at
+    least ``hour + 1`` long). Returns (new params, training loss per BS, samples per BS); a BS without a
+    sample keeps its start and reports 0 samples.
+    """
+    first = plan.first_target(hour)
+    pairs = [window_samples(z, first, hour) for z in series]
+    counts = [len(y) for _, y in pairs]
+    n = max(max(counts), 1)
+    x = torch.zeros(len(series), n, len(LAGS))
+    y = torch.zeros(len(series), n)
+    for b, (xs, ys) in enumerate(pairs):
+        x[b, : len(ys)] = torch.as_tensor(xs, dtype=torch.float32)
+        y[b, : len(ys)] = torch.as_tensor(ys, dtype=torch.float32)
+    gens = minibatch_generators(plan.seed, squares, hour)
+    new, loss = model.fit(starts, x, y, plan.fit, gens, counts=torch.tensor([max(c, 1) for c in counts]))
+    for b, c in enumerate(counts):
+        if c == 0:
+            new[b] = starts[b]
+    return new, loss, counts
+
+
+@dataclass(frozen=True)
+class DueUpdate:
+    row: int  # the square's row in the series matrix
+    square: int
+    start: torch.Tensor  # the cluster twin it trained from
+    params: torch.Tensor
+    n_samples: int  # 0: no sample in its window, nothing to send
+
+
+def due_updates(
+    model: TwinModel,
+    plan: StreamPlan,
+    clusters: ClusterTwins,
+    squares: list[int],
+    series: np.ndarray,
+    hour: int,
+) -> list[DueUpdate]:
+    """The offline streams' BSs due at ``hour`` (``series [S, H]`` rows in ``squares`` order), each trained from
+    its cluster twin as it stands now, in one batched pass."""
+    rows = [i for i, s in enumerate(squares) if plan.due(s, hour)]
+    if not rows:
+        return []
+    due = [squares[i] for i in rows]
+    starts = torch.stack([clusters.twins[clusters.labels[s]] for s in due])
+    new, _, counts = local_updates(model, starts, [series[i] for i in rows], due, hour, plan)
+    return [
+        DueUpdate(i, s, starts[k], new[k], counts[k]) for k, (i, s) in enumerate(zip(rows, due, strict=True))
+    ]
+
+
+def profile_upto(z: np.ndarray, hour: int) -> list[float]:
+    """Mean of ``z [H]`` per hour of day over hours 0..hour (missing hours skipped): the running traffic
+    statistics a BS reports with its updates and DCS clusters on."""
+    values = z[: hour + 1]
+    ok = np.isfinite(values)
+    hod = np.arange(values.size) % DAY
+    sums = np.bincount(hod[ok], weights=values[ok], minlength=DAY)
+    counts = np.bincount(hod[ok], minlength=DAY)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).round(6).tolist()
+
+
+@dataclass
+class Reclusterer:
+    """Periodic DCS re-clustering of a running deployment.
+
+    After every ``plan.recluster_every`` accepted updates, the first update of a later hour triggers a
+    re-clustering before it is applied. So the new clusters depend only on updates of earlier hours, in
+    the live store and in the benchmark alike. The traffic attribute is each BS's latest reported
+    profile. A BS that has not reported yet keeps its cluster. Members move with their latest update
+    (``ClusterTwins.move``).
+    """
+
+    attrs: dcs.SquareAttributes
+    n_clusters: int | None
+    seed: int
+    every: int
+    membership: dcs.Membership
+    profiles: dict[int, list[float]] = field(default_factory=dict)
+    since: int = 0
+    last_hour: int = -1
+
+    def due(self, hour: int) -> bool:
+        return self.every > 0 and self.since >= self.every and hour > self.last_hour
+
+    def accepted(self, square: int, hour: int, profile: list[float] | None) -> None:
+        self.since += 1
+        self.last_hour = max(self.last_hour, hour)
+        if profile is not None:
+            self.profiles[square] = profile
+
+    def run(self, clusters: ClusterTwins, fallback: torch.Tensor) -> list[tuple[int, int | None, int]]:
+        """Re-cluster the reporting BSs and move them; return the moves (square, old, new)."""
+        self.since = 0
+        known = set(self.attrs.squares.tolist())
+        squares = sorted(s for s in self.profiles if s in known and s in clusters.labels)
+        if len(squares) < 2:
+            return []
+        profiles = np.array([self.profiles[s] for s in squares])
+        affinity = dcs.relationship_matrix(self.attrs.subset(squares), profiles, dcs.DcsWeights())
+        k = None if self.n_clusters is None else min(self.n_clusters, len(squares))
+        labels = dcs.cluster(affinity, k, seed=self.seed)
+        epoch, moves = dcs.recluster(self.membership, squares, labels)
+        # squares left out of this clustering keep their cluster
+        self.membership = dcs.Membership(self.membership.labels | epoch.labels, epoch.epoch)
+        for square, old, new in moves:
+            clusters.move(square, new, fallback=clusters.twins[old] if old is not None else fallback)
+        return moves

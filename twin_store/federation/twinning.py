@@ -1,0 +1,175 @@
+"""Twin aggregation, pure: FedAvg, cluster twins (C-NDT) with member moves, and the H-twinning global (G-NDT).
+
+Nothing here knows about Kafka or InfluxDB: the live store and the offline benchmark drive the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from twin_store.models.forecaster import FitConfig, TwinModel
+
+
+def fedavg(params: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sample-weighted mean of ``[k, P]`` parameter vectors."""
+    w = weights.to(params.dtype)
+    return (params * (w / w.sum()).unsqueeze(1)).sum(dim=0)
+
+
+def epsilon(a_cluster: torch.Tensor, a_global: torch.Tensor) -> float:
+    """H-twinning's divergence: mean squared parameter difference."""
+    return float(((a_cluster - a_global) ** 2).mean())
+
+
+@dataclass
+class ClusterTwins:
+    """Cluster twins = sample-weighted FedAvg of the latest accepted local update of each member.
+
+    A member without an accepted update yet does not count. When a BS moves cluster its latest update
+    moves with it and both clusters are re-aggregated (the reference code left it behind).
+    """
+
+    labels: dict[int, int]  # square -> cluster id
+    twins: dict[int, torch.Tensor]  # cluster id -> parameter vector
+    latest: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # square -> (params, samples)
+    versions: dict[int, int] = field(default_factory=dict)
+    # (members' updates [k, P], their sample counts [k], the cluster twin now) -> the new cluster twin;
+    # None: FedAvg. A robust aggregator of twin_store/federation/screening plugs in here.
+    aggregator: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def members(self, cid: int) -> list[int]:
+        return sorted(s for s, c in self.labels.items() if c == cid)
+
+    def samples(self, cid: int) -> int:
+        return sum(self.latest[s][1] for s in self.members(cid) if s in self.latest)
+
+    def accept(self, square: int, params: torch.Tensor, n_samples: int) -> int:
+        """Record a local update and re-aggregate its cluster; return the cluster id."""
+        self.latest[square] = (params, n_samples)
+        cid = self.labels[square]
+        self.aggregate(cid)
+        return cid
+
+    def evict(self, square: int, fallback: torch.Tensor) -> int | None:
+        """Drop a member's latest update from its cluster twin (a BS caught attacking: what it sent before
+        it was caught is suspect too); return the re-aggregated cluster, or None if there was nothing.
+        A cluster left without updates falls back to ``fallback`` (the global twin)."""
+        if self.latest.pop(square, None) is None:
+            return None
+        cid = self.labels[square]
+        if any(s in self.latest for s in self.members(cid)):
+            self.aggregate(cid)
+        else:
+            self.twins[cid] = fallback.clone()
+            self.versions[cid] = self.versions.get(cid, 0) + 1
+        return cid
+
+    def aggregate(self, cid: int) -> None:
+        have = [s for s in self.members(cid) if s in self.latest]
+        if not have:
+            return
+        stack = torch.stack([self.latest[s][0] for s in have])
+        weights = torch.tensor([self.latest[s][1] for s in have], dtype=torch.float32)
+        if self.aggregator is None or cid not in self.twins:
+            self.twins[cid] = fedavg(stack, weights)
+        else:
+            self.twins[cid] = self.aggregator(stack, weights, self.twins[cid])
+        self.versions[cid] = self.versions.get(cid, 0) + 1
+
+    def move(self, square: int, new_cid: int, fallback: torch.Tensor) -> None:
+        """Move a member; a brand-new cluster starts from ``fallback`` (e.g. the global twin)."""
+        old = self.labels.get(square)
+        if old == new_cid:
+            return
+        self.labels[square] = new_cid
+        if new_cid not in self.twins:
+            self.twins[new_cid] = fallback.clone()
+        for cid in (old, new_cid):
+            if cid is not None:
+                self.aggregate(cid)
+
+
+@dataclass
+class GlobalTwin:
+    """The G-NDT, kept current asynchronously: a cluster change is merged only if it diverged enough.
+
+    After a cluster twin changes: ``eps = mean((a_c - a_G)^2)``; if ``eps > psi`` then
+    ``a_G <- a_G + gamma_c (a_c - a_G)`` and the version is bumped (one synchronisation).
+    ``psi = 0`` merges every change: synchronous updating.
+    """
+
+    params: torch.Tensor
+    psi: float
+    version: int = 0
+    syncs: int = 0
+    offers: int = 0
+    last_epsilon: float = 0.0  # eps of the latest offer
+
+    def offer(self, cluster_params: torch.Tensor, gamma: float) -> bool:
+        self.offers += 1
+        eps = self.last_epsilon = epsilon(cluster_params, self.params)
+        if eps <= self.psi:
+            return False
+        self.params = self.params + gamma * (cluster_params - self.params)
+        self.version += 1
+        self.syncs += 1
+        return True
+
+
+@dataclass
+class VTwinResult:
+    global_params: torch.Tensor
+    clusters: ClusterTwins
+    rounds: int
+    uploads: int
+    downloads: int
+    losses: list[float]  # mean local training loss per round
+
+
+def v_twinning(
+    model: TwinModel,
+    squares: np.ndarray,
+    labels: np.ndarray,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    init: torch.Tensor,
+    rounds: int,
+    participation: float,
+    fit: FitConfig,
+    gen: torch.Generator,
+    rng: np.random.Generator,
+) -> VTwinResult:
+    """Synchronous V-twinning: rounds with a barrier over the participating BSs.
+
+    Each round the participants train from their cluster twin on their own samples (``x [S, N, 10]``,
+    ``y [S, N]``), every cluster twin becomes the FedAvg of its members' latest updates, and the global twin
+    the FedAvg of the cluster twins weighted by their samples.
+    """
+    cluster_ids = sorted(set(labels.tolist()))
+    ctwins = ClusterTwins(
+        labels={int(s): int(c) for s, c in zip(squares, labels, strict=True)},
+        twins={c: init.clone() for c in cluster_ids},
+    )
+    result = VTwinResult(init.clone(), ctwins, 0, 0, 0, [])
+    n_samples = int(x.shape[1])
+    for _ in range(rounds):
+        part = np.flatnonzero(rng.random(len(squares)) < participation)
+        if part.size == 0:
+            continue
+        start = torch.stack([ctwins.twins[ctwins.labels[int(squares[i])]] for i in part])
+        new, loss = model.fit(start, x[part], y[part], fit, gen)
+        for k, i in enumerate(part):
+            ctwins.latest[int(squares[i])] = (new[k], n_samples)
+        for c in cluster_ids:  # the barrier: every cluster aggregates, then the global
+            ctwins.aggregate(c)
+        weights = torch.tensor([max(ctwins.samples(c), 1) for c in cluster_ids], dtype=torch.float32)
+        result.global_params = fedavg(torch.stack([ctwins.twins[c] for c in cluster_ids]), weights)
+        result.rounds += 1
+        result.uploads += int(part.size)
+        result.downloads += int(part.size)
+        result.losses.append(float(loss.mean()))
+    return result

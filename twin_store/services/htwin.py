@@ -1,0 +1,531 @@
+"""Live H-twinning in the twin store: BS local updates in, cluster and global twins out.
+
+Consumes ``updates.local`` (``TwinMessage`` level ``bs``: meta ``seq``, ``n_samples``, ``loss``), folds each
+update into its cluster twin (FedAvg of the members' latest accepted updates), offers the changed cluster
+to the global twin (merged only if ``eps > psi``), publishes every changed twin to the compacted
+``twin.models`` topic, writes ``twin`` rows, and commits the input offsets last.
+
+Recovery: ``twin.models`` is the snapshot. Accepted BS updates are published there too (key ``bs:<square>``,
+with their ``seq``), so a restarted store rebuilds every twin from it and resumes ``updates.local`` from
+the committed offsets. An update whose ``seq`` is not newer than the BS's last accepted one is a replay
+(after a crash between publishing and committing, or a resend) and is skipped, so nothing is applied twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ingest.deadletter import DeadLetter, DeadLetterSink
+from ingest.errors import InputError
+from ingest.kafka import make_consumer, make_producer
+from ingest.schema import MalformedMessage
+from ingest.settings import NettwinSettings
+from ingest.topics import Topics
+from twin_store.adapters.influx import InfluxClient
+from twin_store.adapters.lineproto import point
+from twin_store.federation import dcs
+from twin_store.federation.keys import KeyRegistry
+from twin_store.federation.local_updates import Reclusterer, StreamPlan
+from twin_store.federation.models_topic import TwinMessage, cluster_membership, decode_twin
+from twin_store.federation.screening import Candidate, Defense, make_defense
+from twin_store.federation.screening.temporal import TemporalScreen
+from twin_store.federation.twinning import ClusterTwins, GlobalTwin
+
+log = logging.getLogger("nettwin.twins")
+
+# updates and twins are small and rare: answer fetches within 20 ms instead of the 500 ms default, so the
+# round trip BS agent -> store -> BS agent fits well inside one streamed hour
+LOW_LATENCY_FETCH_MS = 20
+
+
+@dataclass
+class TwinState:
+    """Everything the store knows about twins; rebuilt from ``twin.models`` at start."""
+
+    hidden: int
+    clusters: ClusterTwins
+    global_twin: GlobalTwin
+    reclusterer: Reclusterer | None = None  # None: re-clustering off
+    seq: dict[int, int] = field(default_factory=dict)  # square -> last accepted sequence number
+    bs_versions: dict[int, int] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # the global's meta (scaler, plan, ...)
+    accepted: int = 0  # accepted updates since V-twinning (kept on twin.models with the cluster twins)
+    fixed_gamma: float | None = None  # H-twinning step; None: each cluster's share of the BSs
+    keys: KeyRegistry | None = None  # None: updates are not authenticated
+    max_staleness: int = 500  # versions an update's base twin may lag behind its cluster twin
+    defense: Defense = field(default_factory=Defense)  # screening + cluster aggregation (FedAvg: none)
+    sigs: dict[int, str] = field(default_factory=dict)  # square -> signature of its last accepted update
+    decided: dict[int, int] = field(default_factory=dict)  # square -> newest seq refused or accepted
+    # square -> its latest accepted update (params, samples), kept even after it was evicted from its cluster
+    accepted_updates: dict[int, tuple[np.ndarray, int]] = field(default_factory=dict)
+    counters: dict[str, int] = field(
+        default_factory=lambda: {
+            "uploads": 0,
+            "downloads": 0,
+            "replays": 0,
+            "reclusterings": 0,
+            "moves": 0,
+            "rejected": 0,
+            "quarantined": 0,
+            "evictions": 0,
+        }
+    )
+
+    @classmethod
+    def from_messages(
+        cls,
+        latest: dict[bytes, TwinMessage],
+        psi: float,
+        milan_dir: Path | None = None,
+        gamma: float | None = None,
+        keys: KeyRegistry | None = None,
+        defense: Defense | None = None,
+        max_staleness: int = 500,
+    ) -> TwinState:
+        glob = latest.get(b"global:0")
+        if glob is None:
+            raise InputError("twin.models has no global twin yet: run `nettwin vtwin` first")
+        cluster_msgs = [m for m in latest.values() if m.level == "cluster"]
+        clusters = ClusterTwins(
+            labels=cluster_membership(cluster_msgs),
+            twins={int(m.twin_id): torch.as_tensor(m.params) for m in cluster_msgs},
+            versions={int(m.twin_id): m.version for m in cluster_msgs},
+        )
+        epoch = max((int(m.meta.get("epoch", 0)) for m in cluster_msgs), default=0)
+        accepted = max((int(m.meta.get("accepted", 0)) for m in cluster_msgs), default=0)
+        last_recluster = max((int(m.meta.get("reclustered_at", 0)) for m in cluster_msgs), default=0)
+        state = cls(
+            hidden=glob.hidden,
+            clusters=clusters,
+            global_twin=GlobalTwin(torch.as_tensor(glob.params), psi, version=glob.version),
+            meta=glob.meta,
+            accepted=accepted,
+            fixed_gamma=gamma,
+            keys=keys,
+            max_staleness=max_staleness,
+            defense=defense or Defense(),
+        )
+        state.clusters.aggregator = state.defense.aggregate
+        plan = StreamPlan.from_meta(glob.meta["plan"]) if "plan" in glob.meta else None
+        if (
+            plan is not None
+            and isinstance(state.defense, TemporalScreen)
+            and state.defense.max_samples is None
+        ):
+            state.defense.max_samples = plan.window  # no honest update trains on more samples than that
+        if plan is not None and plan.recluster_every > 0:
+            where = milan_dir or Path(glob.meta.get("milan_dir", ""))
+            state.reclusterer = Reclusterer(
+                dcs.SquareAttributes.load(where, sorted(clusters.labels)),
+                glob.meta.get("clusters"),
+                plan.seed,
+                plan.recluster_every,
+                dcs.Membership(dict(clusters.labels), epoch),
+                since=accepted - last_recluster,
+            )
+        for msg in latest.values():
+            if msg.level == "bs":
+                square = int(msg.twin_id)
+                state.accepted_updates[square] = (msg.params, int(msg.meta["n_samples"]))
+                if not msg.meta.get("evicted"):
+                    state.clusters.latest[square] = (torch.as_tensor(msg.params), int(msg.meta["n_samples"]))
+                state.seq[square] = int(msg.meta["seq"])
+                state.decided[square] = int(msg.meta.get("decided_seq", state.seq[square]))
+                if "sig" in msg.meta:
+                    state.sigs[square] = msg.meta["sig"]
+                state.bs_versions[square] = msg.version
+                if state.reclusterer is not None:
+                    r = state.reclusterer
+                    r.last_hour = max(r.last_hour, int(msg.meta.get("hour", -1)))
+                    if msg.meta.get("profile") is not None:
+                        r.profiles[square] = list(msg.meta["profile"])
+        return state
+
+    def gamma(self, cid: int) -> float:
+        """H-twinning step: the configured one, or by default the cluster's share of the BSs."""
+        if self.fixed_gamma is not None:
+            return self.fixed_gamma
+        return len(self.clusters.members(cid)) / max(len(self.clusters.labels), 1)
+
+    def _cluster_message(self, cid: int, as_of: int) -> TwinMessage:
+        r = self.reclusterer
+        return TwinMessage(
+            "cluster",
+            str(cid),
+            self.clusters.versions.get(cid, 0),
+            self.hidden,
+            self.clusters.twins[cid].numpy(),
+            {
+                "members": self.clusters.members(cid),
+                "epoch": r.membership.epoch if r else 0,
+                "as_of": as_of,
+                "accepted": self.accepted,
+                "reclustered_at": self.accepted - r.since if r else 0,
+            },
+        )
+
+    def recluster(self, hour: int, now_ms: int) -> tuple[list[TwinMessage], list[str]]:
+        """DCS re-clustering before the first update of ``hour`` (when due): members and their twins move."""
+        r = self.reclusterer
+        if r is None or not r.due(hour):
+            return [], []
+        moves = r.run(self.clusters, self.global_twin.params)
+        self.counters["reclusterings"] += 1
+        self.counters["moves"] += len(moves)
+        log.info("re-clustered (epoch %d) before hour %d: %d BSs moved", r.membership.epoch, hour, len(moves))
+        changed = sorted({c for _, old, new in moves for c in (old, new) if c is not None})
+        lines = [
+            point("membership", {"square": str(s)}, {"cluster": c, "epoch": r.membership.epoch}, None)
+            + f" {now_ms}"
+            for s, c in sorted(self.clusters.labels.items())
+        ]
+        # every cluster is republished: its members list carries the new epoch for the BS agents
+        return [self._cluster_message(c, hour - 1) for c in sorted(self.clusters.twins)], lines + [
+            self._twin_row("cluster", c, now_ms) for c in changed
+        ]
+
+    def _twin_row(self, level: str, cid: int, now_ms: int, eps: float | None = None) -> str:
+        return (
+            point(
+                "twin",
+                {"level": level, "twin_id": str(cid)},
+                {
+                    "version": self.clusters.versions.get(cid, 0),
+                    "epsilon": eps,
+                    "n_updates": self.accepted,
+                    "n_members": len(self.clusters.members(cid)),
+                },
+                None,
+            )
+            + f" {now_ms}"
+        )
+
+    def apply(self, update: TwinMessage) -> Outcome | None:
+        """Check, screen and fold in one local update; None for a duplicate delivery of an accepted one.
+
+        Rejected (not authentic, a replay, too stale) and quarantined (screened out) updates never touch a
+        twin. Every decision writes an ``update`` row; refused ones are also acknowledged to the BS
+        agents (``decided_seq`` on its ``bs`` twin), so an agent does not wait for an answer that never
+        comes.
+        """
+        if not update.twin_id.isdigit():
+            raise MalformedMessage(f"BS id {update.twin_id!r} is not a square number")
+        for key in ("seq", "hour", "n_samples", "base_version", "cluster"):
+            value = update.meta.get(key, 0)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise MalformedMessage(f"BS {update.twin_id}: {key} must be an integer, got {value!r}")
+        square = int(update.twin_id)
+        seq = int(update.meta.get("seq", -1))
+        now = int(time.time() * 1000)
+        problem = self.keys.problem(update) if self.keys is not None else None
+        if problem is None and square not in self.clusters.labels:
+            raise MalformedMessage(f"BS {square} is not a member of any cluster")
+        if problem is None and update.params.shape != self.global_twin.params.shape:
+            raise MalformedMessage(
+                f"BS {square}: {update.params.size} parameters, twins have {self.global_twin.params.numel()}"
+            )
+        if problem is None and seq <= self.seq.get(square, -1):
+            if self.keys is None or update.meta.get("sig") == self.sigs.get(square):
+                self.counters["replays"] += 1  # redelivered after a restart: already in the twins
+                return None
+            problem = f"replay: seq {seq} is not newer than the accepted {self.seq[square]}"
+        if problem is None:
+            base, claimed = int(update.meta.get("base_version", -1)), int(update.meta.get("cluster", -1))
+            lag = self.clusters.versions.get(claimed, base) - base
+            if lag > self.max_staleness:
+                problem = (
+                    f"stale: base twin {lag} versions behind cluster {claimed} (bound {self.max_staleness})"
+                )
+        if problem is not None:
+            self.counters["rejected"] += 1
+            return self._refused(update, "rejected", problem, float("nan"), now)
+        n_samples = int(update.meta.get("n_samples", 0))
+        if n_samples <= 0 or not np.isfinite(update.params).all():
+            raise MalformedMessage(f"BS {square}: update needs n_samples > 0 and finite parameters")
+        hour = int(update.meta.get("hour", seq))
+        out, lines = self.recluster(hour, now)
+        params = torch.as_tensor(update.params)
+        cid = self.clusters.labels[square]
+        loss = float(update.meta.get("loss", 0.0))
+        verdict = self.defense.screen(
+            Candidate(
+                square,
+                cid,
+                params,
+                self.clusters.twins[cid],
+                tuple(self.clusters.members(cid)),
+                n_samples,
+                loss,
+                hour,
+            )
+        )
+        if not verdict.accepted:
+            self.counters["quarantined"] += 1
+            # its earlier accepted update leaves its cluster too
+            evicted = self.clusters.evict(square, self.global_twin.params)
+            refused = self._refused(update, "quarantined", verdict.reason, verdict.score, now, verdict.norm)
+            out, lines = out + refused.twins, lines + refused.lines
+            if evicted is not None:
+                self.counters["evictions"] += 1
+                out.append(self._cluster_message(cid, hour))
+                lines.append(self._twin_row("cluster", cid, now))
+                glob = self._offer_global(cid, hour, now)
+                out += glob.twins
+                lines += glob.lines
+            return Outcome(out, lines, "quarantined", verdict.reason)
+        self.seq[square] = self.decided[square] = seq
+        self.accepted_updates[square] = (update.params, n_samples)
+        if "sig" in update.meta:
+            self.sigs[square] = update.meta["sig"]
+        self.bs_versions[square] = self.bs_versions.get(square, 0) + 1
+        self.accepted += 1
+        self.counters["uploads"] += 1
+        cid = self.clusters.accept(square, params, n_samples)
+        if self.reclusterer is not None:
+            self.reclusterer.accepted(square, hour, update.meta.get("profile"))
+        members = self.clusters.members(cid)
+        self.counters["downloads"] += len(members)  # the members follow their cluster twin
+        glob = self._offer_global(cid, hour, now)
+        out += [
+            self._bs_message(square, update.params, hour, n_samples, loss, update.meta),
+            self._cluster_message(cid, hour),
+            *glob.twins,
+        ]
+        lines += [
+            point(
+                "twin",
+                {"level": "bs", "twin_id": str(square)},
+                {
+                    "version": self.bs_versions[square],
+                    "loss": loss,
+                    "n_updates": self.bs_versions[square],
+                    "n_members": 1,
+                },
+                None,
+            )
+            + f" {now}",
+            self._twin_row("cluster", cid, now, self.global_twin.last_epsilon),
+            self._update_row(update, "accepted", "", verdict.score, verdict.norm, now),
+            *glob.lines,
+        ]
+        return Outcome(out, lines, "accepted")
+
+    def _offer_global(self, cid: int, hour: int, now: int) -> Outcome:
+        """H-twinning: offer the changed cluster twin to the global; the global's message and row if merged."""
+        if not self.global_twin.offer(self.clusters.twins[cid], self.gamma(cid)):
+            return Outcome([], [], "")
+        msg = TwinMessage(
+            "global",
+            "0",
+            self.global_twin.version,
+            self.hidden,
+            self.global_twin.params.numpy(),
+            self.meta | {"as_of": hour},
+        )
+        row = point(
+            "twin",
+            {"level": "global", "twin_id": "0"},
+            {
+                "version": self.global_twin.version,
+                "epsilon": self.global_twin.last_epsilon,
+                "n_updates": self.global_twin.syncs,
+                "n_members": len(self.clusters.labels),
+            },
+            None,
+        )
+        return Outcome([msg], [row + f" {now}"], "")
+
+    def _bs_message(
+        self, square: int, params: np.ndarray, hour: int, n_samples: int, loss: float, meta: dict[str, Any]
+    ) -> TwinMessage:
+        """The BS's latest accepted update, as kept on twin.models (``decided_seq``: the newest it refused)."""
+        return TwinMessage(
+            "bs",
+            str(square),
+            self.bs_versions.get(square, 0),
+            self.hidden,
+            params,
+            {
+                "seq": self.seq.get(square, -1),
+                "decided_seq": self.decided.get(square, -1),
+                "hour": hour,
+                "n_samples": n_samples,
+                "loss": loss,
+                "cluster": self.clusters.labels.get(square, -1),
+                "profile": meta.get("profile"),
+                **({"sig": self.sigs[square]} if square in self.sigs else {}),
+                **({"evicted": True} if square not in self.clusters.latest else {}),
+            },
+        )
+
+    def _refused(
+        self,
+        update: TwinMessage,
+        decision: str,
+        reason: str,
+        score: float,
+        now: int,
+        norm: float | None = None,
+    ) -> Outcome:
+        lines = [self._update_row(update, decision, reason, score, norm, now)]
+        square = int(update.twin_id)
+        if square not in self.accepted_updates:  # not a BS the agents serve: nothing to acknowledge
+            return Outcome([], lines, decision, reason)
+        seq = int(update.meta.get("seq", -1))
+        self.decided[square] = max(self.decided.get(square, -1), seq)
+        params, n_samples = self.accepted_updates[square]
+        last = {"profile": self.reclusterer.profiles.get(square)} if self.reclusterer else {}
+        ack = self._bs_message(square, params, self.seq.get(square, -1), n_samples, 0.0, last)
+        return Outcome([ack], lines, decision, reason)
+
+    def _update_row(
+        self, update: TwinMessage, decision: str, reason: str, score: float, norm: float | None, now: int
+    ) -> str:
+        fields: dict[str, Any] = {
+            "score": score if np.isfinite(score) else None,
+            "reason": reason,
+            "base_version": int(update.meta.get("base_version", -1)),
+            "seq": int(update.meta.get("seq", -1)),
+        }
+        if norm is not None:
+            fields["norm"] = norm
+        tags = {
+            "square": update.twin_id,
+            "cluster": str(update.meta.get("cluster", -1)),
+            "decision": decision,
+        }
+        return point("update", tags, fields, None) + f" {now}"
+
+
+@dataclass
+class Outcome:
+    twins: list[TwinMessage]  # to publish on twin.models
+    lines: list[str]  # InfluxDB rows
+    decision: str  # accepted, quarantined or rejected
+    reason: str = ""
+
+
+def read_latest_twins(settings: NettwinSettings) -> dict[bytes, TwinMessage]:
+    """The latest message per key on twin.models (the compacted snapshot), read to its end."""
+    topic = Topics.from_settings(settings).twin_models
+    consumer = make_consumer(settings, topic, group_id=None, consumer_timeout_ms=2000)
+    latest: dict[bytes, TwinMessage] = {}
+    try:
+        for m in consumer:
+            if m.key is not None and m.value is not None:
+                latest[m.key] = decode_twin(m.value)
+    finally:
+        consumer.close()
+    return latest
+
+
+class TwinService:
+    def __init__(
+        self,
+        settings: NettwinSettings,
+        psi: float,
+        milan_dir: Path | None = None,
+        gamma: float | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topics = Topics.from_settings(settings)
+        sec = settings.security
+        keys = KeyRegistry.load(sec.keys_file) if sec.keys_file is not None else None
+        try:
+            defense = make_defense(sec.defense)
+        except ValueError as exc:
+            raise InputError(f"security.defense: {exc}") from None
+        self.state = TwinState.from_messages(
+            read_latest_twins(settings), psi, milan_dir, gamma, keys, defense, sec.max_staleness
+        )
+        self.influx = InfluxClient(settings.influx)
+        self.producer = make_producer(settings)
+        self.deadletters = DeadLetterSink(self.producer, self.topics.deadletter)
+        self.consumer = make_consumer(
+            settings,
+            self.topics.updates_local,
+            group_id=f"{settings.kafka.topic_prefix}nettwin-twins",
+            fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
+        )
+        self.stopping = False
+        # the screen's memory (peer deltas, per-BS detectors) is not on twin.models: it is kept beside the
+        # committed offsets, so a restarted store screens at once instead of warming up again
+        self.screen_file = settings.state_dir / "store" / f"{settings.kafka.topic_prefix}screen.pickle"
+        if self.screen_file.exists() and self.state.defense.remembers:
+            with self.screen_file.open("rb") as f:
+                saved = pickle.load(f)  # written by this store only (see _save_screen)
+            if type(saved) is type(self.state.defense):
+                self.state.defense = saved
+                self.state.clusters.aggregator = saved.aggregate
+
+    def run(self, idle_exit_s: float | None = None, max_messages: int | None = None) -> dict[str, int]:
+        handled = 0
+        last = time.monotonic()
+        try:
+            while not self.stopping:
+                polled = self.consumer.poll(
+                    timeout_ms=200, max_records=max_messages - handled if max_messages else None
+                )
+                if polled:
+                    handled += self.process(polled)
+                    last = time.monotonic()
+                elif not self.consumer.assignment():
+                    last = time.monotonic()
+                elif idle_exit_s is not None and time.monotonic() - last >= idle_exit_s:
+                    break
+                if max_messages is not None and handled >= max_messages:
+                    break
+        finally:
+            self.consumer.close(autocommit=False)
+            self.producer.close()
+            self.influx.close()
+        return self.state.counters | {"global_version": self.state.global_twin.version}
+
+    def _on_retry(self, exc: Exception, delay: float) -> None:
+        log.warning("InfluxDB write failed (%s); retrying in %.1f s without committing", exc, delay)
+
+    def _save_screen(self) -> None:
+        self.screen_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.screen_file.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            pickle.dump(self.state.defense, f)
+        tmp.replace(self.screen_file)  # atomic: a crash leaves the previous snapshot
+
+    def process(self, polled: dict[Any, list[Any]]) -> int:
+        lines: list[str] = []
+        n = 0
+        for messages in polled.values():
+            for m in messages:
+                n += 1
+                try:
+                    update = decode_twin(m.value or b"")
+                    if update.level != "bs":
+                        raise MalformedMessage(f"expected a bs update, got level {update.level!r}")
+                    result = self.state.apply(update)
+                except MalformedMessage as exc:
+                    self.deadletters.send(DeadLetter.for_message(m, str(exc), "twins"))
+                    continue
+                if result is None:
+                    continue
+                for t in result.twins:
+                    self.producer.send(self.topics.twin_models, key=t.key, value=t.encode())
+                if result.decision != "accepted":  # kept, with why, where `nettwin query updates` finds them
+                    headers = [("decision", result.decision.encode()), ("reason", result.reason.encode())]
+                    self.producer.send(
+                        self.topics.updates_quarantine, key=m.key, value=m.value, headers=headers
+                    )
+                lines += result.lines
+        self.producer.flush()  # the snapshot is durable before the offsets move
+        self.influx.write_lines(lines, "ms", lambda: self.stopping, self._on_retry)
+        if n and self.state.defense.remembers:
+            self._save_screen()
+        self.consumer.commit()
+        return n
