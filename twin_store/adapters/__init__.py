@@ -1,1 +1,1 @@
-"""twin_store/adapters."""
+"""Adapters to the outside: the InfluxDB client, line protocol, points from features, provisioning."""

@@ -1,1 +1,1 @@
-"""twin_store/federation."""
+"""Federation algorithms: twinning, DCS, the stream protocol, keys, screening defenses, message codecs. No I/O."""

@@ -1,1 +1,1 @@
-"""twin_store/models."""
+"""The twin models: the LSTM traffic forecaster, the UTT networks and the telemetry screens. No I/O."""

@@ -1,1 +1,1 @@
-"""twin_store/services."""
+"""Long-running services, each module named after the ``nettwin`` command it runs."""
