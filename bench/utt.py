@@ -60,279 +60,327 @@ def _fed_summary(r: FedResult) -> dict[str, Any]:
     }
 
 
+MERGE_PLAN = {  # report key -> (training key, source twins); the FTM+IMU merge comes last and is split
+    "trajectory+tracking->position": ("trajectory+tracking->position", ["trajectory", "tracking"]),
+    "position+tracking->position (FTM+IMU)": ("position+tracking->position", ["position", "tracking"]),
+}
+FTM_IMU = "position+tracking->position (FTM+IMU)"
+
+
+class _Timer:
+    """Adds the wall time of a ``with`` block to ``timings[key]`` (seconds, 2 decimals)."""
+
+    def __init__(self, timings: dict[str, float], key: str) -> None:
+        self.timings, self.key = timings, key
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *_: object) -> None:
+        self.timings[self.key] = round(time.perf_counter() - self.t0, 2)
+
+
+class UttRun:
+    """One benchmark run, as named steps sharing the data, the federation settings and the results so far.
+    :func:`run` calls them in order; each step adds its part of the report."""
+
+    def __init__(self, data_paths: list[Path], cfg: UttConfig) -> None:
+        self.cfg = cfg
+        self.prep = prepare(data_paths, cfg)
+        t = time.perf_counter()
+        self.data = Data(self.prep)
+        self.timings: dict[str, float] = dict(self.prep.timings, windows_s=round(time.perf_counter() - t, 2))
+        self.fed = FedConfig(
+            rounds=cfg.rounds, local_epochs=cfg.local_epochs, seed=cfg.seed, defense=cfg.defense
+        )
+        self.test_all = Windows.concat(list(self.data.test_grid.values()))
+        self.training: dict[str, Any] = {}
+        self.nm: dict[str, Any] = {}
+        self.report: dict[str, Any] = {}
+        self.direct: dict[str, TaskTwin] = {}
+        self.merges: dict[str, dict[str, float]] = {label: {} for label in MERGE_PLAN}
+        self.splits: dict[str, dict[str, float]] = {"position->trajectory": {}, "position->tracking": {}}
+        self.merged_twins: dict[str, TaskTwin] = {}
+        self.merged_val: dict[str, float] = {}
+        self.spread: dict[str, dict[str, Any]] = {}
+
+    def score(self, twin: TaskTwin) -> float:
+        """Test NMSE of a twin's task on every test window."""
+        field_ = TASKS[twin.lineage.task][0]
+        return round(nmse(self.data.predict(twin, self.test_all), getattr(self.test_all, field_)), 4)
+
+    def val_score(self, twin: TaskTwin) -> float:
+        field_ = TASKS[twin.lineage.task][0]
+        return nmse(self.data.predict(twin, self.data.val), getattr(self.data.val, field_))
+
+    def train(self, key: str, twin: TaskTwin | UnifiedTwin) -> FedResult:
+        r = _fed(twin, self.data, self.fed)
+        self.training[key] = _fed_summary(r)
+        return r
+
+    def describe_split(self) -> None:
+        prep, data, cfg = self.prep, self.data, self.cfg
+        self.report.update(
+            split={
+                "train_walks": prep.train,
+                "test_walks": prep.test,
+                "validation": "blocks 2 and 5 of 8 (in time) of each training walk",
+                "unlabelled_walks_not_used": prep.unlabelled,
+                "skipped_files": prep.skipped,
+                "windows": {
+                    "train": int(sum(len(w) for w in data.train.values())),
+                    "val": len(data.val),
+                    "test_grid": int(sum(len(w) for w in data.test_grid.values())),
+                    "test_rows": int(sum(len(w) for w in data.test_rows.values())),
+                },
+            },
+            sites={s: g.as_dict() for s, g in prep.geometry.items()},
+            vision="SIMULATED (pinhole camera, 10 fps, pixel noise, 5% misses, pillar occlusion) from ground truth",
+            federation={
+                "clients": list(data.train),
+                "rounds": cfg.rounds,
+                "local_epochs": self.fed.local_epochs,
+                "defense": cfg.defense,
+            },
+        )
+
+    def direct_twins(self) -> None:
+        """Each task twin from its own modality, and the training-mean predictor beside them."""
+        data, cfg = self.data, self.cfg
+        with _Timer(self.timings, "direct_s"):
+            for task, (_f, _c, modality) in TASKS.items():
+                twin = new_twin(task, task, [modality], data.in_channels, data.lengths, cfg.d, seed=cfg.seed)
+                self.train(f"direct {task}", twin)
+                self.direct[task] = twin
+        self.nm["direct"] = {task: self.score(tw) for task, tw in self.direct.items()}
+        self.nm["mean predictor"] = {
+            t_: round(
+                nmse(
+                    np.broadcast_to(data.out_scalers[t_].mean, getattr(self.test_all, TASKS[t_][0]).shape),
+                    getattr(self.test_all, TASKS[t_][0]),
+                ),
+                4,
+            )
+            for t_ in TASKS
+        }
+
+    def transfer_twin(self) -> None:
+        """position (FTM) -> trajectory."""
+        with _Timer(self.timings, "transfer_s"):
+            tr = transfer(
+                self.direct["position"],
+                "trajectory<-position",
+                "trajectory",
+                self.data.lengths,
+                self.cfg.seed,
+            )
+            self.train("transfer position->trajectory", tr)
+            self.nm["transfer position->trajectory"] = self.score(tr)
+        self.transferred = tr
+
+    def merges_and_splits(self) -> None:
+        """Per fuser: both merges, then the FTM+IMU merge split into trajectory and tracking twins."""
+        data, cfg = self.data, self.cfg
+        with _Timer(self.timings, "merge_split_s"):
+            for fz in cfg.fusers:
+                for label, (name, sources) in MERGE_PLAN.items():
+                    twin_id = f"position<-{'+'.join(sources)}/{fz}"
+                    m2 = merge(
+                        [self.direct[s] for s in sources], twin_id, "position", fz, data.lengths, cfg.seed
+                    )
+                    self.train(f"merge {name} {fz}", m2)
+                    self.merges[label][fz] = self.score(m2)
+                self.merged_twins[fz] = m2
+                self.merged_val[fz] = self.val_score(m2)
+                parts = split(
+                    m2,
+                    {"trajectory": f"trajectory<-split/{fz}", "tracking": f"tracking<-split/{fz}"},
+                    data.lengths,
+                    cfg.seed,
+                )
+                for task, tw in parts.items():
+                    self.train(f"split position->{task} {fz}", tw)
+                    self.splits[f"position->{task}"][fz] = self.score(tw)
+        self.nm["merge"] = self.merges
+        self.nm["split"] = self.splits
+        self.nm["direct mapping (for comparison)"] = {
+            "position (FTM->position)": self.nm["direct"]["position"],
+            "trajectory (vision->trajectory)": self.nm["direct"]["trajectory"],
+            "tracking (IMU->tracking)": self.nm["direct"]["tracking"],
+        }
+
+    def _function_specific(self, direction: str, fz: str) -> float | None:
+        op, rest = direction.split(" ", 1)
+        if op == "transfer":
+            return float(self.nm[direction])
+        return {"merge": self.merges, "split": self.splits}[op][rest].get(fz)
+
+    def _train_s(self, key: str) -> float:
+        return float(self.training[key]["train_s"]) if key in self.training else math.nan
+
+    def unified_models(self) -> None:
+        """One unified model per fuser (loss = transfer + merge + split), beside the function-specific twins
+        trained for the same directions on the same clients, rounds and test walks."""
+        data, cfg = self.data, self.cfg
+        unified: dict[str, dict[str, Any]] = {}
+        with _Timer(self.timings, "unified_s"):
+            for fz in cfg.unified_fusers:
+                ut = UnifiedTwin(f"unified.{fz}", data.in_channels, data.lengths, cfg.d, fz, cfg.seed)
+                r = self.train(f"unified {fz}", ut)
+                fs_keys = [f"direct {t_}" for t_ in TASKS] + ["transfer position->trajectory"]
+                fs_keys += [f"merge {name} {fz}" for name, _ in MERGE_PLAN.values()]
+                fs_keys += [f"split position->{t_} {fz}" for t_ in ("trajectory", "tracking")]
+                unified[fz] = {
+                    "nmse": {
+                        name: {
+                            "unified": self.score(ut.view(name, f"{name}/unified.{fz}")),
+                            "function_specific": self._function_specific(name, fz),
+                        }
+                        for name in UNIFIED_DIRECTIONS
+                    },
+                    "train_s": {
+                        "unified": round(r.train_s, 2),
+                        "function_specific (3 direct + transfer + 2 merges + 2 splits)": round(
+                            sum(self._train_s(k) for k in fs_keys), 2
+                        ),
+                    },
+                    "params": {
+                        "unified": r.n_params,
+                        "function_specific": int(
+                            sum(self.training[k]["params"] for k in fs_keys if k in self.training)
+                        ),
+                    },
+                }
+        self.nm["unified"] = unified
+
+    def seed_spread(self) -> None:
+        """The merges again with other seeds: fuser/decoder initialisation and minibatch order re-seeded, the
+        (frozen) direct encoders kept; the first seed is the run above."""
+        data, cfg = self.data, self.cfg
+        seeds = [cfg.seed + 1000 * k for k in range(max(cfg.seed_repeats, 1))]
+        with _Timer(self.timings, "seed_spread_s"):
+            for direction, (_name, srcs) in MERGE_PLAN.items():
+                for fz in (f for f in cfg.seed_fusers if f in cfg.fusers and cfg.seed_repeats > 1):
+                    vals, vvals = [self.merges[direction][fz]], [self.merged_val.get(fz, math.nan)]
+                    for s_ in seeds[1:]:
+                        m = merge(
+                            [self.direct[x] for x in srcs],
+                            f"{direction}/{fz}/seed{s_}",
+                            "position",
+                            fz,
+                            data.lengths,
+                            s_,
+                        )
+                        _fed(m, data, replace(self.fed, seed=s_))
+                        vals.append(self.score(m))
+                        vvals.append(self.val_score(m))
+                    self.spread.setdefault(direction, {})[fz] = {
+                        "seeds": seeds,
+                        "test_nmse": vals,
+                        "mean": round(float(np.mean(vals)), 4),
+                        "std": round(float(np.std(vals, ddof=1)), 4),
+                        "val_nmse": [round(v, 4) for v in vvals] if direction == FTM_IMU else None,
+                    }
+        self.nm["merge_seed_spread"] = self.spread
+        self.report["nmse_test"] = self.nm
+        self.chosen = min(self.merged_val, key=lambda k: self.merged_val[k])
+        self.report["merged_fuser"] = {
+            "chosen_on_validation": self.chosen,
+            "val_nmse": {k: round(v, 4) for k, v in self.merged_val.items()},
+        }
+
+    def positioning(self) -> list[list[Any]]:
+        """Positioning on every test row: trilateration, the FTM Position twin and the merged twin chosen on
+        validation. Returns the CSV rows."""
+        prep, data = self.prep, self.data
+        rows: list[list[Any]] = []
+        pos_err: dict[str, list[np.ndarray]] = {"trilateration": [], "position": [], "merged": []}
+        true_all: list[np.ndarray] = []
+        for n in prep.test:
+            w, win = prep.walks[n], data.test_rows[n]
+            assert w.gt is not None
+            sel = w.t_ms >= w.t_ms[0] + (WINDOW - 1) * STEP_MS
+            truth = w.gt[sel]
+            t_raw = [r for r, s in zip(w.t_raw, sel, strict=True) if s]
+            preds = {
+                "trilateration": prep.fixes[n][sel],
+                "position": data.predict(self.direct["position"], win)[:, -1],
+                "merged": data.predict(self.merged_twins[self.chosen], win)[:, -1],
+            }
+            true_all.append(truth)
+            for method, p in preds.items():
+                pos_err[method].append(p)
+                rows.extend(
+                    [n, tr_, *(round(float(v), 4) for v in (a[0], a[1], b[0], b[1])), method]
+                    for tr_, a, b in zip(t_raw, truth, p, strict=True)
+                )
+        truth_cat = np.concatenate(true_all)
+        positioning: dict[str, Any] = {m: _errors(np.concatenate(p), truth_cat) for m, p in pos_err.items()}
+        tri = positioning["trilateration"]["median_m"]
+        for method in ("merged", "position"):
+            positioning[f"{method}_vs_trilateration_median_gain"] = (
+                round(1 - positioning[method]["median_m"] / tri, 3) if tri > 0 else math.nan
+            )
+        self.report["positioning_test_rows"] = positioning
+        return rows
+
+    def trajectory_and_tracking(self) -> None:
+        """Trajectory 1 s ahead against constant velocity, and IMU (tracking) generation against the mean."""
+        test_all, data = self.test_all, self.data
+        fut_true = test_all.future[:, -1]
+        ok = np.isfinite(fut_true).all(axis=1)
+        traj_direct = data.predict(self.direct["trajectory"], test_all)[:, -1]
+        traj_transfer = data.predict(self.transferred, test_all)[:, -1]
+        cv = _constant_velocity(test_all, self.prep, list(data.test_grid))
+        cv_ok = ok & np.isfinite(cv).all(axis=1)
+        self.report["trajectory_1s_ahead"] = {
+            "trajectory twin (vision, simulated)": _errors(traj_direct[ok], fut_true[ok]),
+            "transfer position->trajectory (FTM)": _errors(traj_transfer[ok], fut_true[ok]),
+            "constant velocity (back-projected detections)": _errors(cv[cv_ok], fut_true[cv_ok]),
+        }
+        self.report["tracking_generation_nmse"] = {
+            "direct (IMU->tracking)": self.nm["direct"]["tracking"],
+            "mean predictor (training mean)": self.nm["mean predictor"]["tracking"],
+            **{f"split position->tracking {fz}": v for fz, v in self.splits["position->tracking"].items()},
+        }
+
+    def targets(self) -> None:
+        g, c = self.merges[FTM_IMU].get("gating"), self.merges[FTM_IMU].get("concatenation")
+        gain = self.report["positioning_test_rows"]["merged_vs_trilateration_median_gain"]
+        targets = {
+            "merged_median_gain_ge_20pct": bool(gain >= 0.2),
+            "gating_nmse_le_concatenation (FTM+IMU merge)": bool(g is not None and c is not None and g <= c),
+        }
+        ftm_imu = self.spread.get(FTM_IMU, {})
+        if "gating" in ftm_imu and "concatenation" in ftm_imu:
+            gs, cs = ftm_imu["gating"], ftm_imu["concatenation"]
+            targets["gating_mean_le_concatenation_mean over seeds (FTM+IMU merge)"] = bool(
+                gs["mean"] <= cs["mean"]
+            )
+            targets["gating - concatenation within one std (seed noise)"] = bool(
+                abs(gs["mean"] - cs["mean"]) <= max(gs["std"], cs["std"])
+            )
+        self.report["targets"] = targets
+
+
 def run(data_paths: list[Path], cfg: UttConfig) -> tuple[dict[str, Any], list[list[Any]]]:
     """Train and evaluate every twin; returns the report and the positioning rows for the CSV."""
     torch.set_num_threads(cfg.threads)
     wall0 = time.perf_counter()
-    prep = prepare(data_paths, cfg)
-    t = time.perf_counter()
-    data = Data(prep)
-    timings = dict(prep.timings, windows_s=round(time.perf_counter() - t, 2))
-    fed = FedConfig(rounds=cfg.rounds, local_epochs=cfg.local_epochs, seed=cfg.seed, defense=cfg.defense)
-    report: dict[str, Any] = {
-        "split": {
-            "train_walks": prep.train,
-            "test_walks": prep.test,
-            "validation": "blocks 2 and 5 of 8 (in time) of each training walk",
-            "unlabelled_walks_not_used": prep.unlabelled,
-            "skipped_files": prep.skipped,
-            "windows": {
-                "train": int(sum(len(w) for w in data.train.values())),
-                "val": len(data.val),
-                "test_grid": int(sum(len(w) for w in data.test_grid.values())),
-                "test_rows": int(sum(len(w) for w in data.test_rows.values())),
-            },
-        },
-        "sites": {s: g.as_dict() for s, g in prep.geometry.items()},
-        "vision": "SIMULATED (pinhole camera, 10 fps, pixel noise, 5% misses, pillar occlusion) from ground truth",
-        "federation": {
-            "clients": list(data.train),
-            "rounds": cfg.rounds,
-            "local_epochs": fed.local_epochs,
-            "defense": cfg.defense,
-        },
-    }
-    test_all = Windows.concat(list(data.test_grid.values()))
-    training: dict[str, Any] = {}
-    nm: dict[str, Any] = {}
-
-    def score(twin: TaskTwin) -> float:
-        task = twin.lineage.task
-        return round(nmse(data.predict(twin, test_all), getattr(test_all, TASKS[task][0])), 4)
-
-    def val_score(twin: TaskTwin) -> float:
-        task = twin.lineage.task
-        return nmse(data.predict(twin, data.val), getattr(data.val, TASKS[task][0]))
-
-    # direct mapping: each task twin from its own modality
-    t = time.perf_counter()
-    direct: dict[str, TaskTwin] = {}
-    for task, (_f, _c, modality) in TASKS.items():
-        twin = new_twin(task, task, [modality], data.in_channels, data.lengths, cfg.d, seed=cfg.seed)
-        training[f"direct {task}"] = _fed_summary(_fed(twin, data, fed))
-        direct[task] = twin
-    timings["direct_s"] = round(time.perf_counter() - t, 2)
-    nm["direct"] = {task: score(tw) for task, tw in direct.items()}
-    train_mean = {t_: data.out_scalers[t_].mean for t_ in TASKS}
-    nm["mean predictor"] = {
-        t_: round(
-            nmse(
-                np.broadcast_to(train_mean[t_], getattr(test_all, TASKS[t_][0]).shape),
-                getattr(test_all, TASKS[t_][0]),
-            ),
-            4,
-        )
-        for t_ in TASKS
-    }
-
-    # transfer: position (FTM) -> trajectory
-    t = time.perf_counter()
-    tr = transfer(direct["position"], "trajectory<-position", "trajectory", data.lengths, cfg.seed)
-    training["transfer position->trajectory"] = _fed_summary(_fed(tr, data, fed))
-    nm["transfer position->trajectory"] = score(tr)
-    timings["transfer_s"] = round(time.perf_counter() - t, 2)
-
-    # merges and splits, per fuser
-    t = time.perf_counter()
-    merges: dict[str, dict[str, float]] = {
-        "trajectory+tracking->position": {},
-        "position+tracking->position (FTM+IMU)": {},
-    }
-    splits: dict[str, dict[str, float]] = {"position->trajectory": {}, "position->tracking": {}}
-    merged_twins: dict[str, TaskTwin] = {}
-    merged_val: dict[str, float] = {}
-    # report key -> (training key, source twins); the FTM+IMU merge comes last and is split below
-    merge_plan = {
-        "trajectory+tracking->position": ("trajectory+tracking->position", ["trajectory", "tracking"]),
-        "position+tracking->position (FTM+IMU)": ("position+tracking->position", ["position", "tracking"]),
-    }
-    for fz in cfg.fusers:
-        for label, (name, sources) in merge_plan.items():
-            twin_id = f"position<-{'+'.join(sources)}/{fz}"
-            m2 = merge([direct[s] for s in sources], twin_id, "position", fz, data.lengths, cfg.seed)
-            training[f"merge {name} {fz}"] = _fed_summary(_fed(m2, data, fed))
-            merges[label][fz] = score(m2)
-        merged_twins[fz] = m2
-        merged_val[fz] = val_score(m2)
-        parts = split(
-            m2,
-            {"trajectory": f"trajectory<-split/{fz}", "tracking": f"tracking<-split/{fz}"},
-            data.lengths,
-            cfg.seed,
-        )
-        for task, tw in parts.items():
-            training[f"split position->{task} {fz}"] = _fed_summary(_fed(tw, data, fed))
-            splits[f"position->{task}"][fz] = score(tw)
-    timings["merge_split_s"] = round(time.perf_counter() - t, 2)
-    nm["merge"] = merges
-    nm["split"] = splits
-    nm["direct mapping (for comparison)"] = {
-        "position (FTM->position)": nm["direct"]["position"],
-        "trajectory (vision->trajectory)": nm["direct"]["trajectory"],
-        "tracking (IMU->tracking)": nm["direct"]["tracking"],
-    }
-
-    # the unified model: one model per fuser, loss = transfer + merge + split, same clients/rounds/test walks
-    t = time.perf_counter()
-
-    def function_specific(direction: str, fz: str) -> float | None:
-        op, rest = direction.split(" ", 1)
-        if op == "transfer":
-            return float(nm[direction])
-        return {"merge": merges, "split": splits}[op][rest].get(fz)
-
-    def train_s(key: str) -> float:
-        return float(training[key]["train_s"]) if key in training else math.nan
-
-    unified: dict[str, dict[str, Any]] = {}
-    for fz in cfg.unified_fusers:
-        ut = UnifiedTwin(f"unified.{fz}", data.in_channels, data.lengths, cfg.d, fz, cfg.seed)
-        r = _fed(ut, data, fed)
-        training[f"unified {fz}"] = _fed_summary(r)
-        fs_keys = [f"direct {t_}" for t_ in TASKS] + ["transfer position->trajectory"]
-        fs_keys += [
-            f"merge {d_} {fz}" for d_ in ("trajectory+tracking->position", "position+tracking->position")
-        ]
-        fs_keys += [f"split position->{t_} {fz}" for t_ in ("trajectory", "tracking")]
-        unified[fz] = {
-            "nmse": {
-                name: {
-                    "unified": score(ut.view(name, f"{name}/unified.{fz}")),
-                    "function_specific": function_specific(name, fz),
-                }
-                for name in UNIFIED_DIRECTIONS
-            },
-            "train_s": {
-                "unified": round(r.train_s, 2),
-                "function_specific (3 direct + transfer + 2 merges + 2 splits)": round(
-                    sum(train_s(k) for k in fs_keys), 2
-                ),
-            },
-            "params": {
-                "unified": r.n_params,
-                "function_specific": int(sum(training[k]["params"] for k in fs_keys if k in training)),
-            },
-        }
-    timings["unified_s"] = round(time.perf_counter() - t, 2)
-    nm["unified"] = unified
-
-    # seed spread of the merges: fuser/decoder initialisation and minibatch order re-seeded, the (frozen)
-    # direct encoders kept; the first seed is the run above
-    t = time.perf_counter()
-    spread: dict[str, dict[str, Any]] = {}
-    merge_sources = {
-        "trajectory+tracking->position": ["trajectory", "tracking"],
-        "position+tracking->position (FTM+IMU)": ["position", "tracking"],
-    }
-    seeds = [cfg.seed + 1000 * k for k in range(max(cfg.seed_repeats, 1))]
-    for direction, srcs in merge_sources.items():
-        for fz in (f for f in cfg.seed_fusers if f in cfg.fusers and cfg.seed_repeats > 1):
-            vals, vvals = [merges[direction][fz]], [merged_val.get(fz, math.nan)]
-            for s_ in seeds[1:]:
-                m = merge(
-                    [direct[x] for x in srcs], f"{direction}/{fz}/seed{s_}", "position", fz, data.lengths, s_
-                )
-                _fed(m, data, replace(fed, seed=s_))
-                vals.append(score(m))
-                vvals.append(val_score(m))
-            spread.setdefault(direction, {})[fz] = {
-                "seeds": seeds,
-                "test_nmse": vals,
-                "mean": round(float(np.mean(vals)), 4),
-                "std": round(float(np.std(vals, ddof=1)), 4),
-                "val_nmse": [round(v, 4) for v in vvals] if direction.endswith("(FTM+IMU)") else None,
-            }
-    timings["seed_spread_s"] = round(time.perf_counter() - t, 2)
-    nm["merge_seed_spread"] = spread
-    report["nmse_test"] = nm
-    chosen = min(merged_val, key=lambda k: merged_val[k])
-    report["merged_fuser"] = {
-        "chosen_on_validation": chosen,
-        "val_nmse": {k: round(v, 4) for k, v in merged_val.items()},
-    }
-
-    # downstream: positioning on every test row, trajectory 1 s ahead, IMU (tracking) generation
-    t = time.perf_counter()
-    rows: list[list[Any]] = []
-    pos_err: dict[str, list[np.ndarray]] = {"trilateration": [], "position": [], "merged": []}
-    true_all: list[np.ndarray] = []
-    for n in prep.test:
-        w, win = prep.walks[n], data.test_rows[n]
-        assert w.gt is not None
-        sel = w.t_ms >= w.t_ms[0] + (WINDOW - 1) * STEP_MS
-        truth = w.gt[sel]
-        t_raw = [r for r, s in zip(w.t_raw, sel, strict=True) if s]
-        preds = {
-            "trilateration": prep.fixes[n][sel],
-            "position": data.predict(direct["position"], win)[:, -1],
-            "merged": data.predict(merged_twins[chosen], win)[:, -1],
-        }
-        true_all.append(truth)
-        for method, p in preds.items():
-            pos_err[method].append(p)
-            rows.extend(
-                [
-                    n,
-                    tr_,
-                    round(float(a[0]), 4),
-                    round(float(a[1]), 4),
-                    round(float(b[0]), 4),
-                    round(float(b[1]), 4),
-                    method,
-                ]
-                for tr_, a, b in zip(t_raw, truth, p, strict=True)
-            )
-    truth_cat = np.concatenate(true_all)
-    positioning: dict[str, Any] = {m: _errors(np.concatenate(p), truth_cat) for m, p in pos_err.items()}
-    tri = positioning["trilateration"]["median_m"]
-    positioning["merged_vs_trilateration_median_gain"] = (
-        round(1 - positioning["merged"]["median_m"] / tri, 3) if tri > 0 else math.nan
-    )
-    positioning["position_vs_trilateration_median_gain"] = (
-        round(1 - positioning["position"]["median_m"] / tri, 3) if tri > 0 else math.nan
-    )
-    report["positioning_test_rows"] = positioning
-
-    fut_true = test_all.future[:, -1]
-    ok = np.isfinite(fut_true).all(axis=1)
-    traj_direct = data.predict(direct["trajectory"], test_all)[:, -1]
-    traj_transfer = data.predict(tr, test_all)[:, -1]
-    cv = _constant_velocity(test_all, prep, list(data.test_grid))
-    report["trajectory_1s_ahead"] = {
-        "trajectory twin (vision, simulated)": _errors(traj_direct[ok], fut_true[ok]),
-        "transfer position->trajectory (FTM)": _errors(traj_transfer[ok], fut_true[ok]),
-        "constant velocity (back-projected detections)": _errors(
-            cv[ok & np.isfinite(cv).all(axis=1)], fut_true[ok & np.isfinite(cv).all(axis=1)]
-        ),
-    }
-    report["tracking_generation_nmse"] = {
-        "direct (IMU->tracking)": nm["direct"]["tracking"],
-        "mean predictor (training mean)": nm["mean predictor"]["tracking"],
-        **{f"split position->tracking {fz}": v for fz, v in splits["position->tracking"].items()},
-    }
-    g, c = (
-        merges["position+tracking->position (FTM+IMU)"].get("gating"),
-        merges["position+tracking->position (FTM+IMU)"].get("concatenation"),
-    )
-    report["targets"] = {
-        "merged_median_gain_ge_20pct": bool(positioning["merged_vs_trilateration_median_gain"] >= 0.2),
-        "gating_nmse_le_concatenation (FTM+IMU merge)": bool(g is not None and c is not None and g <= c),
-    }
-    ftm_imu = spread.get("position+tracking->position (FTM+IMU)", {})
-    if "gating" in ftm_imu and "concatenation" in ftm_imu:
-        gs, cs = ftm_imu["gating"], ftm_imu["concatenation"]
-        report["targets"]["gating_mean_le_concatenation_mean over seeds (FTM+IMU merge)"] = bool(
-            gs["mean"] <= cs["mean"]
-        )
-        report["targets"]["gating - concatenation within one std (seed noise)"] = bool(
-            abs(gs["mean"] - cs["mean"]) <= max(gs["std"], cs["std"])
-        )
-    timings["downstream_s"] = round(time.perf_counter() - t, 2)
-    report["training"] = training
-    report["timings"] = timings
-    report["wall_s"] = round(time.perf_counter() - wall0, 1)
-    report["threads"] = cfg.threads
-    return report, rows
+    r = UttRun(data_paths, cfg)
+    r.describe_split()
+    r.direct_twins()
+    r.transfer_twin()
+    r.merges_and_splits()
+    r.unified_models()
+    r.seed_spread()
+    with _Timer(r.timings, "downstream_s"):
+        rows = r.positioning()
+        r.trajectory_and_tracking()
+        r.targets()
+    r.report.update(training=r.training, timings=r.timings, wall_s=round(time.perf_counter() - wall0, 1))
+    r.report["threads"] = cfg.threads
+    return r.report, rows
 
 
 def _constant_velocity(win: Windows, prep: Prepared, names: list[str]) -> np.ndarray:
