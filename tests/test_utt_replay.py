@@ -118,7 +118,7 @@ def test_replay_ftm_publishes_no_site_for_a_scene_its_walks_cannot_determine(
 def test_twin_operations_store_lineage_files_and_influx_rows(
     isolated: NettwinSettings, tmp_path: Path
 ) -> None:
-    from nettwin.cli import twin_ops
+    from nettwin.cli import twin
     from tests.conftest import run_cli
     from twin_store.adapters.influx import InfluxClient
 
@@ -135,7 +135,7 @@ def test_twin_operations_store_lineage_files_and_influx_rows(
         ["merge", "--from", "position,tracking", "--to", "position", "--unified", "--fuser", "concatenation"],
     ):
         # in process (one torch import for all four); the error cases below go through the real CLI
-        res = CliRunner().invoke(twin_ops.app, [*args, *common], obj=isolated)
+        res = CliRunner().invoke(twin.app, [*args, *common], obj=isolated)
         assert res.exit_code == 0, res.output
         for rec in json.loads(res.stdout):
             done[rec["twin_id"]] = rec

@@ -10,7 +10,7 @@ import typer
 
 from ingest.errors import NettwinError
 from ingest.settings import load_settings
-from nettwin.cli import bench, data, infra, query, replay, security, services, twin_ops, twins
+from nettwin.cli import bench, data, infra, query, replay, security, services, twin, vhtwin
 
 app = typer.Typer(
     name="nettwin",
@@ -24,9 +24,9 @@ app.add_typer(replay.app, name="replay")
 app.add_typer(data.app, name="data")
 app.add_typer(query.app, name="query")
 app.add_typer(bench.app, name="bench")
-app.add_typer(twin_ops.app, name="twin")
+app.add_typer(twin.app, name="twin")
 services.register(app)
-twins.register(app)
+vhtwin.register(app)
 security.register(app)
 
 
