@@ -29,6 +29,9 @@ KINDS = ("traffic", "features", "forecast", "sensor", "screened")
 SENSOR_KINDS = ("sensor", "screened")
 SCREENED_COLUMNS = ("value", "score", "flagged")
 ACTIVITY_COLUMNS = ("sms_in", "sms_out", "call_in", "call_out", "internet")
+# event times outside [2000-01-01, 2100-01-01) UTC are refused by the readers and producers as implausible
+# (epoch ms); the wire format itself carries any time
+PLAUSIBLE_MS = (946_684_800_000, 4_102_444_800_000)
 # counts how many source intervals a window summed; present on feature records
 N_INTERVALS = "n_intervals"
 _U32 = struct.Struct("<I")

@@ -22,7 +22,7 @@ from ingest.deadletter import DeadLetter, DeadLetterSink
 from ingest.errors import InputError, ServiceError
 from ingest.kafka import MAX_RECORDS_PER_MESSAGE
 from ingest.readers.milan import TrafficTable, read_hourly, read_raw
-from ingest.schema import RecordBatch
+from ingest.schema import PLAUSIBLE_MS, RecordBatch, validate
 from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 
@@ -194,6 +194,7 @@ class Replayer(Publisher):
 
     def publish_table(self, table: TrafficTable) -> None:
         s = self.summary
+        table = self._without_invalid_records(table)
         self._read_file(table.lines, table.bad)
         if self.columns is None:
             self.columns, self.step_s = table.columns, table.step_s
@@ -219,6 +220,46 @@ class Replayer(Publisher):
         s.first_ms = _opt_min(s.first_ms, int(table.starts_ms[0]))
         s.last_ms = _opt_max(s.last_ms, int(table.starts_ms[n - 1]))
         s.records += n
+
+    @staticmethod
+    def _without_invalid_records(table: TrafficTable) -> TrafficTable:
+        """Drop the records the worker would refuse, each a dead letter of its own: one bad record packed into
+        a message would cost the message's every record."""
+        bad_letters = list(table.bad)
+        keep = np.ones(len(table), bool)
+        suspect = (
+            ~np.isfinite(table.values).all(axis=1)
+            | (table.values < 0).any(axis=1)
+            | (table.squares == 0)
+            | (table.starts_ms % (table.step_s * 1000) != 0)
+            | (table.starts_ms < PLAUSIBLE_MS[0])
+            | (table.starts_ms >= PLAUSIBLE_MS[1])
+        )
+        if not suspect.any():
+            return table
+        for i in np.flatnonzero(suspect).tolist():
+            one = RecordBatch(
+                "traffic",
+                table.columns,
+                table.step_s,
+                table.squares[i : i + 1],
+                table.starts_ms[i : i + 1],
+                table.values[i : i + 1],
+            )
+            reason = validate(one) or "interval start outside 2000-01-01..2100-01-01 UTC"
+            keep[i] = False
+            where = f"record square {table.squares[i]} start_ms {table.starts_ms[i]}"
+            bad_letters.append(DeadLetter(reason, table.source, where, one.encode(), "producer"))
+        return TrafficTable(
+            table.source,
+            table.columns,
+            table.step_s,
+            table.squares[keep],
+            table.starts_ms[keep],
+            table.values[keep],
+            table.lines,
+            bad_letters,
+        )
 
     def _publish_packed(self, table: TrafficTable, n: int) -> None:
         """As fast as possible: fill each message up to MAX_RECORDS_PER_MESSAGE across intervals.

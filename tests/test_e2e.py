@@ -131,6 +131,30 @@ def test_malformed_lines_go_to_deadletter_and_good_lines_arrive(pipeline: Pipeli
 
 
 @pytest.mark.skipif(not DAY.exists(), reason=f"real data not found at {DAY}")
+def test_a_sum_that_overflows_costs_its_record_only_and_the_run_is_complete(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    # finding 3 of issue 9: each line is finite, their sum is inf; with --max one message carries the
+    # whole partition, so a bad record that reached Kafka took every good record of its partition with it
+    expected = expected_from_file(DAY)
+    square, start = expected.index[0]
+    overflow = [f"{square}\t{start}\t{cc}\t1.5e308\t\t\t\t\n".encode() for cc in (9001, 9002)]
+    path = tmp_path / "overflow.txt"
+    path.write_bytes(DAY.read_bytes() + b"".join(overflow))
+    summary = replay(pipeline, path, "overflow")
+    kept = expected.drop(index=(square, start))
+    assert summary["records"] == summary["received"] == len(kept)
+    raw = pd.read_csv(DAY, sep="\t", header=None, names=RAW_COLUMNS)
+    lines_of_record = int(((raw["square"] == square) & (raw["start"] == start)).sum())
+    assert summary["malformed"] == lines_of_record + 2  # every line of the record, the overflowing two too
+    with InfluxClient(pipeline.settings.influx) as influx:
+        got = influx_frame(influx, "traffic")
+        rows = [r for s in influx.query('SELECT * FROM "replay"') for r in s.rows()]
+    assert got.index.equals(kept.index)
+    assert rows and all(r["complete"] is True for r in rows)
+
+
+@pytest.mark.skipif(not DAY.exists(), reason=f"real data not found at {DAY}")
 def test_demo_command_runs_the_whole_job_and_cleans_up(isolated: NettwinSettings) -> None:
     res = run_cli(
         isolated,

@@ -106,6 +106,10 @@ BAD = {
     "square 0": (_tsv(0, T0, 39, 1, 1, 1, 1, 1), "square_id must be a positive integer"),
     "fractional square": (_tsv(1.5, T0, 39, 1, 1, 1, 1, 1), "square_id must be a positive integer"),
     "infinite": (_tsv(4, T0, 39, "inf", 1, 1, 1, 1), "not finite"),
+    "NaN text": (_tsv(4, T0, 39, 1, "NaN", 1, 1, 1), "sms_out is not a number: 'NaN'"),
+    "nan in the square": (_tsv("nan", T0, 39, 1, 1, 1, 1, 1), "square_id is not a number"),
+    "1970": (_tsv(4, STEP_MS, 39, 1, 1, 1, 1, 1), "outside 2000-01-01..2100-01-01"),
+    "2286": (_tsv(4, 9_999_999_600_000, 39, 1, 1, 1, 1, 1), "outside 2000-01-01..2100-01-01"),
 }
 
 
@@ -147,6 +151,39 @@ def test_bad_lines_are_dead_letters_and_good_lines_still_aggregate(
     assert_array_equal(table.squares, [1, 3, 2])
     assert_array_equal(table.starts_ms, [T0, T0, T0 + STEP_MS])
     assert_array_equal(table.values, [[1.5, 2, 3, 4, 5.25], [0, 0, 0, 0, 7], [1, 1, 1, 1, 1]])
+
+
+@pytest.mark.parametrize("chunk_bytes", [milan.CHUNK_BYTES, 50])
+def test_a_sum_that_overflows_costs_that_record_and_its_lines_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int
+) -> None:
+    monkeypatch.setattr(milan, "CHUNK_BYTES", chunk_bytes)
+    # each line is finite; their sum over country codes (square 7, first interval) is inf
+    huge_a, huge_b = _tsv(7, T0, 39, 1.5e308, 1, 1, 1, 1), _tsv(7, T0, 40, 1.5e308, "", "", "", "")
+    other = _tsv(7, T0 + STEP_MS, 39, 1, 1, 1, 1, 1)  # the same square, another interval: kept
+    path = tmp_path / "overflow.txt"
+    path.write_bytes(b"\n".join([GOOD_1, huge_a, other, huge_b, GOOD_LAST]) + b"\n")
+    table = read_raw(path)
+    assert [(d.position, d.original) for d in table.bad] == [("line 2", huge_a), ("line 4", huge_b)]
+    assert all("square 7" in d.reason and "not finite" in d.reason for d in table.bad)
+    assert np.isfinite(table.values).all()
+    assert sorted(zip(table.squares.tolist(), table.starts_ms.tolist(), strict=True)) == [
+        (1, T0),
+        (3, T0),
+        (7, T0 + STEP_MS),
+    ]
+    assert table.lines == 5
+
+
+def test_empty_activity_is_zero_but_nan_text_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "nan.txt"
+    path.write_bytes(
+        _tsv(1, T0, 39, "", "", "", "", 2) + b"\n" + _tsv(2, T0, 39, "nan", "", "", "", 2) + b"\n"
+    )
+    table = read_raw(path)
+    assert_array_equal(table.squares, [1])
+    assert_array_equal(table.values, [[0, 0, 0, 0, 2]])
+    assert [d.position for d in table.bad] == ["line 2"] and "sms_in is not a number" in table.bad[0].reason
 
 
 def test_several_blank_lines_in_a_row(tmp_path: Path) -> None:
@@ -240,18 +277,23 @@ def test_hourly_malformed_rows_are_dead_letters(tmp_path: Path) -> None:
         b"0,1,1,1",  # 9: square 0
         b"6,1,inf,1",  # 10: not finite
         b"8,1,2,3,4",  # 11: one field too many
+        b"9,1,NaN,3",  # 12: the text NaN is not a number of events
+        b"5,9,9,9",  # 13: square 5 again
+        b"4294967296,1,1,1",  # 14: square beyond uint32
     ]
     path = tmp_path / "hourly.csv"
     path.write_bytes(b"\n".join(lines))
-    table = read_hourly(path, start_ms=0)
-    bad_lines = (3, 4, 5, 8, 9, 10, 11)
+    table = read_hourly(path, start_ms=T0)
+    bad_lines = (3, 4, 5, 8, 9, 10, 11, 12, 13, 14)
     assert [d.position for d in table.bad] == [f"line {n}" for n in bad_lines]
     assert [d.original for d in table.bad] == [lines[n - 1] for n in bad_lines]
     assert "expected 4 comma-separated fields, got 3" in table.bad[0].reason
-    assert "got 5" in table.bad[-1].reason
-    assert table.lines == 9
+    assert "got 5" in table.bad[6].reason
+    assert "not finite" in table.bad[7].reason and "repeats line 2" in table.bad[8].reason
+    assert "below 2**32" in table.bad[9].reason
+    assert table.lines == 12
     assert_array_equal(table.squares, [4, 5, 4, 5, 4, 5])
-    assert_array_equal(table.starts_ms, [0, 0, HOUR_MS, HOUR_MS, 2 * HOUR_MS, 2 * HOUR_MS])
+    assert_array_equal(table.starts_ms - T0, [0, 0, HOUR_MS, HOUR_MS, 2 * HOUR_MS, 2 * HOUR_MS])
     assert_array_equal(table.values[:, 0], [0, 1, 1.5, 2, 2, 3])
 
 
@@ -264,6 +306,14 @@ def test_non_hourly_header_is_an_input_error(tmp_path: Path, content: bytes) -> 
     path.write_bytes(content)
     with pytest.raises(InputError, match=r"not-hourly\.csv:1: not an hourly file"):
         read_hourly(path)
+
+
+@pytest.mark.parametrize("start_ms", [0, 4_102_444_800_000 - HOUR_MS])
+def test_hourly_hours_outside_the_plausible_range_are_an_input_error(tmp_path: Path, start_ms: int) -> None:
+    path = tmp_path / "h.csv"
+    path.write_bytes(b"square_id,h0,h1\n9,1,2\n")
+    with pytest.raises(InputError, match=r"outside 2000-01-01\.\.2100-01-01"):
+        read_hourly(path, start_ms=start_ms)
 
 
 def test_hourly_gzip_equals_plain(tmp_path: Path) -> None:

@@ -81,6 +81,24 @@ def test_named_time_column_epoch_ms_numeric_columns_and_a_bad_row(tmp_path: Path
     assert only.sources == ["greenhouse"] and only.value_columns == ("hum",)
 
 
+def test_nan_text_and_implausible_times_are_dead_letters(tmp_path: Path) -> None:
+    path = tmp_path / "plant.csv"
+    path.write_text(
+        "ts,temp\n"
+        "1700000000000,21.5\n"
+        "1700000060000,NaN\n"  # line 3: the text NaN is no reading
+        "600000,22\n"  # line 4: 1970
+        "9999999600000,22\n"  # line 5: 2286
+        "1e30,22\n"  # line 6: beyond int64 milliseconds
+        "1700000120000,23\n"
+    )
+    table = read_csv_layout(path, time_column="ts")
+    assert_array_equal(table.values, [21.5, 23])
+    assert [d.position for d in table.bad] == ["line 3", "line 4", "line 5", "line 6"]
+    assert "temp is not a finite number: 'NaN'" in table.bad[0].reason
+    assert all("outside 2000-01-01..2100-01-01" in d.reason for d in table.bad[1:])
+
+
 def test_iso_with_offsets_and_epoch_seconds(tmp_path: Path) -> None:
     iso = tmp_path / "iso.csv"
     iso.write_text("timestamp,v\n2020-01-01T01:00:00+01:00,1\n2020-01-01 00:30:00,2\n")
@@ -110,8 +128,10 @@ def test_intel_matrices_synthesise_times_and_test_continues_train() -> None:
     assert_array_equal(np.unique(np.diff(np.unique(np.r_[train.times_ms, test.times_ms]))), [INTEL_STEP_MS])
     assert_array_equal(test.values[test.source_idx == 49], raw_test[49])
     # Test alone starts at the given start
-    (alone,) = read_sensor_files([files[1]], intel_start_ms=0)
-    assert alone.times_ms[0] == 0
+    (alone,) = read_sensor_files([files[1]], intel_start_ms=1_000_000_000_000)
+    assert alone.times_ms[0] == 1_000_000_000_000
+    with pytest.raises(InputError, match=r"outside 2000-01-01\.\.2100-01-01"):
+        read_sensor_files([files[1]], intel_start_ms=0)
 
 
 def test_intel_bad_row_is_a_dead_letter(tmp_path: Path) -> None:

@@ -8,13 +8,21 @@ Two layouts:
   ``h0`` is ``hourly_start_ms`` (default 2013-11-01 00:00 Milan time, the data set's first hour).
 
 Parsing is vectorised per chunk (field counts with numpy, numbers with pandas' C parser); only a chunk
-that contains a non-numeric field falls back to line-by-line parsing to pinpoint the bad lines.
+that contains a non-numeric field falls back to line-by-line parsing to pinpoint the bad lines. Lines holding
+a letter ``n`` (``NaN``, ``inf``) are always parsed one by one: an empty field means 0, the text ``NaN`` is
+refused.
+
+Every record must be plausible before it reaches Kafka: times from 2000-01-01 to 2100-01-01 (UTC,
+``PLAUSIBLE_MS``), finite non-negative activity, and sums that stay finite after the country codes are
+added up. A (square, interval) whose sum overflows is dropped with every line that fed it, each a dead
+letter; the other records of the file are kept.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +32,7 @@ import pandas as pd
 
 from ingest.deadletter import DeadLetter
 from ingest.errors import InputError
-from ingest.schema import ACTIVITY_COLUMNS
+from ingest.schema import ACTIVITY_COLUMNS, PLAUSIBLE_MS
 
 RAW_FIELDS = ("square_id", "time_interval", "country_code", *ACTIVITY_COLUMNS)
 INTERVAL_MS = 600_000
@@ -107,9 +115,12 @@ def _parse_line(line: bytes) -> tuple[list[float], str | None]:
             out.append(0.0)
             continue
         try:
-            out.append(float(text))
+            value = float(text)
         except ValueError:
+            value = math.nan
+        if math.isnan(value):  # the text "NaN" is not an empty field
             return [], f"{name} is not a number: {text[:40].decode(errors='replace')!r}"
+        out.append(value)
     return out, None
 
 
@@ -129,6 +140,16 @@ def _numbers(good: bytes) -> np.ndarray | None:
     except (ValueError, pd.errors.ParserError):
         return None
     return df.to_numpy(np.float64)
+
+
+def _lines_with_letter_n(chunk: bytes, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Mask of the lines holding ``n``/``N`` (``NaN``, ``inf``): digits-only lines never do."""
+    arr = np.frombuffer(chunk, np.uint8)
+    pos = np.flatnonzero((arr == ord("n")) | (arr == ord("N")))
+    mask = np.zeros(starts.shape[0], bool)
+    if pos.shape[0]:
+        mask[np.searchsorted(ends, pos)] = True
+    return mask
 
 
 def read_raw(path: Path) -> TrafficTable:
@@ -157,27 +178,34 @@ def read_raw(path: Path) -> TrafficTable:
         ) -> None:
             bad.append(DeadLetter(reason, source, f"line {n[i]}", c[s[i] : e[i]], "producer"))
 
+        def parse_one_by_one(
+            lines: list[int], s: np.ndarray = starts, e: np.ndarray = ends, c: bytes = chunk
+        ) -> tuple[np.ndarray, np.ndarray]:
+            rows, kept = [], []
+            for i in lines:
+                vals, reason = _parse_line(c[s[i] : e[i]])
+                if reason:
+                    reject(i, reason)
+                else:
+                    rows.append(vals)
+                    kept.append(i)
+            return np.array(rows, np.float64).reshape(-1, len(RAW_FIELDS)), np.array(kept, np.int64)
+
         wrong_count = (tabs != len(RAW_FIELDS) - 1) & ~blank
         for i in np.flatnonzero(wrong_count).tolist():
             reject(i, f"expected {len(RAW_FIELDS)} tab-separated fields, got {tabs[i] + 1}")
-        keep = np.flatnonzero(~wrong_count & ~blank)
+        lettered = _lines_with_letter_n(chunk, starts, ends) & ~wrong_count & ~blank
+        keep = np.flatnonzero(~wrong_count & ~blank & ~lettered)
         if keep.shape[0] == starts.shape[0]:
             good = chunk
         else:
             good = b"".join(chunk[starts[i] : ends[i] + 1] for i in keep.tolist())
         nums = _numbers(good) if keep.shape[0] else np.empty((0, len(RAW_FIELDS)))
         if nums is None or nums.shape[0] != keep.shape[0]:
-            rows = []
-            kept = []
-            for i in keep.tolist():
-                vals, reason = _parse_line(chunk[starts[i] : ends[i]])
-                if reason:
-                    reject(i, reason)
-                else:
-                    rows.append(vals)
-                    kept.append(i)
-            nums = np.array(rows, np.float64).reshape(-1, len(RAW_FIELDS))
-            keep = np.array(kept, np.int64)
+            nums, keep = parse_one_by_one(keep.tolist())
+        if lettered.any():
+            slow, slow_keep = parse_one_by_one(np.flatnonzero(lettered).tolist())
+            nums, keep = np.vstack([nums, slow]), np.concatenate([keep, slow_keep])
         # semantic checks, vectorised; each bad row is reported with its first problem
         # empty (NaN) activity means 0; +-inf must stay infinite so the finiteness check below sees it
         act = np.nan_to_num(nums[:, 3:], nan=0.0, posinf=np.inf, neginf=-np.inf)
@@ -188,6 +216,10 @@ def read_raw(path: Path) -> TrafficTable:
             (
                 (ts <= 0) | (np.nan_to_num(ts) % INTERVAL_MS != 0),
                 "time_interval must be epoch ms on a 10-minute boundary",
+            ),
+            (
+                (ts < PLAUSIBLE_MS[0]) | (ts >= PLAUSIBLE_MS[1]),
+                "time_interval outside 2000-01-01..2100-01-01 UTC",
             ),
             (
                 ~np.isnan(cc) & ((cc < 0) | (cc != np.floor(cc))),
@@ -205,26 +237,58 @@ def read_raw(path: Path) -> TrafficTable:
         ok = ~invalid
         parts.append(
             pd.DataFrame(act[ok], columns=list(ACTIVITY_COLUMNS)).assign(
-                square=sq[ok].astype(np.uint32), start=ts[ok].astype(np.int64)
+                square=sq[ok].astype(np.uint32),
+                start=ts[ok].astype(np.int64),
+                line=line_no[keep[ok]].astype(np.int64),
             )
         )
-    bad.sort(key=lambda d: int(d.position.split()[1]))
     frame = (
         pd.concat(parts, ignore_index=True)
         if parts
-        else pd.DataFrame(columns=["square", "start", *ACTIVITY_COLUMNS])
+        else pd.DataFrame(columns=["square", "start", "line", *ACTIVITY_COLUMNS])
     )
     agg = frame.groupby(["start", "square"], sort=True)[list(ACTIVITY_COLUMNS)].sum()
+    values = agg.to_numpy(np.float64)
+    overflow = ~np.isfinite(values).all(axis=1)
+    if overflow.any():
+        bad.extend(_overflow_letters(path, frame, agg.index[overflow]))
+        agg, values = agg[~overflow], values[~overflow]
+    bad.sort(key=lambda d: int(d.position.split()[1]))
     return TrafficTable(
         source=source,
         columns=ACTIVITY_COLUMNS,
         step_s=INTERVAL_MS // 1000,
         squares=agg.index.get_level_values("square").to_numpy(np.uint32),
         starts_ms=agg.index.get_level_values("start").to_numpy(np.int64),
-        values=agg.to_numpy(np.float64),
+        values=values,
         lines=total_lines,
         bad=bad,
     )
+
+
+def _overflow_letters(path: Path, frame: pd.DataFrame, records: pd.MultiIndex) -> list[DeadLetter]:
+    """Dead letters for every line of the records whose sum over country codes is not finite."""
+    keys = frame.set_index(["start", "square"]).index
+    rows = frame[keys.isin(records)]
+    wanted = {
+        int(n): (int(s), int(q)) for n, s, q in zip(rows["line"], rows["start"], rows["square"], strict=True)
+    }
+    letters = []
+    for no, chunk_line in _numbered_lines(path, set(wanted)):
+        start, square = wanted[no]
+        reason = f"sum of square {square} at time_interval {start} is not finite (too large)"
+        letters.append(DeadLetter(reason, str(path), f"line {no}", chunk_line, "producer"))
+    return letters
+
+
+def _numbered_lines(path: Path, numbers: set[int]) -> Iterator[tuple[int, bytes]]:
+    """The lines with the given 1-based numbers, as read (without the newline)."""
+    no = 0
+    for chunk in _chunks(path):
+        for line in chunk.split(b"\n")[:-1]:
+            no += 1
+            if no in numbers:
+                yield no, line
 
 
 def read_hourly(path: Path, start_ms: int = HOURLY_START_MS) -> TrafficTable:
@@ -243,7 +307,13 @@ def read_hourly(path: Path, start_ms: int = HOURLY_START_MS) -> TrafficTable:
     ):
         raise InputError(f"{path}:1: not an hourly file (expected header square_id,h0,h1,...)")
     hours = len(header) - 1
+    end_ms = start_ms + HOUR_MS * hours
+    if start_ms < PLAUSIBLE_MS[0] or end_ms > PLAUSIBLE_MS[1]:
+        raise InputError(
+            f"{path}: its {hours} hours from epoch ms {start_ms} fall outside 2000-01-01..2100-01-01 UTC"
+        )
     bad: list[DeadLetter] = []
+    first_seen: dict[int, int] = {}
     squares: list[int] = []
     rows: list[np.ndarray] = []
     n_lines = 0
@@ -263,13 +333,16 @@ def read_hourly(path: Path, start_ms: int = HOURLY_START_MS) -> TrafficTable:
             except ValueError as exc:
                 reason = f"not a number ({exc})"
             else:
-                if sq < 1:
-                    reason = "square_id must be a positive integer"
+                if sq < 1 or sq >= 2**32:
+                    reason = "square_id must be a positive integer below 2**32"
                 elif not np.isfinite(vals).all() or (vals < 0).any():
                     reason = "hourly value is negative or not finite"
+                elif sq in first_seen:
+                    reason = f"square_id {sq} repeats line {first_seen[sq]}"
         if reason:
             bad.append(DeadLetter(reason, source, f"line {no}", text, "producer"))
             continue
+        first_seen[sq] = no
         squares.append(sq)
         rows.append(vals)
     n_sq = len(squares)

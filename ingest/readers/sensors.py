@@ -13,8 +13,9 @@ Layouts, recognised by the header (never by guessing column positions):
   1-based). The files carry no times: they are **synthesised** at 30-minute steps from ``intel_start_ms``,
   and a Test file continues after the Train file of the same kind when both are given.
 
-A row that cannot be used becomes a ``DeadLetter`` (original bytes, reason, ``line N``); a file that cannot
-be read at all raises ``InputError`` saying what and where.
+A row that cannot be used becomes a ``DeadLetter`` (original bytes, reason, ``line N``): a value that is not a
+finite number (the text ``NaN`` included) or a time outside 2000-01-01..2100-01-01 UTC (``PLAUSIBLE_MS``). A
+file that cannot be read at all raises ``InputError`` saying what and where.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import pandas as pd
 
 from ingest.deadletter import DeadLetter
 from ingest.errors import InputError
+from ingest.schema import PLAUSIBLE_MS
 
 INTEL_NAME = re.compile(r"^intel(Temperature|Humidity)(Train|Test)\.csv$")
 INTEL_STEP_MS = 1_800_000
@@ -111,6 +113,8 @@ def _times_ms(cells: pd.Series) -> tuple[np.ndarray, np.ndarray, str]:
         unit_ms = float(np.nanmedian(np.abs(nums))) > EPOCH_MS_ABOVE
         ms = np.round(nums * (1 if unit_ms else 1000))
         ok = np.isfinite(ms)
+        # far outside int64 is as implausible as 1970: -1 keeps the cast defined and fails the range check
+        ms = np.where(ok & (np.abs(ms) < 2**62), ms, -1)
         return np.where(ok, ms, 0).astype(np.int64), ok, "epoch ms" if unit_ms else "epoch s"
     parsed = pd.to_datetime(cells, format="ISO8601", utc=True, errors="coerce")
     ok = parsed.notna().to_numpy()
@@ -182,6 +186,10 @@ def read_csv_layout(
         for r in np.flatnonzero(~np.isfinite(values[:, j])).tolist():
             cell = frame[c].iat[r]
             reasons[r] = f"{c} is empty" if cell == "" else f"{c} is not a finite number: {cell[:40]!r}"
+    implausible = time_ok & ((times < PLAUSIBLE_MS[0]) | (times >= PLAUSIBLE_MS[1]))
+    for r in np.flatnonzero(implausible).tolist():
+        cell = frame[tcol].iat[r]
+        reasons[r] = f"{tcol} {cell[:40]!r} is outside 2000-01-01..2100-01-01 UTC ({note})"
     for r in np.flatnonzero(~time_ok).tolist():
         cell = frame[tcol].iat[r]
         reasons[r] = f"{tcol} is not an ISO 8601 time or epoch number: {cell[:40]!r}"
@@ -245,6 +253,8 @@ def read_intel(path: Path, start_ms: int = INTEL_START_MS, first_step: int = 0) 
         rows.append(vals)
     mat = np.array(rows, np.float64).reshape(len(rows), steps)
     times = start_ms + INTEL_STEP_MS * (first_step + np.arange(steps, dtype=np.int64))
+    if steps and (times[0] < PLAUSIBLE_MS[0] or times[-1] >= PLAUSIBLE_MS[1]):
+        raise InputError(f"{path}: synthesised times fall outside 2000-01-01..2100-01-01 UTC (--intel-start)")
     n = len(motes)
     return SensorTable(
         path=str(path),

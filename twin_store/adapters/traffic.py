@@ -60,7 +60,13 @@ class Points:
                 point("pipeline", tags | {"window": str(self.window_s)}, fields, None) + f" {self.closed_ms}"
             )
         if self.final:
-            fields = {"sent": self.sent, "received": self.received, "final": True}
+            # complete only if the worker took in every record sent (nothing it dead-lettered)
+            fields = {
+                "sent": self.sent,
+                "received": self.received,
+                "final": True,
+                "complete": self.received >= self.sent,
+            }
             out.append(point("replay", tags, fields, None) + f" {acked_ms}")
         return out
 
