@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -116,16 +116,12 @@ def decode(data: bytes) -> RecordBatch:
         raise MalformedMessage(f"truncated header ({len(data)} bytes, header says {hlen})")
     try:
         h = json.loads(data[8:body])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedMessage(f"header is not JSON: {exc}") from exc
-    if not isinstance(h, dict) or h.get("kind") not in KINDS:
-        raise MalformedMessage(f"unknown kind {h.get('kind') if isinstance(h, dict) else h!r}")
-    columns = h.get("columns")
-    step_s = h.get("step_s")
-    if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns):
-        raise MalformedMessage("header.columns must be a non-empty list of names")
-    if not isinstance(step_s, int) or isinstance(step_s, bool) or step_s <= 0:
-        raise MalformedMessage("header.step_s must be a positive integer")
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, a 5000-digit integer, deep nesting
+        raise MalformedMessage(f"header is not JSON: {str(exc)[:200]}") from exc
+    problem = _header_problem(h)
+    if problem:
+        raise MalformedMessage(problem)
+    columns, step_s = h["columns"], h["step_s"]
     (n,) = _U32.unpack_from(data, body)
     k = len(columns)
     off_sq = body + 8
@@ -154,6 +150,43 @@ def decode(data: bytes) -> RecordBatch:
     if problem:
         raise MalformedMessage(problem)
     return batch
+
+
+# header integers are epoch ms or counts: anything beyond int64 (or a step beyond a century) is not a value
+# this pipeline produces, and would overflow numpy arithmetic downstream
+_INT_LIMIT = 2**62
+MAX_STEP_S = 100 * 366 * 86_400
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _header_problem(h: Any) -> str | None:
+    """Why a decoded header cannot describe a batch (type and range of every field), or None."""
+    if not isinstance(h, dict) or h.get("kind") not in KINDS:
+        kind = h.get("kind") if isinstance(h, dict) else h
+        return f"unknown kind {repr(kind)[:60]}"
+    columns = h.get("columns")
+    if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns):
+        return "header.columns must be a non-empty list of names"
+    step_s = h.get("step_s")
+    if not _is_int(step_s) or not 0 < step_s <= MAX_STEP_S:
+        return f"header.step_s must be a positive integer up to {MAX_STEP_S}"
+    for key in ("watermark_ms", "closed_ms"):
+        value = h.get(key)
+        if value is not None and (not _is_int(value) or abs(value) >= _INT_LIMIT):
+            return f"header.{key} must be an integer (epoch ms) or absent"
+    sent = h.get("sent")
+    if sent is not None and (not _is_int(sent) or not 0 <= sent < _INT_LIMIT):
+        return "header.sent must be a non-negative integer or absent"
+    if h.get("run") is not None and not isinstance(h["run"], str):
+        return "header.run must be a string or absent"
+    if h.get("final") is not None and not isinstance(h["final"], bool):
+        return "header.final must be true or false"
+    if h.get("extra") is not None and not isinstance(h["extra"], dict):
+        return "header.extra must be an object or absent"
+    return None
 
 
 def validate(batch: RecordBatch) -> str | None:

@@ -257,9 +257,43 @@ def test_bad_columns(columns: Any) -> None:
     _reject(_message(_good_header(columns=columns)), "columns must be a non-empty list")
 
 
-@pytest.mark.parametrize("step", [0, -600, 600.0, 600.5, "600", None, _DROP, True])
+@pytest.mark.parametrize("step", [0, -600, 600.0, 600.5, "600", None, _DROP, True, 10**30, 2**63])
 def test_bad_step(step: Any) -> None:
+    # 10**30 raised OverflowError in validate (issue 9, finding 7)
     _reject(_message(_good_header(step_s=step)), "step_s must be a positive integer")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("watermark_ms", "abc", "watermark_ms must be an integer"),
+        ("watermark_ms", 1.5, "watermark_ms must be an integer"),
+        ("watermark_ms", True, "watermark_ms must be an integer"),
+        ("watermark_ms", 10**30, "watermark_ms must be an integer"),
+        ("closed_ms", [1], "closed_ms must be an integer"),
+        ("closed_ms", -(2**63), "closed_ms must be an integer"),
+        ("sent", -1, "sent must be a non-negative integer"),
+        ("sent", "12", "sent must be a non-negative integer"),
+        ("sent", 10**20, "sent must be a non-negative integer"),
+        ("run", {"id": 1}, "run must be a string"),
+        ("run", 7, "run must be a string"),
+        ("final", "yes", "final must be true or false"),
+        ("final", 1, "final must be true or false"),
+        ("extra", [1, 2], "extra must be an object"),
+        ("extra", "x", "extra must be an object"),
+    ],
+)
+def test_every_header_field_is_checked(field: str, value: Any, match: str) -> None:
+    _reject(_message(_good_header(**{field: value})), match)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b'{"kind": "traffic", "step_s": 1' + b"0" * 5000 + b"}", b"[" * 100_000 + b"]" * 100_000, b"NaN"],
+)
+def test_pathological_json_is_malformed_not_a_crash(header: bytes) -> None:
+    with pytest.raises(MalformedMessage):
+        decode(_message(header))
 
 
 def _one(value: float = 1.0, square: int = 7, start: int = T0, step_s: int = 600) -> bytes:
