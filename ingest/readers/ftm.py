@@ -201,6 +201,23 @@ def read_walk(path: Path) -> Walk:
     )
 
 
+def _ground_truth_columns(header: list[str], names: list[str]) -> tuple[int, int, int]:
+    """``(gt, x, y)`` column indexes (-1: absent): one ``M1 Ground Truth`` column holding ``"[x, y]"`` (CarPark,
+    Canteen, Library, Conference Room), or a pair ``M1 Ground Truth_x`` / ``M1 Ground Truth_y`` (Laboratory,
+    Shopping Mall), or else any pair ending in ``_x`` / ``_y`` (``true_x``), or else ``x`` and ``y``."""
+    whole = next((j for j, n in enumerate(names) if n.endswith("groundtruth")), -1)
+    if whole >= 0:
+        return whole, -1, -1
+
+    def pair(suffix: str) -> int:
+        ends = [j for j, h in enumerate(header) if h.strip().lower().endswith(suffix)]
+        named = [j for j in ends if "groundtruth" in names[j]]
+        plain = [j for j, h in enumerate(header) if h.strip().lower() == suffix[-1]]
+        return (named or ends or plain or [-1])[0]
+
+    return -1, pair("_x"), pair("_y")
+
+
 def _imu_columns(path: Path, names: list[str]) -> list[int]:
     cols = [-1] * len(IMU_CHANNELS)
     for j, n in enumerate(names):
@@ -249,9 +266,7 @@ def _read_per_ap(
         raise InputError(f"{path}: no time stamp column (expected e.g. 'M1 Time Stamp (ms)')")
     device_m = re.match(r"\s*(\S+)\s+time\s*stamp", header[t_col], re.IGNORECASE)
     device = device_m.group(1) if device_m else path.stem
-    gt_col = next((j for j, n in enumerate(names) if "groundtruth" in n), -1)
-    gx = next((j for j, h in enumerate(header) if h.lower().endswith("_x")), -1)
-    gy = next((j for j, h in enumerate(header) if h.lower().endswith("_y")), -1)
+    gt_col, gx, gy = _ground_truth_columns(header, names)
     has_gt = gt_col >= 0 or (gx >= 0 and gy >= 0)
     has_true = all(ap_cols[a][0] >= 0 for a in ap_ids)
     imu_cols = _imu_columns(path, names)
@@ -381,6 +396,8 @@ class SiteGeometry:
     ambiguous: list[str] = field(default_factory=list)  # APs whose mirror image fits equally well
     site_check_m: dict[str, float] = field(default_factory=dict)  # distance to the nearest site-file point
     mirror_resolved: list[str] = field(default_factory=list)  # ambiguous APs a site file told apart
+    # APs the walk files list but whose position the data cannot give (never ranged, too few ranges), with why
+    left_out: dict[str, str] = field(default_factory=dict)
 
     def position(self, ap: str) -> np.ndarray:
         return self.positions[self.ap_ids.index(ap)]
@@ -403,6 +420,7 @@ class SiteGeometry:
             },
             "ambiguous": self.ambiguous,
             **({"mirror_resolved": self.mirror_resolved} if self.mirror_resolved else {}),
+            **({"left_out": self.left_out} if self.left_out else {}),
         }
 
 
@@ -449,39 +467,46 @@ def recover_ap_positions(walks: list[Walk], site_files: list[Path] | None = None
     lines resolve it. So does a site file: of the two images, the one nearer to a site-file point (of any
     name) is kept and the AP is listed in ``mirror_resolved``; APs left unresolved are listed in
     ``ambiguous``. Without true distances, the positions come from the first site file naming the walks' APs.
+    An AP no walk ever ranged, or ranged fewer than 3 times with ground truth, is left out of the geometry and
+    listed in ``left_out`` with the reason; only a scene without a single recoverable AP is an error.
     """
     if not walks:
         raise InputError("no walk to recover AP positions from")
     scene = walks[0].scene
     usable = [w for w in walks if w.true_dist is not None and w.gt is not None]
     ap_ids = sorted({a for w in (usable or walks) for a in w.ap_ids}, key=lambda a: (len(a), a))
+    # an AP the files list but no walk ever ranged (all zeros) has no position to give: leave it out, say so
+    never = [
+        a for a in ap_ids if not any(a in w.ap_ids and (w.rtt[:, w.ap_ids.index(a)] > 0).any() for w in walks)
+    ]
+    if usable:  # ranged but without a single true distance is the same for recovery
+        never = [a for a in ap_ids if a in never or _true_distances(usable, a)[0].shape[0] == 0]
+    left_out = {a: "never ranged in any walk of the scene" for a in never}
+    wanted = [a for a in ap_ids if a not in left_out]
     site_points: dict[str, tuple[float, float]] = {}
     site_src = ""
     for sf in site_files or []:
         pts = read_site_file(sf)
-        if not site_src and all(a in pts for a in ap_ids):
+        if not site_src and wanted and all(a in pts for a in wanted):
             site_src = str(sf)
         site_points.update({k: v for k, v in pts.items() if k not in site_points})
     if not usable:
         if not site_src:
             raise InputError(
                 f"scene {scene}: no walk has true distances and ground truth, and no site file names its APs"
+                + (f" (never ranged, left out: {', '.join(never)})" if never else "")
             )
         pts = read_site_file(Path(site_src))
-        return SiteGeometry(scene, ap_ids, np.array([pts[a] for a in ap_ids]), {}, {}, site_src)
+        geo = SiteGeometry(scene, wanted, np.array([pts[a] for a in wanted]), {}, {}, site_src)
+        geo.left_out = left_out
+        return geo
     pts_arr = np.array(list(site_points.values())) if site_points else np.empty((0, 2))
-    positions, residual, n_obs, ambiguous, resolved = [], {}, {}, [], []
-    for a in ap_ids:
-        ps, ds = [], []
-        for w in usable:
-            if a in w.ap_ids and w.true_dist is not None and w.gt is not None:
-                k = w.ap_ids.index(a)
-                ok = w.true_dist[:, k] > 0
-                ps.append(w.gt[ok])
-                ds.append(w.true_dist[ok, k])
-        p, d = np.concatenate(ps), np.concatenate(ds)
+    kept, positions, residual, n_obs, ambiguous, resolved = [], [], {}, {}, [], []
+    for a in wanted:
+        p, d = _true_distances(usable, a)
         if len(p) < 3:
-            raise InputError(f"scene {scene}: AP {a} has {len(p)} true-distance observations, need 3")
+            left_out[a] = f"{len(p)} true-distance observations, need 3"
+            continue
         pos, mirror = _solve_ap(p, d)
         if mirror is not None:
             near = [float(np.min(np.linalg.norm(pts_arr - x, axis=1))) if len(pts_arr) else 0.0
@@ -491,15 +516,32 @@ def recover_ap_positions(walks: list[Walk], site_files: list[Path] | None = None
                 resolved.append(a)
             else:
                 ambiguous.append(a)
+        kept.append(a)
         positions.append(pos)
         residual[a] = float(np.sqrt(np.mean((np.linalg.norm(p - pos, axis=1) - d) ** 2)))
         n_obs[a] = len(p)
-    geo = SiteGeometry(scene, ap_ids, np.array(positions), residual, n_obs, "recovered", ambiguous)
+    if not kept:
+        why = "; ".join(f"{a}: {r}" for a, r in left_out.items())
+        raise InputError(f"scene {scene}: no AP position can be recovered ({why})")
+    geo = SiteGeometry(scene, kept, np.array(positions), residual, n_obs, "recovered", ambiguous)
     geo.mirror_resolved = resolved
+    geo.left_out = left_out
     if site_points:
-        for a, pos in zip(ap_ids, geo.positions, strict=True):
+        for a, pos in zip(kept, geo.positions, strict=True):
             geo.site_check_m[a] = float(np.min(np.linalg.norm(pts_arr - pos, axis=1)))
     return geo
+
+
+def _true_distances(walks: list[Walk], ap: str) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth positions and true distances of every row (of all walks) in which ``ap`` was ranged."""
+    ps, ds = [np.empty((0, 2))], [np.empty(0)]
+    for w in walks:
+        if ap in w.ap_ids and w.true_dist is not None and w.gt is not None:
+            k = w.ap_ids.index(ap)
+            ok = (w.true_dist[:, k] > 0) & np.isfinite(w.gt).all(axis=1)
+            ps.append(w.gt[ok])
+            ds.append(w.true_dist[ok, k])
+    return np.concatenate(ps), np.concatenate(ds)
 
 
 def _lstsq2(j: np.ndarray, res: np.ndarray) -> np.ndarray:
@@ -585,6 +627,7 @@ def site_message(geo: SiteGeometry, walks: list[str]) -> dict[str, Any]:
         "site_file": None if recovered else Path(geo.source).name,
         "ambiguous": list(geo.ambiguous),
         "mirror_resolved": list(geo.mirror_resolved),
+        "left_out": dict(geo.left_out),
         "site_file_diff_m": dict(geo.site_check_m),
         "walks": sorted(walks),
     }
@@ -606,6 +649,7 @@ def site_from_message(msg: dict[str, Any]) -> SiteGeometry:
         [str(a) for a in msg.get("ambiguous", [])],
         {str(k): float(v) for k, v in msg.get("site_file_diff_m", {}).items()},
         [str(a) for a in msg.get("mirror_resolved", [])],
+        {str(k): str(v) for k, v in msg.get("left_out", {}).items()},
     )
 
 

@@ -59,6 +59,8 @@ def ftm(
     )
     for scene, site in d["sites"].items():
         flags = f", mirror-ambiguous: {','.join(site['ambiguous'])}" if site["ambiguous"] else ""
+        left = site.get("left_out") or {}
+        flags += "".join(f"; {ap} left out: {why}" for ap, why in left.items())
         console.print(
             f"site {scene}: {len(site['ap_ids'])} AP positions ({site['source']}{flags}) -> {topics.sites_ftm}"
         )
