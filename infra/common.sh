@@ -22,3 +22,17 @@ pid_alive() {  # pid_alive NAME -> 0 when the PID file names a running process
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 influx_ping() { curl -fsS -o /dev/null "http://127.0.0.1:$INFLUX_PORT/ping" 2>/dev/null; }
+
+stop_service() {  # stop_service NAME: stop the process of a PID file (TERM, then KILL after 10 s), remove the file
+  local f="$STATE/run/$1.pid" pid
+  if pid_alive "$1"; then
+    pid="$(cat "$f")"
+    kill "$pid"
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    log "stopped $1 (pid $pid)"
+  else
+    log "$1 not running"
+  fi
+  rm -f "$f"
+}

@@ -16,7 +16,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from ingest.errors import ServiceError
 from ingest.settings import NettwinSettings
-from ingest.topics import TopicSpec
+from ingest.topics import TopicSpec, topic_specs
 
 # one Kafka message carries up to this many records; keeps messages well under the 1 MB default
 # message.max.bytes of Apache Kafka (52 bytes a record with five activity columns -> ~520 kB)
@@ -124,6 +124,33 @@ def create_topics(settings: NettwinSettings, specs: list[TopicSpec]) -> dict[str
     finally:
         probe.close()
     return status
+
+
+def ensure_topics_exist(settings: NettwinSettings, names: list[str]) -> None:
+    """Fail with one line if a topic is missing (a producer would have the broker auto-create it, with the
+    broker's partition count, and the data would go where no worker reads) or has another partition count."""
+    probe = make_consumer(settings, group_id=None)
+    try:
+        existing = probe.topics()  # a metadata request for all topics: creates nothing
+        missing = [n for n in names if n not in existing]
+        if missing:
+            raise ServiceError(
+                f"topic {missing[0]} does not exist on {settings.kafka.bootstrap_servers}"
+                + (f" (nor {', '.join(missing[1:])})" if missing[1:] else "")
+                + "; create the topics with `nettwin infra init` (same settings and --topic-prefix)"
+            )
+        want = {spec.name: spec.partitions for spec in topic_specs(settings)}
+        for name in names:
+            have = len(probe.partitions_for_topic(name) or ())
+            if name in want and have != want[name]:
+                raise ServiceError(
+                    f"topic {name} has {have} partitions, settings say {want[name]}; "
+                    "set NETTWIN_KAFKA__PARTITIONS to match"
+                )
+    except KafkaError as exc:
+        raise ServiceError(f"listing topics on {settings.kafka.bootstrap_servers}: {exc}") from exc
+    finally:
+        probe.close()
 
 
 def delete_topics(settings: NettwinSettings, names: list[str]) -> None:

@@ -163,6 +163,32 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return out
 
 
+def _source_of(loc: list[str], overrides: dict[str, Any]) -> str:
+    """Where the value at ``loc`` came from, highest precedence first: CLI option, env variable, TOML file."""
+
+    def holds(tree: Any) -> bool:
+        for key in loc:
+            if not isinstance(tree, dict) or key not in tree:
+                return False
+            tree = tree[key]
+        return True
+
+    env_name = "NETTWIN_" + "__".join(loc).upper()
+    if holds(overrides):
+        return "given on the command line"
+    if any(k.upper() == env_name for k in os.environ):
+        return f"env {env_name}"
+    path = os.environ.get("NETTWIN_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                if holds(tomllib.load(fh)):
+                    return f"config file {path}, key {'.'.join(loc)}"
+        except (OSError, tomllib.TOMLDecodeError):
+            pass
+    return f"env {env_name}"
+
+
 def load_settings(
     overrides: dict[str, Any] | None = None, config_file: Path | None = None
 ) -> NettwinSettings:
@@ -181,10 +207,10 @@ def load_settings(
         return NettwinSettings.model_validate(merged)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(
-            f"setting {where}: {first['msg']} (env NETTWIN_{where.upper().replace('.', '__')})"
-        ) from exc
+        loc = [str(p) for p in first["loc"]]
+        where = ".".join(loc)
+        source = _source_of(loc, overrides or {})
+        raise ConfigError(f"setting {where}: {first['msg']} ({source})") from exc
     except SettingsError as exc:
         # an env value of a list/table field that is not JSON, e.g. NETTWIN_WORKER__WINDOWS_S=600,3600
         field = re.search(r'field "(\w+)"', str(exc))

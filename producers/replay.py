@@ -21,7 +21,7 @@ import numpy as np
 from ingest.deadletter import DeadLetter, DeadLetterSink
 from ingest.errors import InputError, ServiceError
 from ingest.kafka import MAX_RECORDS_PER_MESSAGE
-from ingest.readers.milan import TrafficTable, read_hourly, read_raw
+from ingest.readers.milan import TrafficTable, check_file, read_hourly, read_raw
 from ingest.schema import PLAUSIBLE_MS, RecordBatch, validate
 from ingest.settings import NettwinSettings
 from ingest.topics import Topics
@@ -88,10 +88,7 @@ class ReplaySummary:
 
 
 def load_table(path: Path, fmt: str) -> TrafficTable:
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected a file")
+    check_file(path)
     if fmt == "raw":
         return read_raw(path)
     if fmt == "hourly":

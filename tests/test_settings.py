@@ -196,15 +196,22 @@ def test_env_value_that_is_not_json_where_json_is_needed(
     assert "JSON" in message
 
 
-def test_invalid_override_names_the_variable() -> None:
+def test_invalid_override_names_the_command_line() -> None:
     message = _config_error({"kafka": {"partitions": 0}})
     assert "kafka.partitions" in message
-    assert "NETTWIN_KAFKA__PARTITIONS" in message
+    assert "command line" in message and "NETTWIN_KAFKA__PARTITIONS" not in message
 
 
-def test_invalid_value_in_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NETTWIN_CONFIG", str(_toml(tmp_path, "[worker]\nallowed_lateness_s = -5\n")))
-    assert "NETTWIN_WORKER__ALLOWED_LATENESS_S" in _config_error()
+def test_invalid_value_in_the_file_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _toml(tmp_path, "[worker]\nallowed_lateness_s = -5\n")
+    monkeypatch.setenv("NETTWIN_CONFIG", str(path))
+    message = _config_error()
+    assert f"config file {path}, key worker.allowed_lateness_s" in message
+    assert "NETTWIN_WORKER__ALLOWED_LATENESS_S" not in message, (
+        "the variable is not set: it is not the culprit"
+    )
+    monkeypatch.setenv("NETTWIN_WORKER__ALLOWED_LATENESS_S", "-7")  # env beats the file, and is named
+    assert "env NETTWIN_WORKER__ALLOWED_LATENESS_S" in _config_error()
 
 
 def test_unknown_key_in_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

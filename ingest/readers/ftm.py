@@ -109,6 +109,8 @@ def _norm(name: str) -> str:
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str], str]]]:
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a walk file")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:

@@ -291,6 +291,34 @@ def _numbered_lines(path: Path, numbers: set[int]) -> Iterator[tuple[int, bytes]
                 yield no, line
 
 
+FORMATS = ("raw", "hourly")
+
+
+def check_file(path: Path) -> None:
+    """One clear line for a path that is not a readable file (missing, a directory)."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a file")
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+
+
+def check_layout(path: Path, fmt: str) -> None:
+    """Cheap look at the first line, so a wrong --format is refused before any service is contacted."""
+    check_file(path)
+    try:
+        with _open_bytes(path) as fh:
+            first = fh.readline(1 << 16).rstrip(b"\r\n")
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from exc
+    hourly_header = first.split(b",", 1)[0].strip() == b"square_id"
+    if fmt == "hourly" and first and not hourly_header:
+        raise InputError(
+            f"{path}:1: not an hourly file (expected header square_id,h0,h1,...); use --format raw"
+        )
+    if fmt == "raw" and hourly_header:
+        raise InputError(f"{path}:1: an hourly file (header square_id,h0,...); use --format hourly")
+
+
 def read_hourly(path: Path, start_ms: int = HOURLY_START_MS) -> TrafficTable:
     """Parse ``square_id,h0..hN``; a row with a bad value becomes one dead letter (the whole line)."""
     source = str(path)

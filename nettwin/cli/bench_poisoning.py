@@ -15,6 +15,8 @@ from nettwin.cli.common import console, print_json, print_table
 def check_hourly(data: Path, fmt: str, bench: str) -> None:
     if fmt != "hourly":
         raise InputError(f"--format {fmt!r}: the {bench} benchmark reads the hourly layout only")
+    if data.is_dir():
+        raise InputError(f"{data}: is a directory, expected the hourly CSV")
     if not data.is_file():
         raise InputError(f"{data}: no such file")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import click
 import typer
 
 from ingest.errors import NettwinError
@@ -57,15 +58,46 @@ def main(
     ctx.obj = load_settings(overrides, config_file=config)
 
 
-def run() -> None:
+def _bases_named(cls: type, *names: str) -> tuple[type[Exception], ...]:
+    return tuple(c for c in cls.__mro__ if c.__name__ in names and issubclass(c, Exception))
+
+
+# Typer >= 0.20 raises exceptions of its own vendored Click (typer._click); older ones raise click's. Both kinds
+# are caught, found through the public typer.BadParameter instead of a private import.
+USAGE_ERRORS: tuple[type[Exception], ...] = (
+    click.UsageError,
+    *_bases_named(typer.BadParameter, "UsageError"),
+)
+CLICK_ERRORS: tuple[type[Exception], ...] = (
+    click.ClickException,
+    *_bases_named(typer.BadParameter, "ClickException"),
+)
+
+
+def fail(message: str) -> NoReturn:
+    """Every user mistake ends the same way: one line on stderr and exit code 1."""
+    print(f"nettwin: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run(args: list[str] | None = None) -> None:
     try:
-        app()
+        # standalone_mode=False: Click hands us its usage errors instead of printing a boxed message, exit 2
+        code = app(args=args, prog_name="nettwin", standalone_mode=False)
+    except USAGE_ERRORS as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.exit(0)  # a bare command group: Typer has printed its help already; not an error
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        fail(getattr(exc, "format_message", exc.__str__)() + hint)
+    except CLICK_ERRORS as exc:
+        fail(getattr(exc, "format_message", exc.__str__)())
     except NettwinError as exc:
-        print(f"nettwin: error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
+        fail(str(exc))
+    except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):
         print("nettwin: interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ingest.deadletter import DeadLetterSink
 from ingest.errors import InputError
-from ingest.kafka import make_producer
+from ingest.kafka import ensure_topics_exist, make_producer
+from ingest.readers.milan import FORMATS, check_layout
 from ingest.topics import Topics
 from nettwin.cli import replay_ftm
 from nettwin.cli.common import console, print_json, settings_of
@@ -46,11 +47,13 @@ def milan(
     """Publish Milan traffic, one record per (square, interval), batched per partition and interval."""
     if as_fast and speed is not None:
         raise InputError("give either --speed N or --max, not both")
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r}: choose raw or hourly")
     settings = settings_of(ctx)
     topics = Topics.from_settings(settings)
-    for f in files:  # check every path before publishing anything
-        if not f.is_file():
-            raise InputError(f"{f}: no such file")
+    for f in files:  # check every path and layout before contacting Kafka or publishing anything
+        check_layout(f, fmt)
+    ensure_topics_exist(settings, [topics.telemetry_milan, topics.deadletter])
     producer = make_producer(settings)
     try:
         with replay_progress("records", json_out) as progress:
@@ -134,6 +137,7 @@ def sensors(
     if value_columns is not None and not columns:
         raise InputError("--value-columns: give at least one column name")
     tables = read_sensor_files(files, time_column, columns, source, iso_to_ms(intel_start, "--intel-start"))
+    ensure_topics_exist(settings, [topics.telemetry_sensors, topics.deadletter])
     producer = make_producer(settings)
     try:
         empty = [t for t in tables if len(t) == 0]

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from ingest.errors import InputError
-from ingest.kafka import make_producer
+from ingest.kafka import ensure_topics_exist, make_producer
 from ingest.topics import Topics
 from nettwin.cli.common import console, print_json, settings_of
 
@@ -42,6 +42,16 @@ def ftm(
     settings = settings_of(ctx)
     topics = Topics.from_settings(settings)
     walks, vision, skipped = load_walks(paths, seed)
+    ensure_topics_exist(
+        settings,
+        [
+            topics.sites_ftm,
+            topics.telemetry_ftm,
+            topics.telemetry_imu,
+            topics.telemetry_vision_sim,
+            topics.deadletter,
+        ],
+    )
     producer = make_producer(settings)
     try:
         with console.status("replaying walks"):

@@ -9,7 +9,7 @@ import numpy as np
 import typer
 
 from ingest.errors import InputError
-from ingest.kafka import make_producer
+from ingest.kafka import ensure_topics_exist, make_producer
 from ingest.topics import Topics
 from nettwin.cli.common import console, print_json, settings_of
 from twin_store.federation.keys import KeyRegistry
@@ -92,6 +92,8 @@ def attack(
         ids = [int(b) for b in bs.split(",") if b.strip()]
     except ValueError:
         raise InputError(f"--bs {bs!r}: give BS ids as comma-separated integers") from None
+    if not ids:
+        raise InputError("--bs: give at least one BS id")
     if kind == "telemetry":
         if data is None or out is None:
             raise InputError("attack telemetry needs --data HOURLY.csv and --out POISONED.csv")
@@ -108,6 +110,10 @@ def attack(
     if glob is None:
         raise InputError("twin.models has no global twin yet: nothing to attack")
     clusters = {int(m.twin_id): m for m in latest.values() if m.level == "cluster"}
+    if not clusters:
+        raise InputError(
+            "twin.models has no cluster twin yet: nothing to attack (run `nettwin vtwin` or `nettwin htwin` first)"
+        )
     cfg = AttackConfig()
     if factor is not None:
         cfg = AttackConfig(flip_boost=factor, scale_factor=factor)
@@ -157,6 +163,7 @@ def attack(
             registry.sign(msg)
         updates.append(msg)
     topic = Topics.from_settings(settings).updates_local
+    ensure_topics_exist(settings, [topic])
     producer = make_producer(settings)
     try:
         for msg in updates:
@@ -183,6 +190,8 @@ def poison_hourly(src: Path, dst: Path, squares: list[int], from_hour: int, seed
     from producers.attacks import AttackConfig
     from twin_store.federation.plan import load_matrix
 
+    if src.is_dir():
+        raise InputError(f"{src}: is a directory, expected the hourly CSV")
     if not src.is_file():
         raise InputError(f"{src}: no such file")
     matrix, all_squares = load_matrix(src, None, seed)
