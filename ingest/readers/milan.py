@@ -291,9 +291,6 @@ def _numbered_lines(path: Path, numbers: set[int]) -> Iterator[tuple[int, bytes]
                 yield no, line
 
 
-FORMATS = ("raw", "hourly")
-
-
 def check_file(path: Path) -> None:
     """One clear line for a path that is not a readable file (missing, a directory)."""
     if path.is_dir():

@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from ingest.settings import NettwinSettings
+if TYPE_CHECKING:
+    from ingest.settings import NettwinSettings
 
 console = Console(stderr=True)
 
 
 def settings_of(ctx: typer.Context) -> NettwinSettings:
+    from ingest.settings import NettwinSettings
+
     settings = ctx.find_root().obj
     assert isinstance(settings, NettwinSettings), "root callback sets the settings"
     return settings
@@ -27,6 +29,8 @@ def print_json(data: Any) -> None:
 
 
 def print_table(title: str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    from rich.table import Table
+
     if not rows:
         Console().print(f"{title}: no rows")
         return

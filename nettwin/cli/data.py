@@ -6,17 +6,8 @@ import time
 from pathlib import Path
 
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from nettwin.cli.common import console, print_json
-from producers import dataverse
 
 app = typer.Typer(help="Download public data sets.", no_args_is_help=True)
 fetch_app = typer.Typer(help="Download a data set.", no_args_is_help=True)
@@ -29,11 +20,11 @@ def milan(
         ..., "--days", help="day or inclusive range: 2013-11-05 or 2013-11-01..2013-11-07"
     ),
     dest: Path = typer.Option(..., "--dest", help="directory for the files (created if missing)"),
-    base_url: str = typer.Option(
-        dataverse.DEFAULT_BASE_URL,
+    base_url: str | None = typer.Option(
+        None,
         "--base-url",
         envvar="NETTWIN_DATAVERSE_URL",
-        help="Dataverse installation serving the files",
+        help="Dataverse installation serving the files (default: https://dataverse.harvard.edu)",
     ),
     files_table: Path | None = typer.Option(
         None, "--files-table", hidden=True, help="id table in the milan_files.json format (mirrors, tests)"
@@ -44,6 +35,18 @@ def milan(
 
     Re-running resumes partial downloads and skips files already present and verified.
     """
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from producers import dataverse
+
+    base_url = base_url or dataverse.DEFAULT_BASE_URL
     table = dataverse.load_table(files_table)
     entries = dataverse.select_days(table.files, days)
     dataverse.ensure_dest(dest)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from nettwin.cli.common import console, print_json, settings_of
-from twin_store.adapters.provision import provision
 
 app = typer.Typer(help="Initialise Kafka topics and the InfluxDB database.", no_args_is_help=True)
 
@@ -15,6 +14,8 @@ def init(
     ctx: typer.Context, json_out: bool = typer.Option(False, "--json", help="machine-readable output")
 ) -> None:
     """Create every topic (explicit partition counts, compaction where state is kept) and the database."""
+    from twin_store.adapters.provision import provision
+
     settings = settings_of(ctx)
     version, status = provision(settings)
     if json_out:

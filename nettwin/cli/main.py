@@ -1,4 +1,8 @@
-"""Entry point: global options build the settings; user mistakes become one line and a non-zero exit."""
+"""Entry point: global options build the settings; user mistakes become one line and a non-zero exit.
+
+Start-up time matters (every command pays it): the command modules import heavy libraries (numpy, pandas,
+torch, kafka, requests, faust) inside the commands that use them, never at module level.
+tests/test_cli_startup.py holds this."""
 
 from __future__ import annotations
 
@@ -6,11 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-import click
 import typer
 
 from ingest.errors import NettwinError
-from ingest.settings import load_settings
 from nettwin.cli import bench, data, infra, query, replay, security, services, twin, vhtwin
 
 app = typer.Typer(
@@ -55,23 +57,19 @@ def main(
         overrides["influx"] = influx
     if keys is not None:
         overrides["security"] = {"keys_file": keys}
+    from ingest.settings import load_settings  # pydantic: only when a command runs, not for --help
+
     ctx.obj = load_settings(overrides, config_file=config)
 
 
-def _bases_named(cls: type, *names: str) -> tuple[type[Exception], ...]:
-    return tuple(c for c in cls.__mro__ if c.__name__ in names and issubclass(c, Exception))
-
-
-# Typer >= 0.20 raises exceptions of its own vendored Click (typer._click); older ones raise click's. Both kinds
-# are caught, found through the public typer.BadParameter instead of a private import.
-USAGE_ERRORS: tuple[type[Exception], ...] = (
-    click.UsageError,
-    *_bases_named(typer.BadParameter, "UsageError"),
-)
-CLICK_ERRORS: tuple[type[Exception], ...] = (
-    click.ClickException,
-    *_bases_named(typer.BadParameter, "ClickException"),
-)
+def _click_errors(name: str) -> tuple[type[Exception], ...]:
+    """Click's exception class ``name`` (UsageError, ClickException, Abort): Typer >= 0.20 raises those of its
+    own vendored copy (typer._click), older Typer those of click; found through public classes, both kinds."""
+    found = [c for c in typer.BadParameter.__mro__ if c.__name__ == name and issubclass(c, Exception)]
+    click = sys.modules.get("click")  # only if Typer itself loaded it: importing it costs start-up time
+    if click is not None and hasattr(click.exceptions, name):
+        found.append(getattr(click.exceptions, name))
+    return tuple(found)
 
 
 def fail(message: str) -> NoReturn:
@@ -81,20 +79,22 @@ def fail(message: str) -> NoReturn:
 
 
 def run(args: list[str] | None = None) -> None:
+    usage_errors, click_errors = _click_errors("UsageError"), _click_errors("ClickException")
+    aborts: tuple[type[BaseException], ...] = (KeyboardInterrupt, typer.Abort, *_click_errors("Abort"))
     try:
         # standalone_mode=False: Click hands us its usage errors instead of printing a boxed message, exit 2
         code = app(args=args, prog_name="nettwin", standalone_mode=False)
-    except USAGE_ERRORS as exc:
+    except usage_errors as exc:
         ctx = getattr(exc, "ctx", None)
         if type(exc).__name__ == "NoArgsIsHelpError":
             sys.exit(0)  # a bare command group: Typer has printed its help already; not an error
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         fail(getattr(exc, "format_message", exc.__str__)() + hint)
-    except CLICK_ERRORS as exc:
+    except click_errors as exc:
         fail(getattr(exc, "format_message", exc.__str__)())
     except NettwinError as exc:
         fail(str(exc))
-    except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):
+    except aborts:
         print("nettwin: interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

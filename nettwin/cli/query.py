@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from ingest.deadletter import DeadLetter
 from ingest.errors import InputError
-from ingest.kafka import make_consumer
-from ingest.topics import Topics
 from nettwin.cli.common import print_json, print_table, settings_of
-from twin_store.adapters.influx import InfluxClient
-from twin_store.adapters.traffic import measurement_for
+
+if TYPE_CHECKING:
+    from ingest.deadletter import DeadLetter
+    from twin_store.adapters.influx import InfluxClient
 
 app = typer.Typer(help="Query twin state, traffic and dead letters.", no_args_is_help=True)
 
@@ -42,6 +41,8 @@ def traffic_rows(
     until: str | None,
     limit: int | None,
 ) -> list[dict[str, Any]]:
+    from twin_store.adapters.traffic import measurement_for
+
     measurement = measurement_for(RESOLUTIONS[resolution])
     q = f'SELECT * FROM "{measurement}" WHERE "square" = \'{int(square)}\''
     if since:
@@ -81,6 +82,8 @@ def traffic(
     """Traffic of one square over time."""
     if resolution not in RESOLUTIONS:
         raise InputError(f"--resolution {resolution!r}: choose 10m or 1h")
+    from twin_store.adapters.influx import InfluxClient
+
     settings = settings_of(ctx)
     with InfluxClient(settings.influx) as influx:
         rows = traffic_rows(influx, square, resolution, since, until, limit)
@@ -99,6 +102,8 @@ def twins(
     """The current state of every twin (its latest row)."""
     if level not in (None, "bs", "cluster", "global"):
         raise InputError(f"--level {level!r}: choose bs, cluster or global")
+    from twin_store.adapters.influx import InfluxClient
+
     settings = settings_of(ctx)
     with InfluxClient(settings.influx) as influx:
         rows = twin_rows(influx, level)
@@ -140,6 +145,8 @@ def updates(
     """The store's decision on every local update: accepted, quarantined (screened out) or rejected."""
     if decision not in (None, *DECISIONS):
         raise InputError(f"--decision {decision!r}: choose {', '.join(DECISIONS)}")
+    from twin_store.adapters.influx import InfluxClient
+
     settings = settings_of(ctx)
     with InfluxClient(settings.influx) as influx:
         rows = update_rows(influx, decision, square, limit)
@@ -151,6 +158,10 @@ def updates(
 
 
 def read_deadletters(settings: Any, limit: int, timeout_s: float = 3.0) -> list[DeadLetter]:
+    from ingest.deadletter import DeadLetter
+    from ingest.kafka import make_consumer
+    from ingest.topics import Topics
+
     consumer = make_consumer(
         settings,
         Topics.from_settings(settings).deadletter,

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ingest.deadletter import DeadLetterSink
 from ingest.errors import InputError
-from ingest.kafka import ensure_topics_exist, make_producer
-from ingest.readers.milan import FORMATS, check_layout
-from ingest.topics import Topics
 from nettwin.cli import replay_ftm
 from nettwin.cli.common import console, print_json, settings_of
-from producers.replay import Replayer, load_table
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+FORMATS = ("raw", "hourly")
 
 app = typer.Typer(help="Replay data sets into Kafka as live streams.", no_args_is_help=True)
 
 
 def replay_progress(unit: str, quiet: bool) -> Progress:
     """The bar every replay shows on a terminal (not with --json)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -49,6 +51,11 @@ def milan(
         raise InputError("give either --speed N or --max, not both")
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: choose raw or hourly")
+    from ingest.kafka import ensure_topics_exist, make_producer
+    from ingest.readers.milan import check_layout
+    from ingest.topics import Topics
+    from producers.replay import Replayer, load_table
+
     settings = settings_of(ctx)
     topics = Topics.from_settings(settings)
     for f in files:  # check every path and layout before contacting Kafka or publishing anything
@@ -126,7 +133,10 @@ def sensors(
     Lab matrices intel{Temperature,Humidity}{Train,Test}.csv (source = kind:mote<row>), whose timestamps
     are synthesised. Rows that cannot be parsed go to the dead-letter topic with their line number.
     """
+    from ingest.deadletter import DeadLetterSink
+    from ingest.kafka import ensure_topics_exist, make_producer
     from ingest.readers.sensors import iso_to_ms, read_sensor_files
+    from ingest.topics import Topics
     from producers.sensor_replay import SensorReplayer
 
     if as_fast and speed is not None:

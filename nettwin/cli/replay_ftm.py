@@ -10,8 +10,6 @@ from pathlib import Path
 import typer
 
 from ingest.errors import InputError
-from ingest.kafka import ensure_topics_exist, make_producer
-from ingest.topics import Topics
 from nettwin.cli.common import console, print_json, settings_of
 
 
@@ -33,6 +31,8 @@ def ftm(
 
     First, each scene's AP positions (recovered from all the given walks of the scene, plus the site files
     in their folders) go to the compacted sites.ftm topic, key = scene."""
+    from ingest.kafka import ensure_topics_exist, make_producer
+    from ingest.topics import Topics
     from producers.ftm_replay import load_walks, replay_walks
     from producers.replay import ReplayClock
 

@@ -5,18 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import typer
 
 from ingest.errors import InputError
-from ingest.kafka import ensure_topics_exist, make_producer
-from ingest.topics import Topics
 from nettwin.cli.common import console, print_json, settings_of
-from twin_store.federation.keys import KeyRegistry
-from twin_store.federation.models_topic import TwinMessage
 
-# torch (via producers.attacks and the twin store) is imported inside the commands: every other
-# `nettwin` command would start 1.6 s slower
+# numpy, torch (via producers.attacks and the twin store) and kafka are imported inside the commands: every
+# other `nettwin` command would start seconds slower
 
 keys_app = typer.Typer(help="BS identities and keys for authenticated updates.", no_args_is_help=True)
 
@@ -52,6 +47,8 @@ def create_keys(
         if glob is None:
             raise InputError("twin.models has no global twin yet: run `nettwin vtwin` first")
         names = sorted(glob.meta["scaler"], key=int)
+    from twin_store.federation.keys import KeyRegistry
+
     KeyRegistry.create(names).save(out)
     console.print(f"wrote keys for {len(names)} BSs to {out}")
 
@@ -80,10 +77,15 @@ def attack(
     hourly file with spikes and a level shift in the squares --bs, for `nettwin replay milan --format
     hourly`. See producers/attacks.py.
     """
+    import numpy as np
     import torch
 
+    from ingest.kafka import ensure_topics_exist, make_producer
+    from ingest.topics import Topics
     from producers import attacks
     from producers.attacks import AttackConfig
+    from twin_store.federation.keys import KeyRegistry
+    from twin_store.federation.models_topic import TwinMessage
     from twin_store.services.htwin import read_latest_twins
 
     if kind not in ("mpaf", "tpi", "signflip", "scale", "telemetry"):
@@ -186,6 +188,8 @@ def attack(
 def poison_hourly(src: Path, dst: Path, squares: list[int], from_hour: int, seed: int) -> list[int]:
     """A copy of an hourly file with ``squares`` poisoned (``attacks.poison_series``, in each square's own
     standard deviations); returns the squares poisoned."""
+    import numpy as np
+
     from producers import attacks
     from producers.attacks import AttackConfig
     from twin_store.federation.plan import load_matrix

@@ -12,19 +12,13 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from ingest.errors import NettwinError, ServiceError
-from ingest.kafka import ensure_kafka_reachable, make_producer
-from ingest.settings import NettwinSettings
 from nettwin.cli.common import console, print_json, print_table, settings_of, setup_service_logging
 from nettwin.cli.query import twin_rows
-from producers.replay import Replayer, load_table
-from producers.synthetic import synthetic_day
-from twin_store.adapters.influx import InfluxClient
-from twin_store.adapters.provision import provision
-from twin_store.services.processes import settings_env, spawn_cli, stop_process
-from twin_store.services.store import wait_for_run
 
+# kafka, requests, numpy, pandas and faust are imported inside the commands (CLI start-up time)
 if TYPE_CHECKING:
     from bench.live_vhtwin import LiveConfig
+    from ingest.settings import NettwinSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DAY = REPO_ROOT.parent / "shared" / "data" / "milan" / "raw_2013-11-01_26squares.txt"
@@ -38,6 +32,7 @@ def register(app: typer.Typer) -> None:
 
 def worker(ctx: typer.Context, loglevel: str = typer.Option("warning", help="faust log level")) -> None:
     """Run the Faust worker: 10-minute and hourly windows per square -> feature records."""
+    from ingest.kafka import ensure_kafka_reachable
     from stream_processors.app import run_worker
 
     settings = settings_of(ctx)
@@ -63,6 +58,9 @@ def store(
 
 
 def services_up(settings: NettwinSettings) -> tuple[bool, bool]:
+    from ingest.kafka import ensure_kafka_reachable
+    from twin_store.adapters.influx import InfluxClient
+
     try:
         ensure_kafka_reachable(settings, timeout_s=1.0)
         kafka = True
@@ -124,6 +122,14 @@ def demo(
         )
         demo_hourly(settings, cfg, compare, json_out)
         return
+    from ingest.kafka import make_producer
+    from producers.replay import Replayer, load_table
+    from producers.synthetic import synthetic_day
+    from twin_store.adapters.influx import InfluxClient
+    from twin_store.adapters.provision import provision
+    from twin_store.services.processes import settings_env, spawn_cli, stop_process
+    from twin_store.services.store import wait_for_run
+
     ensure_services(settings)
     provision(settings)
 
@@ -207,8 +213,10 @@ def demo_hourly(settings: NettwinSettings, cfg: LiveConfig, compare: bool, json_
         z_scales,
     )
     from bench.vhtwin import run as run_offline
-    from twin_store.adapters.provision import deprovision
+    from twin_store.adapters.influx import InfluxClient
+    from twin_store.adapters.provision import deprovision, provision
     from twin_store.federation.keys import KeyRegistry
+    from twin_store.services.processes import settings_env, spawn_cli, stop_process
     from twin_store.services.vtwin import run_vtwin
 
     check_data(cfg)
