@@ -57,7 +57,9 @@ def test_a_bs_update_does_not_depend_on_what_else_is_in_the_stack() -> None:
     p = plan()
     together, loss, counts = local_updates(model, starts, series, [5, 6, 7], 260, p)
     alone, _, _ = local_updates(model, starts[1:2], series[1:2], [6], 260, p)
-    assert counts == [p.window, p.window, p.window] or counts[0] == 300 - FIRST_TARGET - 39
+    # every BS trains on its samples with targets FIRST_TARGET..260, fewer than the plan's window (the old
+    # `== [window] * 3 or ...` could never take its first branch)
+    assert counts == [260 - FIRST_TARGET + 1] * 3 and counts[0] < p.window
     torch.testing.assert_close(together[1], alone[0], atol=1e-6, rtol=0)
     assert not torch.allclose(together[1], starts[1]) and (loss > 0).all()
     # a BS without a single complete sample keeps its start and reports no samples

@@ -245,7 +245,8 @@ def test_screen_series_equals_point_by_point_and_is_deterministic(method: str) -
     assert_array_equal(flags, [f for _, f in seq])
     assert screen.points == 1500 and screen.flagged == int(flags.sum()) and screen.last_ms == 1_499_000
     again = screen_series(x, method)
-    assert_array_equal(again[0], scores) and assert_array_equal(again[1], flags)
+    assert_array_equal(again[0], scores)  # (was `a and b`: b never ran, a returns None)
+    assert_array_equal(again[1], flags)
 
 
 def test_flat_and_quantised_signals_do_not_divide_by_zero() -> None:
