@@ -99,6 +99,16 @@ def test_nan_text_and_implausible_times_are_dead_letters(tmp_path: Path) -> None
     assert all("outside 2000-01-01..2100-01-01" in d.reason for d in table.bad[1:])
 
 
+def test_an_iso_column_with_a_year_nanoseconds_cannot_hold_is_a_dead_letter(tmp_path: Path) -> None:
+    # found by tests/test_fuzz.py: pandas parsed "-5" as the year -5, then overflowed converting to ns
+    path = tmp_path / "iso.csv"
+    path.write_text("timestamp,v\n2020-01-01T00:00:00Z,1\n-5,2\n2020-01-01T00:10:00Z,3\n")
+    table = read_csv_layout(path)
+    assert_array_equal(table.values, [1, 3])
+    assert [d.position for d in table.bad] == ["line 3"]
+    assert "outside 2000-01-01..2100-01-01" in table.bad[0].reason
+
+
 def test_iso_with_offsets_and_epoch_seconds(tmp_path: Path) -> None:
     iso = tmp_path / "iso.csv"
     iso.write_text("timestamp,v\n2020-01-01T01:00:00+01:00,1\n2020-01-01 00:30:00,2\n")

@@ -116,11 +116,25 @@ def _times_ms(cells: pd.Series) -> tuple[np.ndarray, np.ndarray, str]:
         # far outside int64 is as implausible as 1970: -1 keeps the cast defined and fails the range check
         ms = np.where(ok & (np.abs(ms) < 2**62), ms, -1)
         return np.where(ok, ms, 0).astype(np.int64), ok, "epoch ms" if unit_ms else "epoch s"
-    parsed = pd.to_datetime(cells, format="ISO8601", utc=True, errors="coerce")
+    try:
+        parsed = pd.to_datetime(cells, format="ISO8601", utc=True, errors="coerce")
+    except (ValueError, OverflowError):  # pandas raises OutOfBoundsDatetime ("-5" as a year) despite coerce
+        parsed = pd.Series([_one_time(c) for c in cells], index=cells.index, dtype="datetime64[ns, UTC]")
     ok = parsed.notna().to_numpy()
-    # whatever resolution pandas chose: the difference to the epoch in whole milliseconds
-    ms = ((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1)).to_numpy(np.float64)
+    # epoch ms in the resolution pandas chose (seconds for a year like -5): converting to another resolution
+    # first would overflow; NaT becomes the minimum int64 and is masked by ``ok``
+    unit = str(getattr(parsed.dt, "unit", "ns"))
+    raw = parsed.dt.tz_localize(None).to_numpy(dtype=f"datetime64[{unit}]").astype(np.int64)
+    ms = raw * 1000 if unit == "s" else raw // {"ms": 1, "us": 1000, "ns": 1_000_000}[unit]
     return np.where(ok, ms, 0).astype(np.int64), ok, "ISO 8601 (UTC when no offset)"
+
+
+def _one_time(cell: str) -> pd.Timestamp:
+    """One ISO cell at nanosecond resolution, or NaT (also for years nanoseconds cannot hold)."""
+    try:
+        return pd.Timestamp(pd.to_datetime(cell, format="ISO8601", utc=True)).as_unit("ns")
+    except (ValueError, OverflowError):
+        return pd.NaT
 
 
 def read_csv_layout(
