@@ -30,10 +30,10 @@ def vhtwin(
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
 ) -> None:
     """VH-Twin vs FedAvg, central LSTM, ridge, persistence and seasonal on a temporal split."""
+    check_hourly(data, fmt, "VH-Twin")  # before importing torch: a wrong option answers at once
     from bench.vhtwin import run
     from twin_store.federation.plan import VhTwinConfig
 
-    check_hourly(data, fmt, "VH-Twin")
     cfg = VhTwinConfig(squares=squares, seed=seed, clusters=clusters or None, psi=psi, milan_dir=milan_dir)
     with console.status("training and streaming (a few minutes on 2 cores)"):
         report, rows = run(data, cfg)

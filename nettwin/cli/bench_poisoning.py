@@ -59,10 +59,10 @@ def poisoning(
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
 ) -> None:
     """Global twin's test MSE under attack for every attack x defense, beside the clean run (FedAvg)."""
+    check_hourly(data, fmt, "poisoning")  # before importing torch: a wrong option answers at once
     from bench.poisoning import PoisonConfig, check, run
     from twin_store.federation.plan import VhTwinConfig
 
-    check_hourly(data, fmt, "poisoning")
     cfg = PoisonConfig(
         base=VhTwinConfig(squares=squares, seed=seed, milan_dir=milan_dir),
         attacks=tuple(a.strip() for a in attack.split(",")),
