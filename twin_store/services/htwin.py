@@ -182,7 +182,7 @@ class TwinState:
             },
         )
 
-    def recluster(self, hour: int, now_ms: int) -> tuple[list[TwinMessage], list[str]]:
+    def recluster(self, hour: int, now: int) -> tuple[list[TwinMessage], list[str]]:
         """DCS re-clustering before the first update of ``hour`` (when due): members and their twins move."""
         r = self.reclusterer
         if r is None or not r.due(hour):
@@ -194,15 +194,15 @@ class TwinState:
         changed = sorted({c for _, old, new in moves for c in (old, new) if c is not None})
         lines = [
             point("membership", {"square": str(s)}, {"cluster": c, "epoch": r.membership.epoch}, None)
-            + f" {now_ms}"
+            + f" {now}"
             for s, c in sorted(self.clusters.labels.items())
         ]
         # every cluster is republished: its members list carries the new epoch for the BS agents
         return [self._cluster_message(c, hour - 1) for c in sorted(self.clusters.twins)], lines + [
-            self._twin_row("cluster", c, now_ms) for c in changed
+            self._twin_row("cluster", c, now) for c in changed
         ]
 
-    def _twin_row(self, level: str, cid: int, now_ms: int, eps: float | None = None) -> str:
+    def _twin_row(self, level: str, cid: int, now: int, eps: float | None = None) -> str:
         return (
             point(
                 "twin",
@@ -215,23 +215,26 @@ class TwinState:
                 },
                 None,
             )
-            + f" {now_ms}"
+            + f" {now}"
         )
 
-    def apply(self, update: TwinMessage) -> Outcome | None:
+    def apply(self, update: TwinMessage, now: int | None = None) -> Outcome | None:
         """Check, screen and fold in one local update; None for a duplicate delivery of an accepted one.
 
         Rejected (not authentic, a replay, too stale) and quarantined (screened out) updates never touch a
         twin. Every decision writes an ``update`` row; refused ones are also acknowledged to the BS
         agents (``decided_seq`` on its ``bs`` twin), so an agent does not wait for an answer that never
         comes.
+
+        Rows are timestamped ``now`` (ns; by default the clock): the service passes the message's own Kafka
+        timestamp, so a message applied again after a crash rewrites the same rows instead of adding rows.
         """
         malformed = update_problem(update)
         if malformed is not None:
             raise MalformedMessage(malformed)
         square = int(update.twin_id)
         seq = int(update.meta.get("seq", -1))
-        now = int(time.time() * 1000)
+        now = time.time_ns() if now is None else now
         problem = self.keys.problem(update) if self.keys is not None else None
         if problem is None and square not in self.clusters.labels:
             raise MalformedMessage(f"BS {square} is not a member of any cluster")
@@ -299,10 +302,12 @@ class TwinState:
         members = self.clusters.members(cid)
         self.counters["downloads"] += len(members)  # the members follow their cluster twin
         glob = self._offer_global(cid, hour, now)
+        # the BS's own message last: a restart takes it as "applied" (replay check), so everything it
+        # caused is on twin.models before it (one partition, in order)
         out += [
-            self._bs_message(square, update.params, hour, n_samples, loss, update.meta),
             self._cluster_message(cid, hour),
             *glob.twins,
+            self._bs_message(square, update.params, hour, n_samples, loss, update.meta),
         ]
         lines += [
             point(
@@ -568,7 +573,7 @@ class TwinService:
         if m.key is not None and m.key != update.key:
             raise MalformedMessage(f"key {m.key!r} does not name the BS {update.key!r} in the message")
         try:
-            return self.state.apply(update)
+            return self.state.apply(update, received_ns(m))
         except MalformedMessage:
             raise
         except Exception as exc:  # an input we did not foresee must cost that message only
@@ -576,7 +581,10 @@ class TwinService:
             raise MalformedMessage(f"could not be applied: {type(exc).__name__}: {exc}") from exc
 
     def process(self, polled: dict[Any, list[Any]]) -> int:
-        written: list[tuple[Any, list[str]]] = []
+        """Decide on one poll: rows first (timestamped by the messages, so rewriting them after a crash is
+        idempotent), then the twins on twin.models (a restart skips what is there as replays), the screen's
+        memory, and the offsets last."""
+        decided: list[tuple[Any, Outcome]] = []
         n = 0
         for messages in polled.values():
             for m in messages:
@@ -586,28 +594,28 @@ class TwinService:
                 except MalformedMessage as exc:
                     self._deadletter(m, str(exc))
                     continue
-                if result is None:
-                    continue
-                for t in result.twins:
-                    self.producer.send(self.topics.twin_models, key=t.key, value=t.encode())
-                if result.decision != "accepted":  # kept, with why, where `nettwin query updates` finds them
-                    headers = [("decision", result.decision.encode()), ("reason", result.reason.encode())]
-                    self.producer.send(
-                        self.topics.updates_quarantine, key=m.key, value=m.value, headers=headers
-                    )
-                written.append((m, result.lines))
-        self.producer.flush()  # the snapshot is durable before the offsets move
-        self._write(written)
+                if result is not None:
+                    decided.append((m, result))
+        self._write([(m, result.lines) for m, result in decided])
+        for m, result in decided:
+            for t in result.twins:
+                self.producer.send(self.topics.twin_models, key=t.key, value=t.encode())
+            if result.decision != "accepted":  # kept, with why, where `nettwin query updates` finds them
+                headers = [("decision", result.decision.encode()), ("reason", result.reason.encode())]
+                self.producer.send(self.topics.updates_quarantine, key=m.key, value=m.value, headers=headers)
+        self.producer.flush()  # the snapshot and the dead letters are durable before the offsets move
         if n and self.state.defense.remembers:
             save_screen(self.screen_file, self.state.defense)
-        self.producer.flush()  # dead letters of refused rows too
         self.consumer.commit()
         return n
 
     def _write(self, written: list[tuple[Any, list[str]]]) -> None:
         """Write the rows; if InfluxDB refuses some (HTTP 400), write message by message and dead-letter
-        the messages whose rows it refuses (their twins are already published)."""
-        write = lambda lines: self.influx.write_lines(lines, "ms", lambda: self.stopping, self._on_retry)  # noqa: E731
+        the messages whose rows it refuses (their twins are still published: the decision stands)."""
+
+        def write(lines: list[str]) -> None:
+            self.influx.write_lines(lines, "ns", lambda: self.stopping, self._on_retry)
+
         try:
             write([line for _, lines in written for line in lines])
         except InputError:
@@ -616,6 +624,15 @@ class TwinService:
                     write(lines)
                 except InputError as exc:
                     self._deadletter(m, f"InfluxDB refused its rows: {exc}")
+
+
+def received_ns(m: Any) -> int:
+    """Row time of a consumed message: its Kafka timestamp (ms) plus its offset as sub-millisecond digits,
+    unique per partition and the same every time the message is read."""
+    ts = getattr(m, "timestamp", None)
+    if not isinstance(ts, int) or ts <= 0:
+        return time.time_ns()
+    return ts * 1_000_000 + m.offset % 1_000_000
 
 
 SCREEN_FORMAT = 1
