@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
+from ingest.settings import NettwinSettings
 from twin_store.adapters.lineproto import (
     columns_to_lines,
     escape_measurement,
@@ -209,3 +210,17 @@ def test_columns_to_lines_with_no_rows() -> None:
         "m", "s", np.empty(0, np.uint32), np.empty(0, np.int64), ("a",), np.empty((0, 1))
     )
     assert empty == []
+
+
+@pytest.mark.integration
+def test_columns_to_lines_read_back_from_influxdb_bit_for_bit(isolated: NettwinSettings) -> None:
+    """The orjson float texts (``1e-7``, ``1e+22``, ``0.000025``) parse in InfluxDB to the very same doubles."""
+    from twin_store.adapters.influx import InfluxClient
+
+    values = np.array([[1e-7, 1e22, 5e-324, 1.7976931348623157e308, 2.5e-5, 1.2345678901234568e17, 0.1, 3.0]])
+    names = [f"f{i}" for i in range(values.shape[1])]
+    lines = columns_to_lines("m", "square", np.array([1], np.uint32), np.array([100]), names, values)
+    with InfluxClient(isolated.influx) as influx:
+        influx.write("\n".join(lines).encode(), "s")
+        row = influx.query('SELECT * FROM "m"')[0].rows()[0]
+    assert np.array([row[n] for n in names], np.float64).tobytes() == values.tobytes()

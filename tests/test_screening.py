@@ -156,7 +156,8 @@ def test_the_store_rejects_what_is_not_authentic_and_says_why() -> None:
     forged = bs_update(2, 10, value=50.0)  # a fake sender using a real BS id, without its key
     replay = bs_update(1, 9, value=3.0)  # signed, but older than what BS 1 already sent
     keys.sign(replay)
-    stale = bs_update(3, 10, base=-20)
+    state.clusters.versions[0] += 20  # the cluster twin moved on while BS 3 trained on version 1
+    stale = bs_update(3, 10, base=1)
     keys.sign(stale)
     fake = bs_update(99, 10)
     outcomes = [state.apply(m) for m in (forged, replay, stale, fake)]

@@ -15,8 +15,13 @@ from typing import Any
 
 import requests
 
-from ingest.errors import InputError, ServiceError
+from ingest.errors import ConfigError, InputError, ServiceError
 from ingest.settings import InfluxSettings
+
+
+class InfluxRefused(ConfigError):
+    """InfluxDB answered a request with a 4xx that retrying cannot change (wrong credentials, no such
+    database, too large): the caller stops with this one line instead of retrying forever."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,18 @@ class InfluxClient:
                 f"InfluxDB unreachable at {self.base} ({reason}); start it with infra/up or set NETTWIN_INFLUX__URL"
             ) from exc
 
+    def _refused(self, resp: requests.Response, what: str) -> InfluxRefused:
+        detail = _error_text(resp)
+        if resp.status_code in (401, 403):
+            hint = "check NETTWIN_INFLUX__USERNAME and NETTWIN_INFLUX__PASSWORD (or NETTWIN_INFLUX__TOKEN)"
+        elif resp.status_code == 404:
+            hint = f"check NETTWIN_INFLUX__URL and that database {self.settings.database!r} exists (infra/up)"
+        else:
+            hint = "retrying cannot help"
+        return InfluxRefused(
+            f"InfluxDB at {self.base} refused {what}: HTTP {resp.status_code} {detail}; {hint}"
+        )
+
     def ping(self) -> str:
         """Return the server version; raise ServiceError when it does not answer."""
         resp = self._request("GET", "/ping")
@@ -89,6 +106,8 @@ class InfluxClient:
         detail = _error_text(resp)
         if resp.status_code == 400:
             raise InputError(f"InfluxDB rejected points written to {params['db']}: {detail}")
+        if 400 < resp.status_code < 500 and resp.status_code not in (408, 429):  # 408/429: try again later
+            raise self._refused(resp, f"a write to database {params['db']!r}")
         raise ServiceError(
             f"InfluxDB write to {self.base} db {params['db']} failed: HTTP {resp.status_code} {detail}"
         )
@@ -100,9 +119,10 @@ class InfluxClient:
         should_stop: Callable[[], bool],
         on_retry: Callable[[ServiceError, float], None],
     ) -> None:
-        """Write in ``batch_points`` chunks, retrying unavailability with back-off until it works or
-        ``should_stop()``; callers commit their input only after this returns. Rejected points (InputError)
-        are not retried."""
+        """Write in ``batch_points`` chunks, retrying unavailability (connection errors, 5xx, 408, 429) with
+        back-off from 0.5 s to 10 s until it works or ``should_stop()``; callers commit their input only
+        after this returns. Rejected points (InputError) and refused requests (InfluxRefused: credentials,
+        missing database) are not retried."""
         step = self.settings.batch_points
         for i in range(0, len(lines), step):
             payload = "\n".join(lines[i : i + step]).encode()
@@ -131,6 +151,8 @@ class InfluxClient:
             resp = self._request("GET", "/query", params=params)
         if resp.status_code >= 500:
             raise ServiceError(f"InfluxDB query failed: HTTP {resp.status_code} {_error_text(resp)}")
+        if resp.status_code in (401, 403):
+            raise self._refused(resp, "a query")
         try:
             body = resp.json()
         except ValueError as exc:

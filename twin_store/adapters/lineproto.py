@@ -1,20 +1,28 @@
 """Build InfluxDB line protocol in bulk.
 
-Formatting whole columns at once (``tolist()`` then one join per row) keeps per-point overhead to a
-single string format; floats use ``repr`` (shortest round-trip) so values read back equal what was sent.
+Floats are written as their shortest round-trip text (what ``repr`` gives, ``1e-7`` where ``repr`` says
+``1e-07``), so values read back equal what was sent. Whole columns are formatted at once: orjson turns a
+numpy matrix into that text in C (5x faster than ``repr`` per value, measured in ``bench/store_lines.py``),
+and each line is assembled by one ``str.join`` over interleaved pieces, never a format call per row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 import numpy as np
+import orjson
+
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 
+@lru_cache(maxsize=1 << 14)  # names and tag values repeat in every batch
 def escape_tag(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
 
 
+@lru_cache(maxsize=1 << 10)
 def escape_measurement(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,").replace(" ", "\\ ")
 
@@ -28,7 +36,7 @@ def format_field(value: object) -> str:
         f = float(value)
         if not np.isfinite(f):
             raise ValueError(f"line protocol cannot carry {f}")
-        return repr(f)
+        return orjson.dumps(f).decode()
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     raise TypeError(f"unsupported field type {type(value).__name__}")
@@ -53,18 +61,58 @@ def columns_to_lines(
     float_fields: np.ndarray,
     int_fields: Mapping[str, np.ndarray] | None = None,
 ) -> list[str]:
-    """Lines for n points that share a measurement, one tag and a fixed field set.
+    """Lines for n points that share a measurement, one tag and a fixed field set (``columns_to_text``)."""
+    text = columns_to_text(measurement, tag_key, tag_values, times_s, field_names, float_fields, int_fields)
+    return text.split("\n") if text else []
 
-    ``float_fields`` is ``[n, len(field_names)]`` of finite floats; ``int_fields`` adds integer fields.
+
+def columns_to_text(
+    measurement: str,
+    tag_key: str,
+    tag_values: np.ndarray,
+    times_s: np.ndarray,
+    field_names: Sequence[str],
+    float_fields: np.ndarray,
+    int_fields: Mapping[str, np.ndarray] | None = None,
+) -> str:
+    """The lines of n points that share a measurement, one tag and a fixed field set, as one text (lines
+    joined by newlines: a payload block the store sends as it is).
+
+    ``float_fields`` is ``[n, len(field_names)]`` of finite floats (a non-finite one comes out as ``null``,
+    which InfluxDB refuses with HTTP 400); ``int_fields`` adds integer fields.
     """
-    prefix = f"{escape_measurement(measurement)},{escape_tag(tag_key)}="
-    names = [escape_tag(f) for f in field_names]
+    n = len(times_s)
+    if n == 0:
+        return ""
     int_items = list((int_fields or {}).items())
-    template_parts = [f"{n}=%s" for n in names] + [f"{escape_tag(k)}=%si" for k, _ in int_items]
-    template = prefix + "%s " + ",".join(template_parts) + " %s"
-    # map(repr/str) over whole columns runs the per-value formatting in C: 1.8x faster than "%r" per row
-    cols: list[list[str]] = [list(map(str, tag_values.tolist()))]
-    cols += [list(map(repr, float_fields[:, j].tolist())) for j in range(float_fields.shape[1])]
-    cols += [list(map(str, arr.tolist())) for _, arr in int_items]
-    cols.append(list(map(str, times_s.tolist())))
-    return [template % row for row in zip(*cols, strict=True)]
+    names = [escape_tag(f) for f in field_names] + [escape_tag(k) for k, _ in int_items]
+    values = _texts(np.asarray(float_fields, np.float64).reshape(n, -1))
+    columns = [values[j :: len(field_names)] for j in range(len(field_names))]
+    columns += [_texts(np.asarray(arr, np.int64)) for _, arr in int_items]
+    suffixes = [""] * len(field_names) + ["i"] * len(int_items)
+    if tag_values.dtype.kind in "iu":
+        tags = _texts(tag_values)
+    else:
+        tags = [escape_tag(str(v)) for v in tag_values.tolist()]
+    # pieces of every line side by side: "\nmeasurement,tag=", tag, " a=", v_a, ",b=", v_b, ..., " ", time
+    seps = [f" {names[0]}="] + [f"{suffixes[j - 1]},{names[j]}=" for j in range(1, len(names))]
+    width = 2 * len(names) + 4
+    pieces: list[str] = [f"\n{escape_measurement(measurement)},{escape_tag(tag_key)}="] * (n * width)
+    pieces[1::width] = tags
+    for j, column in enumerate(columns):
+        pieces[2 + 2 * j :: width] = [seps[j]] * n
+        pieces[3 + 2 * j :: width] = column
+    times = np.asarray(times_s, np.int64)
+    pieces[width - 2 :: width] = [suffixes[-1] + " "] * n
+    if times.min() == times.max():  # one window per batch, as the worker sends them: one time text
+        pieces[width - 1 :: width] = [str(int(times[0]))] * n
+    else:
+        pieces[width - 1 :: width] = _texts(times)
+    return "".join(pieces)[1:]
+
+
+def _texts(values: np.ndarray) -> list[str]:
+    """The JSON text of every number in ``values`` (row-major), one C call: a float's shortest round-trip
+    form, an integer's digits."""
+    text = orjson.dumps(np.ascontiguousarray(values), option=_NUMPY).decode()
+    return text.replace("[", "").replace("]", "").split(",")

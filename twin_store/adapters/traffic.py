@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ingest.schema import N_INTERVALS, RecordBatch
-from twin_store.adapters.lineproto import columns_to_lines, point
+from twin_store.adapters.lineproto import columns_to_text, point
 
 MEASUREMENT_BY_WINDOW = {600: "traffic", 3600: "traffic_hourly"}
 
@@ -31,7 +31,9 @@ def measurement_for(window_s: int) -> str:
 class Points:
     """What one feature message becomes: data lines now, progress rows once the data is acknowledged."""
 
-    lines: list[str] = field(default_factory=list)  # in ``precision`` (s unless said otherwise)
+    lines: list[str] = field(default_factory=list)  # in ``precision`` (s unless said otherwise); an item
+    # may be a block of several lines joined by newlines (``feature_lines``): count points with n_points
+    lines_in_blocks: int = 0  # lines beyond the first of each block
     precision: str = "s"
     records: int = 0
     partition: int = 0
@@ -41,6 +43,10 @@ class Points:
     final: bool = False
     sent: int = 0
     received: int = 0
+
+    @property
+    def n_points(self) -> int:
+        return len(self.lines) + self.lines_in_blocks
 
     def progress_lines(self, acked_ms: int) -> list[str]:
         """``pipeline`` (lag) and ``replay`` (completion) rows, stamped with the write acknowledgement time.
@@ -72,6 +78,7 @@ class Points:
 
 
 def feature_lines(batch: RecordBatch) -> list[str]:
+    """The batch's rows as one block of lines (one list item: the store sends it as it is)."""
     cols = list(batch.columns)
     ints: dict[str, np.ndarray] = {}
     values = batch.values
@@ -82,9 +89,10 @@ def feature_lines(batch: RecordBatch) -> list[str]:
         cols.pop(j)
         if batch.step_s != 600:  # a 10-minute window of 10-minute data always sums one interval
             ints[N_INTERVALS] = counts
-    return columns_to_lines(
+    text = columns_to_text(
         measurement_for(batch.step_s), "square", batch.squares, batch.starts_ms // 1000, cols, values, ints
     )
+    return [text] if text else []
 
 
 class TwinRegistry:
@@ -94,7 +102,7 @@ class TwinRegistry:
         self.known: set[int] = set(known or ())
 
     def first_rows(self, squares: np.ndarray, now_s: int) -> list[str]:
-        new = [s for s in np.unique(squares).tolist() if s not in self.known]
+        new = sorted(set(squares.tolist()) - self.known)  # a set difference: no per-batch sort of all squares
         self.known.update(new)
         return [
             point(
@@ -141,6 +149,7 @@ def batch_points(batch: RecordBatch, partition: int, twins: TwinRegistry, now_ms
     )
     if len(batch):
         out.lines = feature_lines(batch) + twins.first_rows(batch.squares, now_ms // 1000)
+        out.lines_in_blocks = len(batch) - 1  # feature_lines is one block of len(batch) lines
         out.records = len(batch)
     if batch.final:
         out.sent = int(batch.sent or 0)

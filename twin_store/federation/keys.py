@@ -3,8 +3,10 @@
 The registry is a JSON file ``{"scheme": "hmac-sha256", "keys": {"<bs id>": "<64 hex digits>"}}`` made by
 ``nettwin keys create`` and named by the setting ``security.keys_file``. HMAC-SHA256 is a shared secret:
 the BS agents' host and the store both hold the file, so keep it readable by those two only (it is
-written with mode 0600). A signature covers the BS id, the base twin version, the sequence number, the
-sample count and the parameter bytes, so none of them can be changed or replayed under another seq.
+written with mode 0600). A signature covers the whole message but the signature itself: the header (level,
+BS id, version, model size), every meta field (sequence number, hour, cluster, base version, sample count,
+loss, traffic profile, ...) and the parameter bytes. So nothing the store relies on can be changed, added or
+replayed under another seq.
 """
 
 from __future__ import annotations
@@ -27,9 +29,18 @@ SCHEME = "hmac-sha256"
 
 
 def signed_bytes(update: TwinMessage) -> bytes:
-    meta = update.meta
-    head = f"{update.twin_id}|{meta.get('base_version')}|{meta.get('seq')}|{meta.get('n_samples')}|"
-    return head.encode() + np.ascontiguousarray(update.params, "<f4").tobytes()
+    """Canonical bytes of everything in the message but ``meta["sig"]``: sorted-key JSON of the header and
+    meta (JSON numbers round-trip exactly, so the store recomputes the same bytes from the decoded message)
+    followed by the float32 parameters."""
+    head = {
+        "level": update.level,
+        "twin_id": update.twin_id,
+        "version": update.version,
+        "hidden": update.hidden,
+        "meta": {k: v for k, v in update.meta.items() if k != "sig"},
+    }
+    text = json.dumps(head, sort_keys=True, separators=(",", ":"))
+    return text.encode() + b"|" + np.ascontiguousarray(update.params, "<f4").tobytes()
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,10 @@ class KeyRegistry:
         sig = update.meta.get("sig")
         if not isinstance(sig, str):
             return "unsigned update"
-        expected = hmac.new(key, signed_bytes(update), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(sig, expected):
+        try:
+            expected = hmac.new(key, signed_bytes(update), hashlib.sha256).hexdigest()
+        except (TypeError, ValueError):  # meta that JSON cannot represent canonically
+            return "bad signature"
+        if not sig.isascii() or not hmac.compare_digest(sig, expected):
             return "bad signature"
         return None

@@ -21,6 +21,7 @@ seed:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 
 from ingest.readers.milan import HOUR_MS
 from twin_store.federation import dcs
+from twin_store.federation.models_topic import TwinMessage, is_int
 from twin_store.federation.samples import DAY, FIRST_TARGET, LAGS
 from twin_store.federation.twinning import ClusterTwins
 from twin_store.models.forecaster import FitConfig, TwinModel
@@ -206,3 +208,90 @@ class Reclusterer:
         for square, old, new in moves:
             clusters.move(square, new, fallback=clusters.twins[old] if old is not None else fallback)
         return moves
+
+
+# local-update meta the store relies on: name -> (lowest value, required)
+UPDATE_INTS = {"seq": (0, True), "n_samples": (1, True), "hour": (0, False), "base_version": (0, False)}
+
+
+def update_problem(update: TwinMessage) -> str | None:
+    """Why a local update from ``updates.local`` is malformed (types and shapes), or None.
+
+    Checked before anything uses it, so a bad field is a dead letter and never an exception deep in
+    re-clustering or screening. Authenticity and staleness are the store's decisions, not checked here.
+    """
+    if not (update.twin_id.isascii() and update.twin_id.isdecimal()):
+        return f"BS id {update.twin_id!r} is not a square number"
+    meta = update.meta
+    for key, (low, required) in UPDATE_INTS.items():
+        if key not in meta and not required:
+            continue
+        if not is_int(meta.get(key), low):
+            return f"BS {update.twin_id}: {key} must be an integer >= {low}, got {meta.get(key)!r}"
+    if "cluster" in meta and not is_int(meta["cluster"], -1):
+        return f"BS {update.twin_id}: cluster must be an integer >= -1, got {meta['cluster']!r}"
+    loss = meta.get("loss", 0.0)
+    if not _finite_number(loss):
+        return f"BS {update.twin_id}: loss must be a finite number, got {loss!r}"
+    problem = profile_problem(meta.get("profile"))
+    if problem is not None:
+        return f"BS {update.twin_id}: {problem}"
+    if not np.isfinite(update.params).all():
+        return f"BS {update.twin_id}: parameters must be finite"
+    return None
+
+
+def profile_problem(profile: object) -> str | None:
+    """A traffic profile is None (not reported) or DAY finite numbers, one per hour of day."""
+    if profile is None:
+        return None
+    if not isinstance(profile, list) or len(profile) != DAY or not all(_finite_number(v) for v in profile):
+        shown = repr(profile)[:80]
+        return f"profile must be a list of {DAY} finite numbers, got {shown}"
+    return None
+
+
+def snapshot_problem(msg: TwinMessage) -> str | None:
+    """Why a message of the ``twin.models`` snapshot cannot be rebuilt from, or None."""
+    meta = msg.meta
+    if msg.level != "global" and not (msg.twin_id.isascii() and msg.twin_id.isdecimal()):
+        return f"{msg.level} twin id {msg.twin_id!r} is not a number"
+    if not np.isfinite(msg.params).all():
+        return f"{msg.level} twin {msg.twin_id}: parameters must be finite"
+    if msg.level == "global":
+        if meta.get("clusters") is not None and not is_int(meta["clusters"], 1):
+            return f"global twin: clusters must be an integer >= 1, got {meta['clusters']!r}"
+        if "milan_dir" in meta and not isinstance(meta["milan_dir"], str):
+            return "global twin: milan_dir must be a string"
+        if "plan" in meta:
+            try:
+                plan = StreamPlan.from_meta(meta["plan"])
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                return f"global twin: plan is not a stream plan ({exc})"
+            ints = ("seed", "start_hour", "start_ms", "update_every", "window", "recluster_every")
+            if not all(is_int(getattr(plan, k), 0) for k in ints) or plan.update_every < 1:
+                return f"global twin: plan fields {', '.join(ints)} must be integers >= 0 (update_every >= 1)"
+        return None
+    if msg.level == "cluster":
+        members = meta.get("members", [])
+        if not isinstance(members, list) or not all(is_int(m, 0) for m in members):
+            return f"cluster twin {msg.twin_id}: members must be a list of square numbers"
+        for key in ("epoch", "accepted", "reclustered_at"):
+            if key in meta and not is_int(meta[key], 0):
+                return f"cluster twin {msg.twin_id}: {key} must be an integer >= 0, got {meta[key]!r}"
+        return None
+    for key, low in (("seq", -1), ("n_samples", 1), ("decided_seq", -1), ("hour", -1)):
+        if (key in meta or key in ("seq", "n_samples")) and not is_int(meta.get(key), low):
+            return f"bs twin {msg.twin_id}: {key} must be an integer >= {low}, got {meta.get(key)!r}"
+    if "sig" in meta and not isinstance(meta["sig"], str):
+        return f"bs twin {msg.twin_id}: sig must be a string"
+    problem = profile_problem(meta.get("profile"))
+    return None if problem is None else f"bs twin {msg.twin_id}: {problem}"
+
+
+def _finite_number(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) < 2**53
+    return isinstance(value, float) and math.isfinite(value)

@@ -13,8 +13,8 @@ the committed offsets. An update whose ``seq`` is not newer than the BS's last a
 
 from __future__ import annotations
 
+import json
 import logging
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from kafka.structs import TopicPartition
 
 from ingest.deadletter import DeadLetter, DeadLetterSink
-from ingest.errors import InputError
+from ingest.errors import InputError, ServiceError
 from ingest.kafka import make_consumer, make_producer
 from ingest.schema import MalformedMessage
 from ingest.settings import NettwinSettings
@@ -33,7 +34,7 @@ from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.lineproto import point
 from twin_store.federation import dcs
 from twin_store.federation.keys import KeyRegistry
-from twin_store.federation.local_updates import Reclusterer, StreamPlan
+from twin_store.federation.local_updates import Reclusterer, StreamPlan, snapshot_problem, update_problem
 from twin_store.federation.models_topic import TwinMessage, cluster_membership, decode_twin
 from twin_store.federation.screening import Candidate, Defense, make_defense
 from twin_store.federation.screening.temporal import TemporalScreen
@@ -93,6 +94,15 @@ class TwinState:
         glob = latest.get(b"global:0")
         if glob is None:
             raise InputError("twin.models has no global twin yet: run `nettwin vtwin` first")
+        fits = {k: m for k, m in latest.items() if m.params.shape == glob.params.shape}
+        for key in sorted(latest.keys() - fits.keys()):
+            log.warning(
+                "twin.models %s: %d parameters, the global has %d; left out",
+                key,
+                latest[key].params.size,
+                glob.params.size,
+            )
+        latest = fits
         cluster_msgs = [m for m in latest.values() if m.level == "cluster"]
         clusters = ClusterTwins(
             labels=cluster_membership(cluster_msgs),
@@ -172,7 +182,7 @@ class TwinState:
             },
         )
 
-    def recluster(self, hour: int, now_ms: int) -> tuple[list[TwinMessage], list[str]]:
+    def recluster(self, hour: int, now: int) -> tuple[list[TwinMessage], list[str]]:
         """DCS re-clustering before the first update of ``hour`` (when due): members and their twins move."""
         r = self.reclusterer
         if r is None or not r.due(hour):
@@ -184,15 +194,15 @@ class TwinState:
         changed = sorted({c for _, old, new in moves for c in (old, new) if c is not None})
         lines = [
             point("membership", {"square": str(s)}, {"cluster": c, "epoch": r.membership.epoch}, None)
-            + f" {now_ms}"
+            + f" {now}"
             for s, c in sorted(self.clusters.labels.items())
         ]
         # every cluster is republished: its members list carries the new epoch for the BS agents
         return [self._cluster_message(c, hour - 1) for c in sorted(self.clusters.twins)], lines + [
-            self._twin_row("cluster", c, now_ms) for c in changed
+            self._twin_row("cluster", c, now) for c in changed
         ]
 
-    def _twin_row(self, level: str, cid: int, now_ms: int, eps: float | None = None) -> str:
+    def _twin_row(self, level: str, cid: int, now: int, eps: float | None = None) -> str:
         return (
             point(
                 "twin",
@@ -205,26 +215,26 @@ class TwinState:
                 },
                 None,
             )
-            + f" {now_ms}"
+            + f" {now}"
         )
 
-    def apply(self, update: TwinMessage) -> Outcome | None:
+    def apply(self, update: TwinMessage, now: int | None = None) -> Outcome | None:
         """Check, screen and fold in one local update; None for a duplicate delivery of an accepted one.
 
         Rejected (not authentic, a replay, too stale) and quarantined (screened out) updates never touch a
         twin. Every decision writes an ``update`` row; refused ones are also acknowledged to the BS
         agents (``decided_seq`` on its ``bs`` twin), so an agent does not wait for an answer that never
         comes.
+
+        Rows are timestamped ``now`` (ns; by default the clock): the service passes the message's own Kafka
+        timestamp, so a message applied again after a crash rewrites the same rows instead of adding rows.
         """
-        if not update.twin_id.isdigit():
-            raise MalformedMessage(f"BS id {update.twin_id!r} is not a square number")
-        for key in ("seq", "hour", "n_samples", "base_version", "cluster"):
-            value = update.meta.get(key, 0)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise MalformedMessage(f"BS {update.twin_id}: {key} must be an integer, got {value!r}")
+        malformed = update_problem(update)
+        if malformed is not None:
+            raise MalformedMessage(malformed)
         square = int(update.twin_id)
         seq = int(update.meta.get("seq", -1))
-        now = int(time.time() * 1000)
+        now = time.time_ns() if now is None else now
         problem = self.keys.problem(update) if self.keys is not None else None
         if problem is None and square not in self.clusters.labels:
             raise MalformedMessage(f"BS {square} is not a member of any cluster")
@@ -247,9 +257,7 @@ class TwinState:
         if problem is not None:
             self.counters["rejected"] += 1
             return self._refused(update, "rejected", problem, float("nan"), now)
-        n_samples = int(update.meta.get("n_samples", 0))
-        if n_samples <= 0 or not np.isfinite(update.params).all():
-            raise MalformedMessage(f"BS {square}: update needs n_samples > 0 and finite parameters")
+        n_samples = int(update.meta["n_samples"])
         hour = int(update.meta.get("hour", seq))
         out, lines = self.recluster(hour, now)
         params = torch.as_tensor(update.params)
@@ -294,10 +302,12 @@ class TwinState:
         members = self.clusters.members(cid)
         self.counters["downloads"] += len(members)  # the members follow their cluster twin
         glob = self._offer_global(cid, hour, now)
+        # the BS's own message last: a restart takes it as "applied" (replay check), so everything it
+        # caused is on twin.models before it (one partition, in order)
         out += [
-            self._bs_message(square, update.params, hour, n_samples, loss, update.meta),
             self._cluster_message(cid, hour),
             *glob.twins,
+            self._bs_message(square, update.params, hour, n_samples, loss, update.meta),
         ]
         lines += [
             point(
@@ -413,18 +423,69 @@ class Outcome:
     reason: str = ""
 
 
-def read_latest_twins(settings: NettwinSettings) -> dict[bytes, TwinMessage]:
-    """The latest message per key on twin.models (the compacted snapshot), read to its end."""
+def read_latest_twins(
+    settings: NettwinSettings, deadletters: DeadLetterSink | None = None, stall_s: float = 30.0
+) -> dict[bytes, TwinMessage]:
+    """The latest valid message per key on twin.models (the compacted snapshot), read to the end offsets
+    the topic had when reading began (never "until quiet": a slow broker must not yield half a snapshot).
+
+    A message that does not decode or cannot be rebuilt from is dead-lettered (when ``deadletters`` is
+    given) and leaves that key at its previous valid message; a tombstone (null value) deletes the key.
+    """
     topic = Topics.from_settings(settings).twin_models
-    consumer = make_consumer(settings, topic, group_id=None, consumer_timeout_ms=2000)
+    consumer = make_consumer(settings, group_id=None)
     latest: dict[bytes, TwinMessage] = {}
     try:
-        for m in consumer:
-            if m.key is not None and m.value is not None:
-                latest[m.key] = decode_twin(m.value)
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            return latest
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if consumer.position(tp) < end[tp]}
+        last_progress = time.monotonic()
+        while remaining:
+            polled = consumer.poll(timeout_ms=500)
+            for messages in polled.values():
+                for m in messages:
+                    _read_snapshot_message(m, latest, deadletters)
+            if polled:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > stall_s:
+                behind = {f"{tp.partition}": end[tp] - consumer.position(tp) for tp in sorted(remaining)}
+                raise ServiceError(
+                    f"{topic}: no progress for {stall_s:.0f} s reading to its end offsets "
+                    f"(messages left per partition: {behind}); is the broker healthy?"
+                )
+            remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
     finally:
         consumer.close()
+    if deadletters is not None:
+        deadletters.producer.flush()
     return latest
+
+
+def _read_snapshot_message(
+    m: Any, latest: dict[bytes, TwinMessage], deadletters: DeadLetterSink | None
+) -> None:
+    if m.value is None:
+        if m.key is not None:
+            latest.pop(m.key, None)  # a tombstone: the twin was deleted
+        return
+    try:
+        msg = decode_twin(m.value)
+        problem = snapshot_problem(msg)
+        if problem is None and m.key != msg.key:
+            problem = f"key {m.key!r} does not name the twin {msg.key!r} in the message"
+    except MalformedMessage as exc:
+        problem = str(exc)
+    if problem is None:
+        latest[msg.key] = msg
+        return
+    log.warning("twin.models %s[%d]@%d skipped: %s", m.topic, m.partition, m.offset, problem)
+    if deadletters is not None:
+        deadletters.send(DeadLetter.for_message(m, problem, "twins"))
 
 
 class TwinService:
@@ -443,12 +504,18 @@ class TwinService:
             defense = make_defense(sec.defense)
         except ValueError as exc:
             raise InputError(f"security.defense: {exc}") from None
-        self.state = TwinState.from_messages(
-            read_latest_twins(settings), psi, milan_dir, gamma, keys, defense, sec.max_staleness
-        )
-        self.influx = InfluxClient(settings.influx)
         self.producer = make_producer(settings)
         self.deadletters = DeadLetterSink(self.producer, self.topics.deadletter)
+        self.state = TwinState.from_messages(
+            read_latest_twins(settings, self.deadletters),
+            psi,
+            milan_dir,
+            gamma,
+            keys,
+            defense,
+            sec.max_staleness,
+        )
+        self.influx = InfluxClient(settings.influx)
         self.consumer = make_consumer(
             settings,
             self.topics.updates_local,
@@ -458,13 +525,15 @@ class TwinService:
         self.stopping = False
         # the screen's memory (peer deltas, per-BS detectors) is not on twin.models: it is kept beside the
         # committed offsets, so a restarted store screens at once instead of warming up again
-        self.screen_file = settings.state_dir / "store" / f"{settings.kafka.topic_prefix}screen.pickle"
-        if self.screen_file.exists() and self.state.defense.remembers:
-            with self.screen_file.open("rb") as f:
-                saved = pickle.load(f)  # written by this store only (see _save_screen)
-            if type(saved) is type(self.state.defense):
+        self.screen_file = settings.state_dir / "store" / f"{settings.kafka.topic_prefix}screen.npz"
+        if self.state.defense.remembers:
+            saved = load_screen(
+                self.screen_file, type(self.state.defense), self.state.global_twin.params.numel()
+            )
+            if saved is not None:
                 self.state.defense = saved
                 self.state.clusters.aggregator = saved.aggregate
+        self.counters = {"deadletters": 0}
 
     def run(self, idle_exit_s: float | None = None, max_messages: int | None = None) -> dict[str, int]:
         handled = 0
@@ -487,45 +556,127 @@ class TwinService:
             self.consumer.close(autocommit=False)
             self.producer.close()
             self.influx.close()
-        return self.state.counters | {"global_version": self.state.global_twin.version}
+        return self.state.counters | self.counters | {"global_version": self.state.global_twin.version}
 
     def _on_retry(self, exc: Exception, delay: float) -> None:
         log.warning("InfluxDB write failed (%s); retrying in %.1f s without committing", exc, delay)
 
-    def _save_screen(self) -> None:
-        self.screen_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.screen_file.with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            pickle.dump(self.state.defense, f)
-        tmp.replace(self.screen_file)  # atomic: a crash leaves the previous snapshot
+    def _deadletter(self, m: Any, reason: str) -> None:
+        self.deadletters.send(DeadLetter.for_message(m, reason, "twins"))
+        self.counters["deadletters"] += 1
+
+    def _decide(self, m: Any) -> Outcome | None:
+        """Decode, check and apply one message of updates.local; raises MalformedMessage for bad data."""
+        update = decode_twin(m.value or b"")
+        if update.level != "bs":
+            raise MalformedMessage(f"expected a bs update, got level {update.level!r}")
+        if m.key is not None and m.key != update.key:
+            raise MalformedMessage(f"key {m.key!r} does not name the BS {update.key!r} in the message")
+        try:
+            return self.state.apply(update, received_ns(m))
+        except MalformedMessage:
+            raise
+        except Exception as exc:  # an input we did not foresee must cost that message only
+            log.exception("update %s[%d]@%d could not be applied", m.topic, m.partition, m.offset)
+            raise MalformedMessage(f"could not be applied: {type(exc).__name__}: {exc}") from exc
 
     def process(self, polled: dict[Any, list[Any]]) -> int:
-        lines: list[str] = []
+        """Decide on one poll: rows first (timestamped by the messages, so rewriting them after a crash is
+        idempotent), then the twins on twin.models (a restart skips what is there as replays), the screen's
+        memory, and the offsets last."""
+        decided: list[tuple[Any, Outcome]] = []
         n = 0
         for messages in polled.values():
             for m in messages:
                 n += 1
                 try:
-                    update = decode_twin(m.value or b"")
-                    if update.level != "bs":
-                        raise MalformedMessage(f"expected a bs update, got level {update.level!r}")
-                    result = self.state.apply(update)
+                    result = self._decide(m)
                 except MalformedMessage as exc:
-                    self.deadletters.send(DeadLetter.for_message(m, str(exc), "twins"))
+                    self._deadletter(m, str(exc))
                     continue
-                if result is None:
-                    continue
-                for t in result.twins:
-                    self.producer.send(self.topics.twin_models, key=t.key, value=t.encode())
-                if result.decision != "accepted":  # kept, with why, where `nettwin query updates` finds them
-                    headers = [("decision", result.decision.encode()), ("reason", result.reason.encode())]
-                    self.producer.send(
-                        self.topics.updates_quarantine, key=m.key, value=m.value, headers=headers
-                    )
-                lines += result.lines
-        self.producer.flush()  # the snapshot is durable before the offsets move
-        self.influx.write_lines(lines, "ms", lambda: self.stopping, self._on_retry)
+                if result is not None:
+                    decided.append((m, result))
+        self._write([(m, result.lines) for m, result in decided])
+        for m, result in decided:
+            for t in result.twins:
+                self.producer.send(self.topics.twin_models, key=t.key, value=t.encode())
+            if result.decision != "accepted":  # kept, with why, where `nettwin query updates` finds them
+                headers = [("decision", result.decision.encode()), ("reason", result.reason.encode())]
+                self.producer.send(self.topics.updates_quarantine, key=m.key, value=m.value, headers=headers)
+        self.producer.flush()  # the snapshot and the dead letters are durable before the offsets move
         if n and self.state.defense.remembers:
-            self._save_screen()
+            save_screen(self.screen_file, self.state.defense)
         self.consumer.commit()
         return n
+
+    def _write(self, written: list[tuple[Any, list[str]]]) -> None:
+        """Write the rows; if InfluxDB refuses some (HTTP 400), write message by message and dead-letter
+        the messages whose rows it refuses (their twins are still published: the decision stands)."""
+
+        def write(lines: list[str]) -> None:
+            self.influx.write_lines(lines, "ns", lambda: self.stopping, self._on_retry)
+
+        try:
+            write([line for _, lines in written for line in lines])
+        except InputError:
+            for m, lines in written:
+                try:
+                    write(lines)
+                except InputError as exc:
+                    self._deadletter(m, f"InfluxDB refused its rows: {exc}")
+
+
+def received_ns(m: Any) -> int:
+    """Row time of a consumed message: its Kafka timestamp (ms) plus its offset as sub-millisecond digits,
+    unique per partition and the same every time the message is read."""
+    ts = getattr(m, "timestamp", None)
+    if not isinstance(ts, int) or ts <= 0:
+        return time.time_ns()
+    return ts * 1_000_000 + m.offset % 1_000_000
+
+
+SCREEN_FORMAT = 1
+
+
+def save_screen(path: Path, defense: Defense) -> None:
+    """The screen's memory as an .npz of plain arrays (no pickled objects): the JSON document as bytes and
+    the per-square tensors as one float32 matrix. Written atomically: a crash leaves the previous one."""
+    doc, tensors = defense.state()
+    squares = sorted(tensors)
+    width = max((tensors[s].numel() for s in squares), default=0)
+    matrix = np.zeros((len(squares), width), np.float32)
+    for i, s in enumerate(squares):
+        matrix[i] = tensors[s].numpy()
+    head = json.dumps({"format": SCREEN_FORMAT, "defense": defense.name, "state": doc}).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, doc=np.frombuffer(head, np.uint8), squares=np.asarray(squares, np.int64), tensors=matrix)
+    tmp.replace(path)
+
+
+def load_screen(path: Path, kind: type[Defense], n_params: int) -> Defense | None:
+    """The memory ``save_screen`` wrote, checked; None (the screen warms up again) when there is none or
+    it cannot be used. Loaded with ``allow_pickle=False``: the file is data, never code."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            head = json.loads(f["doc"].tobytes())
+            squares, matrix = f["squares"], f["tensors"]
+        if (
+            not isinstance(head, dict)
+            or head.get("format") != SCREEN_FORMAT
+            or head.get("defense") != kind.name
+        ):
+            raise ValueError(f"not a {kind.name} screen memory (format {SCREEN_FORMAT})")
+        if squares.ndim != 1 or squares.dtype.kind != "i" or matrix.dtype != np.float32 or matrix.ndim != 2:
+            raise ValueError("squares must be integers and tensors a float32 matrix")
+        if len(squares) != len(matrix) or (len(squares) and matrix.shape[1] != n_params):
+            raise ValueError(f"tensors of shape {matrix.shape}, expected ({len(squares)}, {n_params})")
+        if not np.isfinite(matrix).all():
+            raise ValueError("tensors must be finite")
+        tensors = {int(s): torch.from_numpy(matrix[i].copy()) for i, s in enumerate(squares)}
+        return kind.from_state(head["state"], tensors)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, json.JSONDecodeError) as exc:
+        log.warning("screen memory %s unusable (%s); the screen warms up again", path, exc)
+        return None

@@ -120,7 +120,8 @@ class TwinStore:
         (the HTTP wait releases the GIL), and the next poll is built while this one's writes finish.
         """
         items: list[tuple[Any, Points]] = []
-        pending: dict[str, list[str]] = {"s": [], "ms": []}  # lines by time precision
+        pending: dict[str, list[str]] = {"s": [], "ms": []}  # lines (or blocks of lines) by time precision
+        pending_points = {"s": 0, "ms": 0}
         futures: list[Future[None]] = []
         step = self.settings.influx.batch_points
         now_ms = int(time.time() * 1000)
@@ -145,9 +146,10 @@ class TwinStore:
                 items.append((m, points))
                 lines = pending[points.precision]
                 lines += points.lines
-                if len(lines) >= step:
+                pending_points[points.precision] += points.n_points
+                if pending_points[points.precision] >= step:
                     futures.append(self.writer.submit(self._write, lines, points.precision))
-                    pending[points.precision] = []
+                    pending[points.precision], pending_points[points.precision] = [], 0
                 if batch.final:
                     self.counters.finals.append(
                         {
@@ -191,7 +193,7 @@ class TwinStore:
             progress = [line for _, p in head.items for line in p.progress_lines(acked_ms)]
             self._write(progress, "ms")
             self.counters.records += sum(p.records for _, p in head.items)
-            self.counters.points += sum(len(p.lines) for _, p in head.items) + len(progress)
+            self.counters.points += sum(p.n_points for _, p in head.items) + len(progress)
             self.producer.flush()  # dead letters are durable before their offsets are committed
             try:
                 self.consumer.commit(head.offsets)

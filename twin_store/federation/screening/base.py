@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -51,6 +52,15 @@ class Defense:
     def aggregate(self, stack: torch.Tensor, weights: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """``stack [k, P]`` of the members' latest accepted updates with their sample counts."""
         return fedavg(stack, weights)
+
+    def state(self) -> tuple[dict[str, Any], dict[int, torch.Tensor]]:
+        """What a defense that ``remembers`` keeps across restarts: JSON-able numbers and tensors by square."""
+        return {}, {}
+
+    @classmethod
+    def from_state(cls, doc: dict[str, Any], tensors: dict[int, torch.Tensor]) -> Defense:
+        """The inverse of ``state``; raises ValueError, TypeError or KeyError on a document it did not write."""
+        return cls()
 
 
 def delta_norm(update: Candidate) -> float:

@@ -1,4 +1,4 @@
-"""nettwin's default: screening over time, per BS, with river detectors. No rounds, no attacker count.
+"""nettwin's default: screening over time, per BS, with drift detectors. No rounds, no attacker count.
 
 Each arriving update is described by its change of the cluster twin, ``delta = params - reference``, and
 compared with the deltas of recently accepted updates (the same cluster's members when there are enough,
@@ -12,23 +12,73 @@ An honest update scores about 1 on both (measured on Milan, 50 BSs: 99th percent
 score is the larger of the two. An update is quarantined when
 
 1. its score exceeds ``hard`` (an outlier now), or
-2. its BS is under suspicion: a river ``PageHinkley`` detector on that BS's own score stream saw the
-   scores rise and the ``EWMean`` of its scores went above ``soft``. The BS stays quarantined until that
+2. its BS is under suspicion: a Page-Hinkley detector on that BS's own score stream saw the scores rise
+   and the exponentially weighted mean of its scores went above ``soft``. The BS stays quarantined until that
    EWMean calms down below ``calm``.
 
 Rule 2 catches a BS that drifts into an attack with updates that are each only moderately odd. Scores of
 quarantined updates keep feeding the BS's detectors, so a BS that behaves again is released; only accepted
 deltas become peers. Until ``warmup`` updates have been accepted network-wide, updates are accepted.
+
+The two detectors are river's ``stats.EWMean`` and ``drift.PageHinkley(mode="up")``, written out here
+(``EwMean``, ``RiseDetector``; tests hold them equal to river's) so the screen's memory is plain numbers:
+the store keeps it as JSON and an array file (``state`` / ``from_state``), never as a pickle.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
-from river import drift, stats
 
 from twin_store.federation.screening.base import Candidate, Defense, Verdict
+
+
+@dataclass
+class EwMean:
+    """Exponentially weighted mean; the first value starts it (river ``stats.EWMean``)."""
+
+    fading_factor: float = 0.5
+    mean: float = 0.0
+    started: bool = False
+
+    def update(self, x: float) -> None:
+        if self.started:
+            self.mean = self.fading_factor * x + (1 - self.fading_factor) * self.mean
+        else:
+            self.mean, self.started = x, True
+
+    def get(self) -> float:
+        return self.mean
+
+
+@dataclass
+class RiseDetector:
+    """Page-Hinkley test for an increase of the mean (river ``drift.PageHinkley(mode="up")``)."""
+
+    min_instances: int = 3
+    delta: float = 0.2
+    threshold: float = 1.0
+    alpha: float = 1 - 0.0001
+    n: float = 0.0
+    mean: float = 0.0
+    sum_increase: float = 0.0
+    min_increase: float = math.inf
+    drift_detected: bool = False
+
+    def update(self, x: float) -> None:
+        if self.drift_detected:  # a detection starts a new test
+            self.n, self.mean, self.sum_increase, self.min_increase = 0.0, 0.0, 0.0, math.inf
+            self.drift_detected = False
+        self.n += 1.0
+        self.mean += (1.0 / self.n) * (x - self.mean)
+        self.sum_increase = self.alpha * self.sum_increase + (x - self.mean) - self.delta
+        self.min_increase = min(self.min_increase, self.sum_increase)
+        if self.n >= self.min_instances:
+            self.drift_detected = self.sum_increase - self.min_increase > self.threshold
 
 
 class TemporalScreen(Defense):
@@ -50,8 +100,8 @@ class TemporalScreen(Defense):
         self.max_samples = max_samples  # an update claiming more samples than a BS can have is forged
         self.deltas: dict[int, torch.Tensor] = {}  # square -> delta of its latest accepted update
         self.recent: deque[int] = deque(maxlen=pool)  # squares of the latest accepted updates
-        self.level: dict[int, stats.EWMean] = {}
-        self.rise: dict[int, drift.PageHinkley] = {}
+        self.level: dict[int, EwMean] = {}
+        self.rise: dict[int, RiseDetector] = {}
         self.rising: set[int] = set()  # BSs whose scores rose (PageHinkley) and have not calmed down
         self.suspect: set[int] = set()
         self.accepted = 0
@@ -83,10 +133,8 @@ class TemporalScreen(Defense):
                 False, float("inf"), f"claims {update.n_samples} samples > {self.max_samples}", norm
             )
         score = max(feats.values(), default=0.0)
-        level = self.level.setdefault(update.square, stats.EWMean(fading_factor=0.5))
-        rise = self.rise.setdefault(
-            update.square, drift.PageHinkley(min_instances=3, delta=0.2, threshold=1.0, mode="up")
-        )
+        level = self.level.setdefault(update.square, EwMean(fading_factor=0.5))
+        rise = self.rise.setdefault(update.square, RiseDetector(min_instances=3, delta=0.2, threshold=1.0))
         level.update(min(score, 2 * self.hard))  # capped: one wild update must not keep a BS out forever
         rise.update(min(score, 2 * self.hard))
         if rise.drift_detected:
@@ -110,6 +158,44 @@ class TemporalScreen(Defense):
         self.recent.append(update.square)
         self.accepted += 1
         return Verdict(True, score, "", norm)
+
+    def state(self) -> tuple[dict[str, Any], dict[int, torch.Tensor]]:
+        """The memory as JSON-able numbers and the peers' deltas (square -> tensor)."""
+        doc = {
+            "settings": {
+                "hard": self.hard,
+                "soft": self.soft,
+                "calm": self.calm,
+                "pool": self.recent.maxlen,
+                "min_peers": self.min_peers,
+                "warmup": self.warmup,
+                "max_samples": self.max_samples,
+            },
+            "recent": list(self.recent),
+            "level": {str(s): asdict(d) for s, d in self.level.items()},
+            "rise": {str(s): asdict(d) for s, d in self.rise.items()},
+            "rising": sorted(self.rising),
+            "suspect": sorted(self.suspect),
+            "accepted": self.accepted,
+        }
+        return doc, dict(self.deltas)
+
+    @classmethod
+    def from_state(cls, doc: dict[str, Any], deltas: dict[int, torch.Tensor]) -> TemporalScreen:
+        """Rebuild from ``state()``; raises ValueError (or TypeError, KeyError) when ``doc`` is not one."""
+        screen = cls(**doc["settings"])
+        screen.deltas = dict(deltas)
+        screen.recent.extend(int(s) for s in doc["recent"])
+        screen.level = {int(s): EwMean(**d) for s, d in doc["level"].items()}
+        screen.rise = {int(s): RiseDetector(**d) for s, d in doc["rise"].items()}
+        screen.rising = {int(s) for s in doc["rising"]}
+        screen.suspect = {int(s) for s in doc["suspect"]}
+        screen.accepted = int(doc["accepted"])
+        numbers = [v for d in screen.level.values() for v in asdict(d).values()]
+        numbers += [v for d in screen.rise.values() for v in asdict(d).values()]
+        if not all(isinstance(v, (int, float)) for v in numbers):
+            raise ValueError("detector state must be numbers")
+        return screen
 
 
 DEFENSE = TemporalScreen
