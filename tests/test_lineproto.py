@@ -27,8 +27,8 @@ from twin_store.adapters.lineproto import (
         ("a b", r"a\ b"),
         ("a,b", r"a\,b"),
         ("a=b", r"a\=b"),
-        ("a\\b", "a\\\\b"),
-        ("x =,\\", "x\\ \\=\\,\\\\"),
+        ("a\\b", "a\\b"),  # InfluxDB 1.x keeps a lone backslash as written: doubling it would store two
+        ("x =,\\", "x\\ \\=\\,\\\\"),  # a trailing one is doubled, or it would escape the separator
         ("", ""),
         ("città", "città"),
     ],
@@ -39,20 +39,24 @@ def test_escape_tag(raw: str, escaped: str) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "escaped"),
-    [("traffic", "traffic"), ("a b", r"a\ b"), ("a,b", r"a\,b"), ("a=b", "a=b"), ("a\\b", "a\\\\b")],
+    [("traffic", "traffic"), ("a b", r"a\ b"), ("a,b", r"a\,b"), ("a=b", "a=b"), ("a\\b", "a\\b")],
 )
 def test_escape_measurement_leaves_equals_alone(raw: str, escaped: str) -> None:
     assert escape_measurement(raw) == escaped
 
 
-def _unescape(text: str) -> str:
-    return re.sub(r"\\(.)", r"\1", text)
+def _influx_unescape(text: str) -> str:
+    # what InfluxDB 1.x does to a tag value: exactly these pairs are unescaped
+    return text.replace("\\,", ",").replace("\\=", "=").replace("\\ ", " ")
 
 
-@pytest.mark.parametrize("raw", ["a b,c=d\\e", "\\", "\\,", " , = "])
+@pytest.mark.parametrize("raw", ["a b,c=d\\e", " , = ", "c:\\temp\\x"])
 def test_escaping_is_reversible(raw: str) -> None:
-    assert _unescape(escape_tag(raw)) == raw
-    # once every escape pair is removed, no separator is left
+    assert _influx_unescape(escape_tag(raw)) == raw
+
+
+@pytest.mark.parametrize("raw", ["a b,c=d\\e", "\\", "\\,", " , = ", "x\\ y"])
+def test_no_separator_is_left_unescaped(raw: str) -> None:
     assert not set(re.sub(r"\\.", "", escape_tag(raw))) & {" ", ",", "="}
 
 
@@ -224,3 +228,15 @@ def test_columns_to_lines_read_back_from_influxdb_bit_for_bit(isolated: NettwinS
         influx.write("\n".join(lines).encode(), "s")
         row = influx.query('SELECT * FROM "m"')[0].rows()[0]
     assert np.array([row[n] for n in names], np.float64).tobytes() == values.tobytes()
+
+
+@pytest.mark.integration
+def test_tag_values_read_back_from_influxdb_as_written(isolated: NettwinSettings) -> None:
+    from twin_store.adapters.influx import InfluxClient
+
+    values = ["a\\b", "x y,z=w", "c:\\temp\\x", "città"]
+    lines = "\n".join(point("m", {"t": v}, {"v": float(i)}, i + 1) for i, v in enumerate(values))
+    with InfluxClient(isolated.influx) as influx:
+        influx.write(lines.encode())
+        got = {r["t"]: r["v"] for s in influx.query('SELECT "v", "t" FROM "m"') for r in s.rows()}
+    assert got == {v: float(i) for i, v in enumerate(values)}

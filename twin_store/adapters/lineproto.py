@@ -8,6 +8,7 @@ and each line is assembled by one ``str.join`` over interleaved pieces, never a 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
@@ -17,14 +18,24 @@ import orjson
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 
+# InfluxDB 1.x unescapes exactly \, \= and \<space> in tags (\, and \<space> in measurements) and keeps any
+# other backslash as written, so a backslash is not doubled: doubling would store two. Only a backslash right
+# before such a character or at the end is doubled, so that it cannot escape the separator after it (that
+# corner is not representable in 1.x; it is stored with the backslash doubled).
+_TAG_SPECIAL = re.compile(r"\\(?=[,= ]|$)")
+_MEASUREMENT_SPECIAL = re.compile(r"\\(?=[, ]|$)")
+
+
 @lru_cache(maxsize=1 << 14)  # names and tag values repeat in every batch
 def escape_tag(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+    value = _TAG_SPECIAL.sub(r"\\\\", value)
+    return value.replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
 
 
 @lru_cache(maxsize=1 << 10)
 def escape_measurement(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(",", "\\,").replace(" ", "\\ ")
+    value = _MEASUREMENT_SPECIAL.sub(r"\\\\", value)
+    return value.replace(",", "\\,").replace(" ", "\\ ")
 
 
 def format_field(value: object) -> str:
