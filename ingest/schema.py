@@ -123,6 +123,9 @@ def decode(data: bytes) -> RecordBatch:
         raise MalformedMessage("header.columns must be a non-empty list of names")
     if not isinstance(step_s, int) or isinstance(step_s, bool) or step_s <= 0:
         raise MalformedMessage("header.step_s must be a positive integer")
+    problem = _header_types(h)
+    if problem:
+        raise MalformedMessage(problem)
     (n,) = _U32.unpack_from(data, body)
     k = len(columns)
     off_sq = body + 8
@@ -147,10 +150,28 @@ def decode(data: bytes) -> RecordBatch:
         sent=h.get("sent"),
         extra=h.get("extra") or {},
     )
-    problem = validate(batch)
+    try:
+        problem = validate(batch)
+    except OverflowError as exc:  # e.g. step_s = 10**30: no int64 arithmetic holds it
+        raise MalformedMessage(f"header value out of range: {exc}") from exc
     if problem:
         raise MalformedMessage(problem)
     return batch
+
+
+def _header_types(h: dict[str, Any]) -> str | None:
+    """Why the optional header fields have the wrong types, or None (they steer windows and counts)."""
+    for key in ("watermark_ms", "closed_ms", "sent"):
+        value = h.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            return f"header.{key} must be an integer, got {value!r}"[:200]
+    if h.get("run") is not None and not isinstance(h["run"], str):
+        return f"header.run must be a string, got {h['run']!r}"[:200]
+    if not isinstance(h.get("final", False), bool):
+        return "header.final must be true or false"
+    if h.get("extra") is not None and not isinstance(h["extra"], dict):
+        return "header.extra must be an object"
+    return None
 
 
 def validate(batch: RecordBatch) -> str | None:

@@ -188,3 +188,58 @@ def test_second_worker_added_mid_replay(isolated: NettwinSettings, procs: Proces
     procs.assert_running("worker-a", "worker-b", "store")
     for name in ("worker-a", "worker-b"):
         assert procs.signal(name, signal.SIGTERM) < STOP_WITHIN_S, procs.logs()
+
+
+def test_poison_on_every_worker_topic_costs_that_message_only(
+    isolated: NettwinSettings, procs: Processes
+) -> None:
+    """Null values and wrong header types once crashed the agents (in a loop); now each is a dead letter."""
+    from ingest.kafka import make_producer
+    from ingest.schema import RecordBatch
+    from ingest.topics import Topics
+    from nettwin.cli.query import read_deadletters
+
+    topics = Topics.from_settings(isolated)
+    t0 = 1_383_260_400_000
+
+    def traffic(step_s: int = 600, **meta: object) -> bytes:
+        return RecordBatch(
+            "traffic",
+            ACTIVITY_COLUMNS,
+            step_s,
+            np.array([2, 6], np.uint32),
+            np.full(2, t0, np.int64),
+            np.ones((2, 5)),
+            **meta,  # type: ignore[arg-type]
+        ).encode()
+
+    procs.start_worker("worker")
+    procs.start("store", "store")
+    procs.wait_assigned("worker")
+    poison = [None, traffic(watermark_ms="abc"), traffic(run={"id": 1}), traffic(step_s=10**30)]
+    producer = make_producer(isolated)
+    for value in poison:  # a null value needs a key (a tombstone)
+        producer.send(topics.telemetry_milan, value, key=b"x", partition=1)
+    for topic in (topics.features_traffic, topics.telemetry_sensors, topics.telemetry_ftm):
+        producer.send(topic, None, key=b"x", partition=0)
+    producer.send(topics.telemetry_milan, traffic(watermark_ms=t0 + 600_000), partition=1)
+    producer.flush()
+    producer.close()
+    wait_until(lambda: traffic_rows(isolated) == 2, 60, "the good message after the poison")
+
+    def worker_letters() -> list[object]:
+        letters = read_deadletters(isolated, 50, timeout_s=1)
+        return [d for d in letters if d.stage in ("worker", "multimodal")]
+
+    letters = wait_until(lambda: len(worker_letters()) >= 6 and worker_letters(), 30, "6 dead letters")
+    milan = sorted((d.position, d.original) for d in letters if d.source == topics.telemetry_milan)
+    assert milan == [(f"{topics.telemetry_milan}[1]@{i}", v or b"") for i, v in enumerate(poison)]
+    assert {d.source for d in letters} == {
+        topics.telemetry_milan,
+        topics.telemetry_sensors,
+        topics.telemetry_ftm,
+    }
+    procs.assert_running("worker", "store")
+    log = (procs.logdir / "worker.log").read_text()
+    assert "Traceback" not in log and "crashed" not in log.lower(), log[-3000:]
+    assert procs.signal("worker", signal.SIGTERM) < STOP_WITHIN_S
