@@ -19,18 +19,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ingest.readers.milan import HOUR_MS
 from ingest.schema import RecordBatch
-from twin_store.federation.keys import KeyRegistry
-from twin_store.federation.local_updates import StreamPlan, local_updates, profile_upto
 from twin_store.federation.models_topic import TwinMessage, cluster_membership
 from twin_store.federation.samples import LAGS
-from twin_store.models.forecaster import TwinModel
-from twin_store.models.telemetry_screen import SourceScreen
+
+if TYPE_CHECKING:  # torch, the models and the screen are imported once there is a twin to act on (seconds
+    # of start-up and memory that a worker without published twins does not pay)
+    from twin_store.federation.keys import KeyRegistry
+    from twin_store.federation.local_updates import StreamPlan
+    from twin_store.models.forecaster import TwinModel
+    from twin_store.models.telemetry_screen import SourceScreen
 
 KEEP_VERSIONS = 16  # per twin; acting needs only the newest ones up to the previous hour
 
@@ -170,11 +173,15 @@ class BsAgents:
         return self.twins.versions[b"global:0"][-1]
 
     def plan(self) -> StreamPlan:
+        from twin_store.federation.local_updates import StreamPlan
+
         return StreamPlan.from_meta(self._newest_global().meta["plan"])
 
     def model(self) -> TwinModel:
         hidden = self._newest_global().hidden
         if self._model is None or self._model.hidden != hidden:
+            from twin_store.models.forecaster import TwinModel
+
             self._model = TwinModel(hidden)
         return self._model
 
@@ -216,6 +223,11 @@ class BsAgents:
         model: TwinModel,
         out: AgentOutput,
     ) -> None:
+        import torch
+
+        from twin_store.federation.local_updates import local_updates, profile_upto
+        from twin_store.models.telemetry_screen import SourceScreen
+
         self.counters["hours"] += 1
         known = [(s, v) for s, v in values if str(s) in scaler]
         out.skipped += len(values) - len(known)

@@ -1,7 +1,8 @@
 """Plain Kafka consumers beside the Faust agents: topic followers and partition history readers.
 
 ``TopicFollower`` reads a compacted topic (``twin.models``, ``sites.ftm``) from the start with no consumer
-group (every worker needs all of it) into an inbox that the event loop drains. It is ``caught_up`` once
+group (every worker needs all of it) into an inbox that the event loop drains; while the topic has never had a
+message it is polled once a second only (an idle agent costs nothing). It is ``caught_up`` once
 it has read to the end offsets the topic had when it started, so a reader can wait for the whole state
 instead of guessing from a quiet period. It never dies: an error is logged and counted, and it starts over
 after a back-off (0.5 s doubling to 10 s), re-reading from the start (messages are keyed and idempotent).
@@ -33,6 +34,7 @@ log = logging.getLogger("nettwin.worker")
 
 FETCH_MAX_WAIT_MS = 20  # followers carry twins between hours: low latency over batching
 BACKOFF_S = (0.5, 10.0)
+IDLE_POLL_S = 1.0  # between polls of a topic that has never had a message
 
 
 class TopicFollower(threading.Thread):
@@ -73,12 +75,17 @@ class TopicFollower(threading.Thread):
             consumer.seek_to_beginning(*tps)
             end = consumer.end_offsets(tps) if tps else {}
             while not self.stopping.is_set():
-                for records in consumer.poll(timeout_ms=200).values():
+                got = 0
+                for records in consumer.poll(timeout_ms=200, max_records=10_000).values():
                     for m in records:
                         self.inbox.put((m.key, m.value))
-                        self.counters["messages"] += 1
+                    got += len(records)
+                self.counters["messages"] += got
                 if not self.caught_up.is_set() and all(consumer.position(tp) >= end[tp] for tp in tps):
                     self.caught_up.set()
+                if self.caught_up.is_set() and not self.counters["messages"]:
+                    # an empty topic (no twins published, no sites): follow it at a walk, not a run
+                    self.stopping.wait(IDLE_POLL_S)
         finally:
             consumer.close()
 

@@ -57,3 +57,21 @@ def test_a_null_message_on_the_hourly_topic_is_malformed_not_a_crash() -> None:
         hourly_batch(None)
     with pytest.raises(MalformedMessage, match="bad magic"):
         hourly_batch(b"")
+
+
+def test_building_the_worker_loads_no_model_library() -> None:
+    """Agents with nothing to do cost nothing: torch, river and networkx load with the first twin or
+    reading, not at start-up (they made the worker's start-up seconds longer, issue 16)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    code = (
+        "import sys; from ingest.settings import load_settings; from stream_processors.app import build_app; "
+        "build_app(load_settings({'state_dir': sys.argv[1]})); "
+        "print(sorted(m for m in ('torch', 'river', 'networkx', 'scipy') if m in sys.modules))"
+    )
+    with tempfile.TemporaryDirectory() as state:
+        res = subprocess.run([sys.executable, "-c", code, state], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"

@@ -124,7 +124,8 @@ def register(ctx: WorkerContext) -> Any:
             if batch is not None:
                 await wait_for_store(agents, batch)
                 try:
-                    out = await in_thread(agents.on_hour, batch)
+                    # before the first global twin an hour is only kept: no thread, no torch
+                    out = await in_thread(agents.on_hour, batch) if agents.ready else agents.on_hour(batch)
                 except Exception as exc:  # bad data (or a bug it reveals) costs this message only
                     if not isinstance(exc, MalformedMessage):
                         log.exception("bs-twins: cannot process %s", where)

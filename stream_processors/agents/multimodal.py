@@ -19,7 +19,6 @@ from ingest.deadletter import DeadLetter
 from ingest.readers.ftm import SiteGeometry
 from stream_processors.agents.context import WorkerContext
 from stream_processors.followers import SiteFollower
-from stream_processors.multimodal_live import MultimodalWindower, encode_window
 
 GROUP = "multimodal"  # the state key's "topic": one windower per partition number of the three topics
 
@@ -35,17 +34,22 @@ def register(ctx: WorkerContext) -> Any:
     ctx.reports["site follower"] = lambda: dict(follower.counters)
 
     async def send_windows(windows: list[dict[str, Any]], partition: int) -> None:
+        from stream_processors.multimodal_live import encode_window
+
         for w in windows:
             await sink.send(key=w["key"].encode(), value=encode_window(w), partition=partition)
 
     @ctx.app.agent(source, name="multimodal")
     async def multimodal(stream: Any) -> None:
-        ctx.start_thread(follower)
         async for event in stream.noack().events():
             msg = event.message
+            ctx.start_thread(follower)  # with the first record: no multimodal input, no follower
             follower.drain_into(sites)
             windower = states.get(GROUP, msg.partition)
             if windower is None:
+                # imported with the first record: a worker without multimodal input does not load it
+                from stream_processors.multimodal_live import MultimodalWindower
+
                 windower = MultimodalWindower(sites=sites)
                 states.put(GROUP, msg.partition, windower, 0)
             key = msg.key.decode(errors="replace") if msg.key else ""

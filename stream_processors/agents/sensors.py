@@ -14,7 +14,6 @@ from typing import Any
 
 from ingest.deadletter import DeadLetter
 from stream_processors.agents.context import WorkerContext
-from stream_processors.sensor_screening import SensorScreening
 
 log = logging.getLogger("nettwin.worker")
 
@@ -39,6 +38,9 @@ def register(ctx: WorkerContext) -> Any:
             msg = event.message
             screening = states.get(msg.topic, msg.partition, msg.offset)
             if screening is None:
+                # imported with the first reading: a worker without sensors does not load river
+                from stream_processors.sensor_screening import SensorScreening
+
                 screening = SensorScreening("robust")
                 states.put(msg.topic, msg.partition, screening, msg.offset)
             try:
