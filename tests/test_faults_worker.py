@@ -243,3 +243,96 @@ def test_poison_on_every_worker_topic_costs_that_message_only(
     log = (procs.logdir / "worker.log").read_text()
     assert "Traceback" not in log and "crashed" not in log.lower(), log[-3000:]
     assert procs.signal("worker", signal.SIGTERM) < STOP_WITHIN_S
+
+
+HOURLY = DAY.parent / "hourly_150squares_62days.csv"
+
+
+def accepted_updates(settings: NettwinSettings) -> list[tuple[int, int]]:
+    """(square, seq) of every accepted ``update`` row: one row per decision, so a repeat would show."""
+    with InfluxClient(settings.influx) as influx:
+        series = influx.query('SELECT "seq" FROM "update" WHERE "decision" = \'accepted\' GROUP BY "square"')
+    return sorted((int(s.tags["square"]), int(v[1])) for s in series for v in s.values)
+
+
+def live_vhtwin(
+    settings: NettwinSettings, logdir: Path, kill_after_updates: int | None
+) -> list[tuple[int, int]]:
+    """The live VH-Twin of ``nettwin demo --hourly`` on 6 squares; kill -9 the worker (which runs the BS
+    agents) once the store accepted ``kill_after_updates`` updates, and start a new one. Returns the
+    accepted updates once every test hour has its outcome and no update arrived for 10 s."""
+    import threading
+
+    from bench.live_vhtwin import (
+        LiveConfig,
+        replay_split,
+        subset_file,
+        test_span,
+        vtwin_job,
+        wait_for_forecasts,
+    )
+    from twin_store.services.vtwin import run_vtwin
+
+    cfg = LiveConfig(HOURLY, squares=6, seed=1, psi=0.01, recluster_every=0)
+    subset, series, picked = subset_file(cfg.data, cfg.squares, cfg.seed, logdir / "subset.csv")
+    first_test, last_test = test_span(series.shape[1])
+    vt = run_vtwin(settings, vtwin_job(cfg, subset))
+    procs = Processes(settings, logdir)
+    try:
+        procs.start_worker("worker")
+        procs.start("store", "store")
+        procs.start("htwin", "htwin", "--psi", repr(cfg.psi), "--defense", "mean")
+        procs.wait_assigned("worker", "features.traffic")
+        errors: list[BaseException] = []
+
+        def replay() -> None:
+            try:
+                replay_split(settings, subset, vt["train_hours"], cfg.speed, 300)
+            except BaseException as exc:  # re-raised by the test
+                errors.append(exc)
+
+        replayer = threading.Thread(target=replay)
+        replayer.start()
+        if kill_after_updates is not None:
+            wait_until(lambda: len(accepted_updates(settings)) >= kill_after_updates, 240, "updates")
+            procs.signal("worker", signal.SIGKILL)
+            procs.start_worker("worker-restarted")
+        replayer.join(300)
+        assert not replayer.is_alive() and not errors, errors or "the replay did not finish"
+        with InfluxClient(settings.influx) as influx:
+            wait_for_forecasts(influx, len(picked), first_test, last_test, 240, lambda: None)
+        seen: list[list[tuple[int, int]]] = []
+
+        def settled() -> bool:
+            seen.append(accepted_updates(settings))
+            return len(seen) > 10 and seen[-1] == seen[-11]
+
+        wait_until(settled, 120, "the accepted updates to settle", interval=1.0)
+        return seen[-1]
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.skipif(not HOURLY.exists(), reason=f"real data not found at {HOURLY}")
+def test_bs_agents_worker_killed_mid_stream_loses_and_repeats_no_update(
+    isolated: NettwinSettings, tmp_path: Path
+) -> None:
+    from twin_store.adapters.provision import deprovision, provision
+
+    def variant(tag: str) -> NettwinSettings:
+        kafka = isolated.kafka.model_copy(update={"topic_prefix": f"{isolated.kafka.topic_prefix}{tag}."})
+        influx = isolated.influx.model_copy(update={"database": f"{isolated.influx.database}_{tag}"})
+        return isolated.model_copy(update={"kafka": kafka, "influx": influx, "state_dir": tmp_path / tag})
+
+    runs = {}
+    for tag, kill in (("calm", None), ("killed", 40)):
+        settings = variant(tag)
+        provision(settings)
+        try:
+            (tmp_path / tag).mkdir()
+            runs[tag] = live_vhtwin(settings, tmp_path / tag, kill)
+        finally:
+            deprovision(settings)
+    assert len(runs["calm"]) > 60
+    assert len(set(runs["killed"])) == len(runs["killed"]), "an update was applied twice"
+    assert runs["killed"] == runs["calm"]
