@@ -149,10 +149,18 @@ def run_pipeline(
     settings: NettwinSettings, tables: list[Any], speed: float | None, logdir: Path
 ) -> dict[str, Any]:
     env = settings_env(settings)
-    worker = spawn_cli(["worker"], logdir / "worker.log", env)
+    worker_log = logdir / "worker.log"
+    worker_log.unlink(missing_ok=True)
+    worker = spawn_cli(["worker", "--loglevel", "info"], worker_log, env)
     store = spawn_cli(["store"], logdir / "store.log", env)
     try:
         time.sleep(6)  # both processes up and in their groups before the clock starts
+        # the worker's start-up (imports, joining its group) is not its throughput: wait until it is ready
+        deadline = time.monotonic() + 120
+        while "[^Worker]: Ready" not in worker_log.read_text(errors="replace"):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"bench: the worker did not get ready; see {worker_log}")
+            time.sleep(0.2)
         run = uuid.uuid4().hex[:8]
         pids = {
             "worker": worker.pid,

@@ -19,18 +19,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ingest.readers.milan import HOUR_MS
 from ingest.schema import RecordBatch
-from twin_store.federation.keys import KeyRegistry
-from twin_store.federation.local_updates import StreamPlan, local_updates, profile_upto
 from twin_store.federation.models_topic import TwinMessage, cluster_membership
 from twin_store.federation.samples import LAGS
-from twin_store.models.forecaster import TwinModel
-from twin_store.models.telemetry_screen import SourceScreen
+
+if TYPE_CHECKING:  # torch, the models and the screen are imported once there is a twin to act on (seconds
+    # of start-up and memory that a worker without published twins does not pay)
+    from twin_store.federation.keys import KeyRegistry
+    from twin_store.federation.local_updates import StreamPlan
+    from twin_store.models.forecaster import TwinModel
+    from twin_store.models.telemetry_screen import SourceScreen
 
 KEEP_VERSIONS = 16  # per twin; acting needs only the newest ones up to the previous hour
 
@@ -40,8 +43,14 @@ class TwinVersions:
 
     def __init__(self) -> None:
         self.versions: dict[bytes, list[TwinMessage]] = {}
+        self.decided: dict[int, int] = {}  # square -> newest update (seq) the store has decided on
 
     def add(self, msg: TwinMessage) -> None:
+        if msg.level == "bs":  # the store decided on this BS's update: a restarted agent need not redo it
+            seq = max(int(msg.meta.get("seq", -1)), int(msg.meta.get("decided_seq", -1)))
+            square = int(msg.twin_id)
+            self.decided[square] = max(seq, self.decided.get(square, -1))
+            return
         kept = self.versions.setdefault(msg.key, [])
         kept.append(msg)
         kept.sort(key=lambda m: (as_of(m), m.version))
@@ -92,38 +101,52 @@ FORECAST_COLUMNS = ("predicted", "cluster")
 OUTCOME_COLUMNS = ("predicted", "actual", "abs_error", "flagged", "cluster")
 
 
+COUNTERS = (
+    "hours",
+    "forecasts",
+    "outcomes",
+    "updates",
+    "skipped_updates",
+    "other_batches",
+    "flagged_hours",
+    "ack_timeouts",  # own updates the store had not published when the agent stopped waiting
+    "past_hours",  # hours re-read after a restart whose forecasts were issued back then
+    "unsigned_updates",
+)
+
+
 class BsAgents:
-    def __init__(self, keys: KeyRegistry | None = None, screen_traffic: bool = False) -> None:
+    """The BS agents of some squares (the worker keeps one per input partition).
+
+    ``twins`` may be shared by several instances: the twins are the network's, the histories are theirs.
+    """
+
+    def __init__(
+        self, keys: KeyRegistry | None = None, screen_traffic: bool = False, twins: TwinVersions | None = None
+    ) -> None:
         self.keys = keys  # signs every local update when the deployment authenticates them
         # per-square online screen of the hourly (z-scored) traffic: flagged hours never reach training
         self.screens: dict[int, SourceScreen] | None = {} if screen_traffic else None
-        self.twins = TwinVersions()
+        self.twins = twins if twins is not None else TwinVersions()
         self.history: dict[int, SquareHistory] = {}
         self.issued: dict[tuple[int, int], tuple[float, int]] = {}  # (square, hour) -> (predicted, cluster)
-        self.accepted_seq: dict[int, int] = {}  # square -> newest update the store has decided on
         self.awaiting: dict[int, int] = {}  # square -> hour of its update not yet published by the store
-        self.counters = {
-            "hours": 0,
-            "forecasts": 0,
-            "outcomes": 0,
-            "updates": 0,
-            "skipped_updates": 0,
-            "other_batches": 0,
-            "flagged_hours": 0,
-        }
+        self.counters = dict.fromkeys(COUNTERS, 0)
         self.backlog: list[RecordBatch] = []
         self._model: TwinModel | None = None
 
     # ---- twins
     def on_twin(self, msg: TwinMessage) -> None:
-        if msg.level == "bs":  # the store decided on this BS's update: a restarted agent need not redo it
-            square = int(msg.twin_id)
-            seq = max(int(msg.meta.get("seq", -1)), int(msg.meta.get("decided_seq", -1)))
-            self.accepted_seq[square] = seq
-            if self.awaiting.get(square, seq + 1) <= seq:
-                del self.awaiting[square]
-            return
         self.twins.add(msg)
+
+    @property
+    def accepted_seq(self) -> dict[int, int]:
+        return self.twins.decided
+
+    def _forget_decided(self) -> None:
+        decided = self.twins.decided
+        for square in [s for s, h in self.awaiting.items() if decided.get(s, -1) >= h]:
+            del self.awaiting[square]
 
     def unacknowledged_before(self, batch: RecordBatch) -> int:
         """Own updates of hours before this batch's first hour that the store has not published yet.
@@ -131,6 +154,7 @@ class BsAgents:
         Acting before they are in would use twins older than the protocol says, so the adapter waits for
         them (bounded by ``give_up_waiting``).
         """
+        self._forget_decided()
         if not self.awaiting or not len(batch) or not self.ready:
             return 0
         first = self.plan().hour_of(int(batch.starts_ms.min()))
@@ -149,11 +173,15 @@ class BsAgents:
         return self.twins.versions[b"global:0"][-1]
 
     def plan(self) -> StreamPlan:
+        from twin_store.federation.local_updates import StreamPlan
+
         return StreamPlan.from_meta(self._newest_global().meta["plan"])
 
     def model(self) -> TwinModel:
         hidden = self._newest_global().hidden
         if self._model is None or self._model.hidden != hidden:
+            from twin_store.models.forecaster import TwinModel
+
             self._model = TwinModel(hidden)
         return self._model
 
@@ -195,6 +223,11 @@ class BsAgents:
         model: TwinModel,
         out: AgentOutput,
     ) -> None:
+        import torch
+
+        from twin_store.federation.local_updates import local_updates, profile_upto
+        from twin_store.models.telemetry_screen import SourceScreen
+
         self.counters["hours"] += 1
         known = [(s, v) for s, v in values if str(s) in scaler]
         out.skipped += len(values) - len(known)
@@ -292,7 +325,7 @@ class BsAgents:
                 if update.twin_id in self.keys.keys:
                     self.keys.sign(update)
                 else:  # sent unsigned: the store rejects it and says so in an `update` row
-                    self.counters["unsigned_updates"] = self.counters.get("unsigned_updates", 0) + 1
+                    self.counters["unsigned_updates"] += 1
         self.counters["updates"] += len(out.updates)
         self.awaiting.update({int(u.twin_id): hour for u in out.updates})
 

@@ -9,6 +9,7 @@ reflected in emitted output (and may be acknowledged) and which must be re-read 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -25,13 +26,16 @@ class _OpenWindow:
 
 
 def _reduce(squares: np.ndarray, values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
-    uniq, inverse = np.unique(squares, return_inverse=True)
-    if uniq.shape[0] == squares.shape[0]:
-        order = np.argsort(squares, kind="stable")
-        return squares[order], values[order], counts[order]
-    sums = np.zeros((uniq.shape[0], values.shape[1]))
-    np.add.at(sums, inverse, values)
-    return uniq, sums, np.bincount(inverse, weights=counts, minlength=uniq.shape[0]).astype(np.int64)
+    """Rows summed per square, sorted by square: one stable sort, then sums over runs of equal squares."""
+    order = np.argsort(squares, kind="stable")
+    sq, vals, cnt = squares[order], values[order], counts[order]
+    if sq.shape[0] < 2:
+        return sq, vals, cnt
+    new_run = sq[1:] != sq[:-1]
+    if new_run.all():  # no square twice: nothing to sum
+        return sq, vals, cnt
+    starts = np.flatnonzero(np.concatenate(([True], new_run)))
+    return sq[starts], np.add.reduceat(vals, starts, axis=0), np.add.reduceat(cnt, starts)
 
 
 def _max_opt(a: int | None, b: int | None) -> int | None:
@@ -78,9 +82,17 @@ class TumblingWindows:
             starts, squares, values = starts[keep], batch.squares[keep], batch.values[keep]
         else:
             squares, values = batch.squares, batch.values
-        for start in np.unique(starts).tolist():
-            sel = starts == start
-            new_sq, new_val = squares[sel], values[sel]
+        if starts.shape[0] == 0:
+            return late
+        # one window start after another: sort by start once (replays already are) and slice
+        if starts.shape[0] > 1 and (starts[1:] < starts[:-1]).any():
+            order = np.argsort(starts, kind="stable")
+            starts, squares, values = starts[order], squares[order], values[order]
+        firsts = np.flatnonzero(np.concatenate(([True], starts[1:] != starts[:-1])))
+        bounds = [*firsts.tolist(), starts.shape[0]]
+        for a, b in pairwise(bounds):
+            start = int(starts[a])
+            new_sq, new_val = squares[a:b], values[a:b]
             new_cnt = np.ones(new_sq.shape[0], np.int64)
             win = self.open.get(start)
             if win is None:

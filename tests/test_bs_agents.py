@@ -173,3 +173,35 @@ def test_screened_traffic_is_kept_and_flagged_but_left_out_of_local_training() -
     training = agents._z(3, SCALER, np.arange(141), training=True)
     assert np.isnan(training[133]) and np.isfinite(training[120:133]).all()
     assert agents.counters["flagged_hours"] < 0.02 * 2 * 141 + 1  # the smooth series is rarely flagged
+
+
+def test_giving_up_on_the_store_counts_the_updates_it_did_not_answer() -> None:
+    agents = BsAgents()
+    for t in twins(MODEL.init(1, 0)[0]):
+        agents.on_twin(t)
+    out = feed(agents, 138)
+    sent = {int(u.twin_id) for o in out.values() for u in o[0].updates}
+    assert sent and agents.unacknowledged_before(hour_batch(139, {3: 1.0})) == len(sent)
+    agents.give_up_waiting()  # the store did not answer within ACK_WAIT_S
+    assert agents.counters["ack_timeouts"] == len(sent)
+    assert agents.unacknowledged_before(hour_batch(139, {3: 1.0})) == 0
+
+
+def test_hours_re_read_with_twins_from_their_future_are_counted_not_forecast() -> None:
+    """A restarted agent re-reads old hours while the twins it knows reflect later ones."""
+    agents = BsAgents()
+    for t in twins(MODEL.init(1, 0)[0], as_of=500):
+        agents.on_twin(t)
+    out = feed(agents, 140)
+    assert not [f for o in out.values() for f in o[0].forecasts]
+    assert agents.counters["past_hours"] == 141
+
+
+def test_agents_of_two_partitions_share_the_twins_and_the_store_decisions() -> None:
+    shared = TwinVersions()
+    left, right = BsAgents(twins=shared), BsAgents(twins=shared)
+    for t in twins(MODEL.init(1, 0)[0]):
+        left.on_twin(t)
+    assert right.ready
+    right.on_twin(TwinMessage("bs", "7", 5, 8, np.zeros(MODEL.n_params, np.float32), {"seq": 10_000}))
+    assert left.accepted_seq[7] == 10_000

@@ -212,6 +212,16 @@ def test_safe_offset_never_passes_an_open_window(raw_day: TrafficTable) -> None:
             ).encode(),
             "expected kind 'traffic'",
         ),
+        # wrong header types once crashed the windows agent in a loop (issue 9, finding 5)
+        (_batch([1], [T0], watermark_ms="abc"), "header.watermark_ms must be an integer"),
+        (_batch([1], [T0], run={"id": 1}), "header.run must be a string"),
+        (_batch([1], [T0], closed_ms=1.5), "header.closed_ms must be an integer"),
+        (
+            RecordBatch(
+                "traffic", ("internet",), 10**30, np.array([1], np.uint32), np.array([T0]), np.ones((1, 1))
+            ).encode(),
+            "out of range",
+        ),
     ],
 )
 def test_malformed_message_becomes_a_dead_letter_and_processing_continues(

@@ -1,0 +1,141 @@
+"""``bs-twins``: hourly windows (``features.traffic``) -> forecasts and outcomes on ``forecasts``, local
+updates on ``updates.local`` (``stream_processors/bs_agents.py``), one ``BsAgents`` per input partition,
+all sharing the twins that a ``TwinFollower`` reads from ``twin.models`` (every worker needs every twin,
+so no consumer group).
+
+A message is acknowledged once its outputs are sent, so Faust commits only finished hours. The agents'
+state is the whole history of their squares, so when a worker is given a partition whose committed offset
+is past its start (a restart, a rebalance), it first rebuilds that partition's agents by reading the
+partition from its beginning up to the first message it is handed, with the outputs of those hours
+dropped (they were sent before they were committed), and after reading ``twin.models`` to its end offsets
+(so the updates the store already decided on are not trained again). Training runs in a thread, so
+heartbeats and windowing go on meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ingest.deadletter import DeadLetter
+from ingest.schema import MalformedMessage, RecordBatch, decode
+from stream_processors.agents.context import WorkerContext, in_thread
+from stream_processors.bs_agents import COUNTERS, AgentOutput, BsAgents, TwinVersions
+from stream_processors.followers import TwinFollower, read_partition
+from twin_store.federation.keys import KeyRegistry
+
+log = logging.getLogger("nettwin.worker")
+
+# how long a BS agent waits for the twin store to publish its previous hour's updates before acting anyway
+ACK_WAIT_S = 5.0
+HOUR_S = 3600
+
+
+def hourly_batch(value: bytes | None) -> RecordBatch | None:
+    """The hourly windows a message carries, None for anything else (10-minute windows, markers)."""
+    if value is None:
+        raise MalformedMessage("empty message value")
+    batch = decode(value)
+    return batch if batch.step_s == HOUR_S and len(batch) else None
+
+
+def register(ctx: WorkerContext) -> Any:
+    settings = ctx.settings
+    source = ctx.topic(ctx.topics.features_traffic)
+    forecasts = ctx.topic(ctx.topics.forecasts)
+    updates = ctx.topic(ctx.topics.updates_local)
+    keys_file = settings.security.keys_file
+    keys = KeyRegistry.load(keys_file) if keys_file is not None else None
+    twins = TwinVersions()
+    follower = TwinFollower(settings)
+    states = ctx.partition_states()
+    skipped = {"unreadable": 0, "rebuilt_messages": 0}
+
+    def new_agents() -> BsAgents:
+        return BsAgents(keys, settings.security.screen_traffic, twins=twins)
+
+    def report() -> dict[str, int]:
+        total = dict.fromkeys(COUNTERS, 0) | skipped
+        for agents in states.states():
+            for k, v in agents.counters.items():
+                total[k] += v
+        return total if total["hours"] else {}
+
+    ctx.reports["bs agent counters"] = report
+    ctx.reports["twin follower"] = lambda: dict(follower.counters)
+
+    def rebuild(agents: BsAgents, topic: str, partition: int, until: int) -> None:
+        for _, _, value in read_partition(settings, topic, partition, until, ctx.stopping):
+            skipped["rebuilt_messages"] += 1
+            try:
+                batch = hourly_batch(value)
+                if batch is not None:
+                    agents.on_hour(batch)  # outputs dropped: sent before their input was committed
+            except MalformedMessage:
+                continue
+
+    async def agents_for(msg: Any) -> BsAgents:
+        agents = states.get(msg.topic, msg.partition, msg.offset)
+        if agents is not None:
+            return agents
+        while not follower.caught_up.is_set():  # the twins and the store's decisions so far
+            await asyncio.sleep(0.05)
+        epoch = states.epoch
+        agents = new_agents()
+        if msg.offset > 0:
+            log.info(
+                "bs-twins: rebuilding %s[%d] from its first %d messages", msg.topic, msg.partition, msg.offset
+            )
+            await in_thread(rebuild, agents, msg.topic, msg.partition, msg.offset)
+        states.put(msg.topic, msg.partition, agents, msg.offset, epoch)
+        return agents
+
+    async def wait_for_store(agents: BsAgents, batch: RecordBatch) -> None:
+        """Act on twins up to the previous hour: wait (bounded) until the store published our updates."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ACK_WAIT_S
+        follower.drain_into(twins)
+        while agents.unacknowledged_before(batch):
+            if loop.time() > deadline:
+                agents.give_up_waiting()
+                return
+            await asyncio.sleep(0.005)
+            follower.drain_into(twins)
+
+    async def send(out: AgentOutput, partition: int) -> None:
+        for rows in [*out.outcomes, *out.forecasts]:
+            await forecasts.send(value=rows.encode(), partition=partition)
+        for update in out.updates:
+            await updates.send(key=update.key, value=update.encode(), partition=partition)
+
+    @ctx.app.agent(source, name="bs-twins")
+    async def bs_twins(stream: Any) -> None:
+        ctx.start_thread(follower)
+        async for event in stream.noack().events():
+            msg = event.message
+            where = f"{msg.topic}[{msg.partition}]@{msg.offset}"
+            agents = await agents_for(msg)
+            try:
+                batch = hourly_batch(event.value)
+            except MalformedMessage:
+                batch = None  # the store dead-letters what it cannot read from this topic
+                skipped["unreadable"] += 1
+            if batch is not None:
+                await wait_for_store(agents, batch)
+                try:
+                    # before the first global twin an hour is only kept: no thread, no torch
+                    out = await in_thread(agents.on_hour, batch) if agents.ready else agents.on_hour(batch)
+                except Exception as exc:  # bad data (or a bug it reveals) costs this message only
+                    if not isinstance(exc, MalformedMessage):
+                        log.exception("bs-twins: cannot process %s", where)
+                    letter = DeadLetter(
+                        str(exc) or repr(exc), msg.topic, where, event.value or b"", "bs-twins"
+                    )
+                    await ctx.dead_letter(letter)
+                else:
+                    await send(out, msg.partition)
+            states.advance(msg.topic, msg.partition, msg.offset)
+            await stream.ack(event)
+
+    return bs_twins
