@@ -326,12 +326,7 @@ def twin_like_messages(draw: st.DrawFn) -> bytes:
     return TWIN_MAGIC + struct.pack("<I", len(raw)) + raw + draw(st.binary(min_size=4 * n, max_size=4 * n))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 finding 5: decode_twin lets KeyError/ValueError/TypeError escape (a header without twin_id, "
-    "version 'x', meta as a list); the store helper fixes models_topic.py, then remove this mark",
-)
-@KNOWN_BUG
+@FUZZ
 @given(st.binary(max_size=200) | twin_like_messages())
 def test_twin_messages_decode_or_are_malformed(data: bytes) -> None:
     try:
@@ -344,7 +339,7 @@ def test_twin_messages_decode_or_are_malformed(data: bytes) -> None:
 @FUZZ
 @given(
     st.sampled_from(["bs", "cluster", "global"]),
-    st.text(max_size=10),
+    st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True),
     st.integers(0, 2**31),
     st.integers(1, 256),
     st.lists(st.floats(width=32, allow_nan=False), max_size=20),
