@@ -636,7 +636,15 @@ def site_message(geo: SiteGeometry, walks: list[str]) -> dict[str, Any]:
 
 
 def site_from_message(msg: dict[str, Any]) -> SiteGeometry:
-    """Inverse of :func:`site_message`; KeyError/ValueError/TypeError on a malformed record."""
+    """Inverse of :func:`site_message`; KeyError/ValueError/TypeError on a malformed record (a number too large
+    for a float, e.g. ``1e400`` written as an integer, is a ValueError too, not an OverflowError)."""
+    try:
+        return _site_from_message(msg)
+    except OverflowError as exc:
+        raise ValueError(f"site record holds a number out of range: {exc}") from exc
+
+
+def _site_from_message(msg: dict[str, Any]) -> SiteGeometry:
     ids = [str(a) for a in msg["ap_ids"]]
     pos = np.asarray(msg["positions"], dtype=np.float64).reshape(-1, 2)
     if len(pos) != len(ids) or not np.all(np.isfinite(pos)):
