@@ -27,7 +27,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from ingest.errors import InputError
 from ingest.readers import milan
-from ingest.readers.ftm import read_walk
+from ingest.readers.ftm import read_walk, site_from_message
 from ingest.readers.milan import read_hourly, read_raw
 from ingest.readers.sensors import read_csv_layout
 from ingest.schema import KINDS, MAX_STEP_S, PLAUSIBLE_MS, SENSOR_KINDS, MalformedMessage, RecordBatch, decode
@@ -460,3 +460,33 @@ def test_the_test_parser_reads_what_influxdb_reads() -> None:
     assert parse_point(r"m,t=a\\b v=1i 1") == ("m", {"t": r"a\\b"}, {"v": 1}, 1)
     assert parse_point('m s="p\\\\q\\"r" 4') == ("m", {}, {"s": 'p\\q"r'}, 4)
     assert math.isclose(float(parse_point("m v=0.1")[2]["v"]), 0.1)  # type: ignore[arg-type]
+
+
+# --- site records on sites.ftm (ingest/readers/ftm.py, followed by the worker) --------------------------------
+
+# what the worker's sites.ftm follower catches and logs; anything else would end its thread
+SITE_ERRORS = (ValueError, KeyError, TypeError, AttributeError)
+
+
+@st.composite
+def site_like_records(draw: st.DrawFn) -> Any:
+    record: dict[str, Any] = {"scene": "Lab", "ap_ids": ["AP1", "AP2"], "positions": [[0.0, 1.0], [2.0, 3.0]]}
+    record |= {"residual_m": {"AP1": 0.1}, "n_obs": {"AP1": 4}, "source": "recovered", "ambiguous": []}
+    record |= {"mirror_resolved": [], "site_file_diff_m": {}, "left_out": {"AP3": "never ranged"}}
+    for key in draw(st.lists(st.sampled_from(sorted(record)), max_size=3, unique=True)):
+        if draw(st.booleans()):
+            del record[key]
+        else:
+            # numbers beyond a float (a JSON integer may be any size) besides any JSON value
+            record[key] = draw(json_values | st.sampled_from([10**400, {"AP1": 10**400}, [[10**400, 0]]]))
+    return draw(st.just(record) | json_values)
+
+
+@FUZZ
+@given(site_like_records())
+def test_site_records_are_read_or_refused_with_a_caught_error(record: Any) -> None:
+    try:
+        geo = site_from_message(record)
+    except SITE_ERRORS:
+        return
+    assert geo.positions.shape == (len(geo.ap_ids), 2) and np.isfinite(geo.positions).all()
