@@ -81,8 +81,10 @@ def _field_value(name: str, raw: str) -> float | None:
 
 
 def parse_line(line: str, opts: LineOptions, now_ms: int) -> Record:
-    sections = _split_unescaped(line.strip(), " ", quotes=True)
-    sections = [s for s in sections if s != ""]
+    # quotes delimit string field values only: a tag value may hold a bare '"'
+    head_and_rest = _split_unescaped(line.strip(), " ")
+    rest = " ".join(head_and_rest[1:])
+    sections = [head_and_rest[0], *(s for s in _split_unescaped(rest, " ", quotes=True) if s != "")]
     if len(sections) not in (2, 3):
         raise RecordError(f"expected 'measurement[,tags] fields [timestamp]', got {len(sections)} parts")
     head = _split_unescaped(sections[0], ",")
