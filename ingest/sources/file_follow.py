@@ -64,9 +64,28 @@ class FileSource(Source):
         super().close(timeout_s)
         self.thread.join(timeout_s)
 
+    def _rotated_copy(self) -> Path | None:
+        """The file we were reading, renamed by a rotation while we were not looking, if it has more."""
+        for candidate in self.path.parent.glob(self.path.name + "*"):
+            try:
+                st = candidate.stat()
+            except OSError:
+                continue
+            if st.st_ino == self.pos.inode and st.st_size > self.pos.offset and candidate != self.path:
+                return candidate
+        return None
+
     def _open(self) -> IO[bytes] | None:
+        path = self.path
+        if self.pos.inode:
+            try:
+                current = os.stat(self.path).st_ino
+            except OSError:
+                current = None
+            if current != self.pos.inode:
+                path = self._rotated_copy() or self.path
         try:
-            fh = open(self.path, "rb")  # noqa: SIM115 - kept open across polls, closed on rotation/stop
+            fh = open(path, "rb")  # noqa: SIM115 - kept open across polls, closed on rotation/stop
         except OSError:
             return None
         st = os.fstat(fh.fileno())

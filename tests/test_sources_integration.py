@@ -1,0 +1,471 @@
+"""Attached sources on the real services: Tansu, InfluxDB and Mosquitto (infra/up), ``nettwin attach`` and
+``nettwin store`` as subprocesses. For each source type: per-entity counts and sums in ``telemetry`` equal the
+input, bad input is dead-lettered with its reason and position while good input around it arrives, and an
+attach process killed with SIGKILL and restarted loses nothing (duplicates are counted on the Kafka topic)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from kafka import TopicPartition
+
+from ingest.kafka import make_consumer, make_producer
+from ingest.schema import decode
+from ingest.settings import NettwinSettings
+from ingest.sources.wire import decode_records
+from ingest.topics import Topics
+from nettwin.cli.query import read_deadletters
+from nettwin.cli.services import settings_env
+from tests.conftest import wait_until
+from twin_store.adapters.influx import InfluxClient
+
+pytestmark = pytest.mark.integration
+
+PM = Path(__file__).parent / "data" / "pm"
+MQTT_PORT = int(os.environ.get("NETTWIN_INFRA_MQTT_PORT", "1883"))
+T0 = 1_700_000_000  # epoch seconds of the test records
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+def write_config(path: Path, sources: list[dict[str, Any]]) -> Path:
+    lines: list[str] = []
+    for src in sources:
+        lines.append("[[source]]")
+        mapping = src.get("mapping")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in src.items() if k != "mapping"]
+        if mapping:
+            lines.append("[source.mapping]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in mapping.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Services:
+    """``nettwin attach`` and ``nettwin store`` subprocesses of one test."""
+
+    def __init__(self, settings: NettwinSettings, tmp: Path) -> None:
+        self.settings = settings
+        self.tmp = tmp
+        self.env = settings_env(settings)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str) -> None:
+        with open(self.tmp / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "nettwin.cli.main", *args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def attach(self, config: Path) -> None:
+        self.start("attach", "attach", "--config", str(config))
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> float:
+        proc = self.procs.pop(name)
+        t = time.monotonic()
+        proc.send_signal(sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return time.monotonic() - t
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.tmp.glob("*.log")))
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+@pytest.fixture
+def svc(isolated: NettwinSettings, tmp_path: Path) -> Iterator[Services]:
+    s = Services(isolated, tmp_path)
+    s.start("store", "store")
+    yield s
+    s.close()
+    sys.stderr.write(s.logs())
+
+
+def telemetry_by_entity(settings: NettwinSettings, metric: str) -> dict[str, tuple[int, float]]:
+    with InfluxClient(settings.influx) as influx:
+        try:
+            series = influx.query(
+                f'SELECT count("{metric}"), sum("{metric}") FROM "telemetry" GROUP BY "entity"'
+            )
+        except Exception:
+            return {}
+    return {s.tags["entity"]: (int(s.values[0][1]), float(s.values[0][2])) for s in series}
+
+
+def wait_rows(
+    settings: NettwinSettings, metric: str, total: int, timeout: float = 60
+) -> dict[str, tuple[int, float]]:
+    def done() -> dict[str, tuple[int, float]] | None:
+        rows = telemetry_by_entity(settings, metric)
+        return rows if sum(c for c, _ in rows.values()) >= total else None
+
+    result: dict[str, tuple[int, float]] = wait_until(done, timeout, f"{total} {metric} rows in telemetry")
+    return result
+
+
+def kafka_records(settings: NettwinSettings) -> Counter[tuple[str, int]]:
+    """(entity, event time) -> how many times it is on telemetry.records: duplicates show as counts > 1."""
+    topic = Topics.from_settings(settings).telemetry_records
+    consumer = make_consumer(settings, group_id=None)
+    tps = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    seen: Counter[tuple[str, int]] = Counter()
+    idle = 0
+    try:
+        while idle < 3:
+            polled = consumer.poll(timeout_ms=500)
+            idle = 0 if polled else idle + 1
+            for messages in polled.values():
+                for m in messages:
+                    for r in decode_records(decode(m.value)):
+                        seen[(r.entity, r.time_ms)] += 1
+    finally:
+        consumer.close()
+    return seen
+
+
+def deadletters(settings: NettwinSettings, n: int, timeout: float = 30) -> list[dict[str, Any]]:
+    def enough() -> list[dict[str, Any]] | None:
+        rows = [d.as_dict() for d in read_deadletters(settings, 1000, timeout_s=2)]
+        return rows if len(rows) >= n else None
+
+    result: list[dict[str, Any]] = wait_until(enough, timeout, f"{n} dead letters")
+    return result
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    def up() -> bool:
+        try:
+            return requests.get(url + "/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(up, timeout, f"{url}/healthz")
+
+
+def canonical(entity: str, i: int, value: float) -> dict[str, Any]:
+    return {"entity": entity, "time": T0 + i, "metrics": {"v": value}}
+
+
+# ------------------------------------------------------------------ http
+def test_http_counts_sums_deadletters_and_kill(svc: Services, tmp_path: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    svc.env["NETTWIN_TEST_TOKEN"] = "t0ken"
+    cfg = write_config(
+        tmp_path / "http.toml",
+        [
+            {
+                "name": "cells-http",
+                "type": "http",
+                "listen": f"127.0.0.1:{port}",
+                "token_env": "NETTWIN_TEST_TOKEN",
+            }
+        ],
+    )
+    svc.attach(cfg)
+    wait_http(url)
+    auth = {"Authorization": "Bearer t0ken"}
+    assert requests.post(url + "/v1/records", json=canonical("a", 0, 1), timeout=5).status_code == 401
+
+    # good records in every accepted form, bad ones between them
+    entities = [f"cell-{k}" for k in range(20)]
+    expected: Counter[str] = Counter()
+    sums: Counter[str] = Counter()
+    batch = [canonical(e, i, float(i)) for i in range(50) for e in entities]  # JSON array
+    batch.insert(10, {"entity": "cell-x", "metrics": {"v": 1}})  # no time
+    batch.insert(20, {"entity": "cell-y", "time": T0, "metrics": {"v": "high"}})
+    r = requests.post(url + "/v1/records", json=batch, headers=auth, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["accepted"] == 1000 and r.json()["refused"] == 2
+    for i in range(50):
+        for e in entities:
+            expected[e] += 1
+            sums[e] += i
+    lines = (
+        "\n".join(json.dumps(canonical(e, 100 + i, 2.0)) for i in range(5) for e in entities) + "\n{oops\n"
+    )
+    r = requests.post(url + "/v1/records", data=lines, headers=auth, timeout=30)
+    assert r.json() == r.json() | {"accepted": 100, "refused": 1}
+    csv_body = "entity,time,v\n" + "".join(f"{e},{T0 + 200},3\n" for e in entities) + "cell-z,,1\n"
+    r = requests.post(
+        url + "/v1/records", data=csv_body, headers=auth | {"Content-Type": "text/csv"}, timeout=30
+    )
+    assert r.json()["accepted"] == 20 and r.json()["refused"] == 1
+    lp = "".join(f"kpi,host={e} v=4 {(T0 + 300) * 10**9}\n" for e in entities) + "kpi v=1\n"
+    r = requests.post(url + "/v1/write", data=lp, headers=auth, timeout=30)
+    assert r.json()["accepted"] == 20 and r.json()["refused"] == 1
+    for e in entities:
+        expected[e] += 5 + 1
+        sums[e] += 5 * 2.0 + 3
+    rows = wait_rows(svc.settings, "v", sum(expected.values()))
+    assert {e: c for e, (c, _) in rows.items()} == dict(expected)
+    assert {e: s for e, (_, s) in rows.items()} == pytest.approx(dict(sums))
+    lp_rows = wait_rows(svc.settings, "kpi_v", 20)
+    assert all(c == 1 and s == 4.0 for c, s in lp_rows.values())
+
+    letters = deadletters(svc.settings, 5)
+    assert {d["source"] for d in letters} == {"cells-http"}
+    reasons = " | ".join(d["reason"] for d in letters)
+    assert "missing time" in reasons and "not a number" in reasons and "not JSON" in reasons
+    assert any(d["position"].startswith("request ") and d["position"].endswith("item 11") for d in letters)
+    assert any(d["original"] == "{oops" for d in letters)
+
+    metrics = requests.get(url + "/metrics", timeout=5).text
+    assert 'nettwin_source_accepted_total{source="cells-http",type="http"} 1140' in metrics
+
+    # kill -9 while a client streams one record per request; it retries whatever was not answered 200
+    sent: list[tuple[str, int]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        i = 0
+        while not stop.is_set() and i < 3000:
+            rec = canonical(f"k-{i % 10}", 1000 + i, 1.0)
+            try:
+                if requests.post(url + "/v1/records", json=rec, headers=auth, timeout=10).status_code == 200:
+                    sent.append((rec["entity"], (T0 + 1000 + i) * 1000))
+                    i += 1
+                    continue
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+
+    t = threading.Thread(target=client)
+    t.start()
+    wait_until(lambda: len(sent) > 200, 60, "200 acknowledged requests")
+    svc.stop("attach", signal.SIGKILL)
+    time.sleep(1)
+    svc.attach(cfg)
+    wait_http(url)
+    wait_until(lambda: len(sent) > 600, 60, "requests after the restart")
+    stop.set()
+    t.join()
+    rows = wait_rows(svc.settings, "v", sum(expected.values()) + len(sent))
+    assert sum(rows[f"k-{k}"][0] for k in range(10)) == len(sent)  # nothing acknowledged is lost
+    on_kafka = kafka_records(svc.settings)
+    dupes = sum(n - 1 for key, n in on_kafka.items() if key in set(sent))
+    print(f"http kill -9: {len(sent)} acknowledged, 0 lost, {dupes} duplicated on Kafka")
+    assert all(on_kafka[key] >= 1 for key in sent)
+    assert dupes <= 1  # at most the one request in flight at the kill
+
+    assert svc.stop("attach") < 10  # SIGTERM: flushed and stopped within 10 s
+
+
+# ------------------------------------------------------------------ mqtt
+def _mqtt_client(client_id: str) -> Any:
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+    c.connect("127.0.0.1", MQTT_PORT)
+    c.loop_start()
+    return c
+
+
+def test_mqtt_mapping_qos1_deadletters_and_kill(svc: Services, tmp_path: Path) -> None:
+    prefix = svc.settings.kafka.topic_prefix.strip(".")
+    cfg = write_config(
+        tmp_path / "mqtt.toml",
+        [
+            {
+                "name": "cells-mqtt",
+                "type": "mqtt",
+                "url": f"mqtt://127.0.0.1:{MQTT_PORT}",
+                "topics": [f"{prefix}/lte/+/kpi"],
+                "qos": 1,
+                "client_id": f"{prefix}-attach",
+                "mapping": {"entity": "topic[2]", "time": "ts", "metrics": ["down", "up"]},
+            }
+        ],
+    )
+    svc.attach(cfg)
+    time.sleep(2)  # subscribed (the persistent session keeps messages from here on)
+    pub = _mqtt_client(f"{prefix}-pub")
+    n_cells, per_cell = 10, 300
+    infos = []
+    for i in range(per_cell):
+        for c in range(n_cells):
+            body = json.dumps({"ts": T0 + i, "down": float(i), "up": 1.0})
+            infos.append(pub.publish(f"{prefix}/lte/cell-{c}/kpi", body, qos=1))
+        if i == 100:
+            svc.stop("attach", signal.SIGKILL)  # killed while messages flow
+        if i == 150:
+            svc.attach(cfg)
+    pub.publish(f"{prefix}/lte/cell-0/kpi", b"not json", qos=1)
+    pub.publish(f"{prefix}/lte/cell-0/kpi", json.dumps({"ts": T0, "down": "x", "up": 1}), qos=1)
+    for info in infos:
+        info.wait_for_publish(30)
+    rows = wait_rows(svc.settings, "down", n_cells * per_cell, timeout=90)
+    expected_sum = sum(range(per_cell))
+    assert rows == {f"cell-{c}": (per_cell, float(expected_sum)) for c in range(n_cells)}
+    letters = deadletters(svc.settings, 2)
+    assert all(d["position"].startswith(f"mqtt {prefix}/lte/cell-0/kpi") for d in letters)
+    on_kafka = kafka_records(svc.settings)
+    dupes = sum(n - 1 for n in on_kafka.values())
+    print(f"mqtt kill -9: {n_cells * per_cell} published, 0 lost, {dupes} duplicated on Kafka")
+    pub.loop_stop()
+    pub.disconnect()
+    assert svc.stop("attach") < 10
+
+
+# ------------------------------------------------------------------ pm-files
+def test_pm_files_once_suspect_and_restart(svc: Services, tmp_path: Path) -> None:
+    watched = tmp_path / "pm"
+    watched.mkdir()
+    port = _free_port()
+    cfg = write_config(
+        tmp_path / "pm.toml",
+        [
+            {
+                "name": "ran-pm",
+                "type": "pm-files",
+                "directory": str(watched),
+                "settle_s": 2.0,
+                "poll_s": 0.2,
+                "listen": f"127.0.0.1:{port}",
+            }
+        ],
+    )
+    for name in ("A20180328.1545+0000-1600+0000_cells.xml", "measdata_28532_cells.xml", "truncated.xml"):
+        shutil.copy(PM / name, watched / name)
+    # a file still being written: its first half now, the rest later
+    growing = watched / "B20180328.1600+0000-1615+0000_cells.xml"
+    full = (PM / "A20180328.1545+0000-1600+0000_cells.xml").read_text().replace("16:00:00", "16:15:00")
+    growing.write_text(full[: len(full) // 2])
+    svc.attach(cfg)
+    time.sleep(1.0)
+    growing.write_text(full)  # complete now, before it settled: read once, whole
+    rows = wait_rows(svc.settings, "DRB.UEThpDl", 2 + 3 + 2)
+    assert rows["ManagedElement=gNB-17,GNBDUFunction=1,NRCellDU=1"] == (2, 340001.0)
+    assert rows["ManagedElement=gNB-9,NRCellCU=7"] == (2, 4.1e6)
+    letters = deadletters(svc.settings, 4)
+    assert not [d for d in letters if d["position"].startswith("B2018")]
+    reasons = {d["position"].split(" ")[0]: d["reason"] for d in letters}
+    assert "not well-formed" in reasons["truncated.xml"]
+    assert any("suspect" in d["reason"] for d in letters)
+    # a notification names a file outside the settle rule; restart: nothing published twice
+    shutil.copy(PM / "duplicated_counters.xml", watched / "D.xml")
+    r = requests.post(f"http://127.0.0.1:{port}/v1/file-ready", json={"path": "D.xml"}, timeout=5)
+    assert r.status_code == 202
+    wait_until(lambda: telemetry_by_entity(svc.settings, "DRB.UEThpUl").get("NRCellDU=3"), 30, "D.xml")
+    svc.stop("attach", signal.SIGKILL)
+    svc.attach(cfg)
+    time.sleep(4)
+    on_kafka = kafka_records(svc.settings)
+    assert sum(on_kafka.values()) == 2 + 3 + 2 + 1 and max(on_kafka.values()) == 1
+    assert svc.stop("attach") < 10
+
+
+# ------------------------------------------------------------------ file
+def test_file_follow_rotation_and_restart(svc: Services, tmp_path: Path) -> None:
+    path = tmp_path / "readings.jsonl"
+    cfg = write_config(
+        tmp_path / "file.toml",
+        [
+            {
+                "name": "sensor-file",
+                "type": "file",
+                "path": str(path),
+                "format": "json",
+                "mapping": {"entity": "dev", "time": "t", "metrics": "*"},
+            }
+        ],
+    )
+
+    def append(p: Path, start: int, n: int) -> None:
+        with open(p, "a") as fh:
+            for i in range(start, start + n):
+                fh.write(json.dumps({"dev": f"d{i % 4}", "t": T0 + i, "temp": 1.0}) + "\n")
+
+    append(path, 0, 100)
+    with open(path, "a") as fh:
+        fh.write("garbage\n")
+    svc.attach(cfg)
+    wait_rows(svc.settings, "temp", 100)
+    append(path, 100, 100)
+    wait_rows(svc.settings, "temp", 200)
+    svc.stop("attach", signal.SIGKILL)
+    append(path, 200, 50)
+    path.rename(tmp_path / "readings.jsonl.1")  # rotation while stopped... and while running
+    append(path, 250, 50)
+    svc.attach(cfg)
+    wait_rows(svc.settings, "temp", 300)
+    path.rename(tmp_path / "readings.jsonl.2")
+    append(path, 300, 50)
+    rows = wait_rows(svc.settings, "temp", 350)
+    assert sum(c for c, _ in rows.values()) == 350
+    (letter,) = deadletters(svc.settings, 1)
+    assert letter["position"] == f"{path}:101" and letter["original"] == "garbage"
+    assert svc.stop("attach") < 10
+
+
+# ------------------------------------------------------------------ kafka-lineprotocol
+def test_kafka_lineprotocol(svc: Services, tmp_path: Path) -> None:
+    from kafka.admin import NewTopic
+
+    from ingest.kafka import make_admin
+
+    topic = f"{svc.settings.kafka.topic_prefix}telegraf"
+    admin = make_admin(svc.settings)
+    admin.create_topics([NewTopic(topic, 2, 1)])
+    admin.close()
+    cfg = write_config(
+        tmp_path / "lp.toml",
+        [{"name": "telegraf", "type": "kafka-lineprotocol", "topics": [topic], "entity_tag": "agent_host"}],
+    )
+    producer = make_producer(svc.settings)
+    for i in range(200):
+        body = "\n".join(f"snmp,agent_host=r{k} ifInOctets={i}i {(T0 + i) * 10**9}" for k in range(5))
+        producer.send(topic, body.encode(), partition=i % 2)
+    producer.send(topic, b"snmp ifInOctets=1i", partition=0)
+    producer.flush()
+    svc.attach(cfg)
+    rows = wait_rows(svc.settings, "snmp_ifInOctets", 1000)
+    assert rows == {f"r{k}": (200, float(sum(range(200)))) for k in range(5)}
+    (letter,) = deadletters(svc.settings, 1)
+    assert letter["position"].startswith(f"{topic}[0]@") and "missing entity" in letter["reason"]
+    svc.stop("attach", signal.SIGKILL)
+    svc.attach(cfg)
+    time.sleep(6)  # a restart re-reads nothing that was committed
+    assert max(kafka_records(svc.settings).values()) == 1
+    producer.close()
+    assert svc.stop("attach") < 10
