@@ -322,7 +322,8 @@ def test_mqtt_mapping_qos1_deadletters_and_kill(svc: Services, tmp_path: Path) -
         ],
     )
     svc.attach(cfg)
-    svc.wait_log("attach", "connected to", 1)  # subscribed: the persistent session keeps messages from here on
+    # subscribed: the persistent session keeps messages from here on
+    svc.wait_log("attach", "connected to", 1)
     pub = _mqtt_client(f"{prefix}-pub")
     n_cells, per_cell = 10, 300
     infos = []
