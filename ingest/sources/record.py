@@ -16,6 +16,7 @@ bytes, where it was and why), so they are tested without services.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import re
@@ -151,6 +152,8 @@ def _epoch_ms(x: float) -> int:
 
 def metric_value(name: str, value: Any) -> float:
     """A metric as a finite float; booleans, strings and NaN/infinity are refused."""
+    if type(value) is float and value - value == 0.0:  # the common case: a finite float
+        return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RecordError(f"metric {name!r} is not a number ({value!r})")
     x = float(value)
@@ -159,15 +162,21 @@ def metric_value(name: str, value: Any) -> float:
     return x
 
 
+@functools.lru_cache(maxsize=65_536)
+def _valid_name(name: str) -> bool:
+    """Non-empty, at most MAX_NAME characters, no control characters (names repeat: cached)."""
+    return bool(name) and len(name) <= MAX_NAME and not _CONTROL.search(name)
+
+
 def check_record(record: Record, now_ms: int, limits: Limits) -> Record:
     if not record.entity:
         raise RecordError("missing entity")
     if not record.metrics:
         raise RecordError("no metrics")
-    if _CONTROL.search(record.entity) or len(record.entity) > MAX_NAME:
+    if not _valid_name(record.entity):
         raise RecordError(f"entity {record.entity[:80]!r} has control characters or is too long")
     for name in record.metrics:
-        if not name or _CONTROL.search(name) or len(name) > MAX_NAME:
+        if not _valid_name(name):
             raise RecordError(f"metric name {name[:80]!r} is empty, too long or has control characters")
     if record.time_ms > now_ms + limits.max_future_s * 1000:
         raise RecordError(
@@ -189,7 +198,7 @@ def canonical_record(obj: Any, now_ms: int) -> Record:
     raw_metrics = obj.get("metrics")
     if not isinstance(raw_metrics, dict) or not raw_metrics:
         raise RecordError("metrics must be a non-empty object of name -> number")
-    metrics = {str(k): metric_value(str(k), v) for k, v in raw_metrics.items()}
+    metrics = {k if type(k) is str else str(k): metric_value(k, v) for k, v in raw_metrics.items()}
     if obj.get("time") in (None, ""):
         raise RecordError("missing time")
     time_ms = parse_time(obj["time"])
@@ -288,20 +297,22 @@ def parse_json_payload(
         doc = json.loads(stripped)
     except json.JSONDecodeError:
         doc = None
-        items: Iterable[tuple[str, Any, bytes]] = _json_lines(text, where)
+        items: Iterable[tuple[str, Any, bytes | None]] = _json_lines(text, where)
     else:
         if isinstance(doc, list):
-            items = ((f"{where} item {i}", item, json.dumps(item).encode()) for i, item in enumerate(doc, 1))
+            items = ((f"{where} item {i}", item, None) for i, item in enumerate(doc, 1))
         else:
             items = [(where, doc, data)]
     for pos, item, raw in items:
         if isinstance(item, _Bad):
-            out.refusals.append(Refusal(item.reason, pos, raw))
+            out.refusals.append(Refusal(item.reason, pos, raw or b""))
             continue
         try:
             out.records.append(to_record(item, mapping, topic, now_ms, limits))
         except RecordError as exc:
-            out.refusals.append(Refusal(str(exc), pos, raw))
+            # an array item's bytes: re-encoded only when refused
+            original = raw if raw is not None else json.dumps(item).encode()
+            out.refusals.append(Refusal(str(exc), pos, original))
     return out
 
 
