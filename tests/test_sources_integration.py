@@ -476,3 +476,30 @@ def test_kafka_lineprotocol(svc: Services, tmp_path: Path) -> None:
     assert max(kafka_records(svc.settings).values()) == 1
     producer.close()
     assert svc.stop("attach") < 10
+
+
+# ------------------------------------------------------------------ the real Milan day as PM files
+def test_milan_day_as_pm_files(svc: Services, tmp_path: Path) -> None:
+    from producers.pm_export import write_pm_files
+    from producers.replay import load_table
+    from tests.conftest import SHARED_MILAN
+
+    day = SHARED_MILAN / "raw_2013-11-01_26squares.txt"
+    if not day.is_file():
+        pytest.skip("the real Milan sample day is not in ../shared/data/milan")
+    table = load_table(day, "raw")
+    watched = tmp_path / "pm"
+    files = write_pm_files(table, watched)
+    assert len(files) == 144  # one per 10-minute interval
+    cfg = write_config(
+        tmp_path / "pm.toml",
+        [{"name": "milan-pm", "type": "pm-files", "directory": str(watched), "settle_s": 0.0, "poll_s": 0.2}],
+    )
+    svc.attach(cfg)
+    j = table.columns.index("internet")
+    rows = wait_rows(svc.settings, "internet", len(table), timeout=120)
+    for sq in set(table.squares.tolist()):
+        mask = table.squares == sq
+        count, total = rows[f"ManagedElement=milan,Square={sq}"]
+        assert count == int(mask.sum())
+        assert total == pytest.approx(float(table.values[mask, j].sum()), rel=1e-9)
