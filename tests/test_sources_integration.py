@@ -503,3 +503,130 @@ def test_milan_day_as_pm_files(svc: Services, tmp_path: Path) -> None:
         count, total = rows[f"ManagedElement=milan,Square={sq}"]
         assert count == int(mask.sum())
         assert total == pytest.approx(float(table.values[mask, j].sum()), rel=1e-9)
+
+
+# ------------------------------------------------------------------ mqtt: TLS + password + 3.1.1, shared subscriptions
+def _tls_broker(tmp: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """A second Mosquitto with a TLS listener, a CA and server certificate made here, and a password file."""
+    d = tmp / "tls"
+    d.mkdir()
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=nettwin test CA",
+        "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
+    ssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
+        "-extfile", "san.ext", "-out", "server.crt")  # fmt: skip
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(d / "passwd"), "meter", "s3cret"], check=True)
+    port = _free_port()
+    (d / "mosquitto.conf").write_text(
+        f"user root\nper_listener_settings true\nlistener {port} 127.0.0.1\n"
+        f"cafile {d / 'ca.crt'}\ncertfile {d / 'server.crt'}\nkeyfile {d / 'server.key'}\n"
+        f"allow_anonymous false\npassword_file {d / 'passwd'}\n"
+    )
+    with open(d / "mosquitto.log", "wb") as log:
+        proc = subprocess.Popen(
+            ["mosquitto", "-c", str(d / "mosquitto.conf")], stdout=log, stderr=subprocess.STDOUT
+        )
+    wait_until(lambda: (d / "mosquitto.log").read_text().count("Opening ipv4 listen socket") > 0 or proc.poll(), 10,
+               "mosquitto TLS listener")  # fmt: skip
+    assert proc.poll() is None, (d / "mosquitto.log").read_text()
+    return proc, port, d / "ca.crt"
+
+
+def test_mqtt_tls_password_v311(svc: Services, tmp_path: Path) -> None:
+    import paho.mqtt.client as mqtt
+
+    broker, port, ca = _tls_broker(tmp_path)
+    try:
+        svc.env["NETTWIN_TEST_MQTT_PASSWORD"] = "s3cret"
+        cfg = write_config(
+            tmp_path / "tls.toml",
+            [
+                {
+                    "name": "meters-tls",
+                    "type": "mqtt",
+                    "url": f"mqtts://127.0.0.1:{port}",
+                    "ca_file": str(ca),
+                    "username": "meter",
+                    "password_env": "NETTWIN_TEST_MQTT_PASSWORD",
+                    "protocol": "3.1.1",
+                    "topics": ["meters/#"],
+                }
+            ],
+        )
+        svc.attach(cfg)
+        svc.wait_log("attach", "connected to", 1)
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tls-pub")
+        pub.tls_set(ca_certs=str(ca))
+        pub.username_pw_set("meter", "s3cret")
+        pub.connect("127.0.0.1", port)
+        pub.loop_start()
+        infos = [
+            pub.publish("meters/m1", json.dumps([canonical(f"m{k}", i, 2.0) for k in range(5)]), qos=1)
+            for i in range(100)
+        ]
+        for info in infos:
+            info.wait_for_publish(30)
+        rows = wait_rows(svc.settings, "v", 500)
+        assert rows == {f"m{k}": (100, 200.0) for k in range(5)}
+        pub.loop_stop()
+        pub.disconnect()
+    finally:
+        broker.terminate()
+        broker.wait(10)
+
+
+def test_mqtt5_shared_subscription_splits_messages(svc: Services, tmp_path: Path) -> None:
+    prefix = svc.settings.kafka.topic_prefix.strip(".")
+    ports = [_free_port(), _free_port()]
+    for n, port in enumerate(ports):
+        cfg = write_config(
+            tmp_path / f"shared{n}.toml",
+            [
+                {
+                    "name": "shared-mqtt",
+                    "type": "mqtt",
+                    "url": f"mqtt://127.0.0.1:{MQTT_PORT}",
+                    "topics": [f"{prefix}/shared/#"],
+                    "shared_group": f"{prefix}-g",
+                    "client_id": f"{prefix}-shared-{n}",
+                },
+                {"name": f"metrics-{n}", "type": "http", "listen": f"127.0.0.1:{port}"},
+            ],
+        )
+        svc.start(f"attach{n}", "attach", "--config", str(cfg))
+        svc.wait_log(f"attach{n}", "connected to", 1)
+    pub = _mqtt_client(f"{prefix}-shared-pub")
+    infos = [
+        pub.publish(f"{prefix}/shared/x", json.dumps(canonical(f"s{i % 4}", i, 1.0)), qos=1)
+        for i in range(400)
+    ]
+    for info in infos:
+        info.wait_for_publish(30)
+    rows = wait_rows(svc.settings, "v", 400)
+    assert sum(c for c, _ in rows.values()) == 400
+    per_process = []
+    for port in ports:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        line = next(
+            x for x in text.splitlines() if x.startswith('nettwin_source_accepted_total{source="shared-mqtt"')
+        )
+        per_process.append(int(line.rsplit(" ", 1)[1]))
+    assert sum(per_process) == 400 and min(per_process) > 0, per_process
+    pub.loop_stop()
+    pub.disconnect()
