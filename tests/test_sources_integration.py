@@ -630,3 +630,49 @@ def test_mqtt5_shared_subscription_splits_messages(svc: Services, tmp_path: Path
     assert sum(per_process) == 400 and min(per_process) > 0, per_process
     pub.loop_stop()
     pub.disconnect()
+
+
+# ------------------------------------------------------------------ nettwin run
+def test_run_supervises_restarts_and_stops(isolated: NettwinSettings, tmp_path: Path) -> None:
+    import psutil
+
+    port = _free_port()
+    cfg = write_config(
+        tmp_path / "deploy.toml", [{"name": "gw", "type": "http", "listen": f"127.0.0.1:{port}"}]
+    )
+    cfg.write_text(cfg.read_text() + '\n[run]\nparts = ["attach", "store"]\nrestart_delay_s = 0.5\n')
+    env = settings_env(isolated)
+    with open(tmp_path / "run.log", "wb") as log:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "nettwin.cli.main", "run", "--config", str(cfg)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url, 60)
+        assert requests.post(url + "/v1/records", json=[canonical("r1", i, 1.0) for i in range(10)]).ok
+        wait_rows(isolated, "v", 10)
+        children = psutil.Process(run.pid).children()
+        attach = next(c for c in children if "attach" in c.cmdline())
+        attach.kill()  # a part that dies is restarted
+        wait_until(
+            lambda: attach.pid not in [c.pid for c in psutil.Process(run.pid).children()], 10, "reaped"
+        )
+        wait_http(url, 60)
+        assert requests.post(url + "/v1/records", json=[canonical("r1", 100 + i, 1.0) for i in range(10)]).ok
+        wait_rows(isolated, "v", 20)
+        t = time.monotonic()
+        run.send_signal(signal.SIGTERM)
+        out, _ = run.communicate(timeout=20)
+        assert time.monotonic() - t < 10.5
+        summary = json.loads(out.decode().strip().splitlines()[-1])
+        assert summary["parts"] == ["attach", "store"] and summary["restarts"] == {"attach": 1, "store": 0}
+        assert not [
+            c for c in psutil.process_iter(["cmdline"]) if str(cfg) in " ".join(c.info["cmdline"] or [])
+        ]
+    finally:
+        if run.poll() is None:
+            run.kill()
+        sys.stderr.write((tmp_path / "run.log").read_text()[-3000:])
