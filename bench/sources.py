@@ -246,6 +246,17 @@ def bench_latency(url: str, influx: InfluxClient, entities: int, seconds: float)
     }
 
 
+def wait_store_ready(url: str, influx: InfluxClient, timeout: float = 120) -> None:
+    """One warm-up record end to end, so the store has joined its group before latency is measured."""
+    body = json.dumps({"entity": "warmup", "time": int(time.time() * 1000), "metrics": {"warm": 1.0}})
+    requests.post(url + "/v1/records", data=body, timeout=30).raise_for_status()
+    deadline = time.monotonic() + timeout
+    while not influx.query('SELECT count("warm") FROM "telemetry"'):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the store wrote nothing within the timeout; see store.log")
+        time.sleep(0.1)
+
+
 def _iso_ms(ts: str) -> int:
     from ingest.sources.record import parse_time
 
@@ -314,8 +325,8 @@ def main() -> None:
             url, mqtt_port, f"bench{tag}/s", singles, len(singles), "mqtt", tmp
         )
         procs.append(spawn(["store"], env, tmp / "store.log"))
-        time.sleep(8)  # the store joined its group
         with InfluxClient(settings.influx) as influx:
+            wait_store_ready(url, influx)
             result["latency_http_to_influx"] = bench_latency(url, influx, args.entities, args.latency_s)
     finally:
         for p in procs:
