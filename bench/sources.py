@@ -46,6 +46,7 @@ from ingest.settings import NettwinSettings, load_settings  # noqa: E402
 from producers.replay import Replayer  # noqa: E402
 from twin_store.adapters.influx import InfluxClient  # noqa: E402
 from twin_store.adapters.provision import deprovision, provision  # noqa: E402
+from twin_store.services.processes import settings_env, spawn_cli, stop_process  # noqa: E402
 
 T0_MS = 1_383_260_400_000  # 2013-11-01 00:00 Europe/Rome, the Milan day
 STEP_MS = 600_000
@@ -73,24 +74,6 @@ def write_milan(records: list[dict[str, Any]], path: Path) -> None:
             m = r["metrics"]
             cols = "\t".join(repr(m[c]) for c in ACTIVITY_COLUMNS)
             fh.write(f"{r['entity']}\t{r['time']}\t39\t{cols}\n")
-
-
-def child_env(settings: NettwinSettings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("NETTWIN_CONFIG", None)
-    env["NETTWIN_KAFKA__TOPIC_PREFIX"] = settings.kafka.topic_prefix
-    env["NETTWIN_KAFKA__BOOTSTRAP_SERVERS"] = settings.kafka.bootstrap_servers
-    env["NETTWIN_INFLUX__URL"] = settings.influx.url
-    env["NETTWIN_INFLUX__DATABASE"] = settings.influx.database
-    env["NETTWIN_STATE_DIR"] = str(settings.state_dir)
-    return env
-
-
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "nettwin.cli.main", *args], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
 
 
 def accepted(url: str, source: str) -> int:
@@ -297,12 +280,12 @@ def main() -> None:
     chunks = [records[i : i + args.batch] for i in range(0, len(records), args.batch)]
     bodies = [json.dumps(c).encode() for c in chunks]
     singles = [json.dumps(r).encode() for r in records[: args.single]]
-    env = child_env(settings)
+    env = settings_env(settings)
     result: dict[str, Any] = {"bench": "sources", "records": len(records), "entities": args.entities}
     provision(settings)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(spawn(["attach", "--config", str(cfg)], env, tmp / "attach.log"))
+        procs.append(spawn_cli(["attach", "--config", str(cfg)], tmp / "attach.log", env))
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -324,18 +307,13 @@ def main() -> None:
         result["mqtt_single_qos1"] = bench_mqtt(
             url, mqtt_port, f"bench{tag}/s", singles, len(singles), "mqtt", tmp
         )
-        procs.append(spawn(["store"], env, tmp / "store.log"))
+        procs.append(spawn_cli(["store"], tmp / "store.log", env))
         with InfluxClient(settings.influx) as influx:
             wait_store_ready(url, influx)
             result["latency_http_to_influx"] = bench_latency(url, influx, args.entities, args.latency_s)
     finally:
         for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop_process(p)
         deprovision(settings)
     print(json.dumps(result))
 

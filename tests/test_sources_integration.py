@@ -28,9 +28,9 @@ from ingest.settings import NettwinSettings
 from ingest.sources.wire import decode_records
 from ingest.topics import Topics
 from nettwin.cli.query import read_deadletters
-from nettwin.cli.services import settings_env
 from tests.conftest import wait_until
 from twin_store.adapters.influx import InfluxClient
+from twin_store.services.processes import settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -676,3 +676,34 @@ def test_run_supervises_restarts_and_stops(isolated: NettwinSettings, tmp_path: 
         if run.poll() is None:
             run.kill()
         sys.stderr.write((tmp_path / "run.log").read_text()[-3000:])
+
+
+# ------------------------------------------------------------------ the benchmark keeps working
+@pytest.mark.slow
+def test_sources_bench_small(services: NettwinSettings) -> None:
+    res = subprocess.run(
+        [
+            sys.executable,
+            "bench/sources.py",
+            "--entities",
+            "50",
+            "--per-entity",
+            "4",
+            "--batch",
+            "50",
+            "--single",
+            "200",
+            "--latency-s",
+            "2",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        env=settings_env(services),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["replay_max"]["records"] == out["http_batched"]["records"] == 200
+    assert out["mqtt_batched"]["records"] == 200 and out["mqtt_single_qos1"]["messages"] == 200
+    assert out["latency_http_to_influx"]["visible"] == out["latency_http_to_influx"]["requests"] == 20

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import typer
 
 from nettwin.cli.attach import settings_with_config
 from nettwin.cli.common import print_json, setup_service_logging
+from twin_store.services.processes import spawn_cli
 
 log = logging.getLogger("nettwin.run")
 
@@ -32,11 +32,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _spawn(part: str, config: Path | None, log_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "nettwin.cli.main", part]
-    if part == "attach" and config is not None:
-        args += ["--config", str(config)]
-    with open(log_dir / f"run-{part}.log", "ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    args = [part, "--config", str(config)] if part == "attach" and config is not None else [part]
+    return spawn_cli(args, log_dir / f"run-{part}.log", env)
 
 
 def run_parts(
