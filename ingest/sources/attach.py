@@ -50,10 +50,9 @@ class Attachment:
         if not settings.source:
             raise ValueError("the config declares no [[source]] tables")
         topics = Topics.from_settings(settings)
-        self.producer = make_producer(settings, linger_ms=2)
-        self.registry = EntityRegistry.open(settings, topics.entities)
+        self.registry = EntityRegistry(settings, topics.entities)
         self.publisher = Publisher(
-            self.producer,
+            lambda: make_producer(settings, linger_ms=2),
             self.registry,
             topics.telemetry_records,
             topics.deadletter,
@@ -75,7 +74,8 @@ class Attachment:
         for s in self.sources:
             s.close(max(0.1, (deadline - time.monotonic()) / max(1, len(self.sources))))
         try:
-            self.producer.close(timeout=max(0.1, deadline - time.monotonic()))
+            if self.publisher.producer is not None:
+                self.publisher.producer.close(timeout=max(0.1, deadline - time.monotonic()))
             self.registry.close()
         except Exception as exc:
             log.warning("closing Kafka clients: %s", exc)

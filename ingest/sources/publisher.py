@@ -48,7 +48,7 @@ class Submission:
 class Publisher:
     def __init__(
         self,
-        producer: Any,
+        producer_factory: Callable[[], Any],
         registry: Any,
         records_topic: str,
         deadletter_topic: str,
@@ -58,7 +58,8 @@ class Publisher:
         max_pending: int = 200_000,
         ack_timeout_s: float = 15.0,
     ) -> None:
-        self.producer = producer
+        self.producer_factory = producer_factory
+        self.producer: Any = producer_factory()
         self.registry = registry
         self.records_topic = records_topic
         self.deadletter_topic = deadletter_topic
@@ -127,12 +128,26 @@ class Publisher:
                     self._finish(subs, exc)
                     return
                 log.warning("Kafka write failed (%s); retrying in %.1f s, acknowledging nothing", exc, delay)
+                self._drop_clients()
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
             self.healthy = True
             self._finish(subs, None)
             return
+
+    def _drop_clients(self) -> None:
+        """Forget the producer (a kafka-python producer can stay failed after its broker came back, e.g. a
+        fatal InitProducerId error): the next attempt connects afresh. The registry does the same."""
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            try:
+                producer.close(timeout=0)
+            except Exception as exc:
+                log.debug("closing the failed producer: %s", exc)
+        reset = getattr(self.registry, "reset", None)
+        if reset is not None:
+            reset()
 
     def _finish(self, subs: list[Submission], exc: BaseException | None) -> None:
         now = time.monotonic()
@@ -148,6 +163,8 @@ class Publisher:
                 log.exception("source callback failed")
 
     def _publish(self, subs: list[Submission]) -> None:
+        if self.producer is None:
+            self.producer = self.producer_factory()
         self._refuse_unregistered(subs)
         names: dict[str, str | None] = {}
         for s in subs:

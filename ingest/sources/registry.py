@@ -49,31 +49,42 @@ class RegistryState:
 class EntityRegistry:
     """Thread-safe name -> key resolution over the registry topic (kafka-python clients)."""
 
-    def __init__(self, producer: Any, consumer: Any, topic: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, settings: Any, topic: str, timeout_s: float = 30.0) -> None:
         from kafka import TopicPartition
 
-        self.producer = producer
-        self.consumer = consumer
+        self.settings = settings
         self.topic = topic
         self.timeout_s = timeout_s
         self.state = RegistryState()
         self.lock = threading.Lock()
         self.tp = TopicPartition(topic, 0)
-        consumer.assign([self.tp])
-        consumer.seek_to_beginning(self.tp)
-        self._catch_up()
+        self.producer: Any = None
+        self.consumer: Any = None
+        self._connect()
 
-    @classmethod
-    def open(cls, settings: Any, topic: str) -> EntityRegistry:
+    def _connect(self) -> None:
+        """Clients, and the topic read from its start (entries already known re-apply as no-ops)."""
         from ingest.kafka import make_consumer, make_producer
 
-        producer = make_producer(settings, linger_ms=0)
-        consumer = make_consumer(settings, group_id=None, enable_auto_commit=False)
-        return cls(producer, consumer, topic)
+        self.producer = make_producer(self.settings, linger_ms=0)
+        self.consumer = make_consumer(self.settings, group_id=None)
+        self.consumer.assign([self.tp])
+        self.consumer.seek_to_beginning(self.tp)
+        self._catch_up()
+
+    def reset(self) -> None:
+        """Drop the clients after a Kafka failure; the next registration connects afresh."""
+        with self.lock:
+            self.close()
+            self.producer = self.consumer = None
 
     def close(self) -> None:
-        self.consumer.close()
-        self.producer.close()
+        for client in (self.consumer, self.producer):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception as exc:
+                    log.debug("closing a registry client: %s", exc)
 
     def _read(self, timeout_ms: int) -> int:
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=10_000)
@@ -107,6 +118,8 @@ class EntityRegistry:
     def known(self, name: str) -> bool:
         with self.lock:
             if name not in self.state.by_name:
+                if self.consumer is None:
+                    self._connect()
                 self._read(0)
             return name in self.state.by_name
 
@@ -115,6 +128,8 @@ class EntityRegistry:
         with self.lock:
             missing = [n for n in names if n not in self.state.by_name]
             if missing:
+                if self.consumer is None:
+                    self._connect()
                 self._read(0)
             for _attempt in range(100):
                 missing = [n for n in names if n not in self.state.by_name]
