@@ -195,6 +195,7 @@ def test_http_counts_sums_deadletters_and_kill(svc: Services, tmp_path: Path) ->
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     svc.env["NETTWIN_TEST_TOKEN"] = "t0ken"
+    strict_port = _free_port()
     cfg = write_config(
         tmp_path / "http.toml",
         [
@@ -203,7 +204,9 @@ def test_http_counts_sums_deadletters_and_kill(svc: Services, tmp_path: Path) ->
                 "type": "http",
                 "listen": f"127.0.0.1:{port}",
                 "token_env": "NETTWIN_TEST_TOKEN",
-            }
+                "max_body_bytes": 1_000_000,
+            },
+            {"name": "strict", "type": "http", "listen": f"127.0.0.1:{strict_port}", "registered_only": True},
         ],
     )
     svc.attach(cfg)
@@ -256,6 +259,20 @@ def test_http_counts_sums_deadletters_and_kill(svc: Services, tmp_path: Path) ->
 
     metrics = requests.get(url + "/metrics", timeout=5).text
     assert 'nettwin_source_accepted_total{source="cells-http",type="http"} 1140' in metrics
+
+    # a body over max_body_bytes: 413; a source that takes registered entities only
+    big = requests.post(url + "/v1/records", data=b"[" + b" " * 1_100_000 + b"]", headers=auth, timeout=30)
+    assert big.status_code == 413
+    strict = f"http://127.0.0.1:{strict_port}/v1/records"
+    r = requests.post(
+        strict, json=[canonical("cell-3", 900, 1.0), canonical("never-seen", 900, 1.0)], timeout=30
+    )
+    assert r.json()["accepted"] == 1 and r.json()["refused"] == 1
+    letters = deadletters(svc.settings, 7)
+    assert any("unknown entity 'never-seen'" in d["reason"] and d["source"] == "strict" for d in letters)
+    assert any("max_body_bytes" in d["reason"] for d in letters)
+    expected["cell-3"] += 1
+    sums["cell-3"] += 1.0
 
     # kill -9 while a client streams one record per request; it retries whatever was not answered 200
     sent: list[tuple[str, int]] = []
@@ -584,6 +601,24 @@ def test_mqtt_tls_password_v311(svc: Services, tmp_path: Path) -> None:
             info.wait_for_publish(30)
         rows = wait_rows(svc.settings, "v", 500)
         assert rows == {f"m{k}": (100, 200.0) for k in range(5)}
+        pub.loop_stop()
+        pub.disconnect()
+        # the broker goes away and comes back: the source reconnects (back-off) and resubscribes
+        broker.terminate()
+        broker.wait(10)
+        time.sleep(1)
+        conf = ca.parent / "mosquitto.conf"
+        with open(ca.parent / "mosquitto.log", "ab") as log:
+            broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        svc.wait_log("attach", "connected to", 2)
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tls-pub-2")
+        pub.tls_set(ca_certs=str(ca))
+        pub.username_pw_set("meter", "s3cret")
+        pub.connect("127.0.0.1", port)
+        pub.loop_start()
+        pub.publish("meters/m1", json.dumps([canonical("m0", 500, 2.0)]), qos=1).wait_for_publish(30)
+        assert wait_rows(svc.settings, "v", 501)["m0"] == (101, 202.0)
+        assert "connection lost" in (svc.tmp / "attach.log").read_text()
         pub.loop_stop()
         pub.disconnect()
     finally:

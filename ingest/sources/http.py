@@ -28,6 +28,7 @@ from aiohttp import web
 from ingest.sources.base import Source, SourceContext, now_ms
 from ingest.sources.lineprotocol import LineOptions, parse_lines
 from ingest.sources.metrics import render
+from ingest.sources.publisher import Submission
 from ingest.sources.record import Parsed, Refusal, parse_payload
 
 log = logging.getLogger("nettwin.attach.http")
@@ -146,7 +147,7 @@ class HttpSource(Source):
         parsed = parse_lines(body, f"request {rid}", now_ms(), opts, self.limits)
         return await self._answer(parsed, rid)
 
-    async def _publish(self, parsed: Parsed) -> BaseException | None:
+    async def _publish(self, parsed: Parsed) -> tuple[BaseException | None, Submission | None]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[BaseException | None] = loop.create_future()
 
@@ -157,25 +158,27 @@ class HttpSource(Source):
         def done(exc: BaseException | None) -> None:
             loop.call_soon_threadsafe(settle, exc)
 
+        sub = self.submission(parsed, done)
         try:
-            self.ctx.publisher.submit(self.submission(parsed, done))
+            self.ctx.publisher.submit(sub)
         except RuntimeError as exc:  # stopping
-            return exc
+            return exc, None
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), ACK_TIMEOUT_S)
+            return await asyncio.wait_for(asyncio.shield(fut), ACK_TIMEOUT_S), sub
         except TimeoutError as exc:
-            return exc
+            return exc, sub
 
     async def _answer(self, parsed: Parsed, rid: str) -> web.Response:
-        accepted, refused = len(parsed.records), len(parsed.refusals)
-        exc = await self._publish(parsed)
-        if exc is not None:
+        exc, sub = await self._publish(parsed)
+        if exc is not None or sub is None:
             return _retry_later(503, f"Kafka did not acknowledge ({type(exc).__name__})", 5)
+        # counted after publishing: the publisher may refuse more (entities not registered)
+        accepted, refused = len(sub.records), len(sub.refusals)
         body = {
             "request_id": rid,
             "accepted": accepted,
             "refused": refused,
-            "reasons": [f"{r.position}: {r.reason}" for r in parsed.refusals[:MAX_REASONS]],
+            "reasons": [f"{r.position}: {r.reason}" for r in sub.refusals[:MAX_REASONS]],
         }
         return web.json_response(body, status=200 if accepted or not refused else 400)
 
