@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from tests.test_cli import assert_one_line_error, nettwin
 
@@ -33,3 +36,24 @@ def test_attach_kafka_unreachable(tmp_path: Path) -> None:
 def test_help_lists_attach_and_run() -> None:
     res = nettwin("--help")
     assert res.returncode == 0 and "attach" in res.stdout and "run" in res.stdout
+
+
+def test_attach_port_taken(tmp_path: Path) -> None:
+    """A listen address in use is one line, not a traceback (needs the local broker: skipped without it)."""
+    import socket
+
+    from ingest.kafka import ensure_kafka_reachable
+    from ingest.settings import load_settings
+
+    try:
+        ensure_kafka_reachable(load_settings(), timeout_s=1)
+    except Exception:
+        pytest.skip("no Kafka broker (infra/up)")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cfg = tmp_path / "http.toml"
+        cfg.write_text(f'[[source]]\nname = "h"\ntype = "http"\nlisten = "127.0.0.1:{port}"\n')
+        env = {k: v for k, v in os.environ.items() if k.startswith("NETTWIN_")}
+        assert_one_line_error(nettwin("attach", "--config", str(cfg), env=env), "cannot listen on")

@@ -25,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ingest.errors import ServiceError
 from ingest.sources.base import Source, SourceContext, now_ms
 from ingest.sources.lineprotocol import LineOptions, parse_lines
 from ingest.sources.metrics import render
@@ -57,6 +58,11 @@ class HttpServer:
     def start(self) -> None:
         self.thread.start()
         self.ready.wait(10)
+        if isinstance(self.error, OSError):
+            raise ServiceError(
+                f"cannot listen on {self.host}:{self.port} ({self.error.strerror or self.error}); "
+                "another process holds the port or the address is not local: change listen"
+            ) from self.error
         if self.error is not None:
             raise self.error
 

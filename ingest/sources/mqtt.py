@@ -60,6 +60,7 @@ class MqttSource(Source):
         self.client.max_inflight_messages_set(1000)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
         self.ever_connected = False
 
@@ -104,6 +105,15 @@ class MqttSource(Source):
         self.metrics.connected = 0
         if not self.stopping.is_set():
             log.warning("source %s: MQTT connection lost (%s); reconnecting with back-off", self.name, reason)
+
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        self.metrics.add(reconnects=1)
+        log.warning(
+            "source %s: cannot reach MQTT broker %s:%d; retrying with back-off",
+            self.name,
+            self.host,
+            self.port,
+        )
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self.metrics.add(messages=1)
