@@ -332,3 +332,49 @@ def test_limits_future() -> None:
     body = json.dumps({"entity": "a", "time": (NOW + 3_600_000) / 1000, "metrics": {"x": 1}}).encode()
     assert parse_json_payload(body, "r", NOW, limits=Limits(max_future_s=7200)).records
     assert not parse_json_payload(body, "r", NOW, limits=Limits(max_future_s=60)).records
+
+
+_COUNTER = st.from_regex(r"[A-Z]{2,4}\.[A-Za-z]{2,8}", fullmatch=True)
+_VALUE = st.one_of(st.integers(0, 10**12), st.floats(0, 1e12, allow_nan=False, allow_infinity=False))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    counters=st.lists(_COUNTER, min_size=1, max_size=6, unique=True),
+    cells=st.lists(st.lists(_VALUE, min_size=6, max_size=6), min_size=1, max_size=8),
+    layout=st.sampled_from(["r", "measResults"]),
+    minutes=st.sampled_from([5, 15, 60]),
+)
+def test_pm_generated_files_round_trip(
+    counters: list[str], cells: list[list[float]], layout: str, minutes: int
+) -> None:
+    """Any measInfo written in either layout reads back as one record per measValue with its counters."""
+    from lxml import etree
+
+    ns = "http://www.3gpp.org/ftp/specs/archive/32_series/32.435#measCollec"
+    root = etree.Element(f"{{{ns}}}measCollecFile", nsmap={None: ns})
+    data = etree.SubElement(root, f"{{{ns}}}measData")
+    info = etree.SubElement(data, f"{{{ns}}}measInfo")
+    etree.SubElement(info, f"{{{ns}}}granPeriod", duration=f"PT{minutes}M", endTime="2020-01-01T01:00:00Z")
+    if layout == "r":
+        for p, name in enumerate(counters, 1):
+            etree.SubElement(info, f"{{{ns}}}measType", p=str(p)).text = name
+    else:
+        etree.SubElement(info, f"{{{ns}}}measTypes").text = " ".join(counters)
+    for c, values in enumerate(cells):
+        mv = etree.SubElement(info, f"{{{ns}}}measValue", measObjLdn=f"NRCellDU={c}")
+        if layout == "r":
+            for p, x in enumerate(values[: len(counters)], 1):
+                etree.SubElement(mv, f"{{{ns}}}r", p=str(p)).text = repr(x)
+        else:
+            etree.SubElement(mv, f"{{{ns}}}measResults").text = " ".join(
+                repr(x) for x in values[: len(counters)]
+            )
+    parsed = parse_pm_file(etree.tostring(root), "gen.xml", NOW)
+    assert not parsed.refusals
+    start = 1577840400000 - minutes * 60_000
+    assert [(r.entity, r.time_ms) for r in parsed.records] == [
+        (f"NRCellDU={c}", start) for c in range(len(cells))
+    ]
+    for rec, values in zip(parsed.records, cells, strict=True):
+        assert rec.metrics == {n: float(x) for n, x in zip(counters, values, strict=False)}
