@@ -29,7 +29,7 @@ def settings_with_config(ctx: typer.Context, config: Path | None) -> NettwinSett
 
 def attach(
     ctx: typer.Context,
-    config: Path | None = typer.Option(None, "--config", help="TOML config with [[source]] tables"),
+    config: Path | None = typer.Option(None, "--config", help="TOML config with \\[\\[source]] tables"),
     max_seconds: float | None = typer.Option(None, help="stop after this many seconds (tests, demos)"),
 ) -> None:
     """Attach live sources (mqtt, http, pm-files, kafka-lineprotocol, file) -> telemetry.records, at least once."""
