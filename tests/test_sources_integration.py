@@ -147,24 +147,39 @@ def wait_rows(
 
 def kafka_records(settings: NettwinSettings) -> Counter[tuple[str, int]]:
     """(entity, event time) -> how many times it is on telemetry.records: duplicates show as counts > 1."""
+    seen: Counter[tuple[str, int]] = Counter()
+    for batch in _batches(settings):
+        for r in decode_records(batch):
+            seen[(r.entity, r.time_ms)] += 1
+    return seen
+
+
+def entity_keys(settings: NettwinSettings) -> dict[str, set[int]]:
+    """Every registry key each entity name travelled under on telemetry.records (stable: one key a name)."""
+    keys: dict[str, set[int]] = {}
+    for batch in _batches(settings):
+        for key, name in batch.extra["entities"].items():
+            keys.setdefault(name, set()).add(int(key))
+    return keys
+
+
+def _batches(settings: NettwinSettings) -> list[Any]:
     topic = Topics.from_settings(settings).telemetry_records
     consumer = make_consumer(settings, group_id=None)
     tps = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
-    seen: Counter[tuple[str, int]] = Counter()
+    out = []
     idle = 0
     try:
         while idle < 3:
             polled = consumer.poll(timeout_ms=500)
             idle = 0 if polled else idle + 1
             for messages in polled.values():
-                for m in messages:
-                    for r in decode_records(decode(m.value)):
-                        seen[(r.entity, r.time_ms)] += 1
+                out += [decode(m.value) for m in messages]
     finally:
         consumer.close()
-    return seen
+    return out
 
 
 def deadletters(settings: NettwinSettings, n: int, timeout: float = 30) -> list[dict[str, Any]]:
@@ -308,6 +323,9 @@ def test_http_counts_sums_deadletters_and_kill(svc: Services, tmp_path: Path) ->
     print(f"http kill -9: {len(sent)} acknowledged, 0 lost, {dupes} duplicated on Kafka")
     assert all(on_kafka[key] >= 1 for key in sent)
     assert dupes <= 1  # at most the one request in flight at the kill
+    keys = entity_keys(svc.settings)
+    assert all(len(k) == 1 for k in keys.values())  # the restarted process resolved the same keys
+    assert len({next(iter(k)) for k in keys.values()}) == len(keys)  # and no two names share one
 
     assert svc.stop("attach") < 10  # SIGTERM: flushed and stopped within 10 s
 
@@ -663,6 +681,8 @@ def test_mqtt5_shared_subscription_splits_messages(svc: Services, tmp_path: Path
         )
         per_process.append(int(line.rsplit(" ", 1)[1]))
     assert sum(per_process) == 400 and min(per_process) > 0, per_process
+    keys = entity_keys(svc.settings)  # two processes met the same new names at once: one key each
+    assert all(len(k) == 1 for k in keys.values()) and len({min(k) for k in keys.values()}) == len(keys)
     pub.loop_stop()
     pub.disconnect()
 
@@ -809,3 +829,30 @@ def test_http_kafka_down_503_then_recovers(isolated: NettwinSettings, tmp_path: 
         broker.kill()
         broker.wait()
         sys.stderr.write(svc.logs())
+
+
+# ------------------------------------------------------------------ registry under contention
+def test_registry_concurrent_claims_agree(isolated: NettwinSettings) -> None:
+    from ingest.sources.registry import EntityRegistry
+
+    topic = Topics.from_settings(isolated).entities
+    regs = [EntityRegistry(isolated, topic) for _ in range(3)]
+    names = [f"cell-{i}" for i in range(200)]
+    results: list[dict[str, int]] = [{} for _ in regs]
+
+    def work(i: int) -> None:
+        order = names if i % 2 == 0 else list(reversed(names))
+        for j in range(0, len(order), 25):  # overlapping batches of new names from every registry
+            results[i].update(regs[i].resolve(dict.fromkeys(order[j : j + 25])))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(regs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] == results[1] == results[2]
+    assert len(set(results[0].values())) == 200 and min(results[0].values()) >= 1  # no key shared
+    fresh = EntityRegistry(isolated, topic)  # a restarted process reads the same assignment back
+    assert fresh.resolve(dict.fromkeys(names)) == results[0]
+    for r in [*regs, fresh]:
+        r.close()
