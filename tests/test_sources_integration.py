@@ -449,8 +449,24 @@ def test_file_follow_rotation_and_restart(svc: Services, tmp_path: Path) -> None
                 "path": str(path),
                 "format": "json",
                 "mapping": {"entity": "dev", "time": "t", "metrics": "*"},
-            }
+            },
+            {
+                "name": "kpi-csv",
+                "type": "file",
+                "path": str(tmp_path / "kpi.csv"),
+                "format": "csv",
+                "mapping": {
+                    "entity": "cell",
+                    "time": "time",
+                    "time_format": "%Y-%m-%d %H:%M:%S",
+                    "metrics": "*",
+                },
+            },
         ],
+    )
+    csv_path = tmp_path / "kpi.csv"
+    csv_path.write_text(
+        "cell,time,rsrp\n" + "".join(f"c{i % 3},2020-01-01 00:00:{i:02d},-90\n" for i in range(30))
     )
 
     def append(p: Path, start: int, n: int) -> None:
@@ -477,6 +493,9 @@ def test_file_follow_rotation_and_restart(svc: Services, tmp_path: Path) -> None
     assert sum(c for c, _ in rows.values()) == 350
     (letter,) = deadletters(svc.settings, 1)
     assert letter["position"] == f"{path}:101" and letter["original"] == "garbage"
+    with open(csv_path, "a") as fh:  # the CSV file grew while the process was killed and restarted
+        fh.write("".join(f"c{i % 3},2020-01-01 00:01:{i:02d},-80\n" for i in range(30)))
+    assert wait_rows(svc.settings, "rsrp", 60) == {f"c{k}": (20, -1700.0) for k in range(3)}
     assert svc.stop("attach") < 10
 
 
