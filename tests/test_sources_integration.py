@@ -331,6 +331,24 @@ def test_http_counts_sums_deadletters_and_kill(svc: Services, tmp_path: Path) ->
 
 
 # ------------------------------------------------------------------ mqtt
+@pytest.fixture
+def mqtt_broker(services: NettwinSettings) -> int:
+    """The local Mosquitto of infra/up (started here if an older infra/up left it out)."""
+    import socket
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", MQTT_PORT), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    if not up():
+        subprocess.run([str(Path(__file__).resolve().parents[1] / "infra" / "up")], check=True)
+    assert up(), f"no MQTT broker on 127.0.0.1:{MQTT_PORT} (infra/up, NETTWIN_INFRA_MQTT_PORT)"
+    return MQTT_PORT
+
+
 def _mqtt_client(client_id: str) -> Any:
     import paho.mqtt.client as mqtt
 
@@ -340,7 +358,7 @@ def _mqtt_client(client_id: str) -> Any:
     return c
 
 
-def test_mqtt_mapping_qos1_deadletters_and_kill(svc: Services, tmp_path: Path) -> None:
+def test_mqtt_mapping_qos1_deadletters_and_kill(svc: Services, tmp_path: Path, mqtt_broker: int) -> None:
     prefix = svc.settings.kafka.topic_prefix.strip(".")
     cfg = write_config(
         tmp_path / "mqtt.toml",
@@ -663,7 +681,7 @@ def test_mqtt_tls_password_v311(svc: Services, tmp_path: Path) -> None:
         broker.wait(10)
 
 
-def test_mqtt5_shared_subscription_splits_messages(svc: Services, tmp_path: Path) -> None:
+def test_mqtt5_shared_subscription_splits_messages(svc: Services, tmp_path: Path, mqtt_broker: int) -> None:
     prefix = svc.settings.kafka.topic_prefix.strip(".")
     ports = [_free_port(), _free_port()]
     for n, port in enumerate(ports):
@@ -754,7 +772,7 @@ def test_run_supervises_restarts_and_stops(isolated: NettwinSettings, tmp_path: 
 
 # ------------------------------------------------------------------ the benchmark keeps working
 @pytest.mark.slow
-def test_sources_bench_small(services: NettwinSettings) -> None:
+def test_sources_bench_small(services: NettwinSettings, mqtt_broker: int) -> None:
     res = subprocess.run(
         [
             sys.executable,
