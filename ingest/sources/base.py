@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ingest.settings import NettwinSettings, SourceSettings
 from ingest.sources.metrics import SourceMetrics
 from ingest.sources.publisher import Publisher, Submission
 from ingest.sources.record import Limits, Mapping, Parsed
@@ -18,7 +19,7 @@ class SourceContext:
     publisher: Publisher
     state_dir: Path
     all_metrics: list[SourceMetrics] = field(default_factory=list)
-    kafka_settings: Any = None  # NettwinSettings, for sources that consume Kafka themselves
+    kafka_settings: NettwinSettings | None = None  # for sources that consume Kafka themselves
 
 
 class Source:
@@ -26,7 +27,7 @@ class Source:
     acknowledged upstream before connections close: ``stop_accepting()``, then (after the publisher flushed)
     ``close()``."""
 
-    def __init__(self, cfg: Any, ctx: SourceContext) -> None:
+    def __init__(self, cfg: SourceSettings, ctx: SourceContext) -> None:
         self.cfg = cfg
         self.ctx = ctx
         self.name: str = cfg.name

@@ -16,8 +16,9 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
+from ingest.settings import SourceSettings
 from ingest.sources.base import Source, SourceContext, now_ms
 from ingest.sources.record import Parsed, parse_csv_payload, parse_json_payload
 
@@ -35,7 +36,7 @@ class Position:
 
 
 class FileSource(Source):
-    def __init__(self, cfg: Any, ctx: SourceContext) -> None:
+    def __init__(self, cfg: SourceSettings, ctx: SourceContext) -> None:
         super().__init__(cfg, ctx)
         if cfg.path is None:
             raise ValueError(f"source {cfg.name}: type file needs path")

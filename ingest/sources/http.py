@@ -21,11 +21,11 @@ import os
 import threading
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
 from ingest.errors import ServiceError
+from ingest.settings import SourceSettings
 from ingest.sources.base import Source, SourceContext, now_ms
 from ingest.sources.lineprotocol import LineOptions, parse_lines
 from ingest.sources.metrics import render
@@ -89,7 +89,7 @@ class HttpServer:
 
 
 class HttpSource(Source):
-    def __init__(self, cfg: Any, ctx: SourceContext) -> None:
+    def __init__(self, cfg: SourceSettings, ctx: SourceContext) -> None:
         super().__init__(cfg, ctx)
         if not cfg.listen:
             raise ValueError(f"source {cfg.name}: type http needs listen = 'host:port'")

@@ -12,6 +12,7 @@ import logging
 import threading
 from typing import Any
 
+from ingest.settings import SourceSettings
 from ingest.sources.base import Source, SourceContext, now_ms
 from ingest.sources.lineprotocol import LineOptions, parse_lines
 from ingest.sources.record import Parsed
@@ -20,7 +21,7 @@ log = logging.getLogger("nettwin.attach.kafka")
 
 
 class KafkaLineProtocolSource(Source):
-    def __init__(self, cfg: Any, ctx: SourceContext) -> None:
+    def __init__(self, cfg: SourceSettings, ctx: SourceContext) -> None:
         super().__init__(cfg, ctx)
         if not cfg.topics:
             raise ValueError(f"source {cfg.name}: type kafka-lineprotocol needs topics")
@@ -32,6 +33,8 @@ class KafkaLineProtocolSource(Source):
         from ingest.kafka import make_consumer
 
         settings = self.ctx.kafka_settings
+        if settings is None:
+            raise ValueError(f"source {self.name}: kafka-lineprotocol needs the process settings")
         if self.cfg.url:
             settings = settings.model_copy(
                 update={"kafka": settings.kafka.model_copy(update={"bootstrap_servers": self.cfg.url})}

@@ -21,6 +21,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from ingest.settings import SourceSettings
 from ingest.sources.base import Source, SourceContext, now_ms
 from ingest.sources.record import Parsed, Refusal, parse_payload
 
@@ -30,7 +31,7 @@ SESSION_EXPIRY_S = 7 * 24 * 3600
 
 
 class MqttSource(Source):
-    def __init__(self, cfg: Any, ctx: SourceContext) -> None:
+    def __init__(self, cfg: SourceSettings, ctx: SourceContext) -> None:
         super().__init__(cfg, ctx)
         if not cfg.url or not cfg.topics:
             raise ValueError(f"source {cfg.name}: type mqtt needs url and topics")

@@ -20,10 +20,10 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
+from ingest.settings import SourceSettings
 from ingest.sources.base import Source, SourceContext, now_ms
 from ingest.sources.http import HttpServer
 from ingest.sources.pm_xml import parse_pm_file
@@ -63,7 +63,7 @@ class Ledger:
 
 
 class PmFilesSource(Source):
-    def __init__(self, cfg: Any, ctx: SourceContext) -> None:
+    def __init__(self, cfg: SourceSettings, ctx: SourceContext) -> None:
         super().__init__(cfg, ctx)
         if cfg.directory is None:
             raise ValueError(f"source {cfg.name}: type pm-files needs directory")
