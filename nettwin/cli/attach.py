@@ -6,12 +6,15 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ingest.errors import ConfigError
-from ingest.settings import NettwinSettings, load_settings
 from nettwin.cli.common import settings_of, setup_service_logging
+
+if TYPE_CHECKING:
+    from ingest.settings import NettwinSettings
 
 
 def register(app: typer.Typer) -> None:
@@ -20,6 +23,9 @@ def register(app: typer.Typer) -> None:
 
 def settings_with_config(ctx: typer.Context, config: Path | None) -> NettwinSettings:
     """The root settings, or those of ``config`` when the command names one (env still applies)."""
+
+    from ingest.settings import load_settings  # pydantic: only when a command runs
+
     if config is None:
         return settings_of(ctx)
     if not config.is_file():

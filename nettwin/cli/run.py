@@ -20,7 +20,6 @@ import typer
 
 from nettwin.cli.attach import settings_with_config
 from nettwin.cli.common import print_json, setup_service_logging
-from twin_store.services.processes import spawn_cli
 
 log = logging.getLogger("nettwin.run")
 
@@ -32,6 +31,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _spawn(part: str, config: Path | None, log_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    from twin_store.services.processes import spawn_cli
+
     args = [part, "--config", str(config)] if part == "attach" and config is not None else [part]
     return spawn_cli(args, log_dir / f"run-{part}.log", env)
 
