@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 # epoch values at or above this are milliseconds (1e11 s is the year 5138; 1e11 ms is March 1973)
 _MS_THRESHOLD = 1e11
 DEFAULT_MAX_FUTURE_S = 86_400.0
@@ -308,16 +310,14 @@ def parse_json_payload(
     if not stripped:
         out.refusals.append(Refusal("empty payload", where, data))
         return out
-    try:
-        doc = json.loads(stripped)
-    except json.JSONDecodeError:
-        doc = None
-        items: Iterable[tuple[str, Any, bytes | None]] = _json_lines(text, where)
+    doc = _loads(data, stripped)
+    items: Iterable[tuple[str, Any, bytes | None]]
+    if doc is _NOT_JSON:
+        items = _json_lines(text, where)
+    elif isinstance(doc, list):
+        items = ((f"{where} item {i}", item, None) for i, item in enumerate(doc, 1))
     else:
-        if isinstance(doc, list):
-            items = ((f"{where} item {i}", item, None) for i, item in enumerate(doc, 1))
-        else:
-            items = [(where, doc, data)]
+        items = [(where, doc, data)]
     for pos, item, raw in items:
         if isinstance(item, _Bad):
             out.refusals.append(Refusal(item.reason, pos, raw or b""))
@@ -329,6 +329,22 @@ def parse_json_payload(
             original = raw if raw is not None else json.dumps(item).encode()
             out.refusals.append(Refusal(str(exc), pos, original))
     return out
+
+
+_NOT_JSON = object()
+
+
+def _loads(data: bytes, text: str) -> Any:
+    """orjson (C, ~3x faster) for the common case; what it refuses (NaN tokens, integers beyond 64 bits) goes
+    to the standard library; ``_NOT_JSON`` when neither reads it (then it may be JSON lines)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return _NOT_JSON
 
 
 @dataclass(frozen=True)
