@@ -154,6 +154,8 @@ def test_line_protocol() -> None:
     assert rec == Record("c 1", 1522252560000, {"kpi_down": 1.5, "kpi_up": 2.0})
     rec = parse_line("kpi,cell=c1 down=1", LineOptions("cell", "field"), NOW)
     assert rec.time_ms == NOW and rec.metrics == {"down": 1.0}
+    # InfluxDB 1.x rules: only \, \= and \<space> are escapes in a tag value; other backslashes stay
+    assert parse_line("kpi,cell=a\\b\\\\c down=1", LineOptions("cell"), NOW).entity == "a\\b\\\\c"
     ns = parse_line("cpu,host=h1 usage_idle=99.5 1522252560000000000", LineOptions(), NOW)
     assert ns.time_ms == 1522252560000 and ns.metrics == {"cpu_usage_idle": 99.5}
 
@@ -193,9 +195,17 @@ def test_line_protocol_refusals_keep_good_lines() -> None:
 def test_line_protocol_round_trips_what_lineproto_writes(
     entity: str, field: str, value: float, ts: int
 ) -> None:
-    """Whatever the store's line-protocol writer escapes, the parser reads back."""
+    """What the store's line-protocol writer escapes, the parser reads back as InfluxDB 1.x would store it.
+
+    Outside the one corner 1.x cannot represent (a backslash right before a separator or at the end of a tag
+    value, see twin_store/adapters/lineproto.py), that is the value written."""
+    import re
+
+    from hypothesis import assume
+
     from twin_store.adapters.lineproto import point
 
+    assume(not re.search(r"\\(?=[,= ]|$)", entity))
     line = point("m", {"host": entity}, {field: value}, ts)
     rec = parse_line(line, LineOptions(precision="s"), NOW)
     assert rec.entity == entity and rec.metrics == {f"m_{field}": value} and rec.time_ms == ts * 1000

@@ -51,11 +51,15 @@ def _split_unescaped(text: str, sep: str, quotes: bool = False) -> list[str]:
     return parts
 
 
-def _unescape(text: str) -> str:
+def _unescape(text: str, specials: str = ", =") -> str:
+    """InfluxDB 1.x's rule: a backslash escapes only the separators (``,``, ``=`` and space in tag keys, tag
+    values and field keys; ``,`` and space in measurements); any other backslash is kept as written."""
+    if "\\" not in text:
+        return text
     out: list[str] = []
     i = 0
     while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in ', ="\\':
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in specials:
             out.append(text[i + 1])
             i += 2
         else:
@@ -88,7 +92,7 @@ def parse_line(line: str, opts: LineOptions, now_ms: int) -> Record:
     if len(sections) not in (2, 3):
         raise RecordError(f"expected 'measurement[,tags] fields [timestamp]', got {len(sections)} parts")
     head = _split_unescaped(sections[0], ",")
-    measurement = _unescape(head[0])
+    measurement = _unescape(head[0], ", ")
     if not measurement:
         raise RecordError("missing measurement")
     tags: dict[str, str] = {}
