@@ -19,7 +19,7 @@ class DeadLetter:
     source: str  # file path or topic name
     position: str  # "line 17" or "topic[partition]@offset"
     original: bytes
-    stage: str  # producer | worker | store
+    stage: str  # producer | source (attached sources) | worker | store
 
     def headers(self) -> list[tuple[str, bytes]]:
         return [

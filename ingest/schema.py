@@ -22,12 +22,17 @@ from typing import Any, TypeGuard
 import numpy as np
 
 MAGIC = b"NTB1"
-KINDS = ("traffic", "features", "forecast", "sensor", "screened")
+KINDS = ("traffic", "features", "forecast", "sensor", "screened", "telemetry")
 # sensor telemetry (``sensor``: raw readings; ``screened``: readings marked by the worker's screening). The
 # ``squares`` column holds source ids; ``extra["sources"]`` maps every id in the batch (as a string) to the
 # source's name, and ``starts_ms`` is the reading's event time (not aligned to ``step_s``, the nominal step).
 SENSOR_KINDS = ("sensor", "screened")
 SCREENED_COLUMNS = ("value", "score", "flagged")
+# records of attached sources (ingest/sources): ``squares`` holds the entities' registry keys,
+# ``extra["entities"]`` maps every key in the batch (as a string) to the entity name, ``extra["source"]``
+# names the source, ``starts_ms`` is the event time, ``columns`` the union of the batch's metric names and a
+# NaN value means "this record has no such metric"
+TELEMETRY_KIND = "telemetry"
 ACTIVITY_COLUMNS = ("sms_in", "sms_out", "call_in", "call_out", "internet")
 # event times outside [2000-01-01, 2100-01-01) UTC are refused by the readers and producers as implausible
 # (epoch ms); the wire format itself carries any time
@@ -193,6 +198,8 @@ def validate(batch: RecordBatch) -> str | None:
     """Return why a batch is invalid, or None. Vectorised: one pass per check over the whole batch."""
     if batch.kind in SENSOR_KINDS:
         return _validate_sensor(batch)
+    if batch.kind == TELEMETRY_KIND:
+        return _validate_telemetry(batch)
     if len(batch) == 0:
         return None
     if not np.isfinite(batch.values).all():
@@ -223,4 +230,23 @@ def _validate_sensor(batch: RecordBatch) -> str | None:
         flagged = batch.values[:, 2]
         if ((flagged != 0) & (flagged != 1)).any():
             return "flagged must be 0 or 1"
+    return None
+
+
+def _validate_telemetry(batch: RecordBatch) -> str | None:
+    entities = batch.extra.get("entities", {})
+    if not isinstance(entities, dict) or not all(isinstance(v, str) and v for v in entities.values()):
+        return "extra.entities must map entity keys to non-empty names"
+    source = batch.extra.get("source")
+    if not isinstance(source, str) or not source:
+        return "extra.source must name the source"
+    if len(batch) == 0:
+        return None
+    missing = [i for i in np.unique(batch.squares).tolist() if str(i) not in entities]
+    if missing:
+        return f"entity key(s) {missing[:5]} missing from extra.entities"
+    if np.isinf(batch.values).any():
+        return "infinite value"
+    if np.isnan(batch.values).all(axis=1).any():
+        return "a record without any metric"
     return None

@@ -103,6 +103,66 @@ class SecuritySettings(BaseModel):
     screen_traffic: bool = True
 
 
+SourceType = Literal["mqtt", "http", "pm-files", "kafka-lineprotocol", "file"]
+
+
+class SourceSettings(BaseModel):
+    """One ``[[source]]`` table of the deployment config (``nettwin attach``); docs/sources.md has examples.
+
+    Keys a type does not use are ignored by it; ``mapping`` is the ``[source.mapping]`` table for payloads
+    that are not canonical records (see ``ingest.sources.record.Mapping``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    type: SourceType
+    # http, and pm-files' "file ready" notifications: host:port to listen on
+    listen: str | None = None
+    # bearer token read from this environment variable (http); unset: no authentication
+    token_env: str | None = None
+    max_body_bytes: int = Field(default=16 << 20, ge=1024)
+    # mqtt: mqtt://host:port or mqtts://host:port; kafka-lineprotocol: bootstrap servers (default: ours)
+    url: str | None = None
+    topics: tuple[str, ...] = ()
+    format: Literal["json", "csv"] = "json"
+    mapping: dict[str, Any] | None = None
+    ca_file: Path | None = None
+    username: str | None = None
+    password_env: str | None = None
+    qos: Literal[0, 1] = 1
+    protocol: Literal["3.1.1", "5"] = "5"
+    client_id: str | None = None
+    # MQTT 5 shared subscription group: several attach processes split the topics ($share/<group>/...)
+    shared_group: str | None = None
+    max_message_bytes: int = Field(default=1 << 20, ge=64)
+    # pm-files: watched directory, file name pattern, seconds a file must be unchanged before it is read
+    directory: Path | None = None
+    pattern: str = "*.xml"
+    settle_s: float = Field(default=2.0, ge=0)
+    poll_s: float = Field(default=1.0, gt=0)
+    # file: the followed file (CSV with a header line, or JSON lines)
+    path: Path | None = None
+    # kafka-lineprotocol and http /v1/write: the tag naming the entity, timestamp precision, metric naming
+    entity_tag: str = "host"
+    precision: Literal["ns", "us", "ms", "s"] = "ns"
+    metric_names: Literal["measurement_field", "field"] = "measurement_field"
+    group_id: str | None = None
+    # refuse records more than this many seconds ahead of the receive time
+    max_future_s: float = Field(default=86_400.0, gt=0)
+    # refuse records of entities not already in the registry
+    registered_only: bool = False
+
+
+class RunSettings(BaseModel):
+    """``[run]``: the parts ``nettwin run`` starts as child processes (attach only when sources exist)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    parts: tuple[Literal["attach", "store", "worker", "htwin"], ...] = ("attach", "store", "worker")
+    restart_delay_s: float = Field(default=2.0, ge=0)
+
+
 class NettwinSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="NETTWIN_", env_nested_delimiter="__", frozen=True, extra="forbid"
@@ -113,6 +173,9 @@ class NettwinSettings(BaseSettings):
     influx: InfluxSettings = InfluxSettings()
     worker: WorkerSettings = WorkerSettings()
     security: SecuritySettings = SecuritySettings()
+    # attached sources, the [[source]] tables of the config file
+    source: tuple[SourceSettings, ...] = ()
+    run: RunSettings = RunSettings()
     # where processes keep local files (Faust data dir, logs of processes the demo starts)
     state_dir: Path = Path(".state")
 

@@ -35,6 +35,8 @@ class Topics:
     telemetry_vision_sim: str
     features_multimodal: str
     sites_ftm: str
+    telemetry_records: str
+    entities: str
 
     @classmethod
     def from_settings(cls, settings: NettwinSettings) -> Topics:
@@ -54,6 +56,8 @@ class Topics:
             telemetry_vision_sim=f"{p}telemetry.vision_sim",
             features_multimodal=f"{p}features.multimodal",
             sites_ftm=f"{p}sites.ftm",
+            telemetry_records=f"{p}telemetry.records",
+            entities=f"{p}entities",
         )
 
 
@@ -99,5 +103,17 @@ def topic_specs(settings: NettwinSettings) -> list[TopicSpec]:
             1,
             True,
             "AP positions per scene (JSON site metadata, compacted), key = scene, followed by the worker",
+        ),
+        TopicSpec(
+            t.telemetry_records,
+            n,
+            False,
+            "records of attached sources (batched, kind telemetry), partition = entity key % partitions",
+        ),
+        TopicSpec(
+            t.entities,
+            1,
+            True,
+            "entity registry (compacted): key = entity name, value = JSON {key, kind}; first claim wins",
         ),
     ]

@@ -244,7 +244,7 @@ def test_header_not_json(header: bytes) -> None:
     [
         (b"[1, 2]", "unknown kind"),
         (b'"traffic"', "unknown kind"),
-        (json.dumps(_good_header(kind="telemetry")).encode(), "unknown kind .telemetry."),
+        (json.dumps(_good_header(kind="telemetry.raw")).encode(), "unknown kind .telemetry.raw."),
         (json.dumps(_good_header(kind=_DROP)).encode(), "unknown kind None"),
     ],
 )

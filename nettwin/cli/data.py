@@ -92,3 +92,22 @@ def milan(
             f"data: {table.attribution or 'unattributed'}; licence {table.licence or 'unknown'}"
             + (f"; {table.doi}" if table.doi else "")
         )
+
+
+@app.command("milan-to-pm")
+def milan_to_pm(
+    data: Path = typer.Argument(..., help="an official Milan daily file (.txt or .gz)"),
+    out: Path = typer.Option(..., "--out", help="directory for the PM files (watched by a pm-files source)"),
+    json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Write a Milan day as 3GPP PM XML files (TS 32.435), one per 10-minute interval, for the pm-files source."""
+    from producers.pm_export import write_pm_files
+    from producers.replay import load_table
+
+    table = load_table(data, "raw")
+    files = write_pm_files(table, out)
+    summary = {"files": len(files), "records": len(table), "squares": len(set(table.squares.tolist()))}
+    if json_out:
+        print_json(summary)
+    else:
+        console.print(f"wrote {summary['files']} PM files ({summary['records']:,} records) to {out}")

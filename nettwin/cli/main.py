@@ -13,7 +13,8 @@ from typing import Any, NoReturn
 import typer
 
 from ingest.errors import NettwinError
-from nettwin.cli import bench, data, infra, query, replay, security, services, twin, vhtwin
+from nettwin.cli import attach, bench, data, infra, query, replay, security, services, twin, vhtwin
+from nettwin.cli import run as run_cmd
 
 app = typer.Typer(
     name="nettwin",
@@ -31,6 +32,8 @@ app.add_typer(twin.app, name="twin")
 services.register(app)
 vhtwin.register(app)
 security.register(app)
+attach.register(app)
+run_cmd.register(app)
 
 
 @app.callback()

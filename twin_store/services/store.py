@@ -1,4 +1,4 @@
-"""``nettwin store``: consume feature, forecast and screened sensor batches, write them to InfluxDB, then
+"""``nettwin store``: consume feature, forecast, screened sensor and attached-source (telemetry) batches, write them to InfluxDB, then
 commit offsets.
 
 Offsets are committed only after InfluxDB acknowledged the write, so a crash re-delivers and rewrites
@@ -27,6 +27,7 @@ from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.sensors import sensor_points
+from twin_store.adapters.telemetry import telemetry_lines
 from twin_store.adapters.traffic import Points, TwinRegistry, batch_points
 
 log = logging.getLogger("nettwin.store")
@@ -74,6 +75,7 @@ class TwinStore:
             self.topics.features_traffic,
             self.topics.forecasts,
             self.topics.features_sensors,
+            self.topics.telemetry_records,
             group_id=f"{settings.kafka.topic_prefix}nettwin-store",
             max_poll_records=2000,
         )
@@ -130,9 +132,10 @@ class TwinStore:
                 self.counters.messages += 1
                 try:
                     batch = decode(m.value or b"")
-                    if batch.kind not in ("features", "forecast", "screened"):
+                    if batch.kind not in ("features", "forecast", "screened", "telemetry"):
                         raise MalformedMessage(
-                            f"expected kind 'features', 'forecast' or 'screened', got {batch.kind!r}"
+                            "expected kind 'features', 'forecast', 'screened' or 'telemetry', "
+                            f"got {batch.kind!r}"
                         )
                     if batch.kind == "forecast" and "cluster" not in batch.columns:
                         raise MalformedMessage("forecast batch without a 'cluster' column")
@@ -141,6 +144,9 @@ class TwinStore:
                     continue
                 if batch.kind == "screened":
                     points = sensor_points(batch, tp.partition)
+                elif batch.kind == "telemetry":
+                    lines = telemetry_lines(batch)
+                    points = Points(lines=lines, precision="ms", records=len(lines), partition=tp.partition)
                 else:
                     points = batch_points(batch, tp.partition, self.twins, now_ms)
                 items.append((m, points))
