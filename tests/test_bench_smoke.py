@@ -51,3 +51,10 @@ def test_live_scale_bench_small(services: NettwinSettings) -> None:
     assert out["close_to_forecast_queryable_s"]["p99"] is not None  # type: ignore[index]
     assert out["baseline_offline_stacked_updates_per_s"] > 0  # type: ignore[operator]
     assert set(out["peak_rss_mb"]) == {"worker", "store", "htwin"}  # type: ignore[arg-type]
+
+
+def test_store_lines_bench_small(services: NettwinSettings) -> None:
+    out = _bench(services, "-m", "bench.store_lines", "--copies", "2", "--days", "1", "--repeat", "1")
+    assert out["records"] == 2 * 3683  # the real 26-square day has 3,683 (square, interval) records
+    assert 1 < out["points_per_record"] < 1.5  # type: ignore[operator]
+    assert out["store_format_cpu_s"] > 0 and out["influxd_cpu_s"] >= 0  # type: ignore[operator]
