@@ -8,6 +8,7 @@ unit tier; a failure prints the smallest input Hypothesis found.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -30,7 +31,16 @@ from ingest.readers import milan
 from ingest.readers.ftm import read_walk, site_from_message
 from ingest.readers.milan import read_hourly, read_raw
 from ingest.readers.sensors import read_csv_layout
-from ingest.schema import KINDS, MAX_STEP_S, PLAUSIBLE_MS, SENSOR_KINDS, MalformedMessage, RecordBatch, decode
+from ingest.schema import (
+    KINDS,
+    MAX_STEP_S,
+    PLAUSIBLE_MS,
+    SENSOR_KINDS,
+    TELEMETRY_KIND,
+    MalformedMessage,
+    RecordBatch,
+    decode,
+)
 from twin_store.adapters.lineproto import point
 from twin_store.federation.models_topic import MAGIC as TWIN_MAGIC
 from twin_store.federation.models_topic import TwinMessage, decode_twin
@@ -61,7 +71,7 @@ int62 = st.integers(-(2**62) + 1, 2**62 - 1)
 
 @st.composite
 def record_batches(draw: st.DrawFn) -> RecordBatch:
-    kind = draw(st.sampled_from([k for k in KINDS if k not in SENSOR_KINDS]))
+    kind = draw(st.sampled_from([k for k in KINDS if k not in (*SENSOR_KINDS, TELEMETRY_KIND)]))
     columns = tuple(draw(st.lists(st.text(max_size=12), min_size=1, max_size=5)))
     step_s = draw(st.integers(1, MAX_STEP_S))
     n = draw(st.integers(0, 30))
@@ -86,8 +96,17 @@ def record_batches(draw: st.DrawFn) -> RecordBatch:
     )
 
 
+@st.composite
+def telemetry_batches(draw: st.DrawFn) -> RecordBatch:
+    """Attached-source records: every entity key named in ``extra.entities``, the source in ``extra.source``."""
+    batch = draw(record_batches())
+    names = {str(k): draw(st.text(min_size=1, max_size=16)) for k in np.unique(batch.squares).tolist()}
+    extra = {"source": draw(st.text(min_size=1, max_size=12)), "entities": names}
+    return dataclasses.replace(batch, kind=TELEMETRY_KIND, extra=extra)
+
+
 @FUZZ
-@given(record_batches())
+@given(record_batches() | telemetry_batches())
 def test_schema_round_trip(batch: RecordBatch) -> None:
     back = decode(batch.encode())
     assert (back.kind, back.columns, back.step_s) == (batch.kind, batch.columns, batch.step_s)
