@@ -59,6 +59,7 @@ def make_faust_app(settings: NettwinSettings) -> faust.App:
         datadir=str(datadir),
         producer_linger_ms=5,
         producer_max_request_size=2_000_000,
+        producer_max_batch_size=1_000_000,  # several feature messages per request (under the 1 MiB brokers take)
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         stream_buffer_maxsize=1024,

@@ -54,7 +54,7 @@ def register(ctx: WorkerContext) -> Any:
                 continue
             states.advance(msg.topic, msg.partition, msg.offset)
             for batch in out.batches:
-                await sink.send(key=msg.key, value=batch.encode(), partition=msg.partition)
+                sink.send_soon(key=msg.key, value=batch.encode(), partition=msg.partition)  # as windows.py
             for letter in out.deadletters:
                 await ctx.dead_letter(letter)
 
