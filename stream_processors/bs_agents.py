@@ -118,11 +118,18 @@ COUNTERS = (
 class BsAgents:
     """The BS agents of some squares (the worker keeps one per input partition).
 
-    ``twins`` may be shared by several instances: the twins are the network's, the histories are theirs.
+    ``twins`` and ``awaiting`` may be shared by several instances: the twins are the network's, and an
+    agent acts on an hour only once the store has decided on every update of the hours before it that this
+    worker sent (whichever partition's agents sent it), as a single agent over all partitions would. The
+    histories are each instance's own.
     """
 
     def __init__(
-        self, keys: KeyRegistry | None = None, screen_traffic: bool = False, twins: TwinVersions | None = None
+        self,
+        keys: KeyRegistry | None = None,
+        screen_traffic: bool = False,
+        twins: TwinVersions | None = None,
+        awaiting: dict[int, int] | None = None,
     ) -> None:
         self.keys = keys  # signs every local update when the deployment authenticates them
         # per-square online screen of the hourly (z-scored) traffic: flagged hours never reach training
@@ -130,7 +137,8 @@ class BsAgents:
         self.twins = twins if twins is not None else TwinVersions()
         self.history: dict[int, SquareHistory] = {}
         self.issued: dict[tuple[int, int], tuple[float, int]] = {}  # (square, hour) -> (predicted, cluster)
-        self.awaiting: dict[int, int] = {}  # square -> hour of its update not yet published by the store
+        # square -> hour of its update not yet published by the store
+        self.awaiting: dict[int, int] = awaiting if awaiting is not None else {}
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.backlog: list[RecordBatch] = []
         self._model: TwinModel | None = None

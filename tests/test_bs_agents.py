@@ -205,3 +205,17 @@ def test_agents_of_two_partitions_share_the_twins_and_the_store_decisions() -> N
     assert right.ready
     right.on_twin(TwinMessage("bs", "7", 5, 8, np.zeros(MODEL.n_params, np.float32), {"seq": 10_000}))
     assert left.accepted_seq[7] == 10_000
+
+
+def test_an_hour_waits_for_the_updates_other_partitions_agents_sent() -> None:
+    """As one agent over every partition would: the twins of the previous hour include all of them."""
+    shared, awaiting = TwinVersions(), {}
+    left = BsAgents(twins=shared, awaiting=awaiting)
+    right = BsAgents(twins=shared, awaiting=awaiting)
+    for t in twins(MODEL.init(1, 0)[0]):
+        left.on_twin(t)
+    sent = {int(u.twin_id) for o in feed(left, 138).values() for u in o[0].updates}
+    assert sent and right.unacknowledged_before(hour_batch(139, {9: 1.0})) == len(sent)
+    for s in sent:
+        right.on_twin(TwinMessage("bs", str(s), 2, 8, np.zeros(MODEL.n_params, np.float32), {"seq": 200}))
+    assert right.unacknowledged_before(hour_batch(139, {9: 1.0})) == 0

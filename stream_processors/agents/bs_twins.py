@@ -48,12 +48,13 @@ def register(ctx: WorkerContext) -> Any:
     keys_file = settings.security.keys_file
     keys = KeyRegistry.load(keys_file) if keys_file is not None else None
     twins = TwinVersions()
+    awaiting: dict[int, int] = {}  # this worker's updates the store has not decided on, all partitions
     follower = TwinFollower(settings)
     states = ctx.partition_states()
     skipped = {"unreadable": 0, "rebuilt_messages": 0}
 
     def new_agents() -> BsAgents:
-        return BsAgents(keys, settings.security.screen_traffic, twins=twins)
+        return BsAgents(keys, settings.security.screen_traffic, twins=twins, awaiting=awaiting)
 
     def report() -> dict[str, int]:
         total = dict.fromkeys(COUNTERS, 0) | skipped
@@ -81,6 +82,7 @@ def register(ctx: WorkerContext) -> Any:
             return agents
         while not follower.caught_up.is_set():  # the twins and the store's decisions so far
             await asyncio.sleep(0.05)
+        follower.drain_into(twins)  # before the rebuild: it skips the updates the store decided on
         epoch = states.epoch
         agents = new_agents()
         if msg.offset > 0:
