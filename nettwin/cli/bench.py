@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from nettwin.cli.bench_diten import diten
 from nettwin.cli.bench_poisoning import check_hourly, poisoning, save_report
 from nettwin.cli.bench_utt import utt
 from nettwin.cli.common import console, print_json, print_table
@@ -13,6 +14,7 @@ from nettwin.cli.common import console, print_json, print_table
 app = typer.Typer(help="Evaluate the twin methods offline (figures beside baselines).", no_args_is_help=True)
 app.command("utt")(utt)
 app.command("poisoning")(poisoning)
+app.command("diten")(diten)
 
 
 @app.command()
