@@ -229,3 +229,63 @@ def test_bench_quick_json_lists_every_method_and_ratio() -> None:
     b2 = next(r for r in report["results"] if r["method"] == "b2")
     b3 = next(r for r in report["results"] if r["method"] == "b3")
     assert b3["objective"] < b2["objective"]  # random gamma never beats the solved one on the same slots
+
+
+def _ledger(policy: str = "nearest", capacity: float = 1e6):  # type: ignore[no-untyped-def]
+    from twin_store.federation.edge.ledger import EdgeLedger, Site
+
+    sites = [Site("west", 45.46, 9.15, capacity), Site("east", 45.46, 9.25, capacity)]
+    ledger = EdgeLedger(sites, policy=policy, sample_bytes=250, twin_bytes=20_000)
+    ledger.place("1", 45.46, 9.16)  # next to west
+    ledger.place("2", 45.46, 9.24)  # next to east
+    ledger.place("3", 45.46, 9.19)  # west of the middle
+    return ledger
+
+
+def test_ledger_books_eqs_13_to_15_per_site_and_kind() -> None:
+    from twin_store.federation.edge.ledger import project
+
+    ledger = _ledger()
+    first = ledger.slot(0, {"1": 10, "2": 20, "3": 30})
+    assert first.hosts == {"1": "west", "2": "east", "3": "west"}
+    assert first.migrations == []
+    rows = {(s, k): (e, b) for s, k, e, b in first.rows()}
+    assert len(rows) == 6 and rows[("east", "migration")] == (0.0, 0)
+    # sync and compute of BS 2 alone on east, by the closed forms
+    xy = project(np.array([45.46, 45.46]), np.array([9.24, 9.25]), 45.46, 9.20)
+    d = float(np.linalg.norm(xy[0] - xy[1]))
+    assert_allclose(rows[("east", "sync")][0], sync_cost(np.array([20.0]), np.array([d]), P)[0], rtol=1e-9)
+    per = compute_energy_per_sample(np.array([55.0]), np.array([7e3]), np.array([d]), P)[0]
+    assert_allclose(rows[("east", "compute")][0], 20 * per, rtol=1e-9)
+    assert rows[("east", "sync")][1] == 20 * 250
+
+
+def test_ledger_records_a_migration_when_the_site_changes() -> None:
+    ledger = _ledger()
+    ledger.slot(0, {"3": 30})
+    ledger.place("3", 45.46, 9.23)  # the BS's twin now belongs east (a re-declared position)
+    second = ledger.slot(1, {"3": 40})
+    assert [(m.bs, m.source, m.target) for m in second.migrations] == [("3", "west", "east")]
+    m = second.migrations[0]
+    l_ss = float(ledger.manhattan[0, 1])
+    assert_allclose(m.energy, 1e-4 * l_ss * (40 + 20_000 / 250), rtol=1e-12)
+    assert m.bytes == 20_000 + 40 * 250
+    assert second.energy[("east", "migration")] == m.energy
+
+
+def test_ledger_balanced_respects_site_capacity() -> None:
+    ledger = _ledger("balanced", capacity=35)
+    out = ledger.slot(0, {"1": 30, "3": 20})
+    # both are nearest to west, which holds 35 samples: the lighter one goes east
+    assert out.hosts == {"1": "west", "3": "east"}
+
+
+def test_ledger_rejects_bad_declarations() -> None:
+    from twin_store.federation.edge.ledger import EdgeLedger, Site
+
+    with pytest.raises(ValueError, match="no edge sites"):
+        EdgeLedger([])
+    with pytest.raises(ValueError, match="unique"):
+        EdgeLedger([Site("a", 0, 0, 1), Site("a", 1, 1, 1)])
+    with pytest.raises(ValueError, match="policy"):
+        EdgeLedger([Site("a", 0, 0, 1)], policy="random")

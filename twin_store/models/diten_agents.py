@@ -75,7 +75,7 @@ class AgentConfig:
     replay: int = 2000
     noise: float = 0.3
     # logit penalty per area side of distance (feature 0): the nearest-server prior every actor starts from
-    distance_prior: float = 20.0
+    distance_prior: float = 10.0
 
 
 Batch = dict[str, NDArray[np.float32]]
