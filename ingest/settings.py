@@ -19,7 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from ingest.errors import ConfigError
@@ -163,6 +163,36 @@ class RunSettings(BaseModel):
     restart_delay_s: float = Field(default=2.0, ge=0)
 
 
+class SiteSettings(BaseModel):
+    """An edge site (DITEN): a name, a position, and the samples per slot it can train."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    lat: float = Field(ge=-90, le=90)
+    lon: float = Field(ge=-180, le=180)
+    capacity: float = Field(gt=0)
+    eps: float = Field(default=55.0, gt=0)  # eps_s of eq. 15
+    energy: float = Field(default=7e3, gt=0)  # E_s of eq. 15, per-sample training energy
+
+
+class EdgeSettings(BaseModel):
+    """Edge sites and how BS twins are placed on them; the energy ledger's units (eqs. 13-15)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    sites: tuple[SiteSettings, ...] = ()
+    policy: Literal["nearest", "balanced", "learned"] = "nearest"
+    slot_s: int = Field(default=3600, ge=1)  # one ledger slot (the stream's hour)
+    sample_bytes: int = Field(default=250, ge=1)  # bytes one training sample occupies on the uplink
+    twin_bytes: int = Field(default=18_000, ge=0)  # bytes of a BS twin's state (migrated with it)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EdgeSettings:
+        names = [s.name for s in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"edge site names must be unique, got {names}")
+        return self
+
+
 class NettwinSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="NETTWIN_", env_nested_delimiter="__", frozen=True, extra="forbid"
@@ -176,6 +206,7 @@ class NettwinSettings(BaseSettings):
     # attached sources, the [[source]] tables of the config file
     source: tuple[SourceSettings, ...] = ()
     run: RunSettings = RunSettings()
+    edge: EdgeSettings = EdgeSettings()
     # where processes keep local files (Faust data dir, logs of processes the demo starts)
     state_dir: Path = Path(".state")
 

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import typer
 
 from ingest.errors import NettwinError
-from nettwin.cli import attach, bench, data, infra, query, replay, security, services, twin, vhtwin
+from nettwin.cli import attach, bench, data, edge, infra, query, replay, security, services, twin, vhtwin
 from nettwin.cli import run as run_cmd
 
 app = typer.Typer(
@@ -34,6 +34,7 @@ vhtwin.register(app)
 security.register(app)
 attach.register(app)
 run_cmd.register(app)
+edge.register(app)
 
 
 @app.callback()

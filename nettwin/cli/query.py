@@ -114,6 +114,36 @@ def twins(
         print_table("twins", rows, [c for c in cols if rows and c in rows[0]])
 
 
+def edge_rows(influx: InfluxClient, site: str | None, limit: int) -> list[dict[str, Any]]:
+    where = f" WHERE \"site\" = '{_quote(site)}'" if site else ""
+    q = f'SELECT * FROM "edge_cost"{where} ORDER BY time DESC LIMIT {int(limit)}'
+    rows = [r for s in influx.query(q) for r in s.rows()]
+    for r in rows:
+        r["time"] = _iso(r["time"])
+    return rows
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+@app.command()
+def edge(
+    ctx: typer.Context,
+    site: str | None = typer.Option(None, help="only this edge site"),
+    limit: int = typer.Option(60, min=1, help="rows, newest first (one per site, kind and slot)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """The edge energy ledger (DITEN eqs. 13-15): energy and bytes per site, kind and slot."""
+    settings = settings_of(ctx)
+    with InfluxClient(settings.influx) as influx:
+        rows = edge_rows(influx, site, limit)
+    if json_out:
+        print_json(rows)
+    else:
+        print_table(f"edge ledger ({site or 'all sites'})", rows, ["time", "site", "kind", "energy", "bytes"])
+
+
 DECISIONS = ("accepted", "quarantined", "rejected")
 
 

@@ -41,7 +41,7 @@ def settings_env(settings: NettwinSettings) -> dict[str, str]:
     env.pop("NETTWIN_CONFIG", None)
     env["NETTWIN_PROFILE"] = settings.profile
     env["NETTWIN_STATE_DIR"] = str(settings.state_dir)
-    for section in ("kafka", "influx", "worker", "security"):
+    for section in ("kafka", "influx", "worker", "security", "edge"):
         for key, value in getattr(settings, section).model_dump(mode="json").items():
             if value is None:
                 continue
