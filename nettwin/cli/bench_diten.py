@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ingest.errors import InputError
-from nettwin.cli.common import console, print_json, print_table
+from nettwin.cli.common import console, print_json, print_table, settings_of
 
 
 def _numbers(text: str, kind: type, option: str) -> tuple:
@@ -18,6 +18,7 @@ def _numbers(text: str, kind: type, option: str) -> tuple:
 
 
 def diten(
+    ctx: typer.Context,
     servers: str = typer.Option("9,11,13,15,17,19,21", help="server counts, comma-separated"),
     phi: str = typer.Option("0,0.2,0.4,0.6", help="label-skew distances phi, comma-separated"),
     slots: int = typer.Option(750, help="evaluation slots per (servers, phi)"),
@@ -25,9 +26,17 @@ def diten(
     quick: bool = typer.Option(False, "--quick", help="seconds: first server count and phi, 20 slots"),
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
     plot_dir: Path | None = typer.Option(None, "--plot", help="write SVG charts into this folder"),
+    milan: Path | None = typer.Option(
+        None,
+        help="instead: run nearest, balanced and PPO on Milan's BSs (hourly file, grid, OpenCellID in this "
+        "folder) with the sites of [[edge.sites]] (default: six declared landmark sites)",
+    ),
 ) -> None:
     """PPO association + optimal gamma against B1 (actor-critic), B2 (nearest), B3 (nearest, random
     gamma), B4 (DDPG) and balanced: objective (eq. 22), utility and energy per slot."""
+    if milan is not None:
+        _milan(ctx, milan, seed, quick, json_out)
+        return
     from bench.diten import DitenBench, check, plot, run
     from bench.diten import quick as make_quick
 
@@ -55,3 +64,26 @@ def diten(
     rows = [{"baseline": b, **v, "paper": report["paper_ratios"][b]} for b, v in report["ratios"].items()]
     print_table("PPO's objective, 'times higher' than each baseline", rows)
     console.print(f"wall time: {report['wall_s']} s")
+
+
+def _milan(ctx: typer.Context, folder: Path, seed: int, quick: bool, json_out: bool) -> None:
+    import torch
+
+    from bench.diten_milan import MILAN_PLAN, MILAN_SITES, QUICK_MILAN_PLAN, run
+    from twin_store.federation.edge.ledger import Site
+
+    torch.set_num_threads(1)
+    declared = settings_of(ctx).edge.sites
+    sites = (
+        tuple(Site(s.name, s.lat, s.lon, s.capacity, s.eps, s.energy) for s in declared)
+        if declared
+        else MILAN_SITES
+    )
+    with console.status("Milan: training PPO on the deployment, then nearest, balanced and PPO"):
+        report = run(folder, sites, QUICK_MILAN_PLAN if quick else MILAN_PLAN, seed)
+    if json_out:
+        print_json(report)
+        return
+    cols = ["method", "cost", "energy_vs_nearest", "sync", "compute", "migration", "migrations", "objective"]
+    print_table("Milan: energy per day (eqs. 13-15) beside nearest", report["milan"], cols)
+    console.print(f"setting: {report['setting']}; wall time {report['wall_s']} s")

@@ -41,6 +41,36 @@ def distance_prior(x: torch.Tensor, scale: float) -> torch.Tensor:
     return -scale * x[..., 0]
 
 
+# columns of the pair features the mean-field round reads: the pair's compute and sync energy, and the
+# server's caps q_s and p_s in the same units
+COMPUTE_COLUMN, SYNC_COLUMN, COMPUTE_CAP_COLUMN, SYNC_CAP_COLUMN = 3, 4, 14, 15
+
+
+class MeanFieldActor(nn.Module):
+    """Twin-to-server logits in two rounds, so twins choosing at once see each other.
+
+    Round one scores every pair alone (its load columns zero); the policy it implies gives every
+    server an expected compute and sync load (over twins, in units of the caps); round two scores each
+    pair again with those two loads appended. Both rounds share the 128-unit MLP and the distance prior.
+    """
+
+    def __init__(self, features: int, hidden: int, prior: float) -> None:
+        super().__init__()
+        self.net = _mlp(features + 2, hidden, 1)
+        self.prior = prior
+
+    def _score(self, x: torch.Tensor, loads: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, loads], dim=-1)).squeeze(-1) + distance_prior(x, self.prior)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self._score(x, torch.zeros(*x.shape[:-1], 2))
+        p = torch.softmax(first, -1)
+        comp = (p * x[..., COMPUTE_COLUMN]).sum(-2, keepdim=True) / x[..., :1, :, COMPUTE_CAP_COLUMN]
+        sync = (p * x[..., SYNC_COLUMN]).sum(-2, keepdim=True) / x[..., :1, :, SYNC_CAP_COLUMN]
+        loads = torch.stack([comp, sync], dim=-1).expand(*x.shape[:-1], 2)
+        return self._score(x, loads)
+
+
 class PooledCritic(nn.Module):
     """State value from the mean and max of all pair features: (B, U, S, F) -> (B,)."""
 
@@ -96,7 +126,7 @@ class ActorCritic:
     def __init__(self, features: int, cfg: AgentConfig, seed: int) -> None:
         torch.manual_seed(seed)
         self.cfg = cfg
-        self.actor = PairScorer(features, cfg.hidden)
+        self.actor = MeanFieldActor(features, cfg.hidden, cfg.distance_prior)
         self.critic = PooledCritic(features, cfg.hidden)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
@@ -117,7 +147,7 @@ class ActorCritic:
         return Decision(host.numpy().astype(np.int64), logp.numpy(), probs.numpy(), float(value))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.actor(x) + distance_prior(x, self.cfg.distance_prior)
+        return self.actor(x)
 
     def _log_prob(self, x: torch.Tensor, host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-twin log-probabilities (B, U) of the chosen servers, and the mean entropy per slot (B,)."""

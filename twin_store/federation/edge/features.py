@@ -16,15 +16,24 @@ from twin_store.federation.edge.costs import (
     compute_energy_per_sample,
     sync_cost,
 )
-from twin_store.federation.edge.simulator import Servers, SlotContext
+from twin_store.federation.edge.simulator import FeatureScale, Servers, SlotContext
 
-FEATURES = 14
+FEATURES = 16
 
 
 def pair_features(
-    servers: Servers, ctx: SlotContext, area_m: float, p: DitenParams, last: SlotTerms | None
+    servers: Servers,
+    ctx: SlotContext,
+    p: DitenParams,
+    last: SlotTerms | None,
+    scale: FeatureScale = FeatureScale(),
 ) -> NDArray[np.float32]:
-    """(users, servers, FEATURES) float32 array, every column roughly in [0, 1]."""
+    """(users, servers, FEATURES) float32 array, every column roughly in [0, 1].
+
+    Columns 14 and 15 are the server's caps (q_s, p_s) in the units of columns 3 and 4, so a policy can
+    add up its twins' loads against them.
+    """
+    area_m = scale.distance
     users, n = ctx.distance.shape
     d = ctx.distance
     f = np.zeros((users, n, FEATURES), dtype=np.float32)
@@ -37,17 +46,19 @@ def pair_features(
     mig_dist = np.where(f[..., 1] > 0, 0.0, mig_dist)
     f[..., 2] = mig_dist / (2 * area_m)
     per_sample = compute_energy_per_sample(servers.eps[None, :], servers.energy[None, :], d, p)
-    f[..., 3] = per_sample * ctx.samples[:, None] / 100.0
-    f[..., 4] = sync_cost(ctx.samples[:, None], d, p) / 20.0
-    f[..., 5] = p.n_mig * mig_dist * (ctx.samples + ctx.twin_size)[:, None] / 50.0
+    f[..., 3] = per_sample * ctx.samples[:, None] / scale.compute
+    f[..., 4] = sync_cost(ctx.samples[:, None], d, p) / scale.sync
+    f[..., 5] = p.n_mig * mig_dist * (ctx.samples + ctx.twin_size)[:, None] / scale.migration
     if last is not None:
-        f[..., 6] = (last.per_server / 800.0)[None, :]
+        f[..., 6] = (last.per_server / scale.server_cost)[None, :]
         f[..., 7] = (last.sync / servers.sync_cap)[None, :]
         f[..., 8] = (last.compute / servers.compute_cap)[None, :]
     near = np.argmin(d, axis=1)
     f[np.arange(users), near, 9] = 1.0
-    f[..., 10] = (ctx.samples / 2000.0)[:, None]
+    f[..., 10] = (ctx.samples / scale.samples)[:, None]
     f[..., 11] = ctx.phi
     f[..., 12] = (np.bincount(near, minlength=n) / users)[None, :]
-    f[..., 13] = (servers.energy / 1e4)[None, :]
+    f[..., 13] = (servers.energy / scale.energy)[None, :]
+    f[..., 14] = (servers.compute_cap / scale.compute)[None, :]
+    f[..., 15] = (servers.sync_cap / scale.sync)[None, :]
     return f

@@ -16,7 +16,15 @@ from twin_store.federation.edge.costs import SlotTerms
 from twin_store.federation.edge.features import FEATURES, pair_features
 from twin_store.federation.edge.gamma import solve_gamma
 from twin_store.federation.edge.policies import Balanced, nearest, random_gamma
-from twin_store.federation.edge.simulator import DitenConfig, DitenEnv, coefficients, move_gains
+from twin_store.federation.edge.simulator import (
+    DitenConfig,
+    DitenEnv,
+    FeatureScale,
+    Servers,
+    Trace,
+    coefficients,
+    move_gains,
+)
 from twin_store.models.diten_agents import A2C, DDPG, PPO, ActorCritic, AgentConfig
 
 METHODS = ("ppo", "b1", "b2", "b3", "b4", "balanced")
@@ -35,12 +43,36 @@ class TrainPlan:
 
 
 def _features(env: DitenEnv) -> np.ndarray:
-    return pair_features(env.servers, env.ctx, env.cfg.area_m, env.cfg.params, env.last_terms)
+    return pair_features(env.servers, env.ctx, env.cfg.params, env.last_terms, env.feature_scale)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A fixed deployment to train and run on instead of random scenarios (Milan): its servers, its
+    users' trace and its feature scale. Its users' samples are their training windows, which already
+    reuse earlier data, so gamma stays 0 there."""
+
+    servers: Servers
+    trace: Trace
+    scale: FeatureScale
+
+
+def _env(cfg: DitenConfig, seed: int, deployment: Deployment | None, start: int = 0) -> DitenEnv:
+    if deployment is None:
+        return DitenEnv(cfg, seed)
+    d = deployment
+    return DitenEnv(cfg, seed, servers=d.servers, trace=d.trace, scale=d.scale, start=start)
+
+
+def _gamma(env: DitenEnv, host: np.ndarray) -> np.ndarray:
+    if env.trace is not None:
+        return np.zeros(len(host))
+    co = coefficients(env.servers, env.ctx, host, env.cfg.params)
+    return solve_gamma(env.servers.compute_cap, env.ctx, co, env.cfg.params)
 
 
 def _optimal_step(env: DitenEnv, host: np.ndarray) -> tuple[SlotTerms, np.ndarray]:
-    co = coefficients(env.servers, env.ctx, host, env.cfg.params)
-    gamma = solve_gamma(env.servers.compute_cap, env.ctx, co, env.cfg.params)
+    gamma = _gamma(env, host)
     return env.step(host, gamma), gamma
 
 
@@ -51,6 +83,7 @@ def train(
     phis: tuple[float, ...],
     plan: TrainPlan,
     seed: int,
+    deployment: Deployment | None = None,
 ) -> Agent:
     """Train one learned method on ``plan.episodes`` fresh scenarios, server count and phi drawn per episode.
 
@@ -61,7 +94,8 @@ def train(
     agent: Agent = LEARNED[method](FEATURES, agent_cfg, seed)  # type: ignore[assignment]
     for episode in range(plan.episodes):
         scenario = replace(cfg, servers=int(rng.choice(servers)), phi=float(rng.choice(phis)))
-        env = DitenEnv(scenario, seed=seed * 100_003 + episode)
+        days = 1 if deployment is None else len(deployment.trace.samples)
+        env = _env(scenario, seed * 100_003 + episode, deployment, start=int(rng.integers(days)))
         if isinstance(agent, DDPG):
             _ddpg_episode(agent, env, plan)
         else:
@@ -121,10 +155,15 @@ class EpisodeResult:
 
 
 def run_episode(
-    method: str, cfg: DitenConfig, seed: int, slots: int, agent: Agent | None = None
+    method: str,
+    cfg: DitenConfig,
+    seed: int,
+    slots: int,
+    agent: Agent | None = None,
+    deployment: Deployment | None = None,
 ) -> EpisodeResult:
     """One evaluation episode: same seed, same users, mobility and data for every method."""
-    env = DitenEnv(cfg, seed)
+    env = _env(cfg, seed, deployment)
     p = cfg.params
     rng = np.random.default_rng(seed + 7)
     balanced_policy = Balanced()
@@ -142,11 +181,7 @@ def run_episode(
             host = agent.act(_features(env), greedy=True).host
         else:
             raise ValueError(f"method {method!r} needs a trained agent")
-        co = coefficients(env.servers, ctx, host, p)
-        if method == "b3":
-            gamma = random_gamma(len(host), rng)
-        else:
-            gamma = solve_gamma(env.servers.compute_cap, ctx, co, p)
+        gamma = random_gamma(len(host), rng) if method == "b3" else _gamma(env, host)
         moved = float(np.sum((ctx.prev_host >= 0) & (ctx.prev_host != host)))
         terms = env.step(host, gamma)
         acc += [

@@ -56,6 +56,37 @@ class DitenConfig:
 
 
 @dataclass(frozen=True)
+class FeatureScale:
+    """What each feature column is divided by (the simulator's typical magnitudes by default); a
+    deployment at another scale (Milan: kilometres, hundreds of twins) passes its own."""
+
+    distance: float = 120.0
+    compute: float = 100.0  # a pair's compute energy at gamma = 0
+    sync: float = 20.0
+    migration: float = 50.0
+    server_cost: float = 800.0
+    samples: float = 2000.0
+    energy: float = 1e4  # E_s
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A deployment replayed as a scenario: users (BSs) that do not move, and their samples per slot."""
+
+    position: Array  # (U, 2) metres
+    samples: Array  # (T, U) samples each user trains on in each slot
+    twin_size: Array  # (U,) D^twin in samples
+
+
+class StaticUsers:
+    def __init__(self, position: Array) -> None:
+        self.position = position
+
+    def step(self) -> Array:
+        return self.position
+
+
+@dataclass(frozen=True)
 class Servers:
     """The edge servers of one scenario (positions in metres, capacities and energies)."""
 
@@ -219,22 +250,45 @@ class GaussMarkov:
 class DitenEnv:
     """One episode of the paper's setting: ``reset`` then ``step(host, gamma)`` per slot."""
 
-    def __init__(self, cfg: DitenConfig, seed: int, servers: Servers | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DitenConfig,
+        seed: int,
+        servers: Servers | None = None,
+        trace: Trace | None = None,
+        scale: FeatureScale | None = None,
+        start: int = 0,
+    ) -> None:
+        """With ``trace`` the users stand still and train on the trace's samples from slot ``start`` on."""
         self.cfg = cfg
         self.rng = np.random.default_rng(seed)
         if servers is None:
             servers = make_servers(self.rng.uniform(0.0, cfg.area_m, (cfg.servers, 2)), cfg, self.rng)
         self.servers = servers
-        self.twin_size = self.rng.uniform(*cfg.twin_size, cfg.users)
-        self.mobility = GaussMarkov(cfg.users, cfg, self.rng)
+        self.trace = trace
+        self.start = start
+        self.feature_scale = scale or FeatureScale(distance=cfg.area_m)
+        self.mobility: GaussMarkov | StaticUsers
+        if trace is None:
+            self.twin_size = self.rng.uniform(*cfg.twin_size, cfg.users)
+            self.mobility = GaussMarkov(cfg.users, cfg, self.rng)
+        else:
+            self.twin_size = trace.twin_size
+            self.mobility = StaticUsers(trace.position)
         self.t = 0
         self.prev_host: IntArray = np.full(cfg.users, -1, dtype=np.int64)
-        self.prev_samples = self._draw_samples()
+        self.prev_samples = (
+            self._draw_samples()
+            if trace is None
+            else trace.samples[(start - 1) % len(trace.samples)].astype(float)
+        )
         self.last_terms: SlotTerms | None = None
         self.ctx = self._context()
 
     def _draw_samples(self) -> Array:
         c = self.cfg
+        if self.trace is not None:
+            return self.trace.samples[(self.start + self.t) % len(self.trace.samples)].astype(float)
         return self.rng.integers(c.min_samples, c.max_samples + 1, c.users).astype(float)
 
     def _context(self) -> SlotContext:
