@@ -36,10 +36,10 @@ Agent = ActorCritic | DDPG
 class TrainPlan:
     """How long each learned policy trains: episodes of fresh scenarios, phi drawn per episode."""
 
-    episodes: int = 12
+    episodes: int = 80
     episode_slots: int = 100
     rollout: int = 50
-    ddpg_every: int = 4
+    ddpg_every: int = 8
 
 
 def _features(env: DitenEnv) -> np.ndarray:
