@@ -30,11 +30,13 @@ import pandas as pd
 from ingest.errors import InputError
 from twin_store.federation import dcs
 from twin_store.federation.edge.costs import DitenParams, compute_energy_per_sample, sync_cost
+from twin_store.federation.edge.deployed import save_agent as save
 from twin_store.federation.edge.learning import Deployment, TrainPlan, run_episode, train
 from twin_store.federation.edge.ledger import Site, project
 from twin_store.federation.edge.simulator import DitenConfig, FeatureScale, Servers, Trace
 from twin_store.federation.local_updates import StreamPlan
 from twin_store.federation.samples import FIRST_TARGET
+from twin_store.models.diten_agents import ActorCritic
 
 HOURLY_FILE = "hourly_150squares_62days.csv"
 # six declared sites (landmarks; capacity in samples trained per day)
@@ -139,12 +141,17 @@ QUICK_MILAN_PLAN = TrainPlan(episodes=1, episode_slots=5, rollout=5)
 MILAN_PLAN = TrainPlan(episodes=30, episode_slots=40, rollout=20)
 
 
-def run(milan_dir: Path, sites: tuple[Site, ...], plan: TrainPlan, seed: int) -> dict[str, Any]:
+def run(
+    milan_dir: Path, sites: tuple[Site, ...], plan: TrainPlan, seed: int, save_agent: Path | None = None
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     sc = load(milan_dir, sites)
     days = len(sc.trace.samples)
     deployment = Deployment(sc.servers, sc.trace, sc.scale)
     agent = train("ppo", sc.cfg, (sc.cfg.servers,), (0.0,), plan, seed, deployment)
+    if save_agent is not None:
+        assert isinstance(agent, ActorCritic)
+        save(save_agent, agent, sc.servers, sc.scale, sc.cfg.params, float(sc.trace.twin_size[0]))
     out = []
     for method in MILAN_METHODS:
         name = {"nearest": "b2", "balanced": "balanced", "ppo": "ppo"}[method]

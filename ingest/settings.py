@@ -184,6 +184,8 @@ class EdgeSettings(BaseModel):
     slot_s: int = Field(default=3600, ge=1)  # one ledger slot (the stream's hour)
     sample_bytes: int = Field(default=250, ge=1)  # bytes one training sample occupies on the uplink
     twin_bytes: int = Field(default=18_000, ge=0)  # bytes of a BS twin's state (migrated with it)
+    # policy "learned": the association saved by `nettwin bench diten --milan DIR --save-agent FILE`
+    learned_model: Path | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> EdgeSettings:

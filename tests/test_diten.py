@@ -307,3 +307,33 @@ def test_bench_milan_quick_reports_energy_beside_nearest() -> None:
     assert rows["nearest"]["energy_vs_nearest"] == 1.0
     assert rows["nearest"]["migrations"] == 0.0  # BSs stand still: nearest never moves a twin
     assert report["setting"]["bss"] == 150 and len(report["setting"]["sites"]) == 6
+
+
+def test_saved_association_chooses_as_the_trained_actor(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from twin_store.federation.edge.deployed import LearnedAssociation, save_agent
+    from twin_store.federation.edge.features import FEATURES, pair_features
+    from twin_store.federation.edge.ledger import EdgeLedger, Site
+    from twin_store.federation.edge.simulator import FeatureScale
+    from twin_store.models.diten_agents import PPO, AgentConfig
+
+    env = DitenEnv(DitenConfig(servers=3), 5)
+    agent = PPO(FEATURES, AgentConfig(), seed=2)
+    scale = FeatureScale()
+    save_agent(tmp_path / "a.pt", agent, env.servers, scale, P, 4500.0)
+    chooser = LearnedAssociation(tmp_path / "a.pt")
+    ctx = env.ctx
+    ctx = SlotContext(
+        ctx.t, ctx.position, ctx.distance, ctx.samples, ctx.samples, ctx.prev_host, np.full(20, 4500.0), 0.0
+    )
+    expected = agent.act(pair_features(env.servers, ctx, P, None, scale), greedy=True).host
+    assert_array_equal(chooser(ctx.distance, ctx.samples, ctx.prev_host), expected)
+    # the ledger takes it as its learned policy; a model for 3 sites refuses a deployment of 2
+    sites = [Site(n, 45.46, 9.15 + 0.02 * i, 1e6) for i, n in enumerate("abc")]
+    ledger = EdgeLedger(sites, policy="learned", learned=chooser)
+    ledger.place("1", 45.46, 9.16)
+    assert set(ledger.slot(0, {"1": 300}).hosts.values()) <= {"a", "b", "c"}
+    with pytest.raises(ValueError, match="trained for 3 sites"):
+        chooser(np.ones((2, 2)), np.ones(2), np.zeros(2, dtype=np.int64))
+    (tmp_path / "bad.pt").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="not a saved association model"):
+        LearnedAssociation(tmp_path / "bad.pt")

@@ -26,6 +26,9 @@ def diten(
     quick: bool = typer.Option(False, "--quick", help="seconds: first server count and phi, 20 slots"),
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
     plot_dir: Path | None = typer.Option(None, "--plot", help="write SVG charts into this folder"),
+    save_agent: Path | None = typer.Option(
+        None, help="with --milan: save the trained PPO association here (for edge.policy = learned)"
+    ),
     milan: Path | None = typer.Option(
         None,
         help="instead: run nearest, balanced and PPO on Milan's BSs (hourly file, grid, OpenCellID in this "
@@ -35,7 +38,7 @@ def diten(
     """PPO association + optimal gamma against B1 (actor-critic), B2 (nearest), B3 (nearest, random
     gamma), B4 (DDPG) and balanced: objective (eq. 22), utility and energy per slot."""
     if milan is not None:
-        _milan(ctx, milan, seed, quick, json_out)
+        _milan(ctx, milan, seed, quick, json_out, save_agent)
         return
     from bench.diten import DitenBench, check, plot, run
     from bench.diten import quick as make_quick
@@ -66,7 +69,9 @@ def diten(
     console.print(f"wall time: {report['wall_s']} s")
 
 
-def _milan(ctx: typer.Context, folder: Path, seed: int, quick: bool, json_out: bool) -> None:
+def _milan(
+    ctx: typer.Context, folder: Path, seed: int, quick: bool, json_out: bool, save_agent: Path | None
+) -> None:
     import torch
 
     from bench.diten_milan import MILAN_PLAN, MILAN_SITES, QUICK_MILAN_PLAN, run
@@ -80,7 +85,7 @@ def _milan(ctx: typer.Context, folder: Path, seed: int, quick: bool, json_out: b
         else MILAN_SITES
     )
     with console.status("Milan: training PPO on the deployment, then nearest, balanced and PPO"):
-        report = run(folder, sites, QUICK_MILAN_PLAN if quick else MILAN_PLAN, seed)
+        report = run(folder, sites, QUICK_MILAN_PLAN if quick else MILAN_PLAN, seed, save_agent)
     if json_out:
         print_json(report)
         return

@@ -30,6 +30,7 @@ from ingest.topics import Topics
 from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.lineproto import point
 from twin_store.federation import dcs
+from twin_store.federation.edge.deployed import LearnedAssociation
 from twin_store.federation.edge.ledger import EdgeLedger, Site, SlotLedger
 from twin_store.federation.local_updates import StreamPlan
 from twin_store.federation.models_topic import decode_twin
@@ -42,7 +43,20 @@ def ledger_from_settings(settings: NettwinSettings) -> EdgeLedger:
     edge = settings.edge
     sites = [Site(s.name, s.lat, s.lon, s.capacity, s.eps, s.energy) for s in edge.sites]
     try:
-        return EdgeLedger(sites, edge.policy, sample_bytes=edge.sample_bytes, twin_bytes=edge.twin_bytes)
+        learned = None
+        if edge.policy == "learned":
+            if edge.learned_model is None:
+                raise ValueError(
+                    "policy 'learned' needs edge.learned_model (nettwin bench diten --save-agent)"
+                )
+            learned = LearnedAssociation(edge.learned_model)
+            if learned.sites != len(sites):
+                raise ValueError(
+                    f"{edge.learned_model} was trained for {learned.sites} sites, {len(sites)} declared"
+                )
+        return EdgeLedger(
+            sites, edge.policy, sample_bytes=edge.sample_bytes, twin_bytes=edge.twin_bytes, learned=learned
+        )
     except ValueError as exc:
         raise InputError(f"edge settings: {exc}") from None
 
