@@ -210,12 +210,13 @@ def test_move_gains_equal_the_objective_change() -> None:
             assert_allclose(gains[u, s], change, atol=1e-12)
 
 
-def test_bench_quick_json_lists_every_method_and_ratio() -> None:
+def test_bench_quick_json_lists_every_method_and_ratio(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from typer.testing import CliRunner
 
     from nettwin.cli.bench import app
 
-    res = CliRunner().invoke(app, ["diten", "--quick", "--json", "--servers", "9", "--phi", "0.2"])
+    args = ["diten", "--quick", "--json", "--servers", "9", "--phi", "0.2", "--plot", str(tmp_path)]
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     import json
 
@@ -229,6 +230,20 @@ def test_bench_quick_json_lists_every_method_and_ratio() -> None:
     b2 = next(r for r in report["results"] if r["method"] == "b2")
     b3 = next(r for r in report["results"] if r["method"] == "b3")
     assert b3["objective"] < b2["objective"]  # random gamma never beats the solved one on the same slots
+    for name in ("diten_objective_vs_servers.svg", "diten_objective_vs_phi.svg"):
+        assert (tmp_path / name).read_text().startswith("<svg")
+
+
+def test_bench_rejects_bad_options() -> None:
+    from typer.testing import CliRunner
+
+    from ingest.errors import InputError
+    from nettwin.cli.bench import app
+
+    res = CliRunner().invoke(app, ["diten", "--quick", "--phi", "2"])
+    assert isinstance(res.exception, InputError) and "--phi" in str(res.exception)
+    res = CliRunner().invoke(app, ["diten", "--quick", "--servers", "a,b"])
+    assert isinstance(res.exception, InputError) and "--servers" in str(res.exception)
 
 
 def _ledger(policy: str = "nearest", capacity: float = 1e6):  # type: ignore[no-untyped-def]
