@@ -135,6 +135,8 @@ def edge(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """The edge energy ledger (DITEN eqs. 13-15): energy and bytes per site, kind and slot."""
+    from twin_store.adapters.influx import InfluxClient
+
     settings = settings_of(ctx)
     with InfluxClient(settings.influx) as influx:
         rows = edge_rows(influx, site, limit)
