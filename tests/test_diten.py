@@ -175,6 +175,7 @@ def _one_good_server(seed: int) -> DitenEnv:
     return DitenEnv(cfg, seed, servers=servers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "gain"), [("ppo", 0.1), ("b1", 0.03)])
 def test_actor_critics_learn_the_efficient_server_on_a_tiny_instance(method: str, gain: float) -> None:
     import torch
@@ -210,6 +211,7 @@ def test_move_gains_equal_the_objective_change() -> None:
             assert_allclose(gains[u, s], change, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_bench_quick_json_lists_every_method_and_ratio(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from typer.testing import CliRunner
 
@@ -306,6 +308,7 @@ def test_ledger_rejects_bad_declarations() -> None:
         EdgeLedger([Site("a", 0, 0, 1)], policy="random")
 
 
+@pytest.mark.slow
 def test_bench_milan_quick_reports_energy_beside_nearest() -> None:
     from typer.testing import CliRunner
 
