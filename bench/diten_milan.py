@@ -13,7 +13,8 @@
 - Caps and Norm's f0 follow the deployment: q_s and p_s are a site's share (by declared capacity) of
   ``HEADROOM`` times the compute and sync energy of all BSs at their nearest sites; f0 is a quarter of
   the mean per-site energy under ``nearest``, so Norm is mid-range there.
-- Policies: ``nearest``, ``balanced`` (capacity-aware greedy) and ``ppo`` (the learned association,
+- Policies: ``nearest``, ``balanced`` (capacity-aware greedy on the declared capacities in samples, the
+  running ledger's rule) and ``ppo`` (the learned association,
   trained on this deployment: episodes start on different days). Energies are eqs. 13-15 summed.
 """
 
@@ -147,7 +148,8 @@ def run(
     t0 = time.perf_counter()
     sc = load(milan_dir, sites)
     days = len(sc.trace.samples)
-    deployment = Deployment(sc.servers, sc.trace, sc.scale)
+    capacity = np.array([s.capacity for s in sc.sites])
+    deployment = Deployment(sc.servers, sc.trace, sc.scale, capacity)
     agent = train("ppo", sc.cfg, (sc.cfg.servers,), (0.0,), plan, seed, deployment)
     if save_agent is not None:
         assert isinstance(agent, ActorCritic)

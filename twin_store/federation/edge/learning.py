@@ -55,6 +55,7 @@ class Deployment:
     servers: Servers
     trace: Trace
     scale: FeatureScale
+    capacity: np.ndarray | None = None  # declared samples per slot per server (``balanced`` respects them)
 
 
 def _env(cfg: DitenConfig, seed: int, deployment: Deployment | None, start: int = 0) -> DitenEnv:
@@ -166,7 +167,7 @@ def run_episode(
     env = _env(cfg, seed, deployment)
     p = cfg.params
     rng = np.random.default_rng(seed + 7)
-    balanced_policy = Balanced()
+    balanced_policy = Balanced(None if deployment is None else deployment.capacity)
     acc = np.zeros(8)
     for _ in range(slots):
         ctx = env.ctx

@@ -66,10 +66,16 @@ class Nearest:
 
 
 class Balanced:
-    """Greedy on the compute caps q_s: a twin weighs its compute energy on its nearest server, and stays
-    on its previous server while that one has room and is not much farther."""
+    """Greedy on the compute caps q_s (a twin weighs its compute energy on its nearest server), or, with
+    ``capacity``, on declared capacities in samples (a twin weighs its samples: the running ledger's rule).
+    A twin stays on its previous server while that one has room and is not much farther."""
+
+    def __init__(self, capacity: Array | None = None) -> None:
+        self.capacity = capacity
 
     def associate(self, servers: Servers, ctx: SlotContext, p: DitenParams) -> IntArray:
+        if self.capacity is not None:
+            return balanced(ctx.distance, ctx.samples, self.capacity, previous=ctx.prev_host)
         co = coefficients(servers, ctx, nearest(ctx.distance), p)
         return balanced(ctx.distance, co.b0, servers.compute_cap, previous=ctx.prev_host)
 
