@@ -355,3 +355,31 @@ def test_saved_association_chooses_as_the_trained_actor(tmp_path) -> None:  # ty
     (tmp_path / "bad.pt").write_bytes(b"nope")
     with pytest.raises(ValueError, match="not a saved association model"):
         LearnedAssociation(tmp_path / "bad.pt")
+
+
+def test_balanced_on_declared_capacities_weighs_samples() -> None:
+    from twin_store.federation.edge.policies import Balanced
+
+    env = DitenEnv(DitenConfig(users=3, servers=2), 1)
+    ctx = env.ctx
+    capacity = np.array([ctx.samples.sum(), 0.0])  # server 1 holds nothing: everyone on 0
+    assert_array_equal(Balanced(capacity).associate(env.servers, ctx, P), [0, 0, 0])
+    capacity = np.array([0.0, ctx.samples.sum()])
+    assert_array_equal(Balanced(capacity).associate(env.servers, ctx, P), [1, 1, 1])
+
+
+def test_ledger_settings_errors_are_one_line_input_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ingest.errors import InputError
+    from ingest.settings import EdgeSettings, SiteSettings, load_settings
+    from twin_store.services.edge import ledger_from_settings
+
+    site = SiteSettings(name="a", lat=45.0, lon=9.0, capacity=10)
+    for edge, message in [
+        (EdgeSettings(), "no edge sites"),
+        (EdgeSettings(sites=(site,), policy="learned"), "learned_model"),
+        (EdgeSettings(sites=(site,), policy="learned", learned_model=tmp_path / "none.pt"), "not a saved"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            ledger_from_settings(load_settings().model_copy(update={"edge": edge}))
+    with pytest.raises(Exception, match="unique"):
+        EdgeSettings(sites=(site, site))
