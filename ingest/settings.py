@@ -159,7 +159,11 @@ class RunSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    parts: tuple[Literal["attach", "store", "worker", "htwin"], ...] = ("attach", "store", "worker")
+    parts: tuple[Literal["attach", "store", "worker", "htwin", "edge-ledger"], ...] = (
+        "attach",
+        "store",
+        "worker",
+    )
     restart_delay_s: float = Field(default=2.0, ge=0)
 
 
@@ -186,6 +190,8 @@ class EdgeSettings(BaseModel):
     twin_bytes: int = Field(default=18_000, ge=0)  # bytes of a BS twin's state (migrated with it)
     # policy "learned": the association saved by `nettwin bench diten --milan DIR --save-agent FILE`
     learned_model: Path | None = None
+    # where BS positions come from: the Milan grid and OpenCellID files (`nettwin edge-ledger --milan-dir`)
+    milan_dir: Path | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> EdgeSettings:

@@ -61,6 +61,14 @@ def test_ledger_books_slots_and_a_capacity_migration(isolated: NettwinSettings) 
     assert len(mig) == 1 and mig[0]["energy"] == pytest.approx(moves[0]["energy"])
     assert all(r["energy"] > 0 for r in rows if r["kind"] == "compute" and r["site"] == "here")
 
-    # a restarted ledger reads nothing new and keeps the committed offsets: no slot is booked twice
-    again = EdgeLedgerService(settings, SHARED_MILAN).run(idle_exit_s=3.0)
-    assert again["updates"] == 0
+    # a restarted ledger keeps the committed offsets (no slot booked twice) and its BS-to-site map: 5060,
+    # alone again at hour 2, goes back to the near site, a migration only if it remembers being away
+    producer = make_producer(settings)
+    u = _update(5060, 2, 10)
+    producer.send(topic, key=u.key, value=u.encode(), partition=0)
+    producer.flush()
+    producer.close()
+    # (positions from the settings this time: edge.milan_dir)
+    from_settings = settings.model_copy(update={"edge": edge.model_copy(update={"milan_dir": SHARED_MILAN})})
+    again = EdgeLedgerService(from_settings, None).run(idle_exit_s=4.0)
+    assert again == {"updates": 1, "slots": 1, "migrations": 1, "bad": 0}

@@ -1,7 +1,7 @@
 """``nettwin run --config FILE``: every part a deployment config declares, as supervised child processes.
 
 Parts (``[run] parts``): ``attach`` (when the config has ``[[source]]`` tables), ``store``, ``worker``,
-``htwin``. A child that dies is restarted after ``restart_delay_s``; SIGTERM/SIGINT stop them all (SIGTERM,
+``htwin``, ``edge-ledger`` (the DITEN energy ledger of ``[[edge.sites]]``). A child that dies is restarted after ``restart_delay_s``; SIGTERM/SIGINT stop them all (SIGTERM,
 then SIGKILL for any still running after 10 s). Logs go to ``<state_dir>/log/run-<part>.log``. On several
 machines run the same parts separately against shared Kafka.
 """

@@ -89,7 +89,7 @@ class EdgeLedgerService:
             )
         self.settings = settings
         self.ledger = ledger_from_settings(settings)
-        self.milan_dir = milan_dir
+        self.milan_dir = milan_dir or settings.edge.milan_dir
         self.slot_ms = settings.edge.slot_s * 1000
         glob = next((t for t in read_latest_twins(settings).values() if t.level == "global"), None)
         plan = StreamPlan.from_meta(glob.meta["plan"]) if glob is not None and "plan" in glob.meta else None
@@ -121,7 +121,9 @@ class EdgeLedgerService:
         if not missing:
             return
         if self.milan_dir is None:
-            raise InputError("the edge ledger needs BS positions: give --milan-dir (grid and base stations)")
+            raise InputError(
+                "the edge ledger needs BS positions: give --milan-dir or edge.milan_dir (grid and base stations)"
+            )
         attrs = dcs.SquareAttributes.load(self.milan_dir, [int(s) for s in missing])
         for s, lat, lon in zip(missing, attrs.bs_lat.tolist(), attrs.bs_lon.tolist(), strict=True):
             self.ledger.place(s, lat, lon)
