@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import typer
 
 from ingest.errors import NettwinError
-from nettwin.cli import attach, bench, data, demo, infra, query, replay, security, services, twin, vhtwin
+from nettwin.cli import attach, bench, data, demo, infra, query, replay, security, services, twin, ui, vhtwin
 from nettwin.cli import run as run_cmd
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ app.add_typer(bench.app, name="bench")
 app.add_typer(twin.app, name="twin")
 services.register(app)
 demo.register(app)
+ui.register(app)
 vhtwin.register(app)
 security.register(app)
 attach.register(app)
