@@ -92,6 +92,7 @@ class WebView:
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="influx")
         self.kafka = KafkaView(cfg.settings)
         self.grid_body: bytes | None = None
+        self.layers: dict[str, tuple[str, bytes]] = {}  # layer -> (state stamp it was read at, JSON body)
         self.state: dict[str, Any] = {"stamp": "", "influx": {"ok": False, "error": "starting"}}
         self.subscribers: set[asyncio.Queue[str]] = set()
         self.closing = asyncio.Event()
@@ -111,6 +112,23 @@ class WebView:
     async def start(self, app: web.Application) -> None:
         self.kafka.start()
         self.poller = asyncio.create_task(self.poll_forever())
+        await self.grid_json()  # the map's first request finds the grid ready
+
+    async def grid_json(self) -> bytes:
+        if self.grid_body is None:
+            grid = await asyncio.get_running_loop().run_in_executor(self.pool, load_grid, self.cfg.grid)
+            self.grid_body = json.dumps(grid, separators=(",", ":")).encode()
+        return self.grid_body
+
+    async def layer_json(self, name: str) -> bytes:
+        """A map layer, read again only when the state changed since it was last read."""
+        stamp = str(self.state.get("stamp", ""))
+        cached = self.layers.get(name)
+        if cached is not None and cached[0] == stamp and stamp:
+            return cached[1]
+        body = json.dumps(await self.influx(queries.layer, name), separators=(",", ":")).encode()
+        self.layers[name] = (stamp, body)
+        return body
 
     async def shutdown(self, app: web.Application) -> None:
         self.closing.set()
@@ -167,6 +185,9 @@ class WebView:
                 continue
             changed = state["stamp"] != self.state.get("stamp")
             self.state = state
+            if changed and state["influx"]["ok"]:
+                with contextlib.suppress(Exception):  # the default layer, ready before a page asks
+                    await self.layer_json("traffic")
             if changed:
                 message = f"event: state\ndata: {json.dumps(state, default=str)}\n\n"
                 for q in list(self.subscribers):
@@ -183,18 +204,19 @@ class WebView:
 
     async def grid(self, request: web.Request) -> web.Response:
         check_params(request, {})
-        if self.grid_body is None:
-            grid = await asyncio.get_running_loop().run_in_executor(self.pool, load_grid, self.cfg.grid)
-            self.grid_body = json.dumps(grid, separators=(",", ":")).encode()
-        resp = web.Response(body=self.grid_body, content_type="application/json")
+        resp = web.Response(body=await self.grid_json(), content_type="application/json")
         resp.headers["Cache-Control"] = "max-age=3600"
         resp.enable_compression()
         return resp
 
     async def layer(self, request: web.Request) -> web.Response:
         p = check_params(request, {"name": layer_name})
-        data = await self.influx(queries.layer, p.get("name", "traffic"))
-        return json_response(data, compress=True)
+        resp = web.Response(
+            body=await self.layer_json(p.get("name", "traffic")), content_type="application/json"
+        )
+        resp.headers["Cache-Control"] = "no-cache"
+        resp.enable_compression()
+        return resp
 
     async def state_handler(self, request: web.Request) -> web.Response:
         check_params(request, {})

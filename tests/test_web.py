@@ -1,0 +1,174 @@
+"""``nettwin ui``'s HTTP API against the real InfluxDB and Kafka: values equal the queries, every bad parameter
+is a 400 with a message, a service down is reported (503) and the state recovers when data appears."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from ingest.settings import NettwinSettings
+from tests.webview import free_port, running_ui, wait_for
+from twin_store.adapters.influx import InfluxClient
+
+pytestmark = pytest.mark.integration
+
+H0 = 1_386_889_200_000  # 2013-12-13T00:00Z, ms
+
+
+def write(settings: NettwinSettings, lines: list[str]) -> None:
+    with InfluxClient(settings.influx) as influx:
+        influx.write("\n".join(lines).encode(), precision="ms")
+
+
+def sample_rows() -> list[str]:
+    now = int(time.time() * 1000)
+    lines = []
+    for sq in (5, 17, 9999):
+        lines += [
+            f"traffic_hourly,square={sq} activity={sq * 1.5},n_intervals=6i {H0 + h * 3_600_000}"
+            for h in range(3)
+        ]
+        for h in range(3):
+            t = H0 + h * 3_600_000
+            lines.append(
+                f"forecast,square={sq},cluster=1 predicted={10 + h}.5,actual={10 + 2 * h}.0,"
+                f"abs_error={abs(0.5 - h)},flagged={1 if sq == 17 and h == 2 else 0}i {t}"
+            )
+        lines.append(f"membership,square={sq} cluster={sq % 3}i,epoch=0i {now - 5000}")
+    lines += [
+        f'update,square=17,cluster=1,decision=accepted score=1.1,reason="",base_version=1i,seq=3i {now - 3000}',
+        f'update,square=9999,cluster=1,decision=quarantined score=40.0,reason="outlier: x",base_version=1i,seq=4i {now - 2000}',
+        f"twin,level=global,twin_id=0 version=1i,epsilon=0.0 {now - 6000}",
+        f"twin,level=global,twin_id=0 version=2i,epsilon=0.3,n_offers=3i {now - 1000}",
+        f"twin,level=cluster,twin_id=1 version=4i,epsilon=0.3,n_offers=3i {now - 1000}",
+    ]
+    return lines
+
+
+def test_the_api_returns_what_influx_holds(isolated: NettwinSettings, tmp_path: Path) -> None:
+    write(isolated, sample_rows())
+    with running_ui(isolated, tmp_path / "ui.log") as url:
+        traffic = requests.get(url + "api/layer?name=traffic", timeout=10).json()
+        assert traffic["squares"] == [5, 17, 9999] and traffic["values"] == [7.5, 25.5, 14998.5]
+        flagged = requests.get(url + "api/layer?name=flagged", timeout=10).json()
+        assert dict(zip(flagged["squares"], flagged["values"], strict=True)) == {5: 0, 17: 1, 9999: 3}
+        cluster = requests.get(url + "api/layer", params={"name": "cluster"}, timeout=10).json()
+        assert cluster["values"] == [2, 2, 0]
+        entity = requests.get(url + "api/entity?square=9999", timeout=10).json()
+        assert [d["decision"] for d in entity["decisions"]] == ["quarantined"]
+        assert entity["decisions"][0]["reason"] == "outlier: x"
+        # persistence: the previous hour's actual; hours 1 and 2 have one
+        assert entity["scored"] == 2 and entity["persistence_mae"] == pytest.approx(2.0)
+        assert entity["mae"] == pytest.approx((0.5 + 1.5) / 2)
+        state = wait_for(
+            lambda: (s := requests.get(url + "api/state", timeout=10).json()).get("twins") and s,
+            10,
+            "the state",
+        )
+        assert state["influx"]["ok"] and state["twins"]["global_version"] == 2
+        assert state["twins"]["global_syncs"] == 1 and state["twins"]["sync_offers"] == 3
+        assert state["twins"]["updates"] == {"accepted": 1, "quarantined": 1}
+        assert state["forecasts"]["scored"] == 9
+        page = requests.get(url, timeout=10)
+        assert page.status_code == 200 and 'data-testid="global-version"' in page.text
+        assert requests.get(url + "static/app.js", timeout=10).status_code == 200
+
+
+BAD = [
+    "api/layer?name=../../etc/passwd",
+    "api/layer?name=traffic&name=error",
+    "api/layer?name=traffic%00",
+    "api/layer?nam=traffic",
+    "api/entity",
+    "api/entity?square=",
+    "api/entity?square=-1",
+    "api/entity?square=0",
+    "api/entity?square=1e9999",
+    "api/entity?square=1%27%20OR%201=1",
+    "api/entity?square=99999999999999999999999",
+    "api/entity?square=" + "9" * 5000,
+    "api/entity?square=%E2%91%A0",  # a unicode digit: isdigit() but not an id
+    "api/entity?square=1&square=2",
+    "api/state?x=1",
+    "api/twins?limit=5",
+    "api/pipeline?since=now()",
+    "api/events?x=1",
+    "?x=1",
+]
+
+
+def test_every_bad_parameter_is_a_400_with_a_message(isolated: NettwinSettings, tmp_path: Path) -> None:
+    with running_ui(isolated, tmp_path / "ui.log") as url:
+        for bad in BAD:
+            resp = requests.get(url + bad, timeout=10)
+            assert resp.status_code == 400, (bad, resp.status_code, resp.text[:200])
+            assert resp.json()["error"], bad
+        assert requests.get(url + "api/state", timeout=10).status_code == 200  # still serving
+
+
+def test_no_path_escapes_the_static_folder(isolated: NettwinSettings, tmp_path: Path) -> None:
+    with running_ui(isolated, tmp_path / "ui.log") as url:
+        for path in ("static/../server.py", "static/%2e%2e/server.py", "static/", "nope"):
+            resp = requests.get(url + path, timeout=10)
+            assert resp.status_code in (403, 404), path
+            assert "import" not in resp.text
+
+
+def test_influx_down_is_reported_not_a_crash(isolated: NettwinSettings, tmp_path: Path) -> None:
+    down = isolated.model_copy(
+        update={"influx": isolated.influx.model_copy(update={"url": f"http://127.0.0.1:{free_port()}"})}
+    )
+    with running_ui(down, tmp_path / "ui.log") as url:
+        state = wait_for(
+            lambda: (
+                (s := requests.get(url + "api/state", timeout=10).json())["influx"]["error"] != "starting"
+                and s
+            ),
+            15,
+            "the first state",
+        )
+        assert state["influx"]["ok"] is False and "InfluxDB" in state["influx"]["error"]
+        resp = requests.get(url + "api/entity?square=1", timeout=20)
+        assert resp.status_code == 503 and "unreachable" in resp.json()["error"].lower()
+        assert requests.get(url, timeout=10).status_code == 200
+
+
+def test_state_follows_a_database_that_appears_and_is_pushed_live(
+    isolated: NettwinSettings, tmp_path: Path
+) -> None:
+    later = isolated.model_copy(
+        update={
+            "influx": isolated.influx.model_copy(update={"database": isolated.influx.database + "_later"})
+        }
+    )
+    with running_ui(later, tmp_path / "ui.log") as url:
+        stream = requests.get(url + "api/events", stream=True, timeout=30)
+        lines = stream.iter_lines(decode_unicode=True)
+
+        def next_state() -> dict[str, object]:
+            for line in lines:
+                if line and line.startswith("data: "):
+                    return dict(json.loads(line[6:]))
+            raise AssertionError("the event stream ended")
+
+        first = next_state()
+        assert first.get("twins", {"global_version": 0})["global_version"] == 0  # type: ignore[index]
+        try:
+            with InfluxClient(later.influx) as influx:
+                influx.create_database()
+            write(later, sample_rows())
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                state = next_state()
+                if state.get("twins", {}).get("global_version") == 2:  # type: ignore[attr-defined]
+                    break
+            else:
+                raise AssertionError("no live state with the new global version")
+        finally:
+            stream.close()
+            with InfluxClient(later.influx) as influx:
+                influx.drop_database(later.influx.database)
