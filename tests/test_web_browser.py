@@ -119,7 +119,7 @@ def test_the_page_follows_a_running_demo_and_shows_what_influx_holds(
             assert "bad" not in driver.find_element(By.ID, "health-influx").get_attribute("class")
 
             # the quarantined BS: click it on the map, its panel lists the decision with the reason
-            victim = report["quarantined"][0]["square"]
+            victim = report["attack"]["compromised_bs"]["square"]
             Select(driver.find_element(By.ID, "layer")).select_by_value("flagged")
             wait_for(
                 lambda: driver.execute_script("return window.nettwinLayer().layer") == "flagged", 10, "layer"
@@ -131,7 +131,7 @@ def test_the_page_follows_a_running_demo_and_shows_what_influx_holds(
             ).click().perform()
             wait_for(lambda: "quarantined" in shown(driver, "entity-decisions"), 10, "the entity's decisions")
             assert shown(driver, "entity-square") == f"square {victim}"
-            assert report["quarantined"][0]["reason"] in shown(driver, "entity-decisions")
+            assert report["attack"]["compromised_bs"]["reason"] in shown(driver, "entity-decisions")
             time.sleep(0.5)
             driver.save_screenshot(str(tmp_path / "demo.png"))
             if os.environ.get("NETTWIN_UPDATE_SCREENSHOT"):

@@ -12,6 +12,7 @@ replays one real Milan day through worker and store and shows what reached Influ
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -118,6 +119,8 @@ def demo(
         quiet=json_out,
     )
     url = f"http://{host}:{port}/"
+    # SIGTERM as Ctrl-C: the children (pipeline, web view) are stopped on the way out, never orphaned
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         report = run.run(None if no_ui else (host, port))
     except BaseException:
@@ -279,32 +282,63 @@ class Lifecycle:
             replay_split(self.settings, subset, train_hours, cfg.speed, cfg.timeout_s, end_hour)
 
     def poison(self, picked: np.ndarray, alive: Callable[[], None]) -> dict[str, Any]:
-        """A fake BS (no key) and a compromised BS (its stolen key, a boosted update) attack the live twins."""
+        """A fake BS (no key) and a compromised BS (its stolen key, a boosted update) attack the live twins.
+
+        Returns every refused update (``rejected``, ``quarantined``: the screen may also have refused honest
+        ones) and, under ``attack``, the store's decision on each of the two attack updates.
+        """
         from nettwin.cli.security import send_attack
         from producers.attacks import AttackConfig
         from twin_store.federation.keys import KeyRegistry
 
         keys_file = self.settings.security.keys_file
         assert keys_file is not None, "with_keys set the registry"
-        victim = int(picked[0])
-        send_attack(self.settings, "mpaf", [FAKE_BS], None, None, self.cfg.seed, AttackConfig())
+        victim = self.victim(picked)
+        fake = send_attack(self.settings, "mpaf", [FAKE_BS], None, None, self.cfg.seed, AttackConfig())
         stolen = KeyRegistry.load(keys_file)
-        send_attack(self.settings, "scale", [victim], None, stolen, self.cfg.seed, AttackConfig())
+        comp = send_attack(self.settings, "scale", [victim], None, stolen, self.cfg.seed, AttackConfig())
+        wanted = {(FAKE_BS, fake["seq"][0]): "fake_bs", (victim, comp["seq"][0]): "compromised_bs"}
         deadline = time.monotonic() + 60.0
         with InfluxClient(self.settings.influx) as influx:
             while True:
                 alive()
                 refused = refused_updates(influx)
-                if refused["rejected"] and refused["quarantined"]:
+                decided = {
+                    wanted[(r["square"], r["seq"])]: r
+                    for rows in refused.values()
+                    for r in rows
+                    if (r["square"], r["seq"]) in wanted
+                }
+                accepted = attack_accepted(influx, wanted)
+                if len(decided) + len(accepted) == len(wanted):
                     break
                 if time.monotonic() > deadline:
-                    raise ServiceError(f"the attack was not decided on within 60 s: {refused}")
+                    raise ServiceError(f"the attack was not decided on within 60 s: {decided}")
                 time.sleep(0.5)
+        attack = {name: {"square": sq, "decision": "accepted", "reason": ""} for name, sq in accepted.items()}
+        for name, r in decided.items():
+            attack[name] = {"square": r["square"], "decision": r["decision"], "reason": r["reason"]}
         self.say(
-            f"poisoning: fake BS {FAKE_BS} rejected ({refused['rejected'][0]['reason']}); "
-            f"compromised BS {victim} quarantined ({refused['quarantined'][0]['reason']})"
+            f"poisoning: fake BS {FAKE_BS} {attack['fake_bs']['decision']} ({attack['fake_bs']['reason']}); "
+            f"compromised BS {victim} {attack['compromised_bs']['decision']} "
+            f"({attack['compromised_bs']['reason']})"
         )
-        return refused
+        return {"rejected": refused["rejected"], "quarantined": refused["quarantined"], "attack": attack}
+
+    def victim(self, picked: np.ndarray) -> int:
+        """The BS an attacker compromises: one whose latest update was accepted, in the largest cluster."""
+        from twin_store.services.htwin import read_latest_twins
+
+        latest = read_latest_twins(self.settings)
+        members = {
+            int(m.twin_id): len(m.meta.get("members") or []) for m in latest.values() if m.level == "cluster"
+        }
+        candidates = [
+            (members.get(int(m.meta.get("cluster", -1)), 0), int(m.twin_id))
+            for m in latest.values()
+            if m.level == "bs" and int(m.meta.get("seq", -1)) >= 0 and not m.meta.get("evicted")
+        ]
+        return max(candidates)[1] if candidates else int(picked[0])
 
     def twin_state(
         self,
@@ -355,16 +389,41 @@ class Lifecycle:
             raise ServiceError(f"the web view exited (code {self.ui.returncode}); see .state/log/demo-ui.log")
 
 
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def refused_updates(influx: InfluxClient) -> dict[str, list[dict[str, Any]]]:
-    """The store's refused updates (newest first) by decision: ``rejected`` and ``quarantined``."""
+    """The store's refused updates (oldest first) by decision: ``rejected`` and ``quarantined``."""
     out: dict[str, list[dict[str, Any]]] = {"rejected": [], "quarantined": []}
     for decision in out:
-        q = f'SELECT "reason", "score" FROM "update" WHERE "decision" = \'{decision}\' GROUP BY "square"'
+        q = f'SELECT "reason", "score", "seq" FROM "update" WHERE "decision" = \'{decision}\' GROUP BY "square"'
         for s in influx.query(q):
             for r in s.rows():
                 out[decision].append(
-                    {"square": int(s.tags["square"]), "reason": r["reason"], "score": r["score"]}
+                    {
+                        "square": int(s.tags["square"]),
+                        "seq": int(r["seq"]),
+                        "decision": decision,
+                        "reason": r["reason"],
+                        "score": r["score"],
+                        "time": int(r["time"]),
+                    }
                 )
+        out[decision].sort(key=lambda r: r["time"])
+    return out
+
+
+def attack_accepted(influx: InfluxClient, wanted: dict[tuple[int, int], str]) -> dict[str, int]:
+    """Which of the attack updates the store accepted (the demo reports it if a defense let one in)."""
+    out = {}
+    for (square, seq), name in wanted.items():
+        q = (
+            f'SELECT count("seq") FROM "update" WHERE "decision" = \'accepted\' '
+            f'AND "square" = \'{int(square)}\' AND "seq" = {int(seq)}'
+        )
+        if influx.query(q):
+            out[name] = square
     return out
 
 
@@ -391,6 +450,7 @@ def twin_summary(influx: InfluxClient) -> dict[str, Any]:
 
 def print_report(report: dict[str, Any], settings: NettwinSettings) -> None:
     saved = report["sync_offers"] - report["global_syncs"]
+    attack = report["attack"]
     clusters = ", ".join(f"{k}: v{v}" for k, v in sorted(report["cluster_versions"].items()))
     console.print(
         "\n[bold]twin state[/bold]\n"
@@ -403,7 +463,11 @@ def print_report(report: dict[str, Any], settings: NettwinSettings) -> None:
         f"  BS updates: {json.dumps(report['updates'])}; {report['bs_twins_updated']} BS twins moved\n"
         f"  forecasts: {report['forecasts']:,} with outcomes, MSE {report['mse']:.4f} (z-units) vs "
         f"persistence {report['persistence_mse']:.4f}\n"
-        f"  refused: {len(report['rejected'])} rejected, {len(report['quarantined'])} quarantined\n"
+        f"  poisoning: fake BS {attack['fake_bs']['square']} {attack['fake_bs']['decision']} "
+        f"({attack['fake_bs']['reason']}); compromised BS {attack['compromised_bs']['square']} "
+        f"{attack['compromised_bs']['decision']} ({attack['compromised_bs']['reason']})\n"
+        f"  refused in all: {len(report['rejected'])} rejected, {len(report['quarantined'])} quarantined "
+        "(the screen may also refuse honest updates)\n"
         f"look next: NETTWIN_INFLUX__DATABASE={settings.influx.database} nettwin query updates; "
         f"web view {report['url']}"
     )
