@@ -250,3 +250,38 @@ def _provisioned(settings: NettwinSettings, provision: Any) -> bool:
         return True
     except Exception:
         return False
+
+
+def test_twin_models_is_read_again_when_its_topic_is_recreated(
+    isolated: NettwinSettings, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from ingest.kafka import delete_topics, make_producer
+    from ingest.topics import Topics
+    from twin_store.adapters.provision import provision
+    from twin_store.federation.models_topic import TwinMessage
+
+    topic = Topics.from_settings(isolated).twin_models
+
+    def publish(twin_id: str, n: int) -> None:
+        producer = make_producer(isolated)
+        try:
+            for v in range(n):
+                msg = TwinMessage("cluster", twin_id, v, 4, np.zeros(3, np.float32), {"members": [1]})
+                producer.send(topic, key=msg.key, value=msg.encode())
+            producer.flush()
+        finally:
+            producer.close()
+
+    def twins() -> dict[str, Any]:
+        return dict(requests.get(url + "api/twins", timeout=10).json()["kafka"]["twins"])
+
+    with running_ui(isolated, tmp_path / "ui.log") as url:
+        publish("1", 30)  # the old deployment's twin, far along its topic
+        wait_for(lambda: twins().get("cluster:1", {}).get("version") == 29, 20, "the first twin")
+        delete_topics(isolated, [topic])
+        time.sleep(1)
+        provision(isolated)
+        publish("2", 1)
+        wait_for(lambda: set(twins()) == {"cluster:2"}, 40, "the re-created topic's twins only")

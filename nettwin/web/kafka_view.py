@@ -121,6 +121,9 @@ class KafkaView:
                     for topic in wanted:
                         if not consumer.partitions_for_topic(topic):
                             raise NettwinError(f"topic {topic} disappeared")
+                    ends = consumer.end_offsets(parts)
+                    if any(consumer.position(tp) > ends[tp] for tp in parts):
+                        raise NettwinError("a topic was re-created: reading it again from the start")
         finally:
             consumer.close()
 
