@@ -31,9 +31,11 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def shown(driver: Any, testid: str) -> str:
+    """The element's text; empty while the page has not drawn it (yet)."""
     from selenium.webdriver.common.by import By
 
-    return str(driver.find_element(By.CSS_SELECTOR, f'[data-testid="{testid}"]').text)
+    found = driver.find_elements(By.CSS_SELECTOR, f'[data-testid="{testid}"]')
+    return str(found[0].text) if found else ""
 
 
 def number(driver: Any, testid: str) -> int | None:
@@ -53,7 +55,11 @@ def influx_numbers(settings: NettwinSettings) -> dict[str, int]:
             s.tags["decision"]: int(s.values[0][1])
             for s in influx.query('SELECT count("seq") FROM "update" GROUP BY "decision"')
         }
+        lag = influx.query('SELECT percentile("lag_ms", 50), percentile("lag_ms", 99) FROM "pipeline"')
+        p50, p99 = (round(v) for v in lag[0].values[0][1:]) if lag else (0, 0)
         return {
+            "lag-all-p50": p50,
+            "lag-all-p99": p99,
             "global-version": scalar(influx, 'SELECT last("version") FROM "twin" WHERE "level" = \'global\''),
             "global-syncs": scalar(influx, 'SELECT count("version") FROM "twin" WHERE "level" = \'global\'')
             - 1,
