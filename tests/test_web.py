@@ -57,8 +57,29 @@ def sample_rows() -> list[str]:
     return lines
 
 
+def pipeline_rows() -> list[str]:
+    """Twenty closed windows in the last minute: lags 10..200 ms, 50 records each."""
+    now = int(time.time() * 1000)
+    return [
+        f"pipeline,run=r1,partition={k % 2},window=3600 lag_ms={10 * (k + 1)}i,records=50i,window_s=3600i "
+        f"{now - 30_000 + k * 100}"
+        for k in range(20)
+    ] + [f"replay,run=r1,partition={p} sent=500i,received=500i,final=true {now}" for p in (0, 1)]
+
+
 def test_the_api_returns_what_influx_holds(isolated: NettwinSettings, tmp_path: Path) -> None:
-    write(isolated, sample_rows())
+    from ingest.deadletter import DeadLetter, DeadLetterSink
+    from ingest.kafka import make_producer
+    from ingest.topics import Topics
+
+    write(isolated, sample_rows() + pipeline_rows())
+    producer = make_producer(isolated)
+    sink = DeadLetterSink(producer, Topics.from_settings(isolated).deadletter)
+    for line in (3, 17, 99):
+        sink.send(DeadLetter(f"line {line}: not a number", "day.txt", f"line {line}", b"x", "producer"))
+    sink.send(DeadLetter("late record", "telemetry", "telemetry[0]@5", b"y", "worker"))
+    producer.flush()
+    producer.close()
     with running_ui(isolated, tmp_path / "ui.log") as url:
         traffic = requests.get(url + "api/layer?name=traffic", timeout=10).json()
         assert traffic["squares"] == [5, 17, 9999] and traffic["values"] == [7.5, 25.5, 14998.5]
@@ -81,6 +102,23 @@ def test_the_api_returns_what_influx_holds(isolated: NettwinSettings, tmp_path: 
         assert state["twins"]["global_syncs"] == 1 and state["twins"]["sync_offers"] == 3
         assert state["twins"]["updates"] == {"accepted": 1, "quarantined": 1}
         assert state["forecasts"]["scored"] == 9
+        pipe = requests.get(url + "api/pipeline", timeout=10).json()
+        with InfluxClient(isolated.influx) as influx:
+            lag = influx.query('SELECT percentile("lag_ms", 50), percentile("lag_ms", 99) FROM "pipeline"')
+        assert [pipe["lag_all"]["p50"], pipe["lag_all"]["p99"]] == lag[0].values[0][1:] == [100, 200]
+        assert pipe["records_per_s"] == {"3600": 20 * 50 / 60}
+        assert pipe["runs"] == [{"run": "r1", "sent": 1000, "received": 1000, "partitions": 2}]
+        letters = wait_for(
+            lambda: (
+                (p := requests.get(url + "api/pipeline", timeout=10).json())["deadletter_total"] == 4 and p
+            ),
+            20,
+            "the dead letters",
+        )["deadletters"]
+        assert {(d["stage"], d["reason"], d["count"]) for d in letters} == {
+            ("producer", "line #: not a number", 3),
+            ("worker", "late record", 1),
+        }
         page = requests.get(url, timeout=10)
         assert page.status_code == 200 and 'data-testid="global-version"' in page.text
         assert requests.get(url + "static/app.js", timeout=10).status_code == 200
