@@ -327,3 +327,16 @@ def test_twin_models_is_read_again_when_its_topic_is_recreated(
         reads = requests.get(url + "api/twins", timeout=10).json()["kafka"]["reads"]
         time.sleep(12)  # past the view's 10 s check
         assert requests.get(url + "api/twins", timeout=10).json()["kafka"]["reads"] == reads
+
+
+def test_a_taken_port_is_one_line_error(isolated: NettwinSettings) -> None:
+    import socket
+
+    from tests.conftest import run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        res = run_cli(isolated, "ui", "--port", str(s.getsockname()[1]), timeout=60)
+    assert res.returncode == 1 and res.stderr.startswith("nettwin: error: cannot serve on 127.0.0.1:")
+    assert res.stderr.count("\n") == 1, res.stderr
