@@ -32,6 +32,7 @@ from twin_store.adapters.influx import InfluxClient
 log = logging.getLogger("nettwin.web")
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_SQUARE = 10**9
+IDLE_POLL_S = 30.0  # seconds between reads of InfluxDB while no page is open
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class WebView:
         self.state: dict[str, Any] = {"stamp": "", "influx": {"ok": False, "error": "starting"}}
         self.subscribers: set[asyncio.Queue[str]] = set()
         self.closing = asyncio.Event()
+        self.wake = asyncio.Event()  # set on shutdown and when a page subscribes
         self.poller: asyncio.Task[None] | None = None
 
     async def influx(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -120,8 +122,15 @@ class WebView:
             self.grid_body = json.dumps(grid, separators=(",", ":")).encode()
         return self.grid_body
 
+    async def fresh_state(self) -> dict[str, Any]:
+        """The state, read now if the poller (idle while no page is open) has not read it lately."""
+        if time.time() * 1000 - int(self.state.get("time", 0)) > self.cfg.refresh_s * 1000:
+            self.state = await self.read_state()
+        return self.state
+
     async def layer_json(self, name: str) -> bytes:
-        """A map layer, read again only when the state changed since it was last read."""
+        """A map layer, read again only when the state changed since it was last read (while no page is open
+        the state is read every ``IDLE_POLL_S``: a layer is then at most that old)."""
         stamp = str(self.state.get("stamp", ""))
         cached = self.layers.get(name)
         if cached is not None and cached[0] == stamp and stamp:
@@ -132,6 +141,7 @@ class WebView:
 
     async def shutdown(self, app: web.Application) -> None:
         self.closing.set()
+        self.wake.set()
         for q in list(self.subscribers):
             with contextlib.suppress(asyncio.QueueFull):
                 q.put_nowait("")
@@ -193,8 +203,12 @@ class WebView:
                 for q in list(self.subscribers):
                     with contextlib.suppress(asyncio.QueueFull):  # a stalled page skips a state
                         q.put_nowait(message)
+            # no page open: read rarely (CPU is shared); a page that connects wakes the poller at once
+            self.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.closing.wait(), self.cfg.refresh_s)
+                await asyncio.wait_for(
+                    self.wake.wait(), self.cfg.refresh_s if self.subscribers else IDLE_POLL_S
+                )
 
     # --- handlers
 
@@ -220,7 +234,7 @@ class WebView:
 
     async def state_handler(self, request: web.Request) -> web.Response:
         check_params(request, {})
-        return json_response(self.state)
+        return json_response(await self.fresh_state())
 
     async def entity(self, request: web.Request) -> web.Response:
         p = check_params(request, {"square": square_id})
@@ -255,6 +269,7 @@ class WebView:
         await resp.prepare(request)
         queue: asyncio.Queue[str] = asyncio.Queue(maxsize=8)
         self.subscribers.add(queue)
+        self.wake.set()
         try:
             await resp.write(b"retry: 2000\n\n")
             await resp.write(f"event: state\ndata: {json.dumps(self.state, default=str)}\n\n".encode())

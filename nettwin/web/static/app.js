@@ -289,8 +289,9 @@ async function loadTwins() {
     { name: "global syncs (merges)", color: "#e53935", step: true, points: t.global.map((p) => [p[0], p[1] - first]) },
     { name: "offers (cluster changes offered)", color: "#1e88e5", step: true, points: t.offers },
   ], { zero: true, empty: "no twins yet: run `nettwin vtwin` / `nettwin demo`" });
-  lineChart($("#chart-clusters"), Object.entries(t.clusters).map(([id, pts], i) => (
-    { name: `cluster ${id}`, color: CATEGORICAL[Number(id) % CATEGORICAL.length] || CATEGORICAL[i % 10], step: true, points: pts })), { zero: true });
+  const versions = [{ name: "global", color: "#17212b", width: 2.5, step: true, points: t.global }];
+  lineChart($("#chart-clusters"), versions.concat(Object.entries(t.clusters).map(([id, pts], i) => (
+    { name: `cluster ${id}`, color: CATEGORICAL[Number(id) % CATEGORICAL.length] || CATEGORICAL[i % 10], step: true, points: pts }))), { zero: true });
   table($("#epochs"), [
     ["epoch", (r) => esc(r.epoch)], ["time", (r) => esc(isoTime(r.time))],
     ["cluster sizes", (r) => esc(Object.entries(r.sizes).map(([c, n]) => `${c}: ${n}`).join(", "))],
