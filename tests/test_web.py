@@ -290,6 +290,16 @@ def _provisioned(settings: NettwinSettings, provision: Any) -> bool:
         return False
 
 
+def listed_topics(settings: NettwinSettings) -> set[str]:
+    from ingest.kafka import make_admin
+
+    admin = make_admin(settings)
+    try:
+        return set(admin.list_topics())
+    finally:
+        admin.close()
+
+
 def test_twin_models_is_read_again_when_its_topic_is_recreated(
     isolated: NettwinSettings, tmp_path: Path
 ) -> None:
@@ -319,7 +329,8 @@ def test_twin_models_is_read_again_when_its_topic_is_recreated(
         publish("1", 30)  # the old deployment's twin, far along its topic
         wait_for(lambda: twins().get("cluster:1", {}).get("version") == 29, 20, "the first twin")
         delete_topics(isolated, [topic])
-        time.sleep(1)
+        # provision only once the broker no longer lists it (else it finds it "existing", then gone)
+        wait_for(lambda: topic not in listed_topics(isolated), 20, "the topic's deletion")
         provision(isolated)
         publish("2", 1)
         wait_for(lambda: set(twins()) == {"cluster:2"}, 40, "the re-created topic's twins only")

@@ -98,7 +98,11 @@ class KafkaView:
 
         from ingest.kafka import make_consumer
 
-        consumer = make_consumer(self.settings, group_id=None, consumer_timeout_ms=1000)
+        # a reader must never create a topic (a deleted one would come back with the broker's default
+        # partition count, and `nettwin infra init` would then refuse it)
+        consumer = make_consumer(
+            self.settings, group_id=None, consumer_timeout_ms=1000, allow_auto_create_topics=False
+        )
         try:
             wanted = [self.topics.twin_models, self.topics.deadletter]
             parts = []
