@@ -60,11 +60,15 @@ def sample_rows() -> list[str]:
 def pipeline_rows() -> list[str]:
     """Twenty closed windows in the last minute: lags 10..200 ms, 50 records each."""
     now = int(time.time() * 1000)
-    return [
-        f"pipeline,run=r1,partition={k % 2},window=3600 lag_ms={10 * (k + 1)}i,records=50i,window_s=3600i "
-        f"{now - 30_000 + k * 100}"
-        for k in range(20)
-    ] + [f"replay,run=r1,partition={p} sent=500i,received=500i,final=true {now}" for p in (0, 1)]
+    return (
+        [
+            f"pipeline,run=r1,partition={k % 2},window=3600 lag_ms={10 * (k + 1)}i,records=50i,window_s=3600i "
+            f"{now - 30_000 + k * 100}"
+            for k in range(20)
+        ]
+        + [f"replay,run=r1,partition={p} sent=500i,received=500i,final=true {now}" for p in (0, 1)]
+        + [f"telemetry,entity=cell-{k},source=mqtt\\ 'east' prb_util={k}.5 {H0 + k * 1000}" for k in range(3)]
+    )
 
 
 def test_the_api_returns_what_influx_holds(isolated: NettwinSettings, tmp_path: Path) -> None:
@@ -108,6 +112,8 @@ def test_the_api_returns_what_influx_holds(isolated: NettwinSettings, tmp_path: 
         assert [pipe["lag_all"]["p50"], pipe["lag_all"]["p99"]] == lag[0].values[0][1:] == [100, 200]
         assert pipe["records_per_s"] == {"3600": 20 * 50 / 60}
         assert pipe["runs"] == [{"run": "r1", "sent": 1000, "received": 1000, "partitions": 2}]
+        # a source name with a quote and a space is data, not query text
+        assert pipe["attached"] == [{"source": "mqtt 'east'", "newest_ms": H0 + 2000, "entity": "cell-2"}]
         letters = wait_for(
             lambda: (
                 (p := requests.get(url + "api/pipeline", timeout=10).json())["deadletter_total"] == 4 and p

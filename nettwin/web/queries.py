@@ -233,8 +233,9 @@ def entity(influx: InfluxClient, square: int) -> dict[str, Any]:
     }
 
 
-def pipeline(influx: InfluxClient) -> dict[str, Any]:
-    """Records/s, lag percentiles, and the attached sources (replay runs, sensor sources)."""
+def pipeline(influx: InfluxClient, attached: bool = True) -> dict[str, Any]:
+    """Records/s, lag percentiles, and the sources: replay runs, sensor sources and (``attached``, one query per
+    source: not in the live state polled every few seconds) the sources ``nettwin attach`` feeds."""
     recent = run(
         influx,
         'SELECT sum("records") FROM "pipeline" WHERE time > now() - 15m GROUP BY time(10s), "window" fill(0)',
@@ -273,6 +274,7 @@ def pipeline(influx: InfluxClient) -> dict[str, Any]:
         for s in run(influx, 'SELECT last("points"), last("flagged") FROM "sensor_screen" GROUP BY "source"')
     ]
     return {
+        "attached": attached_sources(influx) if attached else [],
         "records_per_s": {k: (v or 0) / 60.0 for k, v in _by_tag(last_minute, "window").items()},
         "rate": rate,
         "lag_15m": lag_of(lag),
@@ -281,3 +283,26 @@ def pipeline(influx: InfluxClient) -> dict[str, Any]:
         "runs": [{"run": k, **v} for k, v in sorted(runs.items())],
         "sensors": sensors,
     }
+
+
+MAX_SOURCES = 50
+
+
+def attached_sources(influx: InfluxClient) -> list[dict[str, Any]]:
+    """The attached sources (``nettwin attach``) that reached InfluxDB's ``telemetry``: their newest record.
+
+    Their connection state (connected, reconnects, in flight) is on each attach process's ``/metrics``."""
+    names = [
+        str(row[1])
+        for s in run(influx, 'SHOW TAG VALUES FROM "telemetry" WITH KEY = "source"')
+        for row in s.values
+    ][:MAX_SOURCES]
+    out = []
+    for name in names:
+        quoted = name.replace("\\", "\\\\").replace("'", "\\'")
+        newest = run(
+            influx, f'SELECT * FROM "telemetry" WHERE "source" = \'{quoted}\' ORDER BY time DESC LIMIT 1'
+        )
+        row = newest[0].rows()[0] if newest and newest[0].values else {}
+        out.append({"source": name, "newest_ms": row.get("time"), "entity": row.get("entity")})
+    return out

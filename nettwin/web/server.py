@@ -166,7 +166,7 @@ class WebView:
             twins, forecasts, pipe = await asyncio.gather(
                 self.influx(queries.twin_summary),
                 self.influx(queries.forecast_counts),
-                self.influx(queries.pipeline),
+                self.influx(queries.pipeline, False),
             )
             state |= {
                 "influx": {"ok": True, "error": None, "ms": round((time.perf_counter() - started) * 1000)},

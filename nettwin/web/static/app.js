@@ -311,7 +311,8 @@ async function loadPipeline() {
   table($("#deadletters"), [["stage", (r) => esc(r.stage)], ["reason", (r) => esc(r.reason)], ["count", (r) => esc(r.count)]],
     p.deadletters, p.kafka.ok ? "no dead letters" : (p.kafka.error || "Kafka unreachable"));
   const sources = p.runs.map((r) => ({ kind: "replay run", name: r.run, a: `${r.sent.toLocaleString("en")} sent`, b: `${r.received.toLocaleString("en")} received`, state: r.sent === r.received ? "complete" : "incomplete" }))
-    .concat(p.sensors.map((s) => ({ kind: "sensor source", name: s.source, a: `${s.points} points`, b: `${s.flagged} flagged`, state: "screened" })));
+    .concat(p.sensors.map((s) => ({ kind: "sensor source", name: s.source, a: `${s.points} points`, b: `${s.flagged} flagged`, state: "screened" })))
+    .concat(p.attached.map((s) => ({ kind: "attached source", name: s.source, a: s.newest_ms ? `newest record ${isoTime(s.newest_ms)}` : "", b: s.entity ? `entity ${s.entity}` : "", state: "connection: nettwin attach /metrics" })));
   table($("#sources"), [["kind", (r) => esc(r.kind)], ["name", (r) => esc(r.name)], ["", (r) => esc(r.a)], ["", (r) => esc(r.b)], ["state", (r) => esc(r.state)]], sources, "no source has reported yet");
 }
 
