@@ -228,6 +228,9 @@ def features_end(settings: NettwinSettings) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument(
+        "--plot", type=Path, default=None, help="also write the stages figure (PNG) into this folder"
+    )
     ap.add_argument("--copies", type=int, default=39, help="shifted copies of the squares (39 x 26 = 1,014)")
     ap.add_argument("--days", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=3, help="repetitions of the streaming run and bare write")
@@ -303,6 +306,10 @@ def main() -> None:
         "tansu": peak_rss_mb(service_pid("tansu") or 0),
         "influxd": peak_rss_mb(service_pid("influxd") or 0),
     }
+    if args.plot is not None:
+        from bench.plots import ingest_stages
+
+        out["figures"] = [str(ingest_stages(out, args.plot))]
     print(json.dumps(out))
 
 

@@ -67,15 +67,24 @@ def _slice(table: TrafficTable, a: int, b: int) -> TrafficTable:
 
 
 def replay_split(
-    settings: NettwinSettings, path: Path, start_hour: int, speed: float, timeout_s: float
+    settings: NettwinSettings,
+    path: Path,
+    start_hour: int,
+    speed: float,
+    timeout_s: float,
+    end_hour: int | None = None,
 ) -> list[str]:
-    """Replay hours before ``start_hour`` as fast as possible, then the rest at ``speed``; return run ids.
+    """Replay hours before ``start_hour`` as fast as possible, then the rest (up to ``end_hour``, exclusive;
+    default: the end of the file) at ``speed``; return run ids.
 
     The paced part starts once the store has written the whole history, so the streamed hours do not
     queue behind it (a queue would leave the twins no time for their round trip between hours).
     """
     table = read_hourly(path)
     cut = int(np.searchsorted(table.starts_ms, HOURLY_START_MS + start_hour * HOUR_MS))
+    end = len(table)
+    if end_hour is not None:
+        end = int(np.searchsorted(table.starts_ms, HOURLY_START_MS + end_hour * HOUR_MS))
     runs = []
     producer = make_producer(settings)
     try:
@@ -85,7 +94,7 @@ def replay_split(
         with InfluxClient(settings.influx) as influx:
             wait_for_run(influx, runs[0], settings.kafka.partitions, timeout_s)
         stream = Replayer.for_settings(settings, producer, speed)
-        stream.publish_table(_slice(table, cut, len(table)))
+        stream.publish_table(_slice(table, cut, end))
         runs.append(stream.finish().run)
     finally:
         producer.close()

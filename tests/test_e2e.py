@@ -163,6 +163,7 @@ def test_demo_command_runs_the_whole_job_and_cleans_up(isolated: NettwinSettings
         "--database",
         isolated.influx.database,
         "demo",
+        "--ingest-only",
         timeout=240,
     )
     assert res.returncode == 0, res.stderr[-3000:]

@@ -147,11 +147,15 @@ def test_bench_poisoning_reports_the_pair_beside_the_clean_run(
         "mean,default",
         "--predictions",
         str(out),
+        "--plot",
+        str(tmp_path / "figures"),
         "--json",
         timeout=600,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(res.stdout)
+    assert report["figures"] == [str(tmp_path / "figures" / "attack_defense.png")]
+    assert (tmp_path / "figures" / "attack_defense.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = {(r["attack"], r["defense"]): r for r in report["runs"]}
     assert set(runs) == {("none", "mean"), ("scale", "mean"), ("scale", "default")}
     assert runs[("none", "mean")]["test_mse_vs_clean"] == 1.0

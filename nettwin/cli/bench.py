@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from nettwin.cli.bench_diten import diten
-from nettwin.cli.bench_poisoning import check_hourly, poisoning, save_report
+from nettwin.cli.bench_poisoning import check_hourly, poisoning, save_report, write_figure
 from nettwin.cli.bench_utt import utt
 from nettwin.cli.common import console, print_json, print_table
 
@@ -29,6 +29,7 @@ def vhtwin(
     milan_dir: Path | None = typer.Option(
         None, help="folder with the grid and base stations (default: --data's)"
     ),
+    plot: Path | None = typer.Option(None, "--plot", help="also write the figure (PNG) into this folder"),
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
 ) -> None:
     """VH-Twin vs FedAvg, central LSTM, ridge, persistence and seasonal on a temporal split."""
@@ -39,6 +40,7 @@ def vhtwin(
     cfg = VhTwinConfig(squares=squares, seed=seed, clusters=clusters or None, psi=psi, milan_dir=milan_dir)
     with console.status("training and streaming (a few minutes on 2 cores)"):
         report, rows = run(data, cfg)
+    write_figure(report, plot, "psi_sweep")
     if save_report(report, rows, predictions, json_out):
         return
     table = [{"method": m, **v} for m, v in report["methods"].items()]

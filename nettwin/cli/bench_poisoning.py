@@ -21,6 +21,20 @@ def check_hourly(data: Path, fmt: str, bench: str) -> None:
         raise InputError(f"{data}: no such file")
 
 
+def write_figure(report: dict[str, Any], out_dir: Path | None, figure: str) -> None:
+    """``--plot DIR``: the benchmark's figure (``bench/plots.py``), its path added to the report."""
+    if out_dir is None:
+        return
+    from bench import plots
+
+    try:
+        path = getattr(plots, figure)(report, out_dir)
+    except OSError as exc:
+        raise InputError(f"--plot {out_dir}: cannot write ({exc.strerror})") from exc
+    report.setdefault("figures", []).append(str(path))
+    console.print(f"figure: {path}")
+
+
 def save_report(
     report: dict[str, Any],
     rows: list[tuple[str, int, int, float, float]],
@@ -56,6 +70,7 @@ def poisoning(
     psi: float = typer.Option(0.01, min=0.0, help="H-twinning threshold of the global twin"),
     predictions: Path | None = typer.Option(None, help="CSV of the first pair's test-hour forecasts"),
     milan_dir: Path | None = typer.Option(None, help="grid and base stations (default: --data's folder)"),
+    plot: Path | None = typer.Option(None, "--plot", help="also write the figure (PNG) into this folder"),
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
 ) -> None:
     """Global twin's test MSE under attack for every attack x defense, beside the clean run (FedAvg)."""
@@ -76,6 +91,7 @@ def poisoning(
         raise InputError(str(exc)) from None
     with console.status("V-twinning, then one stream per attack x defense"):
         report, rows = run(data, cfg)
+    write_figure(report, plot, "attack_matrix")
     if save_report(report, rows, predictions, json_out):
         return
     table = [

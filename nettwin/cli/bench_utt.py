@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ingest.errors import InputError
+from nettwin.cli.bench_poisoning import write_figure
 from nettwin.cli.common import console, print_json, print_table
 
 PREDICTION_COLUMNS = ["walk", "t_ms", "true_x", "true_y", "pred_x", "pred_y", "method"]
@@ -42,6 +43,7 @@ def utt(
     seed_repeats: int = typer.Option(
         3, min=1, help="train the gating and concatenation merges with this many seeds (mean ± std)"
     ),
+    plot: Path | None = typer.Option(None, "--plot", help="also write the figure (PNG) into this folder"),
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
 ) -> None:
     """Direct, transfer, merge and split twins (every fuser) vs trilateration, constant velocity, mean."""
@@ -82,6 +84,7 @@ def utt(
         except OSError as exc:
             raise InputError(f"{predictions}: cannot write ({exc.strerror})") from exc
         report["predictions"] = str(predictions)
+    write_figure(report, plot, "utt_matrix")
     if json_out:
         print_json(report)
         return

@@ -13,7 +13,21 @@ from typing import Any, NoReturn
 import typer
 
 from ingest.errors import NettwinError
-from nettwin.cli import attach, bench, data, edge, infra, query, replay, security, services, twin, vhtwin
+from nettwin.cli import (
+    attach,
+    bench,
+    data,
+    demo,
+    edge,
+    infra,
+    query,
+    replay,
+    security,
+    services,
+    twin,
+    ui,
+    vhtwin,
+)
 from nettwin.cli import run as run_cmd
 
 app = typer.Typer(
@@ -30,6 +44,8 @@ app.add_typer(query.app, name="query")
 app.add_typer(bench.app, name="bench")
 app.add_typer(twin.app, name="twin")
 services.register(app)
+demo.register(app)
+ui.register(app)
 vhtwin.register(app)
 security.register(app)
 attach.register(app)

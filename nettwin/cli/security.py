@@ -4,11 +4,17 @@ a live deployment, to see the store refuse them)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ingest.errors import InputError
 from nettwin.cli.common import console, print_json, settings_of
+
+if TYPE_CHECKING:
+    from ingest.settings import NettwinSettings
+    from producers.attacks import AttackConfig
+    from twin_store.federation.keys import KeyRegistry
 
 # numpy, torch (via producers.attacks and the twin store) and kafka are imported inside the commands: every
 # other `nettwin` command would start seconds slower
@@ -77,16 +83,8 @@ def attack(
     hourly file with spikes and a level shift in the squares --bs, for `nettwin replay milan --format
     hourly`. See producers/attacks.py.
     """
-    import numpy as np
-    import torch
-
-    from ingest.kafka import ensure_topics_exist, make_producer
-    from ingest.topics import Topics
-    from producers import attacks
     from producers.attacks import AttackConfig
     from twin_store.federation.keys import KeyRegistry
-    from twin_store.federation.models_topic import TwinMessage
-    from twin_store.services.htwin import read_latest_twins
 
     if kind not in ("mpaf", "tpi", "signflip", "scale", "telemetry"):
         raise InputError(f"attack {kind!r}: choose mpaf, tpi, signflip, scale or telemetry")
@@ -107,6 +105,37 @@ def attack(
         return
     settings = settings_of(ctx)
     registry = KeyRegistry.load(keys) if keys is not None else None
+    cfg = AttackConfig()
+    if factor is not None:
+        cfg = AttackConfig(flip_boost=factor, scale_factor=factor)
+    summary = send_attack(settings, kind, ids, cluster, registry, seed, cfg)
+    if json_out:
+        print_json(summary)
+    else:
+        console.print(
+            f"sent {summary['sent']} {kind} update(s) to {summary['topic']} ({summary['signed']} signed)"
+        )
+
+
+def send_attack(
+    settings: NettwinSettings,
+    kind: str,
+    ids: list[int],
+    cluster: int | None,
+    registry: KeyRegistry | None,
+    seed: int,
+    cfg: AttackConfig,
+) -> dict[str, Any]:
+    """Build poisoned updates of ``kind`` for the BSs ``ids`` from the twins on twin.models and send them."""
+    import numpy as np
+    import torch
+
+    from ingest.kafka import ensure_topics_exist, make_producer
+    from ingest.topics import Topics
+    from producers import attacks
+    from twin_store.federation.models_topic import TwinMessage
+    from twin_store.services.htwin import read_latest_twins
+
     latest = read_latest_twins(settings)
     glob = latest.get(b"global:0")
     if glob is None:
@@ -116,9 +145,6 @@ def attack(
         raise InputError(
             "twin.models has no cluster twin yet: nothing to attack (run `nettwin vtwin` or `nettwin htwin` first)"
         )
-    cfg = AttackConfig()
-    if factor is not None:
-        cfg = AttackConfig(flip_boost=factor, scale_factor=factor)
     hour = max(int(m.meta.get("as_of", -1)) for m in latest.values() if m.level != "bs") + 1
     # random models of the deployment's size: what an MPAF fake BS starts from
     fake_models = torch.as_tensor(
@@ -173,16 +199,14 @@ def attack(
         producer.flush()
     finally:
         producer.close()
-    summary = {
+    return {
         "attack": kind,
         "sent": len(updates),
         "bs": ids,
+        "seq": [int(u.meta["seq"]) for u in updates],
         "signed": sum("sig" in u.meta for u in updates),
+        "topic": topic,
     }
-    if json_out:
-        print_json(summary)
-    else:
-        console.print(f"sent {len(updates)} {kind} update(s) to {topic} ({summary['signed']} signed)")
 
 
 def poison_hourly(src: Path, dst: Path, squares: list[int], from_hour: int, seed: int) -> list[int]:

@@ -212,6 +212,7 @@ class TwinState:
                     "epsilon": eps,
                     "n_updates": self.accepted,
                     "n_members": len(self.clusters.members(cid)),
+                    "n_offers": self.global_twin.offers,  # H-twinning offers so far: merges against offers
                 },
                 None,
             )
@@ -284,8 +285,8 @@ class TwinState:
             if evicted is not None:
                 self.counters["evictions"] += 1
                 out.append(self._cluster_message(cid, hour))
-                lines.append(self._twin_row("cluster", cid, now))
                 glob = self._offer_global(cid, hour, now)
+                lines.append(self._twin_row("cluster", cid, now, self.global_twin.last_epsilon))
                 out += glob.twins
                 lines += glob.lines
             return Outcome(out, lines, "quarantined", verdict.reason)
@@ -348,6 +349,7 @@ class TwinState:
                 "epsilon": self.global_twin.last_epsilon,
                 "n_updates": self.global_twin.syncs,
                 "n_members": len(self.clusters.labels),
+                "n_offers": self.global_twin.offers,
             },
             None,
         )
