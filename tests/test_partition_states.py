@@ -67,7 +67,7 @@ def test_building_the_worker_loads_no_model_library() -> None:
     import tempfile
 
     code = (
-        "import sys; from ingest.settings import load_settings; from stream_processors.app import build_app; "
+        "import sys; from ingest.settings import load_settings; from stream_processors.worker import build_app; "
         "build_app(load_settings({'state_dir': sys.argv[1]})); "
         "print(sorted(m for m in ('torch', 'river', 'networkx', 'scipy') if m in sys.modules))"
     )

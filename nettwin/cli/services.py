@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
 def worker(ctx: typer.Context, loglevel: str = typer.Option("warning", help="faust log level")) -> None:
     """Run the Faust worker: 10-minute and hourly windows per square -> feature records."""
     from ingest.kafka import ensure_kafka_reachable
-    from stream_processors.app import run_worker
+    from stream_processors.worker import run_worker
 
     settings = settings_of(ctx)
     ensure_kafka_reachable(settings)
