@@ -104,7 +104,11 @@ class Deployment:
         command = name.split("-")[0]
         env = settings_env(self.settings)
         env["NETTWIN_STATE_DIR"] = str(self.settings.state_dir / name)
-        proc = spawn_cli([command, *args], self.logdir / f"{name}.log", env)
+        log = self.logdir / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as fh:  # a restarted process appends to the same log
+            fh.write(f"=== {time.strftime('%H:%M:%S')} nettwin {command} {' '.join(args)}\n")
+        proc = spawn_cli([command, *args], log, env)
         self.procs[name] = proc
         return proc
 
@@ -137,6 +141,23 @@ class Deployment:
                 self.exited[name] = int(proc.returncode)
                 del self.procs[name]
         return self.exited
+
+    def wait_ready(self, timeout_s: float = 120.0) -> float:
+        """Send an empty final marker to every telemetry partition and wait until the store reports it
+        (worker and store consuming, the whole chain up); seconds waited. Writes no traffic rows."""
+        from twin_store.services.store import wait_for_run
+
+        t0 = time.monotonic()
+        producer = make_producer(self.settings)
+        run = f"ready-{uuid.uuid4().hex[:6]}"
+        for p in range(self.settings.kafka.partitions):
+            marker = RecordBatch.empty("traffic", ACTIVITY_COLUMNS, 600, run=run, final=True, sent=0)
+            producer.send(self.topics.telemetry_milan, value=marker.encode(), partition=p)
+        producer.flush()
+        producer.close()
+        with InfluxClient(self.settings.influx) as influx:
+            wait_for_run(influx, run, self.settings.kafka.partitions, timeout_s)
+        return round(time.monotonic() - t0, 2)
 
     def log_tail(self, chars: int = 3000) -> str:
         out = []
@@ -259,31 +280,53 @@ class PacedReplay(threading.Thread):
             self.finished_at = time.monotonic()
 
 
-class RowMonitor(threading.Thread):
-    """Samples the ``traffic`` row count twice a second: (monotonic time, rows), -1 while unreadable."""
+@dataclass(frozen=True)
+class Sample:
+    t: float  # monotonic
+    rows: int  # traffic rows, -1 while InfluxDB does not answer
+    newest: dict[int, int]  # partition -> newest interval start written (ms)
 
-    def __init__(self, settings: NettwinSettings) -> None:
+
+class RowMonitor(threading.Thread):
+    """Samples ``traffic`` twice a second: its row count and, per partition, the newest interval written."""
+
+    def __init__(self, settings: NettwinSettings, last_ms: dict[int, int]) -> None:
         super().__init__(name="row-monitor", daemon=True)
         self.settings = settings
-        self.samples: list[tuple[float, int]] = []
+        self.last_ms = last_ms  # partition -> the last interval the data holds for it
+        self.samples: list[Sample] = []
         self.stopping = False
 
     def run(self) -> None:
+        parts = self.settings.kafka.partitions
         with InfluxClient(self.settings.influx) as influx:
             while not self.stopping:
-                self.samples.append((time.monotonic(), row_count(influx, "traffic")))
+                rows, newest = row_count(influx, "traffic"), dict[int, int]()
+                try:
+                    for series in influx.query('SELECT last("internet") FROM "traffic" GROUP BY "square"'):
+                        p = int(series.tags["square"]) % parts
+                        newest[p] = max(newest.get(p, 0), int(series.values[0][0]))
+                except Exception:  # InfluxDB down: nothing known
+                    rows, newest = -1, {}
+                self.samples.append(Sample(time.monotonic(), rows, newest))
                 time.sleep(0.5)
 
     def latest(self) -> int:
-        return self.samples[-1][1] if self.samples else 0
+        return self.samples[-1].rows if self.samples else 0
 
-    def first_growth_after(self, t: float) -> float | None:
-        """Seconds from ``t`` until the row count first exceeds its value at ``t``."""
-        before = [n for s, n in self.samples if s <= t and n >= 0]
-        base = before[-1] if before else 0
-        for s, n in self.samples:
-            if s > t and n > base:
-                return round(s - t, 2)
+    def recovered_after(self, t: float) -> float | None:
+        """Seconds from ``t`` until every partition has written an interval newer than it had at ``t``
+        (or its last one): each partition has an owner that makes progress again."""
+        before = [s for s in self.samples if s.t <= t and s.rows >= 0]
+        base = before[-1].newest if before else {}
+        for s in self.samples:
+            if s.t <= t or s.rows < 0:
+                continue
+            if all(
+                s.newest.get(p, -1) > base.get(p, -1) or s.newest.get(p, -1) >= last
+                for p, last in self.last_ms.items()
+            ):
+                return round(s.t - t, 2)
         return None
 
 
@@ -397,7 +440,10 @@ def run_scenario(
         for i in range(scenario.workers):
             dep.start("worker" if i == 0 else f"worker-{i + 1}")
         dep.start("store")
-        monitor = RowMonitor(dep.settings)
+        report["ready_s"] = dep.wait_ready()
+        parts = table.squares % dep.settings.kafka.partitions
+        last_ms = {int(p): int(table.starts_ms[parts == p].max()) for p in np.unique(parts)}
+        monitor = RowMonitor(dep.settings, last_ms)
         monitor.start()
         replay = PacedReplay(dep.settings, table, cfg.replay_s, run=scenario.name)
         ctx = FaultContext(dep, monitor, cfg)
@@ -426,7 +472,7 @@ def run_scenario(
                 result = check_traffic(dep.settings, expected)
             report["complete_s"] = round(time.monotonic() - t_end, 2) if _complete(result) else None
             if scenario.fault is not None:
-                report["recover_s"] = monitor.first_growth_after(t_fault)
+                report["recover_s"] = monitor.recovered_after(t_fault)
             report.update(result)
             report.update(ctx.facts)
         finally:
@@ -970,6 +1016,7 @@ def run_fuzz(base: NettwinSettings, cfg: FuzzConfig, workdir: Path) -> dict[str,
         dep.start("worker")
         dep.start("store")
         dep.start("htwin")
+        report["ready_s"] = dep.wait_ready()
         t0 = time.monotonic()
         specs = fuzz_topics(dep.settings)
         plans = [plan_fuzz(spec, cfg.per_topic, rng) for spec in specs]
@@ -1002,7 +1049,9 @@ def run_fuzz(base: NettwinSettings, cfg: FuzzConfig, workdir: Path) -> dict[str,
             report.update(result)
             time.sleep(3.0)  # the restarted htwin has read twin.models by now, or died of it
             reader.wait_for(total, 10.0, alive=dep.check_alive)
-            report["topics"] = judge_deadletters(plans, specs, reader.letters)
+            prefix = dep.settings.kafka.topic_prefix
+            judged = judge_deadletters(plans, specs, reader.letters)
+            report["topics"] = {t.removeprefix(prefix): v for t, v in judged.items()}
             report["deadletters"] = len(reader.letters)
         finally:
             reader.close()
