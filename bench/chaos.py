@@ -980,9 +980,21 @@ def judge_deadletters(
             "extra": len(positions - bad),
             "repeated": repeated,
             "stages": sorted({s for s, _, _ in seen}),
+            "missed_examples": [
+                f"[{p}]@{o}: {_show(plan.messages[plan.positions.index((p, o))][1])}"
+                for p, o in sorted(bad - positions)[:3]
+            ],
             "ok": positions == bad and (spec.snapshot or repeated == 0),
         }
     return out
+
+
+def _show(value: bytes | None) -> str:
+    return (
+        "null"
+        if value is None
+        else repr(value[:120]) + (f" ({len(value)} bytes)" if len(value) > 120 else "")
+    )
 
 
 @dataclass
