@@ -10,7 +10,8 @@ straight from the file. Per scenario, one JSON object:
   ``extra``, ``wrong`` (present, other sums) and ``duplicated`` (present with sums or ``n_intervals`` above
   the file's: input counted twice; InfluxDB keeps one point per series and time, so a duplicate shows as
   an inflated row, not a second one),
-- ``recover_s``: seconds from the fault to the first new rows after it (restart, new owner, InfluxDB back),
+- ``recover_s``: seconds from the end of the fault (process killed and restarted, worker added or killed,
+  InfluxDB back) until every partition has written a newer interval: each has a working owner again,
 - ``complete_s``: seconds from the end of the replay until every row was right (``baseline``: no fault),
 - ``exited``: processes that ended by themselves, with their exit codes (none expected).
 
@@ -374,34 +375,45 @@ def fault_worker_added(ctx: FaultContext) -> None:
 def fault_worker_sigterm(ctx: FaultContext) -> None:
     took = ctx.deployment.stop("worker", deadline_s=STOP_DEADLINE_S)
     ctx.facts["sigterm_stop_s"] = took  # None: still running after 10 s, killed
+    ctx.recovered_at = time.monotonic()
     ctx.deployment.start("worker")
 
 
 def fault_influx_stopped(ctx: FaultContext) -> None:
+    """Stop the InfluxDB of infra/up (its pid file) for ``influx_down_s``, sampling the store's memory
+    meanwhile, then start it again with the same command line (the pid file names the new one)."""
     import psutil
 
     pid_file = ctx.cfg.infra_state / "run" / "influxd.pid"
     influxd = psutil.Process(int(pid_file.read_text()))
     cmdline = influxd.cmdline()
-    influxd.terminate()
-    influxd.wait(30)
     store = psutil.Process(ctx.deployment.procs["store"].pid)
     rss = [store.memory_info().rss]
-    t_end = time.monotonic() + ctx.cfg.influx_down_s
-    while time.monotonic() < t_end:
-        time.sleep(0.5)
-        rss.append(store.memory_info().rss)
-    log = open(ctx.cfg.infra_state / "log" / "influxd.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(cmdline, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    pid_file.write_text(f"{proc.pid}\n")  # infra/down stops the new one
-    with InfluxClient(ctx.deployment.settings.influx) as influx:
-        for _ in range(300):
-            try:
-                influx.ping()
-                break
-            except Exception:  # still starting
-                time.sleep(0.1)
+    influxd.terminate()
+    try:
+        influxd.wait(30)
+        t_end = time.monotonic() + ctx.cfg.influx_down_s
+        while time.monotonic() < t_end:
+            time.sleep(0.5)
+            rss.append(store.memory_info().rss)
+    finally:  # whatever happened, InfluxDB comes back
+        # started as infra/up starts it (nohup, in the background): not our child, infra/down stops it
+        log = ctx.cfg.infra_state / "log" / "influxd.log"
+        started = subprocess.run(
+            ["sh", "-c", f'nohup "$@" >>"{log}" 2>&1 </dev/null & echo $!', "sh", *cmdline],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        pid_file.write_text(started.stdout.strip() + "\n")
+        with InfluxClient(ctx.deployment.settings.influx) as influx:
+            for _ in range(300):
+                try:
+                    influx.ping()
+                    break
+                except Exception:  # still starting
+                    time.sleep(0.1)
+    ctx.recovered_at = time.monotonic()
     ctx.facts["influx_down_s"] = ctx.cfg.influx_down_s
     ctx.facts["store_rss_mb"] = {"at_stop": round(rss[0] / 2**20, 1), "max_down": round(max(rss) / 2**20, 1)}
 
@@ -472,7 +484,7 @@ def run_scenario(
                 result = check_traffic(dep.settings, expected)
             report["complete_s"] = round(time.monotonic() - t_end, 2) if _complete(result) else None
             if scenario.fault is not None:
-                report["recover_s"] = monitor.recovered_after(t_fault)
+                report["recover_s"] = monitor.recovered_after(ctx.recovered_at or t_fault)
             report.update(result)
             report.update(ctx.facts)
         finally:
