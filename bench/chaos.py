@@ -266,9 +266,11 @@ class PacedReplay(threading.Thread):
         self.table = table
         self.run_id = run
         self.error: BaseException | None = None
+        self.started_at = time.monotonic()
         self.finished_at: float | None = None
 
     def run(self) -> None:
+        self.started_at = time.monotonic()
         producer = make_producer(self.settings)
         try:
             replayer = Replayer.for_settings(self.settings, producer, self.speed, run=self.run_id)
@@ -459,30 +461,16 @@ def run_scenario(
         monitor.start()
         replay = PacedReplay(dep.settings, table, cfg.replay_s, run=scenario.name)
         ctx = FaultContext(dep, monitor, cfg)
-        started = time.monotonic()
         replay.start()
         try:
             if scenario.fault is not None:
-                target = int(cfg.fault_at * len(expected))
-                while monitor.latest() < target and time.monotonic() - started < cfg.replay_s + cfg.timeout_s:
-                    time.sleep(0.2)
-                t_fault = time.monotonic()
-                report["fault_at_rows"] = monitor.latest()
-                report["fault_at_s"] = round(t_fault - started, 2)
-                report["fault_during_replay"] = replay.is_alive()
-                scenario.fault(ctx)
-                report["recover_s"] = None
+                t_fault = inject_fault(scenario.fault, ctx, replay, int(cfg.fault_at * len(expected)), report)
             replay.join(cfg.replay_s * 10 + 120)
             if replay.error is not None:
                 raise RuntimeError(f"replay failed: {replay.error!r}")
             t_end = replay.finished_at or time.monotonic()
-            report["replay_s"] = round(t_end - started, 2)
-            deadline = t_end + cfg.timeout_s
-            result = check_traffic(dep.settings, expected)
-            while not _complete(result) and time.monotonic() < deadline:
-                time.sleep(1.0)
-                result = check_traffic(dep.settings, expected)
-            report["complete_s"] = round(time.monotonic() - t_end, 2) if _complete(result) else None
+            report["replay_s"] = round(t_end - replay.started_at, 2)
+            result, report["complete_s"] = wait_complete(dep, expected, t_end, cfg.timeout_s)
             if scenario.fault is not None:
                 report["recover_s"] = monitor.recovered_after(ctx.recovered_at or t_fault)
             report.update(result)
@@ -497,6 +485,38 @@ def run_scenario(
             if not report["ok"]:
                 report["logs"] = dep.log_tail()
     return report
+
+
+def inject_fault(
+    fault: Callable[[FaultContext], None],
+    ctx: FaultContext,
+    replay: PacedReplay,
+    rows: int,
+    report: dict[str, Any],
+) -> float:
+    """Wait until ``rows`` traffic rows are in (bounded), then inject the fault; when it was injected."""
+    deadline = replay.started_at + ctx.cfg.replay_s + ctx.cfg.timeout_s
+    while ctx.monitor.latest() < rows and time.monotonic() < deadline:
+        time.sleep(0.2)
+    t_fault = time.monotonic()
+    report["fault_at_rows"] = ctx.monitor.latest()
+    report["fault_at_s"] = round(t_fault - replay.started_at, 2)
+    report["fault_during_replay"] = replay.is_alive()
+    fault(ctx)
+    return t_fault
+
+
+def wait_complete(
+    dep: Deployment, expected: pd.DataFrame, since: float, timeout_s: float
+) -> tuple[dict[str, dict[str, int]], float | None]:
+    """Compare InfluxDB with ``expected`` until every row is right or ``timeout_s`` after ``since``; the
+    last comparison and the seconds from ``since`` to completion (None: never complete)."""
+    result = check_traffic(dep.settings, expected)
+    while not _complete(result) and time.monotonic() < since + timeout_s:
+        dep.check_alive()
+        time.sleep(1.0)
+        result = check_traffic(dep.settings, expected)
+    return result, round(time.monotonic() - since, 2) if _complete(result) else None
 
 
 def _complete(result: dict[str, Any]) -> bool:
@@ -1063,13 +1083,9 @@ def run_fuzz(base: NettwinSettings, cfg: FuzzConfig, workdir: Path) -> dict[str,
             replayer.publish_table(read_raw(cfg.data))
             replayer.finish()
             producer.close()
-            t_replay = time.monotonic()
-            result = check_traffic(dep.settings, expected)
-            while not _complete(result) and time.monotonic() - t_replay < cfg.replay_timeout_s:
-                dep.check_alive()
-                time.sleep(1.0)
-                result = check_traffic(dep.settings, expected)
-            report["complete_s"] = round(time.monotonic() - t_replay, 2) if _complete(result) else None
+            result, report["complete_s"] = wait_complete(
+                dep, expected, time.monotonic(), cfg.replay_timeout_s
+            )
             report.update(result)
             time.sleep(3.0)  # the restarted htwin has read twin.models by now, or died of it
             reader.wait_for(total, 10.0, alive=dep.check_alive)
@@ -1126,10 +1142,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="nettwin-chaos-") as tmp:
         for name in names:
             work = Path(tmp) / name
-            if name == "fuzz":
-                rep = run_fuzz(base, FuzzConfig(per_topic=args.fuzz_per_topic), work)
-            else:
-                rep = run_scenario(SCENARIOS[name], base, cfg, work)
+            try:
+                if name == "fuzz":
+                    rep = run_fuzz(base, FuzzConfig(per_topic=args.fuzz_per_topic), work)
+                else:
+                    rep = run_scenario(SCENARIOS[name], base, cfg, work)
+            except Exception as exc:  # one scenario that cannot run (e.g. the chain never came up)
+                rep = {"scenario": name, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
             logs = rep.pop("logs", None)
             if logs and args.keep_logs:
                 print(f"=== {name} (failed) ===\n{logs}", file=sys.stderr)
