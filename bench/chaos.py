@@ -13,7 +13,8 @@ straight from the file. Per scenario, one JSON object:
 - ``recover_s``: seconds from the end of the fault (process killed and restarted, worker added or killed,
   InfluxDB back) until every partition has written a newer interval: each has a working owner again,
 - ``complete_s``: seconds from the end of the replay until every row was right (``baseline``: no fault),
-- ``exited``: processes that ended by themselves, with their exit codes (none expected).
+- ``exited``: processes that ended by themselves, with their exit codes, and ``agent_crashes``: Faust agents
+  that crashed inside a living worker (none expected).
 
 ``fuzz`` publishes ``fuzz_per_topic`` bad messages (truncated, bit-flipped, header-mutated, null, random)
 into every topic the worker, the store and ``nettwin htwin`` consume, then replays the real day: every bad
@@ -71,6 +72,9 @@ STOP_DEADLINE_S = 10.0  # the README's promise: a long-running command stops wit
 
 
 # --------------------------------------------------------------------------------------------- deployment
+
+
+AGENT_CRASH = re.compile(r"Agent\*: (?P<agent>.+?)\]: Crashed reason=(?P<reason>.*)$")
 
 
 class Deployment:
@@ -159,6 +163,17 @@ class Deployment:
         with InfluxClient(self.settings.influx) as influx:
             wait_for_run(influx, run, self.settings.kafka.partitions, timeout_s)
         return round(time.monotonic() - t0, 2)
+
+    def agent_crashes(self) -> dict[str, int]:
+        """Faust agents that crashed (the worker process lives on, the agent's input stops): reason -> count."""
+        found: Counter[str] = Counter()
+        for path in sorted(self.logdir.glob("*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                crash = AGENT_CRASH.search(line)
+                if crash is not None:
+                    agent = crash["agent"].replace("[.]", ".")
+                    found[f"{path.stem} {agent}: {crash['reason'].strip()[:150]}"] += 1
+        return dict(found)
 
     def log_tail(self, chars: int = 3000) -> str:
         out = []
@@ -478,8 +493,9 @@ def run_scenario(
         finally:
             monitor.stopping = True
             report["exited"] = dict(dep.check_alive())
+            report["agent_crashes"] = dep.agent_crashes()
             report["ok"] = (
-                bool(_complete(report) and not report["exited"])
+                bool(_complete(report) and not report["exited"] and not report["agent_crashes"])
                 and ctx.facts.get("sigterm_stop_s", 0.0) is not None
             )
             if not report["ok"]:
@@ -1096,9 +1112,11 @@ def run_fuzz(base: NettwinSettings, cfg: FuzzConfig, workdir: Path) -> dict[str,
         finally:
             reader.close()
             report["exited"] = dict(dep.check_alive())
+            report["agent_crashes"] = dep.agent_crashes()
             report["ok"] = bool(
                 _complete(report)
                 and not report["exited"]
+                and not report["agent_crashes"]
                 and all(t["ok"] for t in report.get("topics", {}).values())
             )
             if not report["ok"]:
