@@ -69,15 +69,21 @@ def test_fuzz_of_every_consumed_topic_dead_letters_each_bad_message_and_the_day_
     # every consumed topic got its share (the report names them without the deployment's prefix)
     prefix = services.kafka.topic_prefix
     assert set(report["topics"]) == {t.removeprefix(prefix) for t in consumed_topics(services)}, why
-    assert report["exited"] == {}, why
-    assert report["agent_crashes"] == {}, why  # a crashed Faust agent leaves its process alive
+    problems = []  # all of them at once: one run of a few minutes shows every finding
+    if report["exited"]:
+        problems.append(f"processes exited: {report['exited']}")
+    if report["agent_crashes"]:  # a crashed Faust agent leaves its process alive
+        problems.append(f"agents crashed: {report['agent_crashes']}")
     for topic, acc in report["topics"].items():
-        assert acc["missed"] == 0 and acc["extra"] == 0, f"{topic}: {acc}\n{why}"
-        assert acc["ok"], f"{topic}: {acc}\n{why}"
+        if not acc["ok"]:
+            problems.append(f"{topic}: {acc}")
     for measurement in ("traffic", "traffic_hourly"):
         rows = report[measurement]
-        assert rows["found"] == rows["expected"] and rows["extra"] == 0, why
-    assert report["htwin_sigterm_stop_s"] is not None, why
+        if rows["found"] != rows["expected"] or rows["extra"]:
+            problems.append(f"{measurement} after the fuzz: {rows}")
+    if report["htwin_sigterm_stop_s"] is None:
+        problems.append("htwin did not stop within 10 s of SIGTERM")
+    assert not problems, "\n".join(problems) + "\n" + why
 
 
 FAULTS = [name for name in SCENARIOS if name != "baseline"]
