@@ -11,7 +11,8 @@ straight from the file. Per scenario, one JSON object:
   the file's: input counted twice; InfluxDB keeps one point per series and time, so a duplicate shows as
   an inflated row, not a second one),
 - ``recover_s``: seconds from the end of the fault (process killed and restarted, worker added or killed,
-  InfluxDB back) until every partition has written a newer interval: each has a working owner again,
+  InfluxDB back) until every partition has written the interval the replay had published at that moment: the
+  pipeline caught up again (``baseline``: the same measure at the same point without a fault, the normal lag),
 - ``complete_s``: seconds from the end of the replay until every row was right (``baseline``: no fault),
 - ``exited``: processes that ended by themselves, with their exit codes, and ``agent_crashes``: Faust agents
   that crashed inside a living worker (none expected).
@@ -284,6 +285,16 @@ class PacedReplay(threading.Thread):
         self.started_at = time.monotonic()
         self.finished_at: float | None = None
 
+    @property
+    def step_ms(self) -> int:
+        return self.table.step_s * 1000
+
+    def published_ms(self, t: float) -> int:
+        """Start of the newest interval the replay has published by wall time ``t`` (its clock's rule)."""
+        step_ms = self.table.step_s * 1000
+        first = int(self.table.starts_ms.min())
+        return first + int((t - self.started_at) * self.speed * 1000 // step_ms) * step_ms
+
     def run(self) -> None:
         self.started_at = time.monotonic()
         producer = make_producer(self.settings)
@@ -332,18 +343,13 @@ class RowMonitor(threading.Thread):
     def latest(self) -> int:
         return self.samples[-1].rows if self.samples else 0
 
-    def recovered_after(self, t: float) -> float | None:
-        """Seconds from ``t`` until every partition has written an interval newer than it had at ``t``
-        (or its last one): each partition has an owner that makes progress again."""
-        before = [s for s in self.samples if s.t <= t and s.rows >= 0]
-        base = before[-1].newest if before else {}
+    def caught_up_after(self, t: float, published_ms: int) -> float | None:
+        """Seconds from ``t`` until every partition has written the interval the replay had published at
+        ``t`` (or its last one): input sent after the fault's end is being processed and written again."""
         for s in self.samples:
             if s.t <= t or s.rows < 0:
                 continue
-            if all(
-                s.newest.get(p, -1) > base.get(p, -1) or s.newest.get(p, -1) >= last
-                for p, last in self.last_ms.items()
-            ):
+            if all(s.newest.get(p, -1) >= min(published_ms, last) for p, last in self.last_ms.items()):
                 return round(s.t - t, 2)
         return None
 
@@ -478,16 +484,17 @@ def run_scenario(
         ctx = FaultContext(dep, monitor, cfg)
         replay.start()
         try:
-            if scenario.fault is not None:
-                t_fault = inject_fault(scenario.fault, ctx, replay, int(cfg.fault_at * len(expected)), report)
+            t_fault = inject_fault(scenario.fault, ctx, replay, int(cfg.fault_at * len(expected)), report)
             replay.join(cfg.replay_s * 10 + 120)
             if replay.error is not None:
                 raise RuntimeError(f"replay failed: {replay.error!r}")
             t_end = replay.finished_at or time.monotonic()
             report["replay_s"] = round(t_end - replay.started_at, 2)
             result, report["complete_s"] = wait_complete(dep, expected, t_end, cfg.timeout_s)
-            if scenario.fault is not None:
-                report["recover_s"] = monitor.recovered_after(ctx.recovered_at or t_fault)
+            t_back = ctx.recovered_at or t_fault
+            report["recover_s"] = monitor.caught_up_after(
+                t_back, replay.published_ms(t_back) - replay.step_ms
+            )
             report.update(result)
             report.update(ctx.facts)
         finally:
@@ -504,13 +511,14 @@ def run_scenario(
 
 
 def inject_fault(
-    fault: Callable[[FaultContext], None],
+    fault: Callable[[FaultContext], None] | None,
     ctx: FaultContext,
     replay: PacedReplay,
     rows: int,
     report: dict[str, Any],
 ) -> float:
-    """Wait until ``rows`` traffic rows are in (bounded), then inject the fault; when it was injected."""
+    """Wait until ``rows`` traffic rows are in (bounded), then inject the fault (none: the baseline's
+    moment of comparison); when it was injected."""
     deadline = replay.started_at + ctx.cfg.replay_s + ctx.cfg.timeout_s
     while ctx.monitor.latest() < rows and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -518,7 +526,8 @@ def inject_fault(
     report["fault_at_rows"] = ctx.monitor.latest()
     report["fault_at_s"] = round(t_fault - replay.started_at, 2)
     report["fault_during_replay"] = replay.is_alive()
-    fault(ctx)
+    if fault is not None:
+        fault(ctx)
     return t_fault
 
 
