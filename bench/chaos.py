@@ -685,19 +685,25 @@ def worker_sensors_refuses(value: bytes | None) -> bool:
         return True
 
 
+STORE_KINDS = ("features", "forecast", "screened", "telemetry")  # what ``TwinStore.process`` accepts
+
+
 def store_refuses(value: bytes | None) -> bool:
-    """The store's checks (``TwinStore.process``) and its point building."""
+    """The store's checks (a copy of ``TwinStore.process``'s: keep them in step) and its point building."""
     from twin_store.adapters.sensors import sensor_points
+    from twin_store.adapters.telemetry import telemetry_lines
     from twin_store.adapters.traffic import TwinRegistry, batch_points
 
     try:
         batch = decode(value or b"")
-        if batch.kind not in ("features", "forecast", "screened"):
+        if batch.kind not in STORE_KINDS:
             return True
         if batch.kind == "forecast" and "cluster" not in batch.columns:
             return True
         if batch.kind == "screened":
             sensor_points(batch, 0)
+        elif batch.kind == "telemetry":
+            telemetry_lines(batch)
         else:
             batch_points(batch, 0, TwinRegistry(set()), int(time.time() * 1000))
     except Exception:
@@ -824,6 +830,7 @@ def fuzz_topics(settings: NettwinSettings) -> list[FuzzTopic]:
     )
     forecasts = [_batch("forecast", cols, 3600, 3, T_FUZZ) for cols in (FORECAST_COLUMNS, OUTCOME_COLUMNS)]
     screened = [_screened_batch()]
+    telemetry = [_telemetry_batch(n) for n in (1, 4)]
     ftm = {
         "walk": "w",
         "device": "d",
@@ -871,6 +878,7 @@ def fuzz_topics(settings: NettwinSettings) -> list[FuzzTopic]:
         FuzzTopic(t.features_traffic, [(None, v) for v in features], store_refuses, known=BATCH_FIELDS),
         FuzzTopic(t.forecasts, [(None, v) for v in forecasts], store_refuses, known=BATCH_FIELDS),
         FuzzTopic(t.features_sensors, [(b"fz", v) for v in screened], store_refuses, known=BATCH_FIELDS),
+        FuzzTopic(t.telemetry_records, [(b"fz", v) for v in telemetry], store_refuses, known=BATCH_FIELDS),
         FuzzTopic(t.telemetry_ftm, [(b"d/w", _dumps(ftm))], multimodal_refuses("ftm"), True, ("t_ms", "aps")),
         FuzzTopic(t.telemetry_imu, [(b"d/w", _dumps(imu))], multimodal_refuses("imu"), True, ("t_ms",)),
         FuzzTopic(
@@ -1186,3 +1194,17 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _telemetry_batch(n: int) -> bytes:
+    """Records of an attached source (``ingest/sources``): two metrics, one missing (NaN) on some records."""
+    values = np.column_stack([np.arange(n) * 10.0, np.where(np.arange(n) % 2, np.nan, 1.5)])
+    return RecordBatch(
+        "telemetry",
+        ("rx_bytes", "cpu"),
+        60,
+        np.arange(1, n + 1, dtype=np.uint32),
+        T_FUZZ + 1000 * np.arange(n, dtype=np.int64),
+        values,
+        extra={"entities": {str(i): f"fuzz-cell-{i}" for i in range(1, n + 1)}, "source": "fuzz"},
+    ).encode()
