@@ -75,7 +75,8 @@ STOP_DEADLINE_S = 10.0  # the README's promise: a long-running command stops wit
 # --------------------------------------------------------------------------------------------- deployment
 
 
-AGENT_CRASH = re.compile(r"Agent\*: (?P<agent>.+?)\]: Crashed reason=(?P<reason>.*)$")
+# a Faust agent ("[^----Agent*: name]") or the app itself ("[^-App]", a timer) crashed
+AGENT_CRASH = re.compile(r"\[\^-*(?:Agent\*: )?(?P<agent>.+?)\]: Crashed reason=(?P<reason>.*)$")
 
 
 class Deployment:
