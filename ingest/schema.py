@@ -224,6 +224,12 @@ def _validate_sensor(batch: RecordBatch) -> str | None:
         return f"source id(s) {missing[:5]} missing from extra.sources"
     if not np.isfinite(batch.values).all():
         return "non-finite value"
+    counts = batch.extra.get("counts", {})
+    if not isinstance(counts, dict) or not all(
+        isinstance(v, list) and len(v) == 2 and all(_is_int(x) and 0 <= x < _INT_LIMIT for x in v)
+        for v in counts.values()
+    ):
+        return "extra.counts must map source names to [points, flagged] pairs of counts"
     if batch.kind == "screened":
         if batch.columns != SCREENED_COLUMNS:
             return f"screened batch columns must be {list(SCREENED_COLUMNS)}"

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 from kafka import TopicPartition
 
+from ingest.deadletter import DeadLetter
 from ingest.kafka import make_consumer
 from ingest.readers.ftm import SiteGeometry, site_from_message
 from ingest.schema import MalformedMessage
@@ -43,7 +44,8 @@ class TopicFollower(threading.Thread):
         self.settings = settings
         self.topic = topic
         self.without_it = without_it  # what goes missing while the follower is down
-        self.inbox: queue.SimpleQueue[tuple[bytes | None, bytes | None]] = queue.SimpleQueue()
+        # (key, value, position "topic[partition]@offset") of every message received
+        self.inbox: queue.SimpleQueue[tuple[bytes | None, bytes | None, str]] = queue.SimpleQueue()
         self.caught_up = threading.Event()
         self.stopping = threading.Event()
         self.counters = {"messages": 0, "errors": 0, "unreadable": 0}
@@ -78,7 +80,7 @@ class TopicFollower(threading.Thread):
                 got = 0
                 for records in consumer.poll(timeout_ms=200, max_records=10_000).values():
                     for m in records:
-                        self.inbox.put((m.key, m.value))
+                        self.inbox.put((m.key, m.value, f"{m.topic}[{m.partition}]@{m.offset}"))
                     got += len(records)
                 self.counters["messages"] += got
                 if not self.caught_up.is_set() and all(consumer.position(tp) >= end[tp] for tp in tps):
@@ -89,8 +91,8 @@ class TopicFollower(threading.Thread):
         finally:
             consumer.close()
 
-    def pending(self) -> Iterator[tuple[bytes | None, bytes | None]]:
-        """The (key, value) messages received since the last call."""
+    def pending(self) -> Iterator[tuple[bytes | None, bytes | None, str]]:
+        """The (key, value, position) of the messages received since the last call."""
         while True:
             try:
                 yield self.inbox.get_nowait()
@@ -105,7 +107,7 @@ class TwinFollower(TopicFollower):
         super().__init__(settings, Topics.from_settings(settings).twin_models, "BS agents get no new twins")
 
     def drain_into(self, twins: TwinVersions) -> None:
-        for _, value in self.pending():
+        for _, value, _where in self.pending():
             if value is None:
                 continue
             try:
@@ -123,18 +125,24 @@ class SiteFollower(TopicFollower):
             settings, Topics.from_settings(settings).sites_ftm, "live windows get no new AP positions"
         )
 
-    def drain_into(self, sites: dict[str, SiteGeometry]) -> None:
-        for key, value in self.pending():
+    def drain_into(self, sites: dict[str, SiteGeometry]) -> list[DeadLetter]:
+        """Apply the sites received since the last call; returns a dead letter for each unusable one (the
+        worker is the only reader of ``sites.ftm``, so nobody else would report it)."""
+        letters = []
+        for key, value, where in self.pending():
             if value is None:  # a tombstone: the scene's site is withdrawn
                 sites.pop((key or b"").decode(errors="replace"), None)
                 continue
             try:
                 geo = site_from_message(json.loads(value))
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            except Exception as exc:  # any defect (deep nesting: RecursionError) costs that message only
                 self.counters["unreadable"] += 1
-                log.warning("ignoring an unreadable site on sites.ftm: %r", exc)
+                letters.append(
+                    DeadLetter(f"unreadable site: {exc!r}"[:300], self.topic, where, value, "worker")
+                )
                 continue
             sites[geo.scene] = geo
+        return letters
 
 
 def read_partition(

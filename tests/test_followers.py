@@ -51,3 +51,20 @@ def test_a_follower_that_cannot_reach_kafka_retries_and_counts(services: Nettwin
         follower.stopping.set()
         follower.join(15)
     assert not follower.is_alive()
+
+
+def test_an_unusable_site_is_a_dead_letter_not_a_crash() -> None:
+    from stream_processors.followers import SiteFollower
+
+    follower = SiteFollower(load_settings())  # not started: messages are put in its inbox by hand
+    deep = ("[" * 100_000 + "]" * 100_000).encode()  # json.loads raises RecursionError
+    follower.inbox.put((b"Lab", deep, "sites.ftm[0]@7"))
+    follower.inbox.put((b"Lab", b'{"scene": 5}', "sites.ftm[0]@8"))
+    sites: dict = {}
+    letters = follower.drain_into(sites)
+    assert [(d.position, d.source) for d in letters] == [
+        ("sites.ftm[0]@7", follower.topic),
+        ("sites.ftm[0]@8", follower.topic),
+    ]
+    assert letters[0].original == deep and "RecursionError" in letters[0].reason
+    assert sites == {} and follower.counters["unreadable"] == 2

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from ingest.schema import ACTIVITY_COLUMNS, MAGIC, MalformedMessage, RecordBatch, decode, validate
+from ingest.schema import (
+    ACTIVITY_COLUMNS,
+    MAGIC,
+    SCREENED_COLUMNS,
+    MalformedMessage,
+    RecordBatch,
+    decode,
+    validate,
+)
 
 STEP_MS = 600_000
 T0 = 1_383_260_400_000  # 2013-11-01 00:00 Milan time, a 10-minute (and hourly) boundary
@@ -336,3 +344,18 @@ def test_one_bad_record_rejects_the_whole_batch() -> None:
     bad = RecordBatch(batch.kind, batch.columns, batch.step_s, batch.squares, batch.starts_ms, values)
     assert validate(bad) == "negative value"
     _reject(bad.encode(), "negative value")
+
+
+@pytest.mark.parametrize("counts", [5, {"a": 3}, {"a": [1]}, {"a": [1, "x"]}, {"a": [-1, 0]}])
+def test_screened_counts_must_be_pairs_of_counts(counts: object) -> None:
+    batch = RecordBatch(
+        "screened",
+        SCREENED_COLUMNS,
+        1,
+        np.array([1], np.uint32),
+        np.array([1_383_264_000_000], np.int64),
+        np.array([[1.0, 0.5, 0.0]]),
+        extra={"sources": {"1": "a"}, "counts": counts},
+    )
+    with pytest.raises(MalformedMessage, match=r"extra\.counts"):
+        decode(batch.encode())

@@ -227,3 +227,12 @@ def test_unusable_screen_memory_means_warming_up_again(tmp_path: Path) -> None:
         tensors=np.zeros((0, 8), np.float32),
     )
     assert load_screen(path, TemporalScreen, 8) is None
+
+
+def test_parameters_beyond_any_model_are_refused_before_use() -> None:
+    # a bit flip gave one weight 1e38: finite, but its square overflows the divergence and every row after it
+    u = update()
+    u.params = np.array([0.5, -1.0, 1e38], np.float32)
+    assert "within" in (update_problem(u) or "")
+    u.params = np.array([0.5, -1.0, 3.0], np.float32)
+    assert update_problem(u) is None

@@ -44,7 +44,8 @@ def register(ctx: WorkerContext) -> Any:
         async for event in stream.noack().events():
             msg = event.message
             ctx.start_thread(follower)  # with the first record: no multimodal input, no follower
-            follower.drain_into(sites)
+            for letter in follower.drain_into(sites):
+                await ctx.dead_letter(letter)
             windower = states.get(GROUP, msg.partition)
             if windower is None:
                 # imported with the first record: a worker without multimodal input does not load it
@@ -70,7 +71,8 @@ def register(ctx: WorkerContext) -> Any:
     async def multimodal_idle() -> None:
         if not len(states):
             return  # nothing to release: costs nothing while there is no multimodal input
-        follower.drain_into(sites)
+        for letter in follower.drain_into(sites):
+            await ctx.dead_letter(letter)
         now = time.monotonic()
         for (_, partition), windower in states.items():
             await send_windows(windower.flush(now), partition)

@@ -236,9 +236,18 @@ def update_problem(update: TwinMessage) -> str | None:
     problem = profile_problem(meta.get("profile"))
     if problem is not None:
         return f"BS {update.twin_id}: {problem}"
-    if not np.isfinite(update.params).all():
-        return f"BS {update.twin_id}: parameters must be finite"
+    if not _params_in_range(update.params):
+        return f"BS {update.twin_id}: parameters must be finite and within +-{MAX_PARAM:g}"
     return None
+
+
+# A twin's weights are O(1) to O(10); beyond this bound a parameter is a corrupted message, not a model, and
+# its squares would overflow float32 in the divergence eps (then every row it touches is unwritable).
+MAX_PARAM = 1e4
+
+
+def _params_in_range(params: np.ndarray) -> bool:
+    return bool(np.isfinite(params).all() and (params.size == 0 or np.abs(params).max() <= MAX_PARAM))
 
 
 def profile_problem(profile: object) -> str | None:
@@ -256,8 +265,8 @@ def snapshot_problem(msg: TwinMessage) -> str | None:
     meta = msg.meta
     if msg.level != "global" and not (msg.twin_id.isascii() and msg.twin_id.isdecimal()):
         return f"{msg.level} twin id {msg.twin_id!r} is not a number"
-    if not np.isfinite(msg.params).all():
-        return f"{msg.level} twin {msg.twin_id}: parameters must be finite"
+    if not _params_in_range(msg.params):
+        return f"{msg.level} twin {msg.twin_id}: parameters must be finite and within +-{MAX_PARAM:g}"
     if msg.level == "global":
         if meta.get("clusters") is not None and not is_int(meta["clusters"], 1):
             return f"global twin: clusters must be an integer >= 1, got {meta['clusters']!r}"

@@ -142,13 +142,19 @@ class TwinStore:
                 except MalformedMessage as exc:
                     self._deadletter(m, str(exc))
                     continue
-                if batch.kind == "screened":
-                    points = sensor_points(batch, tp.partition)
-                elif batch.kind == "telemetry":
-                    lines = telemetry_lines(batch)
-                    points = Points(lines=lines, precision="ms", records=len(lines), partition=tp.partition)
-                else:
-                    points = batch_points(batch, tp.partition, self.twins, now_ms)
+                try:
+                    if batch.kind == "screened":
+                        points = sensor_points(batch, tp.partition)
+                    elif batch.kind == "telemetry":
+                        lines = telemetry_lines(batch)
+                        points = Points(
+                            lines=lines, precision="ms", records=len(lines), partition=tp.partition
+                        )
+                    else:
+                        points = batch_points(batch, tp.partition, self.twins, now_ms)
+                except Exception as exc:  # a defect the decoder let through costs this message only
+                    self._deadletter(m, f"cannot be written: {exc!r}"[:300])
+                    continue
                 items.append((m, points))
                 lines = pending[points.precision]
                 lines += points.lines
