@@ -428,8 +428,9 @@ class Outcome:
 def read_latest_twins(
     settings: NettwinSettings, deadletters: DeadLetterSink | None = None, stall_s: float = 30.0
 ) -> dict[bytes, TwinMessage]:
-    """The latest valid message per key on twin.models (the compacted snapshot), read to the end offsets
-    the topic had when reading began (never "until quiet": a slow broker must not yield half a snapshot).
+    """The latest valid message per key on twin.models (the compacted snapshot), read at least to the end
+    offsets the topic had when reading began (never just "until quiet": a slow broker must not yield half a
+    snapshot), then to the end of what the broker already returned.
 
     A message that does not decode or cannot be rebuilt from is dead-lettered (when ``deadletters`` is
     given) and leaves that key at its previous valid message; a tombstone (null value) deletes the key.
@@ -461,6 +462,16 @@ def read_latest_twins(
                     f"(messages left per partition: {behind}); is the broker healthy?"
                 )
             remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
+        # then what the last fetch already holds: some brokers (Tansu) answer "end offset" with the last
+        # batch's base offset + 1, which leaves the rest of that batch unread; on Kafka this finds nothing
+        deadline = time.monotonic() + stall_s
+        while time.monotonic() < deadline:
+            polled = consumer.poll(timeout_ms=200)
+            if not polled:
+                break
+            for messages in polled.values():
+                for m in messages:
+                    _read_snapshot_message(m, latest, deadletters)
     finally:
         consumer.close()
     if deadletters is not None:
