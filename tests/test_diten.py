@@ -104,6 +104,7 @@ def _tiny(users: int = 3, servers: int = 2, seed: int = 4) -> tuple[Servers, Slo
     return env.servers, env.ctx
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_gamma_solver_matches_brute_force_grid(seed: int) -> None:
     servers, ctx = _tiny(seed=seed)

@@ -45,6 +45,7 @@ def subset(dest: Path, corrupt_test: bool) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_reports_every_method_and_writes_test_predictions(tmp_path: Path) -> None:
     report, rows = run(subset(tmp_path, False), SMALL)
     methods = {"vhtwin", "vhtwin_cluster", "fedavg", "central", "ridge", "persistence", "seasonal"}
@@ -65,6 +66,7 @@ def test_reports_every_method_and_writes_test_predictions(tmp_path: Path) -> Non
     assert report["methods"]["vhtwin"]["psi"] in [r["psi"] for r in sweep]
 
 
+@pytest.mark.slow
 def test_test_hours_cannot_leak_into_training_or_model_choice(tmp_path: Path) -> None:
     clean, _ = run(subset(tmp_path, False), SMALL)
     corrupt, _ = run(subset(tmp_path, True), SMALL)
