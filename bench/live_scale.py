@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.live_vhtwin import LiveConfig, vtwin_job
+from bench.live_vhtwin import LiveConfig, table_rows, vtwin_job
 from ingest.kafka import make_producer
-from ingest.readers.milan import HOUR_MS, HOURLY_START_MS, TrafficTable, read_hourly
+from ingest.readers.milan import HOUR_MS, HOURLY_START_MS, read_hourly
 from ingest.settings import NettwinSettings, load_settings
 from producers.replay import Replayer
 from producers.synthetic import synthetic_hourly
@@ -51,17 +51,6 @@ from twin_store.services.store import wait_for_run
 from twin_store.services.vtwin import run_vtwin
 
 MILAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan"
-
-
-def _slice(table: TrafficTable, a: int, b: int) -> TrafficTable:
-    return dataclasses.replace(
-        table,
-        squares=table.squares[a:b],
-        starts_ms=table.starts_ms[a:b],
-        values=table.values[a:b],
-        lines=0,
-        bad=[],
-    )
 
 
 def _rss_mb(pid: int) -> float:
@@ -173,7 +162,7 @@ def main() -> None:
             cut = int(np.searchsorted(table.starts_ms, HOURLY_START_MS + vt["train_hours"] * HOUR_MS))
             producer = make_producer(settings)
             history = Replayer.for_settings(settings, producer, None)
-            history.publish_table(_slice(table, 0, cut))
+            history.publish_table(table_rows(table, 0, cut))
             with InfluxClient(settings.influx) as influx:
                 wait_for_run(influx, history.finish().run, settings.kafka.partitions, args.timeout_s)
             first_ms = HOURLY_START_MS + vt["train_hours"] * HOUR_MS
@@ -192,7 +181,7 @@ def main() -> None:
             for h in range(args.live_hours):
                 hour_ms = first_ms + h * HOUR_MS
                 a, b = np.searchsorted(table.starts_ms, [hour_ms, hour_ms + HOUR_MS])
-                stream.publish_table(_slice(table, int(a), int(b)))
+                stream.publish_table(table_rows(table, int(a), int(b)))
                 producer.flush()
                 closed[hour_ms] = time.monotonic()
                 time.sleep(max(0.0, live_t0 + (h + 1) * args.hour_s - time.monotonic()))

@@ -55,7 +55,8 @@ def subset_file(data: Path, squares: int, seed: int, dest: Path) -> tuple[Path, 
     return dest, series, picked
 
 
-def _slice(table: TrafficTable, a: int, b: int) -> TrafficTable:
+def table_rows(table: TrafficTable, a: int, b: int) -> TrafficTable:
+    """Rows ``[a, b)`` of a (time-sorted) table, as a table of their own to replay."""
     return dataclasses.replace(
         table,
         squares=table.squares[a:b],
@@ -89,12 +90,12 @@ def replay_split(
     producer = make_producer(settings)
     try:
         history = Replayer.for_settings(settings, producer, None)
-        history.publish_table(_slice(table, 0, cut))
+        history.publish_table(table_rows(table, 0, cut))
         runs.append(history.finish().run)
         with InfluxClient(settings.influx) as influx:
             wait_for_run(influx, runs[0], settings.kafka.partitions, timeout_s)
         stream = Replayer.for_settings(settings, producer, speed)
-        stream.publish_table(_slice(table, cut, end))
+        stream.publish_table(table_rows(table, cut, end))
         runs.append(stream.finish().run)
     finally:
         producer.close()
