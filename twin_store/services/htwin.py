@@ -462,11 +462,10 @@ def read_latest_twins(
                     f"(messages left per partition: {behind}); is the broker healthy?"
                 )
             remaining = {tp for tp in remaining if consumer.position(tp) < end[tp]}
-        # then what the last fetch already holds: some brokers (Tansu) answer "end offset" with the last
-        # batch's base offset + 1, which leaves the rest of that batch unread; on Kafka this finds nothing
-        deadline = time.monotonic() + stall_s
-        while time.monotonic() < deadline:
-            polled = consumer.poll(timeout_ms=200)
+        # then what the last fetch already holds (no wait): some brokers (Tansu) answer "end offset" with the
+        # last batch's base offset + 1, which leaves the rest of that batch unread; on Kafka this finds nothing
+        while any(end[tp] > 0 for tp in tps):
+            polled = consumer.poll(timeout_ms=0)
             if not polled:
                 break
             for messages in polled.values():
