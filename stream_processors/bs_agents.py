@@ -9,6 +9,10 @@
   all due BSs of the batch in one stacked pass. The update carries seq = the hour, so a re-run of the
   same hour (agent restart) is recognised by the store as a replay.
 
+``on_hour`` is ``observe`` (screening, histories, outcomes, forecasts: what a forecast waits for) then
+``train`` (the local updates ``observe`` found due): the worker sends the forecasts in between, so an
+hour's forecasts are not held back by its training.
+
 Twins come from ``twin.models`` through ``on_twin``. ``TwinVersions`` keeps a few versions per twin with
 the hour they reflect (``as_of``), so an agent acts on twins up to the previous hour whatever the arrival
 order (the protocol in ``twin_store/federation/local_updates.py``). The plan, scaling statistics and model size come
@@ -33,7 +37,7 @@ if TYPE_CHECKING:  # torch, the models and the screen are imported once there is
     from twin_store.federation.keys import KeyRegistry
     from twin_store.federation.local_updates import StreamPlan
     from twin_store.models.forecaster import TwinModel
-    from twin_store.models.telemetry_screen import SourceScreen
+    from twin_store.models.telemetry_screen import ScreenBank
 
 KEEP_VERSIONS = 16  # per twin; acting needs only the newest ones up to the previous hour
 
@@ -88,12 +92,22 @@ class SquareHistory:
         self.flagged[hour] = flagged
 
 
+@dataclass(frozen=True)
+class DueHour:
+    """The local updates due at one hour: the squares and the cluster each trains from."""
+
+    hour: int
+    squares: list[int]
+    clusters: dict[int, int]
+
+
 @dataclass
 class AgentOutput:
     forecasts: list[RecordBatch] = field(default_factory=list)  # per hour: the next hour, predicted
     outcomes: list[RecordBatch] = field(default_factory=list)  # per hour: predicted, actual, abs_error
     updates: list[TwinMessage] = field(default_factory=list)
     skipped: int = 0  # records without scaling statistics (a BS the twins do not know)
+    due: list[DueHour] = field(default_factory=list)  # observed, not yet trained (``BsAgents.train``)
 
 
 FORECAST_COLUMNS = ("predicted", "cluster")
@@ -133,7 +147,8 @@ class BsAgents:
     ) -> None:
         self.keys = keys  # signs every local update when the deployment authenticates them
         # per-square online screen of the hourly (z-scored) traffic: flagged hours never reach training
-        self.screens: dict[int, SourceScreen] | None = {} if screen_traffic else None
+        self.screen_traffic = screen_traffic
+        self._screens: ScreenBank | None = None
         self.twins = twins if twins is not None else TwinVersions()
         self.history: dict[int, SquareHistory] = {}
         self.issued: dict[tuple[int, int], tuple[float, int]] = {}  # (square, hour) -> (predicted, cluster)
@@ -199,7 +214,16 @@ class BsAgents:
 
     # ---- hours
     def on_hour(self, batch: RecordBatch) -> AgentOutput:
-        """One closed hourly feature batch (any squares, normally one hour of one partition)."""
+        """One closed hourly feature batch (any squares, normally one hour of one partition): ``observe``
+        then ``train``."""
+        out = self.observe(batch)
+        self.train(out)
+        return out
+
+    def observe(self, batch: RecordBatch) -> AgentOutput:
+        """Screening, histories, outcomes and the next hour's forecasts of a batch: the part a forecast
+        waits for. The local updates due are left in ``out.due`` for ``train``, so the adapter can send the
+        forecasts before the (much longer) training."""
         out = AgentOutput()
         if not self.ready:  # hours before the first global twin wait for it (they carry its plan)
             self.backlog.append(batch)
@@ -222,6 +246,20 @@ class BsAgents:
         hours = (batch.starts_ms - plan.start_ms) // HOUR_MS
         return list(zip(batch.squares.tolist(), hours.tolist(), batch.values[:, j].tolist(), strict=True))
 
+    def _screen(self, known: list[tuple[int, float]], scaler: dict[str, list[float]]) -> list[bool]:
+        """The telemetry screen's verdicts on this hour's values, all squares in one vectorised pass."""
+        if not self.screen_traffic:
+            return [False] * len(known)
+        from twin_store.models.telemetry_screen import ScreenBank
+
+        if self._screens is None:
+            self._screens = ScreenBank("robust")
+        stats = np.array([scaler[str(s)] for s, _ in known]).reshape(-1, 2)
+        values = np.array([v for _, v in known])
+        flags = self._screens.update([s for s, _ in known], (values - stats[:, 0]) / stats[:, 1])[1]
+        self.counters["flagged_hours"] += int(flags.sum())
+        return flags.tolist()
+
     def _close_hour(
         self,
         hour: int,
@@ -233,21 +271,11 @@ class BsAgents:
     ) -> None:
         import torch
 
-        from twin_store.federation.local_updates import local_updates, profile_upto
-        from twin_store.models.telemetry_screen import SourceScreen
-
         self.counters["hours"] += 1
         known = [(s, v) for s, v in values if str(s) in scaler]
         out.skipped += len(values) - len(known)
         outcome_rows: list[tuple[int, float, float, float, float, int]] = []
-        hour_ms = plan.start_ms + hour * HOUR_MS
-        for s, v in known:
-            flagged = False
-            if self.screens is not None:
-                mean, std = scaler[str(s)]
-                screen = self.screens.setdefault(s, SourceScreen("robust"))
-                flagged = screen.update((v - mean) / std, hour_ms)[1]
-                self.counters["flagged_hours"] += int(flagged)
+        for (s, v), flagged in zip(known, self._screen(known, scaler), strict=True):
             self.history.setdefault(s, SquareHistory()).put(hour, v, flagged)
             issued = self.issued.pop((s, hour), None)
             if issued is not None:
@@ -288,29 +316,46 @@ class BsAgents:
                 out.forecasts.append(_batch(FORECAST_COLUMNS, plan, target, rows))
                 self.counters["forecasts"] += len(rows)
 
-        # local updates of the BSs due this hour, from their cluster twins as of hour - 1
+        # local updates of the BSs due this hour, from their cluster twins as of hour - 1 (``train``)
         due = [s for s, _ in known if plan.due(s, hour) and s in clusters]
         fresh = [s for s in due if self.accepted_seq.get(s, -1) < hour]
         self.counters["skipped_updates"] += len(due) - len(fresh)
-        if not fresh:
-            return
-        starts, bases = [], []
-        for s in list(fresh):
+        if fresh:
+            out.due.append(DueHour(hour, fresh, {s: clusters[s] for s in fresh}))
+
+    def train(self, out: AgentOutput) -> list[TwinMessage]:
+        """The local updates ``observe`` left due, hour by hour, into ``out.updates`` (returned). Training
+        reads only the history up to its hour and the twins as of the hour before, so hours observed since
+        do not change it."""
+        for due in out.due:
+            self._train_hour(due, out)
+        out.due.clear()
+        return out.updates
+
+    def _train_hour(self, due: DueHour, out: AgentOutput) -> None:
+        import torch
+
+        from twin_store.federation.local_updates import local_updates, profile_upto
+
+        plan, scaler, model = self.plan(), self.scaler(), self.model()
+        hour, clusters = due.hour, due.clusters
+        fresh, starts, bases = [], [], []
+        for s in due.squares:
             twin = self.twins.at(f"cluster:{clusters[s]}".encode(), hour - 1)
-            if twin is None:
-                fresh.remove(s)
-                continue
-            starts.append(torch.as_tensor(twin.params))
-            bases.append(twin.version)
+            if twin is not None:
+                fresh.append(s)
+                starts.append(torch.as_tensor(twin.params))
+                bases.append(twin.version)
         if not fresh:
             return
         series = [self._z(s, scaler, np.arange(hour + 1), training=True) for s in fresh]
         new, loss, counts = local_updates(model, torch.stack(starts), series, fresh, hour, plan)
         hidden = model.hidden
+        updates = []
         for k, s in enumerate(fresh):
             if counts[k] == 0:
                 continue
-            out.updates.append(
+            updates.append(
                 TwinMessage(
                     "bs",
                     str(s),
@@ -329,13 +374,14 @@ class BsAgents:
                 )
             )
         if self.keys is not None:
-            for update in out.updates:
+            for update in updates:
                 if update.twin_id in self.keys.keys:
                     self.keys.sign(update)
                 else:  # sent unsigned: the store rejects it and says so in an `update` row
                     self.counters["unsigned_updates"] += 1
-        self.counters["updates"] += len(out.updates)
-        self.awaiting.update({int(u.twin_id): hour for u in out.updates})
+        self.counters["updates"] += len(updates)
+        self.awaiting.update({int(u.twin_id): hour for u in updates})
+        out.updates += updates
 
     def _z(
         self, square: int, scaler: dict[str, list[float]], hours: np.ndarray, training: bool = False

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ingest.deadletter import DeadLetter
 from ingest.schema import MalformedMessage, RecordBatch, decode
@@ -26,6 +27,7 @@ from stream_processors.followers import TwinFollower, read_partition
 from twin_store.federation.keys import KeyRegistry
 
 log = logging.getLogger("nettwin.worker")
+T = TypeVar("T")
 
 # how long a BS agent waits for the twin store to publish its previous hour's updates before acting anyway
 ACK_WAIT_S = 5.0
@@ -71,8 +73,8 @@ def register(ctx: WorkerContext) -> Any:
             skipped["rebuilt_messages"] += 1
             try:
                 batch = hourly_batch(value)
-                if batch is not None:
-                    agents.on_hour(batch)  # outputs dropped: sent before their input was committed
+                if batch is not None:  # outputs dropped (sent before their input was committed), and
+                    agents.observe(batch)  # no training: its updates were sent then too
             except MalformedMessage:
                 continue
 
@@ -105,18 +107,33 @@ def register(ctx: WorkerContext) -> Any:
             await asyncio.sleep(0.005)
             follower.drain_into(twins)
 
-    async def send(out: AgentOutput, partition: int) -> None:
+    async def send_rows(out: AgentOutput, partition: int) -> None:
         for rows in [*out.outcomes, *out.forecasts]:
             await forecasts.send(value=rows.encode(), partition=partition)
+
+    async def send_updates(out: AgentOutput, partition: int) -> None:
         for update in out.updates:
             await updates.send(key=update.key, value=update.encode(), partition=partition)
+
+    async def guarded(step: Callable[[Any], T], arg: Any, event: Any) -> T | None:
+        """``step(arg)`` in a thread; bad data (or a bug it reveals) costs this message only: a dead letter
+        and None. Sending is outside: a broker error is not the message's fault."""
+        try:
+            return await in_thread(step, arg)
+        except Exception as exc:
+            msg = event.message
+            where = f"{msg.topic}[{msg.partition}]@{msg.offset}"
+            if not isinstance(exc, MalformedMessage):
+                log.exception("bs-twins: cannot process %s", where)
+            letter = DeadLetter(str(exc) or repr(exc), msg.topic, where, event.value or b"", "bs-twins")
+            await ctx.dead_letter(letter)
+            return None
 
     @ctx.app.agent(source, name="bs-twins")
     async def bs_twins(stream: Any) -> None:
         ctx.start_thread(follower)
         async for event in stream.noack().events():
             msg = event.message
-            where = f"{msg.topic}[{msg.partition}]@{msg.offset}"
             agents = await agents_for(msg)
             try:
                 batch = hourly_batch(event.value)
@@ -125,18 +142,12 @@ def register(ctx: WorkerContext) -> Any:
                 skipped["unreadable"] += 1
             if batch is not None:
                 await wait_for_store(agents, batch)
-                try:
-                    # before the first global twin an hour is only kept: no thread, no torch
-                    out = await in_thread(agents.on_hour, batch) if agents.ready else agents.on_hour(batch)
-                except Exception as exc:  # bad data (or a bug it reveals) costs this message only
-                    if not isinstance(exc, MalformedMessage):
-                        log.exception("bs-twins: cannot process %s", where)
-                    letter = DeadLetter(
-                        str(exc) or repr(exc), msg.topic, where, event.value or b"", "bs-twins"
-                    )
-                    await ctx.dead_letter(letter)
-                else:
-                    await send(out, msg.partition)
+                # before the first global twin an hour is only kept: no thread, no torch
+                out = await guarded(agents.observe, batch, event) if agents.ready else agents.observe(batch)
+                if out is not None:
+                    await send_rows(out, msg.partition)  # forecasts first: they do not wait for training
+                    if out.due and await guarded(agents.train, out, event) is not None:
+                        await send_updates(out, msg.partition)
             states.advance(msg.topic, msg.partition, msg.offset)
             await stream.ack(event)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,11 @@ class ClusterTwins:
     # (members' updates [k, P], their sample counts [k], the cluster twin now) -> the new cluster twin;
     # None: FedAvg. A robust aggregator of twin_store/federation/screening plugs in here.
     aggregator: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # cid -> (members with an update, their entries of ``latest``, stacked params, weights): an accept in a
+    # cluster of k members rewrites one row instead of stacking k vectors again (same rows, same floats)
+    _stacks: dict[int, tuple[list[int], list[Any], torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def members(self, cid: int) -> list[int]:
         return sorted(s for s, c in self.labels.items() if c == cid)
@@ -72,13 +78,34 @@ class ClusterTwins:
         have = [s for s in self.members(cid) if s in self.latest]
         if not have:
             return
-        stack = torch.stack([self.latest[s][0] for s in have])
-        weights = torch.tensor([self.latest[s][1] for s in have], dtype=torch.float32)
+        stack, weights = self._stack(cid, have)
         if self.aggregator is None or cid not in self.twins:
             self.twins[cid] = fedavg(stack, weights)
         else:
             self.twins[cid] = self.aggregator(stack, weights, self.twins[cid])
         self.versions[cid] = self.versions.get(cid, 0) + 1
+
+    def _stack(self, cid: int, have: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The members' latest params ``[k, P]`` and sample counts ``[k]``, rows in ``have``'s order."""
+        entries = [self.latest[s] for s in have]
+        cached = self._stacks.get(cid)
+        first = entries[0][0]
+        if (
+            cached is None
+            or cached[0] != have
+            or cached[2].shape[1:] != first.shape
+            or cached[2].dtype != first.dtype
+        ):
+            stack = torch.stack([params for params, _ in entries])
+            weights = torch.tensor([n for _, n in entries], dtype=torch.float32)
+        else:
+            _, before, stack, weights = cached
+            for row, (entry, old) in enumerate(zip(entries, before, strict=True)):
+                if entry is not old:  # ``latest`` holds a new (params, samples) for this member
+                    stack[row] = entry[0]
+                    weights[row] = float(entry[1])
+        self._stacks[cid] = (have, entries, stack, weights)
+        return stack, weights
 
     def move(self, square: int, new_cid: int, fallback: torch.Tensor) -> None:
         """Move a member; a brand-new cluster starts from ``fallback`` (e.g. the global twin)."""

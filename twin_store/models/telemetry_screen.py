@@ -26,6 +26,7 @@ Everything is deterministic (HST is seeded).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -104,16 +105,26 @@ def _centre_scale(rows: np.ndarray, counts: np.ndarray, robust: bool) -> tuple[n
     Used for single windows and for thousands at once, so the streaming and the batch path compute exactly
     the same floats.
     """
-    idx = np.arange(rows.shape[0])
     k = np.maximum(counts, 1)
     if robust:
-        s = np.sort(rows, axis=1)  # NaN sorts last
-        centre = 0.5 * (s[idx, (k - 1) // 2] + s[idx, k // 2])
-        dev = np.abs(rows - centre[:, None])
-        d = np.sort(dev, axis=1)
-        scale = MAD_TO_SIGMA * 0.5 * (d[idx, (k - 1) // 2] + d[idx, k // 2])
-        mean_ad = np.nansum(dev, axis=1) / k
-        scale = np.where(scale > 0, scale, MEAN_AD_TO_SIGMA * mean_ad)
+        # order statistics by partition (O(w) per row instead of a sort), one pass per distinct count:
+        # after the warm-up nearly every window is full, so this is one or two numpy calls per batch
+        centre = np.empty(rows.shape[0])
+        mad2 = np.empty(rows.shape[0])  # twice the MAD (the two middle deviations, summed)
+        for kk in np.unique(k).tolist():
+            sel = np.flatnonzero(k == kk)
+            block = rows[sel, :kk]
+            lo, hi = (kk - 1) // 2, kk // 2
+            s = np.partition(block, (lo, hi), axis=1)
+            c = 0.5 * (s[:, lo] + s[:, hi])
+            d = np.partition(np.abs(block - c[:, None]), (lo, hi), axis=1)
+            centre[sel] = c
+            mad2[sel] = d[:, lo] + d[:, hi]
+        scale = MAD_TO_SIGMA * 0.5 * mad2
+        flat = ~(scale > 0)
+        if flat.any():  # quantised or flat windows: the mean absolute deviation instead
+            mean_ad = np.nansum(np.abs(rows[flat] - centre[flat, None]), axis=1) / k[flat]
+            scale[flat] = MEAN_AD_TO_SIGMA * mean_ad
     else:
         centre = np.nansum(rows, axis=1) / k
         scale = np.sqrt(np.nansum((rows - centre[:, None]) ** 2, axis=1) / k)
@@ -347,6 +358,103 @@ class SourceScreen:
         self.flagged += int(flags.sum())
         if values.shape[0]:
             self.last_ms = int(times_ms[-1])
+        return scores, flags
+
+
+class ScreenBank:
+    """The window screens (``robust`` or ``zscore``) of many sources, updated together, one point per source
+    per call: ``update(keys, values) -> (scores, flags)``.
+
+    Scores and flags equal those of one ``SourceScreen`` per source fed the same points in the same order
+    (a property test holds them equal). The BS agents screen every square each hour: here the windows of all
+    of them are scored in one vectorised pass instead of several numpy calls per point. Only ADWIN and the
+    rarity gate (cheap, sequential by nature) remain a per-source step.
+    """
+
+    def __init__(self, method: str = "robust", **params: Any) -> None:
+        p = make_params(method, **params)
+        if not isinstance(p, RobustParams | ZScoreParams):
+            raise ValueError(f"ScreenBank screens with a window method (robust, zscore), not {method!r}")
+        self.params: RobustParams | ZScoreParams = p
+        self.robust = isinstance(p, RobustParams)
+        self.index: dict[Hashable, int] = {}
+        self.buf = np.full((0, p.window), np.nan)  # row = a source's window, oldest first, NaN after
+        self.count = np.zeros(0, np.int64)
+        self.adwins: list[drift.ADWIN] = []
+        self.gates: list[_RarityGate] = []
+        self.points = 0
+        self.flagged = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _rows(self, keys: Sequence[Hashable]) -> np.ndarray:
+        for key in keys:
+            if key not in self.index:
+                self.index[key] = len(self.index)
+                if isinstance(self.params, RobustParams):
+                    self.gates.append(_RarityGate(self.params))
+                    if self.params.rebaseline:
+                        self.adwins.append(drift.ADWIN(delta=self.params.delta))
+        grow = len(self.index) - self.buf.shape[0]
+        if grow > 0:
+            size = max(grow, self.buf.shape[0])  # doubling: amortised O(1) per new source
+            self.buf = np.concatenate([self.buf, np.full((size, self.params.window), np.nan)])
+            self.count = np.concatenate([self.count, np.zeros(size, np.int64)])
+        return np.fromiter((self.index[key] for key in keys), np.int64, len(keys))
+
+    def update(self, keys: Sequence[Hashable], values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Score each value against its source's window (points before it only), then learn it. A key given
+        more than once is updated in order of appearance."""
+        x = np.asarray(values, np.float64).ravel()
+        if x.shape[0] != len(keys):
+            raise ValueError(f"ScreenBank.update: {len(keys)} keys but {x.shape[0]} values")
+        rows = self._rows(keys)
+        scores = np.zeros(x.shape[0])
+        flags = np.zeros(x.shape[0], bool)
+        # one pass per occurrence: a source's second point must see its first
+        seen: dict[int, int] = {}
+        occurrence = np.zeros(len(rows), np.int64)
+        for i, r in enumerate(rows.tolist()):
+            occurrence[i] = seen[r] = seen.get(r, -1) + 1
+        for n in range(int(occurrence.max()) + 1 if len(rows) else 0):
+            at = np.flatnonzero(occurrence == n)
+            scores[at], flags[at] = self._update_distinct(rows[at], x[at])
+        self.points += x.shape[0]
+        self.flagged += int(flags.sum())
+        return scores, flags
+
+    def _update_distinct(self, rows: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p = self.params
+        k = self.count[rows]
+        scores = np.zeros(x.shape[0])
+        flags = np.zeros(x.shape[0], bool)
+        scored = np.flatnonzero(k >= p.min_samples)
+        if scored.shape[0]:
+            centre, scale = _centre_scale(self.buf[rows[scored]], k[scored], self.robust)
+            scores[scored] = np.abs(x[scored] - centre) / scale
+            flags[scored] = scores[scored] > p.threshold
+            if self.gates:
+                for i in scored.tolist():
+                    flags[i] = self.gates[rows[i]](float(scores[i]), bool(flags[i]))
+        full = k >= p.window
+        if full.any():  # the oldest point leaves the window
+            r = rows[full]
+            self.buf[r, :-1] = self.buf[r, 1:]
+            self.buf[r, -1] = x[full]
+        self.buf[rows[~full], k[~full]] = x[~full]
+        self.count[rows] = np.minimum(k + 1, p.window)
+        if self.adwins and isinstance(p, RobustParams):
+            for r, value in zip(rows.tolist(), x.tolist(), strict=True):
+                adwin = self.adwins[r]
+                adwin.update(value)
+                if adwin.drift_detected:  # re-baseline on what ADWIN kept, as _WindowZ does
+                    keep = max(int(adwin.width), p.min_samples)
+                    c = int(self.count[r])
+                    if c > keep:
+                        self.buf[r, :keep] = self.buf[r, c - keep : c].copy()
+                        self.buf[r, keep:] = np.nan
+                        self.count[r] = keep
         return scores, flags
 
 

@@ -654,7 +654,7 @@ def save_screen(path: Path, defense: Defense) -> None:
     """The screen's memory as an .npz of plain arrays (no pickled objects): the JSON document as bytes and
     the per-square tensors as one float32 matrix. Written atomically: a crash leaves the previous one."""
     doc, tensors = defense.state()
-    squares = sorted(tensors)
+    squares = list(tensors)  # in the defense's order (the temporal screen's is recency)
     width = max((tensors[s].numel() for s in squares), default=0)
     matrix = np.zeros((len(squares), width), np.float32)
     for i, s in enumerate(squares):

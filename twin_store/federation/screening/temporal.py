@@ -2,7 +2,7 @@
 
 Each arriving update is described by its change of the cluster twin, ``delta = params - reference``, and
 compared with the deltas of recently accepted updates (the same cluster's members when there are enough,
-else the whole network's last ``pool`` accepted ones), in ratios to what is typical among those peers:
+at most the ``max_peers`` that updated last; else the whole network's last ``pool`` accepted ones), in ratios to what is typical among those peers:
 
 - ``norm``: ``|delta|`` over the peers' median ``|delta_i|`` (boosted, scaled or random updates);
 - ``distance``: the distance of ``delta`` from the peers' coordinate-wise median delta, over the peers'
@@ -94,11 +94,16 @@ class TemporalScreen(Defense):
         min_peers: int = 4,
         warmup: int = 8,
         max_samples: int | None = None,
+        max_peers: int = 128,
     ) -> None:
         self.hard, self.soft, self.calm = hard, soft, calm
         self.min_peers, self.warmup = min_peers, warmup
         self.max_samples = max_samples  # an update claiming more samples than a BS can have is forged
-        self.deltas: dict[int, torch.Tensor] = {}  # square -> delta of its latest accepted update
+        # the reference is at most the max_peers members that updated last: a median over more moves
+        # little, and costs O(peers x params) on every update of a large cluster
+        self.max_peers = max_peers
+        # square -> delta of its latest accepted update, oldest first (insertion order = recency)
+        self.deltas: dict[int, torch.Tensor] = {}
         self.recent: deque[int] = deque(maxlen=pool)  # squares of the latest accepted updates
         self.level: dict[int, EwMean] = {}
         self.rise: dict[int, RiseDetector] = {}
@@ -108,7 +113,8 @@ class TemporalScreen(Defense):
 
     def features(self, update: Candidate) -> tuple[dict[str, float], torch.Tensor]:
         delta = update.params - update.reference
-        peers = [s for s in update.members if s in self.deltas and s != update.square]
+        members = set(update.members)
+        peers = [s for s in reversed(self.deltas) if s in members and s != update.square][: self.max_peers]
         if len(peers) < self.min_peers:
             peers = [
                 s for s in dict.fromkeys(reversed(self.recent)) if s != update.square and s in self.deltas
@@ -154,6 +160,7 @@ class TemporalScreen(Defense):
         if reason:
             self.deltas.pop(update.square, None)  # no longer a peer: its earlier updates are suspect too
             return Verdict(False, score, reason, norm)
+        self.deltas.pop(update.square, None)  # to the end: the most recent
         self.deltas[update.square] = delta
         self.recent.append(update.square)
         self.accepted += 1
@@ -170,6 +177,7 @@ class TemporalScreen(Defense):
                 "min_peers": self.min_peers,
                 "warmup": self.warmup,
                 "max_samples": self.max_samples,
+                "max_peers": self.max_peers,
             },
             "recent": list(self.recent),
             "level": {str(s): asdict(d) for s, d in self.level.items()},
