@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # torch, the models and the screen are imported once there is
     from twin_store.models.forecaster import TwinModel
     from twin_store.models.telemetry_screen import ScreenBank
 
-KEEP_VERSIONS = 16  # per twin; acting needs only the newest ones up to the previous hour
+KEEP_VERSIONS = 16  # hours per twin; acting needs only the newest versions up to the previous hour
 
 
 class TwinVersions:
@@ -58,7 +58,14 @@ class TwinVersions:
         kept = self.versions.setdefault(msg.key, [])
         kept.append(msg)
         kept.sort(key=lambda m: (as_of(m), m.version))
-        del kept[:-KEEP_VERSIONS]
+        # only the newest version of each hour can be acted on: a twin republished many times in one hour
+        # (a global merge per accepted update) must not push the previous hours' versions out
+        newest = [
+            m
+            for m, after in zip(kept, [*kept[1:], None], strict=True)
+            if after is None or as_of(after) != as_of(m)
+        ]
+        kept[:] = newest[-KEEP_VERSIONS:]
 
     def at(self, key: bytes, hour: int) -> TwinMessage | None:
         """The newest version reflecting updates up to ``hour``; None if every known one is newer (an

@@ -156,6 +156,18 @@ def test_twin_versions_pick_the_newest_as_of_the_hour() -> None:
     )
 
 
+def test_a_twin_republished_often_in_one_hour_keeps_the_previous_hours_version() -> None:
+    """htwin may publish the global twin once per accepted update: 40 versions as of hour 11 must not
+    evict the version as of hour 10 that an agent lagging one hour behind still needs."""
+    versions = TwinVersions()
+    p = np.zeros(3, np.float32)
+    versions.add(TwinMessage("global", "0", 1, 8, p, {"as_of": 10}))
+    for version in range(2, 42):
+        versions.add(TwinMessage("global", "0", version, 8, p, {"as_of": 11}))
+    assert versions.at(b"global:0", 10).version == 1  # type: ignore[union-attr]
+    assert versions.at(b"global:0", 11).version == 41  # type: ignore[union-attr]
+
+
 def test_screened_traffic_is_kept_and_flagged_but_left_out_of_local_training() -> None:
     agents = BsAgents(screen_traffic=True)
     for t in twins(MODEL.init(1, 0)[0]):
