@@ -26,11 +26,13 @@ class FitConfig:
 
 
 class TwinModel:
-    """LSTM(1 -> hidden) over the 10 inputs, a linear head on the last hidden state, plus a linear
-    autoregressive path on the inputs (it lowered validation MSE by ~4% for every LSTM method)."""
+    """LSTM(1 -> hidden) over the inputs (10 for Milan; ``n_inputs`` for other input plans, see
+    ``twin_store/federation/inputs.py``), a linear head on the last hidden state, plus a linear autoregressive
+    path on the inputs (it lowered validation MSE by ~4% for every LSTM method)."""
 
-    def __init__(self, hidden: int = 32) -> None:
+    def __init__(self, hidden: int = 32, n_inputs: int = N_STEPS) -> None:
         self.hidden = hidden
+        self.n_inputs = n_inputs
         h4 = 4 * hidden
         # (name, shape) of each parameter inside the flat vector, in order
         self.layout = [
@@ -39,7 +41,7 @@ class TwinModel:
             ("b", (h4,)),
             ("w_out", (hidden,)),
             ("b_out", (1,)),
-            ("w_ar", (N_STEPS,)),  # linear autoregressive path beside the LSTM (as LSTNet's AR part)
+            ("w_ar", (n_inputs,)),  # linear autoregressive path beside the LSTM (as LSTNet's AR part)
         ]
         self.n_params = sum(int(torch.tensor(shape).prod()) for _, shape in self.layout)
 
@@ -48,7 +50,7 @@ class TwinModel:
         gen = torch.Generator().manual_seed(seed)
         bound = self.hidden**-0.5
         params = (torch.rand(n, self.n_params, generator=gen) * 2 - 1) * bound
-        params[:, -N_STEPS:] = 0.0  # the AR path starts silent
+        params[:, -self.n_inputs :] = 0.0  # the AR path starts silent
         return params
 
     def unflatten(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -61,7 +63,7 @@ class TwinModel:
         return out
 
     def forward(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``params [B, P]``, ``x [B, N, 10]`` -> predictions ``[B, N]``."""
+        """``params [B, P]``, ``x [B, N, n_inputs]`` -> predictions ``[B, N]``."""
         p = self.unflatten(params)
         bsz, n, _ = x.shape
         h = x.new_zeros(bsz, n, self.hidden)

@@ -1,0 +1,229 @@
+"""Where entities are, from a sites file, and DCS for any network: positions when known, traffic profiles alone
+when not, and a cluster for entities that join later.
+
+A **sites file** is a CSV with a header: ``entity`` and either ``lat,lon`` (degrees, WGS84: great-circle
+distances) or ``x,y`` (metres on a floor plan or a local projection: straight-line distances). Optional columns
+add DCS attributes: ``n_base_stations`` (backhaul similarity), ``bs_lat,bs_lon,bs_range_m`` (coverage overlap of
+the serving BS; ``bs_x,bs_y`` with ``x,y``). Other columns are kept as text and ignored. Milan's grid plus
+OpenCellID files are one such input: :meth:`Sites.from_milan` builds exactly what ``dcs.SquareAttributes``
+holds, and :func:`affinity` then equals ``dcs.relationship_matrix`` (``tests/test_sites.py``), so Milan's
+clusters and ``bench vhtwin`` figures do not change.
+
+Pure numpy/pandas; no Kafka.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ingest.errors import InputError
+from twin_store.federation import dcs
+
+
+@dataclass(frozen=True, eq=False)
+class Sites:
+    """Per-entity positions and optional attributes, every array aligned with ``entities``.
+
+    ``geo``: True when ``a, b`` are (lat, lon) degrees, False when they are (x, y) metres. Optional arrays are
+    None when the file has no such column.
+    """
+
+    entities: tuple[str, ...]
+    a: np.ndarray  # lat (geo) or x
+    b: np.ndarray  # lon (geo) or y
+    geo: bool = True
+    n_base_stations: np.ndarray | None = None
+    bs_a: np.ndarray | None = None
+    bs_b: np.ndarray | None = None
+    bs_range_m: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.entities)
+
+    def has(self, entity: str) -> bool:
+        return entity in self._index
+
+    @property
+    def _index(self) -> dict[str, int]:
+        return {e: i for i, e in enumerate(self.entities)}
+
+    def subset(self, entities: Sequence[str]) -> Sites:
+        """These entities' rows, in this order; every one must be present."""
+        index = self._index
+        missing = [e for e in entities if e not in index]
+        if missing:
+            raise InputError(f"sites: no position for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        rows = [index[e] for e in entities]
+
+        def pick(arr: np.ndarray | None) -> np.ndarray | None:
+            return None if arr is None else arr[rows]
+
+        return Sites(
+            tuple(entities),
+            self.a[rows],
+            self.b[rows],
+            self.geo,
+            pick(self.n_base_stations),
+            pick(self.bs_a),
+            pick(self.bs_b),
+            pick(self.bs_range_m),
+        )
+
+    def distances_m(self, other: Sites | None = None) -> np.ndarray:
+        """Pairwise distances in metres ``[len(self), len(other)]``: great-circle for lat/lon, else Euclidean."""
+        o = other or self
+        if self.geo != o.geo:
+            raise ValueError("cannot measure between lat/lon and x/y sites")
+        if self.geo:
+            return dcs._haversine_m(self.b[:, None], self.a[:, None], o.b[None, :], o.a[None, :])
+        return np.asarray(np.hypot(self.a[:, None] - o.a[None, :], self.b[:, None] - o.b[None, :]))
+
+    @classmethod
+    def from_milan(cls, milan_dir: Path, squares: Sequence[int]) -> Sites:
+        """Milan's grid centroids and OpenCellID serving BSs (``dcs.SquareAttributes``); entity = square number."""
+        return cls.from_square_attributes(dcs.SquareAttributes.load(milan_dir, squares))
+
+    @classmethod
+    def from_square_attributes(cls, attrs: dcs.SquareAttributes) -> Sites:
+        return cls(
+            tuple(str(s) for s in attrs.squares.tolist()),
+            np.array(attrs.lat),
+            np.array(attrs.lon),
+            True,
+            np.array(attrs.n_base_stations),
+            np.array(attrs.bs_lat),
+            np.array(attrs.bs_lon),
+            np.array(attrs.bs_range_m),
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        """The sites-file form (what :func:`load_sites` reads back)."""
+        a, b = ("lat", "lon") if self.geo else ("x", "y")
+        cols: dict[str, object] = {"entity": list(self.entities), a: self.a, b: self.b}
+        if self.n_base_stations is not None:
+            cols["n_base_stations"] = self.n_base_stations
+        if self.bs_a is not None and self.bs_b is not None and self.bs_range_m is not None:
+            cols[f"bs_{a}"], cols[f"bs_{b}"], cols["bs_range_m"] = self.bs_a, self.bs_b, self.bs_range_m
+        return pd.DataFrame(cols)
+
+
+def load_sites(path: Path) -> Sites:
+    """Read a sites file (see the module docstring); one-line ``InputError`` on anything unusable."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype={"entity": str}, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read as a sites CSV: {exc}") from exc
+    if "entity" not in frame.columns:
+        raise InputError(f"{path}: no 'entity' column; found {list(frame.columns)}")
+    if {"lat", "lon"} <= set(frame.columns):
+        a_col, b_col, geo = "lat", "lon", True
+    elif {"x", "y"} <= set(frame.columns):
+        a_col, b_col, geo = "x", "y", False
+    else:
+        raise InputError(
+            f"{path}: needs columns lat,lon (degrees) or x,y (metres); found {list(frame.columns)}"
+        )
+    entities = [str(e).strip() for e in frame["entity"].tolist()]
+    if any(not e for e in entities):
+        raise InputError(f"{path}:{entities.index('') + 2}: empty entity")
+    dup = pd.Series(entities)[pd.Series(entities).duplicated()].tolist()
+    if dup:
+        raise InputError(f"{path}: entity {dup[0]!r} is listed twice")
+
+    def numbers(col: str) -> np.ndarray:
+        values = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=float)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise InputError(f"{path}:{int(bad[0]) + 2}: {col}={frame[col].iloc[bad[0]]!r} is not a number")
+        return values
+
+    a, b = numbers(a_col), numbers(b_col)
+    if geo and (np.any(np.abs(a) > 90) or np.any(np.abs(b) > 180)):
+        raise InputError(f"{path}: lat must lie in -90..90 and lon in -180..180")
+    n_bs = numbers("n_base_stations") if "n_base_stations" in frame.columns else None
+    bs_cols = (f"bs_{a_col}", f"bs_{b_col}", "bs_range_m")
+    bs = [numbers(c) for c in bs_cols] if set(bs_cols) <= set(frame.columns) else [None, None, None]
+    return Sites(tuple(entities), a, b, geo, n_bs, *bs)
+
+
+def affinity(
+    sites: Sites | None,
+    profiles: np.ndarray,
+    weights: dcs.DcsWeights = dcs.DcsWeights(),
+    scale_m: float | None = None,
+) -> np.ndarray:
+    """DCS affinity ``[n, n]`` (symmetric, in [0, 1], zero diagonal) for entities in ``sites`` order with their
+    traffic ``profiles [n, m]``: the weighted mean of the similarities the sites support (proximity with
+    positions, backhaul with ``n_base_stations``, coverage with the BS columns) and traffic. Without sites:
+    traffic alone.
+
+    Proximity is ``exp(-d / scale_m)``; ``scale_m`` None: the median distance between the entities, so a lab
+    floor and a country both get a useful scale (Milan's DCS uses ``weights.distance_scale_m``, 2 km: pass it,
+    and with every attribute present this equals ``dcs.relationship_matrix``)."""
+    p = np.asarray(profiles, dtype=float)
+    n = p.shape[0]
+    parts: list[tuple[float, np.ndarray]] = []
+    if sites is not None:
+        if len(sites) != n:
+            raise ValueError(f"{len(sites)} sites but {n} profiles")
+        if weights.distance > 0:
+            d = sites.distances_m()
+            if scale_m is None:
+                off = d[~np.eye(n, dtype=bool)]
+                scale_m = float(np.median(off)) if off.size and np.median(off) > 0 else 1.0
+            parts.append((weights.distance, np.exp(-d / scale_m)))
+        if weights.backhaul > 0 and sites.n_base_stations is not None:
+            parts.append((weights.backhaul, dcs.backhaul_similarity(sites.n_base_stations)))
+        if weights.coverage > 0 and sites.bs_a is not None and sites.bs_b is not None:
+            assert sites.bs_range_m is not None
+            if sites.geo:
+                lat0 = np.radians(float(np.mean(sites.bs_a))) if n else 0.0
+                x = dcs.EARTH_RADIUS_M * np.radians(sites.bs_b) * np.cos(lat0)
+                y = dcs.EARTH_RADIUS_M * np.radians(sites.bs_a)
+            else:
+                x, y = sites.bs_a, sites.bs_b
+            parts.append((weights.coverage, dcs.circle_overlap(x, y, sites.bs_range_m)))
+    if weights.traffic > 0 or not parts:
+        if p.ndim != 2 or p.shape[1] < 2 or not np.all(np.isfinite(p)):
+            raise ValueError("profiles need >= 2 finite values per entity")
+        parts.append((weights.traffic if weights.traffic > 0 else 1.0, dcs.traffic_similarity(p)))
+    total = sum(w * s for w, s in parts)
+    out = np.asarray(total / sum(w for w, _ in parts), dtype=float)
+    out = np.clip((out + out.T) / 2, 0.0, 1.0)
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
+def cluster_entities(
+    sites: Sites | None, profiles: np.ndarray, n_clusters: int | None, seed: int = 0
+) -> np.ndarray:
+    """DCS labels (0..C-1) for entities in ``profiles`` order (and ``sites`` order when given). ``n_clusters`` is
+    capped at the entity count; 1 to 3 entities work (one entity: one cluster)."""
+    n = np.asarray(profiles).shape[0]
+    if n <= 1:
+        return np.zeros(n, dtype=np.int64)
+    k = None if n_clusters is None else max(1, min(n_clusters, n))
+    return dcs.cluster(affinity(sites, profiles), k, seed=seed)
+
+
+def nearest_cluster(sites: Sites, labels: np.ndarray, joiner: Sites) -> np.ndarray:
+    """For each entity of ``joiner``: the cluster whose nearest member is closest (great-circle for lat/lon).
+    ``sites`` are the clustered entities, ``labels`` their clusters."""
+    d = joiner.distances_m(sites)  # [J, n]
+    return np.asarray(labels)[np.argmin(d, axis=1)]
+
+
+def nearest_profile(profiles: np.ndarray, labels: np.ndarray, joiner_profiles: np.ndarray) -> np.ndarray:
+    """For late joiners without a position: the cluster whose mean profile correlates best with theirs."""
+    labels = np.asarray(labels)
+    ids = np.unique(labels)
+    centres = np.stack([np.asarray(profiles)[labels == c].mean(axis=0) for c in ids])
+    both = np.concatenate([centres, np.asarray(joiner_profiles)], axis=0)
+    corr = dcs.traffic_similarity(both)[len(ids) :, : len(ids)]
+    return np.asarray(ids[np.argmax(corr, axis=1)])
