@@ -1,4 +1,5 @@
-"""Write Milan traffic as 3GPP PM files (TS 32.435 ``measCollecFile``), one file per 10-minute interval.
+"""Write Milan traffic as 3GPP PM files (TS 32.435 ``measCollecFile``), one file per 10-minute interval (or per
+coarser granularity period, e.g. 30 minutes, with the counters summed).
 
 So the whole chain can be shown on real traffic through the ``pm-files`` source: each square becomes a
 measured object ``ManagedElement=milan,Square=<id>``, each activity column a counter under its Milan name
@@ -58,8 +59,36 @@ def file_name(start_ms: int, step_s: int) -> str:
     return f"A{a:%Y%m%d.%H%M}+0000-{b:%H%M}+0000_milan.xml"
 
 
-def write_pm_files(table: TrafficTable, out: Path) -> list[Path]:
-    """One PM file per interval of the table; returns the files written, in time order."""
+def coarsen(table: TrafficTable, granularity_s: int) -> TrafficTable:
+    """The table at a coarser granularity period: each square's counters summed over the table's intervals
+    inside each epoch-aligned period (counts add up; a period holds what was reported in it)."""
+    if granularity_s % table.step_s or granularity_s < table.step_s:
+        raise ValueError(f"granularity {granularity_s} s must be a multiple of the table's {table.step_s} s")
+    if granularity_s == table.step_s:
+        return table
+    period_ms = granularity_s * 1000
+    starts = table.starts_ms - table.starts_ms % period_ms
+    keys = np.stack([starts, table.squares.astype(np.int64)], axis=1)
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    sums = np.zeros((len(uniq), table.values.shape[1]))
+    np.add.at(sums, inverse.ravel(), table.values)
+    return TrafficTable(
+        table.source,
+        table.columns,
+        granularity_s,
+        uniq[:, 1].astype(table.squares.dtype),
+        uniq[:, 0],
+        sums,
+        table.lines,
+        table.bad,
+    )
+
+
+def write_pm_files(table: TrafficTable, out: Path, granularity_s: int | None = None) -> list[Path]:
+    """One PM file per interval of the table (or per ``granularity_s`` period, counters summed: see
+    :func:`coarsen`); returns the files written, in time order."""
+    if granularity_s is not None:
+        table = coarsen(table, granularity_s)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for start in np.unique(table.starts_ms).tolist():

@@ -98,16 +98,97 @@ def milan(
 def milan_to_pm(
     data: Path = typer.Argument(..., help="an official Milan daily file (.txt or .gz)"),
     out: Path = typer.Option(..., "--out", help="directory for the PM files (watched by a pm-files source)"),
+    granularity: str = typer.Option(
+        "10m",
+        "--granularity",
+        help="granularity period of the files: 10m (the data's) or a multiple, e.g. 30m",
+    ),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
-    """Write a Milan day as 3GPP PM XML files (TS 32.435), one per 10-minute interval, for the pm-files source."""
+    """Write a Milan day as 3GPP PM XML files (TS 32.435), one per granularity period (default 10 minutes, the
+    data's own; coarser periods sum the counters), for the pm-files source."""
+    from ingest.errors import InputError
     from producers.pm_export import write_pm_files
     from producers.replay import load_table
+    from twin_store.federation.series import parse_cadence
 
+    try:
+        period_s = parse_cadence(granularity) // 1000
+    except ValueError as exc:
+        raise InputError(f"--granularity: {exc}") from exc
     table = load_table(data, "raw")
-    files = write_pm_files(table, out)
+    if period_s % table.step_s:
+        raise InputError(
+            f"--granularity {granularity}: must be a multiple of the data's {table.step_s // 60} minutes"
+        )
+    files = write_pm_files(table, out, period_s)
     summary = {"files": len(files), "records": len(table), "squares": len(set(table.squares.tolist()))}
     if json_out:
         print_json(summary)
     else:
         console.print(f"wrote {summary['files']} PM files ({summary['records']:,} records) to {out}")
+
+
+@app.command("to-records")
+def to_records(
+    shape: str = typer.Argument(..., help="milan-hourly or intel"),
+    files: list[Path] = typer.Argument(
+        ..., help="the data file(s): an hourly Milan CSV, or Intel Lab matrices"
+    ),
+    out: Path = typer.Option(..., "--out", help="canonical-record CSV to write (entity,time,<metric>)"),
+    sites_out: Path | None = typer.Option(None, "--sites-out", help="also write the entities' sites file"),
+    squares: int | None = typer.Option(
+        None, min=1, help="milan-hourly: squares drawn with --seed (default all)"
+    ),
+    seed: int = typer.Option(1, help="milan-hourly: the draw of --squares (as bench vhtwin draws them)"),
+    milan_dir: Path | None = typer.Option(
+        None, help="milan-hourly: grid + OpenCellID folder (default: the file's)"
+    ),
+    mote_locs: Path | None = typer.Option(None, help="intel: mote_locs.txt (default: beside the matrices)"),
+    json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Write a known data set as a canonical-record CSV (and its sites file), for nettwin bench twins."""
+    from bench import twins_data
+    from ingest.errors import InputError
+
+    summary: dict[str, object] = {"out": str(out)}
+    if shape == "milan-hourly":
+        if len(files) != 1:
+            raise InputError("milan-hourly takes one hourly CSV")
+        ids = twins_data.milan_hourly_records(files[0], out, squares, seed)
+        summary["entities"] = len(ids)
+        if sites_out is not None:
+            twins_data.milan_sites(milan_dir or files[0].parent, ids, sites_out)
+    elif shape == "intel":
+        motes = twins_data.intel_records(files, out)
+        summary["entities"] = len(motes)
+        if sites_out is not None:
+            twins_data.intel_sites(mote_locs or files[0].parent / "mote_locs.txt", sites_out)
+    else:
+        raise InputError(f"shape {shape!r}: expected milan-hourly or intel")
+    if sites_out is not None:
+        summary["sites"] = str(sites_out)
+    if json_out:
+        print_json(summary)
+    else:
+        console.print(
+            f"wrote {summary['entities']} entities to {out}" + (f" and {sites_out}" if sites_out else "")
+        )
+
+
+@app.command("milan-sites")
+def milan_sites(
+    data: Path = typer.Argument(
+        ..., help="a Milan file whose squares to place: hourly CSV or an official raw day"
+    ),
+    out: Path = typer.Option(..., "--out", help="sites CSV to write (entity,lat,lon,n_base_stations,bs_*)"),
+    entity_format: str = typer.Option(
+        "{square}", help="entity names, e.g. 'ManagedElement=milan,Square={square}' for milan-to-pm files"
+    ),
+    milan_dir: Path | None = typer.Option(None, help="grid + OpenCellID folder (default: the file's)"),
+) -> None:
+    """Write the sites file of Milan squares (grid centroids, OpenCellID serving BSs) for DCS on positions."""
+    from bench import twins_data
+
+    n = twins_data.milan_sites(milan_dir or data.parent, twins_data.milan_squares(data), out, entity_format)
+    console.print(f"wrote {n} sites to {out}")

@@ -169,12 +169,17 @@ def v_twinning(
     fit: FitConfig,
     gen: torch.Generator,
     rng: np.random.Generator,
+    counts: np.ndarray | None = None,
 ) -> VTwinResult:
     """Synchronous V-twinning: rounds with a barrier over the participating BSs.
 
     Each round the participants train from their cluster twin on their own samples (``x [S, N, 10]``,
     ``y [S, N]``), every cluster twin becomes the FedAvg of its members' latest updates, and the global twin
     the FedAvg of the cluster twins weighted by their samples.
+
+    ``counts [S]`` (optional): BS s has only its first ``counts[s]`` samples (series with gaps or late clocks,
+    compacted to the front); it draws minibatches from those and weighs its update by them. A BS with 0 samples
+    never takes part. None: every BS has all ``N`` samples.
     """
     cluster_ids = sorted(set(labels.tolist()))
     ctwins = ClusterTwins(
@@ -183,14 +188,18 @@ def v_twinning(
     )
     result = VTwinResult(init.clone(), ctwins, 0, 0, 0, [])
     n_samples = int(x.shape[1])
+    have = np.full(len(squares), n_samples) if counts is None else np.asarray(counts, dtype=np.int64)
     for _ in range(rounds):
         part = np.flatnonzero(rng.random(len(squares)) < participation)
+        if counts is not None:
+            part = part[have[part] > 0]
         if part.size == 0:
             continue
         start = torch.stack([ctwins.twins[ctwins.labels[int(squares[i])]] for i in part])
-        new, loss = model.fit(start, x[part], y[part], fit, gen)
+        limit = None if counts is None else torch.as_tensor(have[part])
+        new, loss = model.fit(start, x[part], y[part], fit, gen, counts=limit)
         for k, i in enumerate(part):
-            ctwins.latest[int(squares[i])] = (new[k], n_samples)
+            ctwins.latest[int(squares[i])] = (new[k], int(have[i]))
         for c in cluster_ids:  # the barrier: every cluster aggregates, then the global
             ctwins.aggregate(c)
         weights = torch.tensor([max(ctwins.samples(c), 1) for c in cluster_ids], dtype=torch.float32)
