@@ -16,9 +16,10 @@ Protocol (no leakage; the same ideas as ``bench/vhtwin.py``):
   only then does ``t`` reach any twin. Entities train locally from their cluster twin every ``update_every``
   steps (staggered), cluster twins are FedAvg of members' latest updates, the global twin merges a cluster
   change when ``eps > psi``.
-- **Late joiners** (entities with too little training history): scaled from their own first stretch, put in the
-  nearest cluster by position (or by profile without one), forecast by the twins, scored after their first
-  stretch, counted in ``late_joiners``; never dropped silently.
+- **Late joiners** (entities without every input's history inside the training steps): scaled from their own
+  first stretch (one season, at most 48 steps), put in the nearest cluster by position (or by profile without
+  one), their inputs from before their clock started set to their mean, then forecast, updated and scored after
+  that stretch; counted in ``late_joiners``, never dropped silently.
 - **Scored cells** are the test steps whose target and every input exist (inputs carried forward at most
   ``fill_limit`` steps from the past); every method is scored on the same cells. MSE on z-scores, pooled and
   per entity.
@@ -45,7 +46,7 @@ from twin_store.federation.inputs import DAY_MS, EntityScaler, daily_profiles, p
 from twin_store.federation.local_updates import minibatch_generators
 from twin_store.federation.series import RegularSeries, cadence_text, series_from_records
 from twin_store.federation.sites import Sites, cluster_entities, load_sites, nearest_cluster, nearest_profile
-from twin_store.federation.twinning import ClusterTwins, GlobalTwin, v_twinning
+from twin_store.federation.twinning import ClusterTwins, GlobalTwin, VTwinResult, v_twinning
 from twin_store.models.forecaster import FitConfig, TwinModel
 
 MAX_SPLIT = 240
@@ -68,6 +69,12 @@ class TwinsConfig:
     local: FitConfig = field(default_factory=lambda: FitConfig(steps=20, lr=1e-2, batch=64))
     stream: FitConfig = field(default_factory=lambda: FitConfig(steps=20, lr=3e-3, batch=64))
     psi: float | None = None  # None: the lowest validation MSE (ties: the larger psi)
+    # start the twins' linear path at persistence (weight 1 on the latest input): with little history the
+    # twin then begins as the naive forecast and learns corrections, instead of from a silent AR path
+    persistence_prior: bool = True
+    choose_start: bool = (
+        True  # keep the start instead of the V-twinned twins if it has the lower validation MSE
+    )
 
 
 # ---------------------------------------------------------------- reading
@@ -175,6 +182,17 @@ def score(pred: np.ndarray, actual: np.ndarray, mask: np.ndarray) -> dict[str, f
     }
 
 
+def persistence_start(model: TwinModel, init: torch.Tensor) -> torch.Tensor:
+    """``init`` with the nonlinear head silent and the linear path on the latest input: exactly persistence."""
+    out = init.clone()
+    p = model.unflatten(out.unsqueeze(0))
+    p["w_out"].zero_()
+    p["b_out"].zero_()
+    p["w_ar"].zero_()
+    p["w_ar"][0, -1] = 1.0  # the latest input: close lag = horizon
+    return out
+
+
 def split_steps(steps: int) -> tuple[int, int]:
     """(validation start, test start): test = validation = ``min(240, steps // 6)`` steps at the end."""
     part = min(MAX_SPLIT, steps // 6)
@@ -223,16 +241,25 @@ def evaluate(
     # ---- who has enough training history; late joiners get first-stretch statistics
     values = series.values
     present_train = np.isfinite(values[:, :val_start]).sum(axis=1)
-    warm = max(plan.first_target + 1, 3)  # a first stretch: enough for every input to exist once
-    late = present_train < warm
+    # known entities need every input once in training; a late joiner's first stretch is one season (at most 48
+    # steps, at least the close window): its scaling statistics come from it, then it is forecast
+    late = present_train < plan.first_target + 1
+    warm = max(plan.close_lags[0] + 1, min(plan.season or 48, 48))
     known = np.flatnonzero(~late)
     if known.size == 0:
-        raise InputError(f"no entity has {warm} steps of {cfg.target} in the {val_start} training steps")
+        raise InputError(
+            f"no entity has {plan.first_target + 1} steps of {cfg.target} in the {val_start} training steps"
+        )
     scaler = EntityScaler.fit(values, val_start)
     if late.any():
         scaler = scaler.merged(EntityScaler.fit_first(values, warm), np.flatnonzero(late))
     z = scaler.transform(values)
     z_in = plan.prepare(z)
+    # a late joiner's inputs from before its clock started are its mean (0 in z-units), known from its first
+    # stretch before it is ever forecast: period inputs work from its first day, not only after k seasons
+    starts = series.first_steps()
+    for i in np.flatnonzero(late).tolist():
+        z_in[i, : starts[i]] = 0.0
     # a late joiner is scored only after its first stretch (its scaling statistics came from it)
     rank = np.cumsum(np.isfinite(values), axis=1)
     warmed = ~late[:, None] | (rank >= warm)  # [E, T]: per step, the scaler no longer uses this step's future
@@ -269,10 +296,19 @@ def evaluate(
     ok_tr &= ~late[:, None]
     xs, ys, counts = _compact(x_tr, y_tr, ok_tr)
     init = model.init(1, cfg.seed)[0]
-    ids = np.arange(n_ent)
+    if cfg.persistence_prior:
+        init = persistence_start(model, init)
+    x_val, y_val, ok_val = plan.samples(z, val_start, test_start, z_in)
+    ok_val &= warmed[:, val_start:test_start]
+    xv_t = _as_tensor(np.nan_to_num(x_val))
+
+    def val_mse(params: torch.Tensor) -> float:
+        pred = model.predict(params.expand(n_ent, -1), xv_t).numpy()
+        return float(((pred - y_val)[ok_val] ** 2).mean()) if ok_val.any() else 0.0
+
     vt = v_twinning(
         model,
-        ids,
+        np.arange(n_ent),
         labels,
         _as_tensor(xs),
         _as_tensor(ys),
@@ -284,9 +320,21 @@ def evaluate(
         rng,
         counts=counts,
     )
+    # the V-twinned twins are kept only if they beat their start (the persistence twin) on validation steps:
+    # with little history training can lose to the naive forecast, and validation says so before the test
+    if cfg.choose_start and val_mse(init) <= val_mse(vt.global_params):
+        vt = VTwinResult(
+            init.clone(),
+            ClusterTwins(
+                {i: int(c) for i, c in enumerate(labels.tolist())},
+                {int(c): init.clone() for c in set(labels.tolist())},
+            ),
+            0,
+            0,
+            0,
+            [],
+        )
     walls["vtwinning_s"] = time.perf_counter() - t0
-    x_val, y_val, ok_val = plan.samples(z, val_start, test_start, z_in)
-    ok_val &= warmed[:, val_start:test_start]
     ridge_w, ridge_alpha = ridge_fit(x_tr[ok_tr], y_tr[ok_tr], x_val[ok_val], y_val[ok_val])
 
     # ---- the stream over validation and test steps
@@ -425,6 +473,11 @@ def evaluate(
             "n": len(set(labels.tolist())),
             "sizes": sorted(np.bincount(labels).tolist(), reverse=True),
             "dcs_inputs": "positions+profiles" if sites is not None else "profiles",
+        },
+        "vtwinning": {
+            "rounds": cfg.v_rounds,
+            "kept": "v-twinned" if vt.rounds else "start",
+            "start": "persistence" if cfg.persistence_prior else "random",
         },
         "late_joiners": {"n": int(late.sum()), "assigned_by": late_by},
         "scored_cells": int(test_mask.sum()),

@@ -170,6 +170,7 @@ def v_twinning(
     gen: torch.Generator,
     rng: np.random.Generator,
     counts: np.ndarray | None = None,
+    after_round: Callable[[VTwinResult], None] | None = None,
 ) -> VTwinResult:
     """Synchronous V-twinning: rounds with a barrier over the participating BSs.
 
@@ -179,7 +180,8 @@ def v_twinning(
 
     ``counts [S]`` (optional): BS s has only its first ``counts[s]`` samples (series with gaps or late clocks,
     compacted to the front); it draws minibatches from those and weighs its update by them. A BS with 0 samples
-    never takes part. None: every BS has all ``N`` samples.
+    never takes part. None: every BS has all ``N`` samples. ``after_round`` (optional) sees the result after
+    every round (e.g. to keep the round with the lowest validation error; copy what it keeps).
     """
     cluster_ids = sorted(set(labels.tolist()))
     ctwins = ClusterTwins(
@@ -208,4 +210,6 @@ def v_twinning(
         result.uploads += int(part.size)
         result.downloads += int(part.size)
         result.losses.append(float(loss.mean()))
+        if after_round is not None:
+            after_round(result)
     return result
