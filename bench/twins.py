@@ -257,9 +257,9 @@ def evaluate(
     z_in = plan.prepare(z)
     # a late joiner's inputs from before its clock started are its mean (0 in z-units), known from its first
     # stretch before it is ever forecast: period inputs work from its first day, not only after k seasons
-    starts = series.first_steps()
+    clock_starts = series.first_steps()
     for i in np.flatnonzero(late).tolist():
-        z_in[i, : starts[i]] = 0.0
+        z_in[i, : clock_starts[i]] = 0.0
     # a late joiner is scored only after its first stretch (its scaling statistics came from it)
     rank = np.cumsum(np.isfinite(values), axis=1)
     warmed = ~late[:, None] | (rank >= warm)  # [E, T]: per step, the scaler no longer uses this step's future
