@@ -72,9 +72,12 @@ class TwinsConfig:
     # start the twins' linear path at persistence (weight 1 on the latest input): with little history the
     # twin then begins as the naive forecast and learns corrections, instead of from a silent AR path
     persistence_prior: bool = True
-    choose_start: bool = (
-        True  # keep the start instead of the V-twinned twins if it has the lower validation MSE
-    )
+    # keep the start instead of the V-twinned twins if it has the lower validation MSE
+    choose_start: bool = True
+    # validation MSEs within this fraction of each other are a tie, which goes to the twin that learnt more (the
+    # V-twinned twins over their start, the smaller psi): on a short or calm validation slice the differences are
+    # noise, and the naive start or a global that never merges would win them by chance
+    val_tie: float = 0.01
 
 
 # ---------------------------------------------------------------- reading
@@ -322,7 +325,7 @@ def evaluate(
     )
     # the V-twinned twins are kept only if they beat their start (the persistence twin) on validation steps:
     # with little history training can lose to the naive forecast, and validation says so before the test
-    if cfg.choose_start and val_mse(init) <= val_mse(vt.global_params):
+    if cfg.choose_start and val_mse(init) * (1 + cfg.val_tie) < val_mse(vt.global_params):
         vt = VTwinResult(
             init.clone(),
             ClusterTwins(
@@ -422,7 +425,14 @@ def evaluate(
                 "pred": pred,
             }
         )
-    best = min(sweep, key=lambda r: (r["val_mse"] if r["val_mse"] is not None else np.inf, -r["psi"]))
+    # the lowest validation MSE; candidates within val_tie of it are tied and the smallest psi among them wins
+    # (the global twin that merged the most of what the entities learnt)
+    lowest = min(r["val_mse"] if r["val_mse"] is not None else np.inf for r in sweep)
+    best = min(
+        (r for r in sweep if r["val_mse"] is not None and r["val_mse"] <= lowest * (1 + cfg.val_tie)),
+        key=lambda r: r["psi"],
+        default=sweep[0],
+    )
     chosen = next(r for r in sweep if r["psi"] == cfg.psi) if cfg.psi is not None else best
     preds["twin"] = chosen["pred"]
     walls["psi_sweep_s"] = time.perf_counter() - t0
