@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from twin_store.federation.series import (
     DAY_MS,
+    aggregate_step,
     HOUR_MS,
     MINUTE_MS,
     build_series,
@@ -131,3 +132,16 @@ def test_fill_forward_is_causal(raw: list[float | None], limit: int) -> None:
         np.testing.assert_array_equal(fill_forward(a[:, :k], limit), full[:, :k])
     present = np.isfinite(a)
     np.testing.assert_array_equal(full[present], a[present])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 5), st.floats(-1e3, 1e3)), min_size=1, max_size=12),
+    st.sampled_from(["sum", "mean", "last", "max"]),
+)
+def test_one_step_at_a_time_equals_the_batch_build(points: list[tuple[int, float]], how: str) -> None:
+    """A live window closing one step (aggregate_step) gives the batch builder's value for that step."""
+    times = [T0 + t for t, _ in points]
+    vals = [v for _, v in points]
+    batch = build_series(["a"] * len(points), times, vals, HOUR_MS, how).values[0, 0]
+    assert aggregate_step(times, vals, how) == pytest.approx(batch, rel=1e-12, abs=1e-9)

@@ -197,6 +197,27 @@ def build_series(
     return RegularSeries(tuple(order), origin, step_ms, out, counts)
 
 
+def aggregate_step(times_ms: Sequence[int], values: Sequence[float], aggregate: str) -> float:
+    """One entity's value for one step from its raw points there, in arrival order: the same rule as
+    :func:`build_series` (duplicate times: the later arrival wins; ``last`` = the latest time; NaN if empty), for a
+    live window that closes one step at a time."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate {aggregate!r}: expected one of {', '.join(AGGREGATES)}")
+    latest: dict[int, float] = {}
+    for t, v in zip(times_ms, values, strict=True):
+        if np.isfinite(v):
+            latest[int(t)] = float(v)  # a later arrival with the same time replaces the earlier one
+    if not latest:
+        return float("nan")
+    if aggregate == "last":
+        return latest[max(latest)]
+    vals = list(latest.values())
+    if aggregate == "max":
+        return max(vals)
+    total = float(np.sum(vals))
+    return total if aggregate == "sum" else total / len(vals)
+
+
 def series_from_records(
     records: Iterable[Any],
     metric: str,
