@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from twin_store.federation.series import (
     DAY_MS,
-    aggregate_step,
     HOUR_MS,
     MINUTE_MS,
+    aggregate_step,
     build_series,
     cadence_text,
     fill_forward,
