@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -15,8 +16,9 @@ PREDICTION_COLUMNS = ["walk", "t_ms", "true_x", "true_y", "pred_x", "pred_y", "m
 
 
 def utt(
-    data: Path = typer.Option(
-        ..., help="folder of walk CSVs (laid out like ftm_imu/raw), per-scene site files"
+    data: list[Path] = typer.Option(
+        ...,
+        help="folder of walk CSVs (laid out like ftm_imu/raw), per-scene site files; repeat for more scenes",
     ),
     predictions: Path | None = typer.Option(
         None, help="CSV of test-walk positions: " + ",".join(PREDICTION_COLUMNS)
@@ -43,6 +45,27 @@ def utt(
     seed_repeats: int = typer.Option(
         3, min=1, help="train the gating and concatenation merges with this many seeds (mean ± std)"
     ),
+    position_rounds: int = typer.Option(
+        10,
+        min=1,
+        help="federated rounds of the positioning twins in selection (the refit trains the rounds kept)",
+    ),
+    position_fusers: str = typer.Option(
+        "gating,concatenation,average",
+        help="fusers the merged positioning twin is chosen from (on validation)",
+    ),
+    augment: int = typer.Option(
+        2, min=0, help="AP-dropout copies of every training walk (positioning twins)"
+    ),
+    ablation: bool = typer.Option(
+        False, "--ablation", help="also refit the merged positioning twin with each input group left out"
+    ),
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="a smoke run for tests: 2 rounds, fusers gating+concatenation, one unified model, 2 seeds, "
+        "1 AP-dropout copy (overrides those options)",
+    ),
     plot: Path | None = typer.Option(None, "--plot", help="also write the figure (PNG) into this folder"),
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
 ) -> None:
@@ -50,14 +73,23 @@ def utt(
     from bench.utt import run
     from twin_store.federation.screening import DEFENSES
     from twin_store.federation.utt_data import UttConfig
+    from twin_store.federation.utt_positioning import PositioningConfig
     from twin_store.models.utt import FUSERS
 
-    if not data.exists():
-        raise InputError(f"{data}: no such file or folder")
+    for d in data:
+        if not d.exists():
+            raise InputError(f"{d}: no such file or folder")
+    if quick:
+        rounds, position_rounds, seed_repeats, augment = 2, 2, 2, 1
+        fusers = position_fusers = "gating,concatenation"
+        unified_fusers = "gating"
     chosen = tuple(f.strip() for f in fusers.split(",") if f.strip())
     bad = [f for f in chosen if f not in FUSERS]
     if bad or not chosen:
         raise InputError(f"--fusers: {', '.join(bad) or 'empty'}; choose from {', '.join(FUSERS)}")
+    pos_fusers = tuple(f.strip() for f in position_fusers.split(",") if f.strip())
+    if not pos_fusers or [f for f in pos_fusers if f not in FUSERS]:
+        raise InputError(f"--position-fusers: {position_fusers}; choose from {', '.join(FUSERS)}")
     unified = tuple(f.strip() for f in unified_fusers.split(",") if f.strip())
     if [f for f in unified if f not in FUSERS]:
         raise InputError(f"--unified-fusers: {unified_fusers}; choose from {', '.join(FUSERS)}")
@@ -72,9 +104,11 @@ def utt(
         defense=defense,
         unified_fusers=unified,
         seed_repeats=seed_repeats,
+        ablation=ablation,
     )
+    pcfg = PositioningConfig(rounds=position_rounds, fusers=pos_fusers, augment=augment)
     with console.status("training the twins (a few minutes on 2 cores)"):
-        report, rows = run([data], cfg)
+        report, rows = run(list(data), cfg, pcfg)
     if predictions is not None:
         try:
             with open(predictions, "w", newline="") as fh:
@@ -92,24 +126,35 @@ def utt(
     console.print(
         f"train walks: {', '.join(sp['train_walks'])}; test walks (unseen): {', '.join(sp['test_walks'])}"
     )
-    console.print(f"validation: {sp['validation']}; windows: {sp['windows']}")
+    console.print(f"validation: {sp['validation']}; fit walks: {', '.join(sp['fit_walks'])}")
+    console.print(f"windows: {sp['windows']}")
     for scene, site in report["sites"].items():
         print_table(
             f"AP positions, scene {scene} ({site['source']})",
             [{"ap": a, **v} for a, v in site["aps"].items()],
         )
-    nm = report["nmse_test"]
-    rows_nm = [{"twin": f"direct {t}", "fuser": "-", "nmse": v} for t, v in nm["direct"].items()]
-    rows_nm += [
-        {"twin": f"mean predictor {t}", "fuser": "-", "nmse": v} for t, v in nm["mean predictor"].items()
+    nm, nv = report["nmse_test"], report["nmse_val"]
+    rows_nm = [
+        {"twin": f"direct {t}", "fuser": "-", "val nmse": nv["direct"][t], "test nmse": v}
+        for t, v in nm["direct"].items()
     ]
-    rows_nm.append(
-        {"twin": "transfer position->trajectory", "fuser": "-", "nmse": nm["transfer position->trajectory"]}
-    )
+    rows_nm += [
+        {"twin": f"mean predictor {t}", "fuser": "-", "val nmse": "-", "test nmse": v}
+        for t, v in nm["mean predictor"].items()
+    ]
+    tr_key = "transfer position->trajectory"
+    rows_nm.append({"twin": tr_key, "fuser": "-", "val nmse": nv[tr_key], "test nmse": nm[tr_key]})
     for op in ("merge", "split"):
         for direction, per in nm[op].items():
-            rows_nm += [{"twin": f"{op} {direction}", "fuser": f, "nmse": v} for f, v in per.items()]
-    print_table("normalised MSE on the test walks (vision is SIMULATED)", rows_nm, ["twin", "fuser", "nmse"])
+            rows_nm += [
+                {"twin": f"{op} {direction}", "fuser": f, "val nmse": nv[op][direction][f], "test nmse": v}
+                for f, v in per.items()
+            ]
+    print_table(
+        "normalised MSE, validation (held-out walks) beside test (unseen walks); vision is SIMULATED",
+        rows_nm,
+        ["twin", "fuser", "val nmse", "test nmse"],
+    )
     for fz, u in nm["unified"].items():
         print_table(
             f"unified model ({fz}; loss = transfer + merge + split) beside the function-specific twins, NMSE",
@@ -122,15 +167,7 @@ def utt(
             [{"fuser": f, "seeds": v["seeds"], "nmse": v["test_nmse"], "mean": v["mean"], "std": v["std"]}
              for f, v in per.items()],
         )  # fmt: skip
-    pos = report["positioning_test_rows"]
-    print_table(
-        f"positioning error on the test walks (merged fuser: {report['merged_fuser']['chosen_on_validation']}, chosen on validation)",
-        [{"method": m, **v} for m, v in pos.items() if isinstance(v, dict)],
-    )
-    console.print(
-        f"median gain vs trilateration: merged {pos['merged_vs_trilateration_median_gain']}, "
-        f"position {pos['position_vs_trilateration_median_gain']}"
-    )
+    _print_positioning(report)
     print_table(
         "trajectory 1 s ahead", [{"method": m, **v} for m, v in report["trajectory_1s_ahead"].items()]
     )
@@ -143,3 +180,51 @@ def utt(
     )
     console.print(f"targets: {report['targets']}")
     console.print(f"timings (s): {report['timings']}; wall time: {report['wall_s']} s")
+
+
+def _spread(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "-"
+    return f"{v['mean']:.3f} ± {v['std']:.3f}"
+
+
+def _print_positioning(report: dict[str, Any]) -> None:
+    pz = report["positioning"]
+    console.print(f"positioning protocol: {pz['protocol']}; range Kalman filter: {pz['filter']['params']}")
+    rows = []
+    for scene, v in pz["per_scene"].items():
+        t, va = v["test_median_m"], v["val_median_m"]
+        rows.append(
+            {
+                "scene": scene,
+                "trilateration": t["trilateration"],
+                "kalman": t["kalman"],
+                "position twin": _spread(t["position twin"]),
+                "merged twin": _spread(t["merged twin"]),
+                "merged (val walks)": _spread(va["merged twin"]),
+                "gain vs trilat.": v["merged_gain_vs_trilateration"],
+                "gain vs kalman": v["merged_gain_vs_kalman"],
+                "target met": v["target_met"],
+            }
+        )
+    print_table("median positioning error (m) on unseen walks, per scene; twins: mean ± std over seeds", rows)
+    print_table(
+        "per seed: fuser chosen on validation, validation NMSE (selection) beside test NMSE (refit)",
+        [
+            {
+                "seed": r["seed"],
+                "chosen": r["chosen_fuser"],
+                "val nmse": r["val_nmse"],
+                "test nmse": r["test_nmse_refit"],
+            }
+            for r in pz["seeds"]
+        ],
+    )
+    if "ablation" in pz:
+        print_table("ablation: merged twin refit without one input group (median m)",
+                    [{"variant": k, **v} for k, v in pz["ablation"].items()])  # fmt: skip
+    pos = report["positioning_test_rows"]
+    print_table(
+        "positioning error on every test row (first seed; matrix_merged = the UTT matrix's absolute twin)",
+        [{"method": m, **v} for m, v in pos.items() if isinstance(v, dict)],
+    )

@@ -2,9 +2,11 @@
 walk, and the clients of federated training. Shared by ``nettwin twin`` and ``bench/utt.py``.
 
 Split: walks with ground truth are grouped by (scene, device); the last walk (by name) of every group with
-at least two walks is a test walk, never seen in training; the rest are training walks (one federated
-client each: a local-area twin). Validation blocks are cut out of the training walks (blocks 2 and 5 of 8
-in time), never out of the test walks.
+at least two walks is a test walk, never seen in training; the rest are training walks. Validation (early
+stopping, fuser choice, tuning) is on **held-out walks**: in every scene with at least two training walks,
+the last training walk (by name) is a validation walk, and the twins fit on the others (one federated client
+each: a local-area twin). Only when no scene has two training walks does validation fall back to blocks 2 and
+5 of 8 (in time) of the training walks, and the report says so.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class UttConfig:
     unified_fusers: tuple[str, ...] = ("gating", "concatenation")  # one unified model per fuser
     seed_repeats: int = 3  # merges of seed_fusers trained this many times (other init/minibatch seeds)
     seed_fusers: tuple[str, ...] = ("gating", "concatenation")
+    ablation: bool = False  # bench utt: also refit the merged positioning twin with inputs left out
+    validation: str = "walk"  # "walk": held-out walks per scene; "blocks": blocks 2 and 5 of 8 of each walk
 
 
 @dataclass
@@ -58,6 +62,19 @@ class Prepared:
     ap_ids: list[str]
     fixes: dict[str, np.ndarray]
     timings: dict[str, float] = field(default_factory=dict)
+    val: list[str] = field(default_factory=list)  # held-out validation walks (a subset of ``train``)
+
+    @property
+    def fit(self) -> list[str]:
+        """The training walks the twins fit on (training walks minus the validation walks)."""
+        return [n for n in self.train if n not in self.val]
+
+    def validation_rule(self) -> str:
+        if self.val:
+            return "held-out walks (the last training walk of every scene with two or more): " + ", ".join(
+                self.val
+            )
+        return "blocks 2 and 5 of 8 (in time) of each training walk (no scene has two training walks)"
 
 
 def split_walks(walks: list[Walk], test_names: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -80,6 +97,14 @@ def split_walks(walks: list[Walk], test_names: tuple[str, ...]) -> tuple[list[st
             "(two walks of one scene and device, or --test-walks)"
         )
     return train, test
+
+
+def validation_walks(walks: dict[str, Walk], train: list[str]) -> list[str]:
+    """The last training walk (by name) of every scene with at least two training walks."""
+    per_scene: dict[str, list[str]] = {}
+    for n in train:
+        per_scene.setdefault(walks[n].scene, []).append(n)
+    return sorted(sorted(g)[-1] for g in per_scene.values() if len(g) >= 2)
 
 
 def prepare(data: list[Path], cfg: UttConfig) -> Prepared:
@@ -109,6 +134,10 @@ def prepare(data: list[Path], cfg: UttConfig) -> Prepared:
     skipped = {str(p.name): r for p, r in found.skipped.items()}
     fixes = {n: trilaterate(walks[n], geometry[walks[n].scene]) for n in labelled}
     prep = Prepared(walks, geometry, vision, train, test, unlabelled, skipped, ap_ids, fixes)
+    if cfg.validation == "walk":
+        prep.val = validation_walks(walks, train)
+    elif cfg.validation != "blocks":
+        raise InputError(f"validation {cfg.validation!r}: one of walk, blocks")
     prep.timings = {
         "read_s": round(t_read, 2),
         "ap_recovery_s": round(t_geo, 3),
@@ -134,7 +163,7 @@ def _straddles(w: Windows, walk: Walk) -> np.ndarray:
 
 
 class Data:
-    """Windows as tensors, normalised with training statistics."""
+    """Windows as tensors, normalised with statistics of the fitting walks only (never validation or test)."""
 
     def __init__(self, prep: Prepared) -> None:
         self.prep = prep
@@ -147,7 +176,10 @@ class Data:
             at = grid_ends(w, WINDOW, STRIDE, HORIZON) if ends is None else ends
             return build_windows(w, prep.ap_ids, at, prep.vision[n], prep.fixes[n], WINDOW, HORIZON)
 
-        for n in prep.train:
+        if prep.val:  # held-out walks: fit on the others, validate on these whole walks
+            parts_train = {n: windows(n) for n in prep.fit}
+            parts_val = [windows(n) for n in prep.val]
+        for n in [] if prep.val else prep.train:
             w = prep.walks[n]
             win = windows(n)
             keep = ~_straddles(win, w)

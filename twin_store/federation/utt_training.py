@@ -27,6 +27,7 @@ class FedConfig:
     lr: float = 3e-3
     batch: int = 64
     seed: int = 0
+    weight_decay: float = 0.0  # L2 on the trained parameters (Adam's weight_decay); 0 = none
     defense: str = (
         "mean"  # a twin_store.federation.screening defense: screens each client update, then aggregates
     )
@@ -120,7 +121,7 @@ def fed_train(model: Federated, clients: list[Client], val: Client | None, cfg: 
             comm_s += time.perf_counter() - tc
             comm_bytes += nb
             load_flat(params, down)
-            opt = torch.optim.Adam(params, lr=cfg.lr)
+            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             model.train()
             last = math.nan
             for _ in range(cfg.local_epochs):

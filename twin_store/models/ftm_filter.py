@@ -1,0 +1,142 @@
+"""A range Kalman filter over FTM (RTT) ranges and the IMU: the positioning baseline an engineer would deploy.
+
+State ``[x, y, vx, vy]`` with a constant-velocity model driven by white acceleration; every ranged AP of a row
+is one scalar extended-Kalman update ``r = |p - a| + bias``. Two things make it robust on real FTM:
+
+* **IMU motion gate**: when the acceleration magnitude has been still over the last second (its standard
+  deviation below ``still_acc``), the phone is standing, so the velocity is damped and the process noise is
+  small; while walking the process noise is ``accel_sigma``;
+* **robust updates**: an innovation beyond ``gate`` standard deviations has its measurement noise inflated by
+  the square of the excess (a Huber-like weight), so a multipath range bends the track instead of yanking it.
+
+The filter starts at the first row ranged by >= 3 known APs (from the least-squares fix of that row); before
+that it reports the APs' centroid, as :func:`ingest.readers.ftm.trilaterate` does. Its few constants are tuned
+on training walks only (:func:`tune_filter`). Pure numpy: no model, no training.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from ingest.readers.ftm import FixTracker, SiteGeometry, Walk
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    range_sigma_m: float = 1.5  # range noise beyond the reported RTT std
+    accel_sigma: float = 1.0  # m/s^2, process noise while walking
+    still_accel_sigma: float = 0.05  # m/s^2, process noise while standing
+    bias_m: float = 0.0  # subtracted from every RTT range (FTM ranges run long: multipath)
+    gate: float = 2.5  # innovations beyond this many sigmas are down-weighted
+    still_acc: float = 0.25  # m/s^2: std of |acc| over the last second below this = standing
+    still_damping: float = 0.5  # velocity kept per second while standing
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in asdict(self).items()}
+
+
+def motion_flags(t_ms: np.ndarray, imu: np.ndarray, still_acc: float, span_ms: float = 1000.0) -> np.ndarray:
+    """True per row when the phone moved: the std of |acc| over the rows of the last ``span_ms`` (causal)."""
+    mag = np.linalg.norm(imu[:, :3], axis=1)
+    start = np.searchsorted(t_ms, t_ms - span_ms, side="left")
+    c1 = np.concatenate([[0.0], np.cumsum(mag)])
+    c2 = np.concatenate([[0.0], np.cumsum(mag**2)])
+    idx = np.arange(len(t_ms))
+    n = idx + 1 - start
+    mean = (c1[idx + 1] - c1[start]) / n
+    var = np.maximum((c2[idx + 1] - c2[start]) / n - mean**2, 0.0)
+    return (np.sqrt(var) >= still_acc) | (n < 3)
+
+
+def kalman_track(walk: Walk, geo: SiteGeometry, params: FilterParams | None = None) -> np.ndarray:
+    """Filtered position per row of ``walk`` (``(n, 2)``), causal: each row sees only rows up to itself."""
+    p = params or FilterParams()
+    tracker = FixTracker(geo, walk.ap_ids)
+    aps = tracker.aps  # (A, 2), NaN for APs the site does not know
+    known = np.isfinite(aps[:, 0])
+    moving = motion_flags(walk.t_ms, walk.imu, p.still_acc)
+    out = np.zeros((len(walk), 2))
+    x = np.zeros(4)
+    cov = np.eye(4)
+    started = False
+    t_prev = walk.t_ms[0] if len(walk) else 0.0
+    for i in range(len(walk)):
+        ok = (walk.rtt[i] > 0) & known
+        if not started:
+            fix = tracker.update_row(walk.rtt[i])
+            if tracker.fixed:
+                x = np.array([fix[0], fix[1], 0.0, 0.0])
+                cov = np.diag([4.0, 4.0, 1.0, 1.0])
+                started = True
+                t_prev = walk.t_ms[i]
+            out[i] = fix
+            continue
+        dt = min(max((walk.t_ms[i] - t_prev) / 1000.0, 0.0), 2.0)
+        t_prev = walk.t_ms[i]
+        sig = p.accel_sigma if moving[i] else p.still_accel_sigma
+        f = np.eye(4)
+        f[0, 2] = f[1, 3] = dt
+        x = f @ x
+        if not moving[i]:
+            x[2:] *= p.still_damping**dt
+        q1 = sig**2 * np.array([[dt**4 / 4, dt**3 / 2], [dt**3 / 2, dt**2]])
+        q = np.zeros((4, 4))
+        q[np.ix_([0, 2], [0, 2])] = q1
+        q[np.ix_([1, 3], [1, 3])] = q1
+        cov = f @ cov @ f.T + q
+        for k in np.flatnonzero(ok):
+            diff = x[:2] - aps[k]
+            rng = max(math.hypot(diff[0], diff[1]), 1e-3)
+            h = np.array([diff[0] / rng, diff[1] / rng, 0.0, 0.0])
+            r_var = p.range_sigma_m**2 + walk.std[i, k] ** 2
+            innov = walk.rtt[i, k] - p.bias_m - rng
+            s = float(h @ cov @ h) + r_var
+            z = abs(innov) / math.sqrt(s)
+            if z > p.gate:
+                r_var *= (z / p.gate) ** 2
+                s = float(h @ cov @ h) + r_var
+            gain = cov @ h / s
+            x = x + gain * innov
+            cov = cov - np.outer(gain, h @ cov)
+        out[i] = x[:2]
+    return out
+
+
+def range_bias(walks: list[Walk]) -> float:
+    """Median of RTT range minus true distance over every ranged reading of walks that have true distances."""
+    diffs = [(w.rtt - w.true_dist)[(w.rtt > 0) & (w.true_dist > 0)] for w in walks if w.true_dist is not None]
+    cat = np.concatenate(diffs) if diffs else np.empty(0)
+    return float(np.median(cat)) if len(cat) else 0.0
+
+
+GRID: dict[str, tuple[float, ...]] = {"range_sigma_m": (0.5, 0.75, 1.5, 3.0), "accel_sigma": (0.3, 1.0, 3.0)}
+
+
+def tune_filter(
+    walks: list[Walk], sites: dict[str, SiteGeometry], grid: dict[str, tuple[float, ...]] | None = None
+) -> tuple[FilterParams, dict[str, float]]:
+    """The grid point with the lowest median error over ``walks`` (training walks with ground truth only), with
+    the range bias taken as the median RTT excess of those walks (0 without true distances). Returns the
+    parameters and the median error (m) of each grid point tried."""
+    grid_ = grid or GRID
+    base = FilterParams(bias_m=round(range_bias(walks), 3))
+    labelled = [w for w in walks if w.gt is not None]
+    if not labelled:
+        return base, {}
+    keys = sorted(grid_)
+    tried: dict[str, float] = {}
+    best = (math.inf, base)
+    for combo in itertools.product(*(grid_[k] for k in keys)):
+        params = replace(base, **dict(zip(keys, combo, strict=True)))
+        errs = np.concatenate(
+            [np.linalg.norm(kalman_track(w, sites[w.scene], params) - w.gt, axis=1) for w in labelled]
+        )
+        med = float(np.median(errs))
+        tried[",".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True))] = round(med, 4)
+        if med < best[0]:
+            best = (med, params)
+    return best[1], tried
