@@ -1,13 +1,16 @@
 """A range Kalman filter over FTM (RTT) ranges and the IMU: the positioning baseline an engineer would deploy.
 
-State ``[x, y, vx, vy]`` with a constant-velocity model driven by white acceleration; every ranged AP of a row
-is one scalar extended-Kalman update ``r = |p - a| + bias``. Two things make it robust on real FTM:
+State ``[x, y, vx, vy]`` with a constant-velocity model driven by white acceleration; the ranged APs of a row
+are one extended-Kalman update with ``r = |p - a| + bias`` per AP. Two things make it robust on real FTM:
 
 * **IMU motion gate**: when the acceleration magnitude has been still over the last second (its standard
   deviation below ``still_acc``), the phone is standing, so the velocity is damped and the process noise is
   small; while walking the process noise is ``accel_sigma``;
 * **robust updates**: an innovation beyond ``gate`` standard deviations has its measurement noise inflated by
   the square of the excess (a Huber-like weight), so a multipath range bends the track instead of yanking it.
+
+A row's ranges are one joint update linearised at the prediction, so the result does not depend on the order
+(or number of never-ranged) AP columns of a walk.
 
 The filter starts at the first row ranged by >= 3 known APs (from the least-squares fix of that row); before
 that it reports the APs' centroid, as :func:`ingest.readers.ftm.trilaterate` does. Its few constants are tuned
@@ -88,20 +91,21 @@ def kalman_track(walk: Walk, geo: SiteGeometry, params: FilterParams | None = No
         q[np.ix_([0, 2], [0, 2])] = q1
         q[np.ix_([1, 3], [1, 3])] = q1
         cov = f @ cov @ f.T + q
-        for k in np.flatnonzero(ok):
-            diff = x[:2] - aps[k]
-            rng = max(math.hypot(diff[0], diff[1]), 1e-3)
-            h = np.array([diff[0] / rng, diff[1] / rng, 0.0, 0.0])
-            r_var = p.range_sigma_m**2 + walk.std[i, k] ** 2
-            innov = walk.rtt[i, k] - p.bias_m - rng
-            s = float(h @ cov @ h) + r_var
-            z = abs(innov) / math.sqrt(s)
-            if z > p.gate:
-                r_var *= (z / p.gate) ** 2
-                s = float(h @ cov @ h) + r_var
-            gain = cov @ h / s
-            x = x + gain * innov
-            cov = cov - np.outer(gain, h @ cov)
+        ks = np.flatnonzero(ok)
+        if len(ks):  # one joint update of the row's ranges, linearised at the prediction: AP order is moot
+            diff = x[:2] - aps[ks]
+            rng = np.maximum(np.hypot(diff[:, 0], diff[:, 1]), 1e-3)
+            h = np.zeros((len(ks), 4))
+            h[:, :2] = diff / rng[:, None]
+            r_var = p.range_sigma_m**2 + walk.std[i, ks] ** 2
+            innov = walk.rtt[i, ks] - p.bias_m - rng
+            hp = h @ cov
+            z = np.abs(innov) / np.sqrt(np.einsum("ij,ij->i", hp, h) + r_var)
+            r_var = np.where(z > p.gate, r_var * (z / p.gate) ** 2, r_var)
+            s = hp @ h.T + np.diag(r_var)
+            gain = np.linalg.solve(s, hp).T  # cov h^T s^-1 (s and cov symmetric)
+            x = x + gain @ innov
+            cov = cov - gain @ hp
         out[i] = x[:2]
     return out
 
