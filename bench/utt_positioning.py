@@ -202,7 +202,7 @@ class PositioningStudy:
             "refit_s": round(time.perf_counter() - t0 - t_sel, 1),
         }
 
-    def ablation(self, seed: int, fuser: str) -> dict[str, dict[str, float]]:
+    def ablation(self, seed: int, fuser: str) -> dict[str, dict[str, Any]]:
         """The merged twin (fixed fuser) refit with one input group left out, or without augmentation."""
         variants = {
             "all inputs": self.pcfg,
@@ -211,15 +211,13 @@ class PositioningStudy:
             "without fix": replace(self.pcfg, groups=("kf", "quality")),
             "without AP-dropout augmentation": replace(self.pcfg, augment=0),
         }
-        out = {}
+        out: dict[str, dict[str, Any]] = {}
         for label, pc in variants.items():
             r = self.run_seed(seed, replace(pc, fusers=(fuser,)))
             out[label] = {
-                **{f"test {s}": v for s, v in r["test_median_m"]["merged"].items()},
-                **{f"val {s}": v for s, v in r["val_median_m"].get("merged", {}).items()},
-                "position twin (no IMU) " + ", ".join(r["test_median_m"]["position"]): float(
-                    np.mean(list(r["test_median_m"]["position"].values()))
-                ),
+                "merged test median_m": r["test_median_m"]["merged"],
+                "merged val median_m": r["val_median_m"].get("merged", {}),
+                "position (FTM only) test median_m": r["test_median_m"]["position"],
             }
         return out
 
@@ -272,3 +270,41 @@ def summarise(study: PositioningStudy, runs: list[dict[str, Any]]) -> dict[str, 
 def filter_only(prep: Prepared, params: FilterParams) -> dict[str, np.ndarray]:
     """The filter's track of every test walk (for the predictions CSV)."""
     return {n: kalman_track(prep.walks[n], prep.geometry[prep.walks[n].scene], params) for n in prep.test}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.utt_positioning DATA [DATA ...] [--seeds 3] [--ablation]``: the positioning study alone
+    (no UTT matrix), one JSON document on stdout."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from twin_store.federation.utt_data import prepare
+
+    ap = argparse.ArgumentParser(prog="python -m bench.utt_positioning", description=main.__doc__)
+    ap.add_argument("data", nargs="+", type=Path)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds (seed, seed + 1000, ...)")
+    ap.add_argument("--rounds", type=int, default=PositioningConfig.rounds)
+    ap.add_argument("--augment", type=int, default=PositioningConfig.augment)
+    ap.add_argument("--ablation", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    cfg = UttConfig(seed=args.seed)
+    study = PositioningStudy(
+        prepare(args.data, cfg), cfg, PositioningConfig(rounds=args.rounds, augment=args.augment)
+    )
+    runs = [study.run_seed(args.seed + 1000 * k) for k in range(args.seeds)]
+    out = summarise(study, runs)
+    if args.ablation:
+        out["ablation"] = study.ablation(args.seed, runs[0]["chosen_fuser"])
+    out["train_s"] = study.train_s
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

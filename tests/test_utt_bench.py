@@ -1,4 +1,5 @@
-"""``nettwin bench utt`` end to end through the CLI on the real CarPark walks (short training)."""
+"""``nettwin bench utt`` end to end through the CLI on the real CarPark walks plus a synthetic second scene in the
+data set's Laboratory layout (8 APs, two never ranged; ``bench.ftm_synthetic``), short training (``--quick``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from bench.ftm_synthetic import write_scene
 from ingest.settings import load_settings
 from nettwin.cli import bench
 from tests.conftest import run_cli
@@ -31,19 +33,34 @@ def test_bench_utt_cli_writes_positioning_csv_for_unseen_walks(tmp_path: Path) -
     for f in FILES:
         (data / f"{f}.csv").symlink_to(RAW / f"{f}.csv")
     (data / "CarPark__7__broken.csv").write_text("hello,world\n1,2\n")  # not a walk: skipped, reported
+    write_scene(tmp_path / "lab", seed=5)
     out = tmp_path / "pred.csv"
     res = CliRunner().invoke(
         bench.app,
-        [
-            "utt", "--data", str(data), "--predictions", str(out), "--rounds", "2",
-            "--fusers", "gating,concatenation", "--unified-fusers", "gating", "--seed-repeats", "2", "--json",
-        ],
+        ["utt", "--data", str(data), "--data", str(tmp_path / "lab"), "--predictions", str(out), "--quick", "--json"],
         obj=load_settings(),
     )  # fmt: skip  # in process: one torch import (the error case below goes through the real CLI)
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert report["split"]["test_walks"] == ["CarPark__6__613", "CarPark__6__624"]
-    assert set(report["split"]["train_walks"]).isdisjoint(report["split"]["test_walks"])
+    sp = report["split"]
+    assert sp["test_walks"] == [
+        "CarPark__6__613",
+        "CarPark__6__624",
+        "Laboratory__2__213",
+        "Laboratory__2__223",
+    ]
+    assert sp["validation_walks"] == [
+        "CarPark__5__524",
+        "Laboratory__1__123",
+    ]  # held-out walks, one per scene
+    assert sp["fit_walks"] == ["CarPark__5__513", "Laboratory__1__113"]
+    assert set(sp["train_walks"]).isdisjoint(sp["test_walks"]) and set(sp["fit_walks"]).isdisjoint(
+        sp["validation_walks"]
+    )
+    for op in ("merge", "split"):  # every test NMSE has its validation NMSE beside it
+        for direction, per in report["nmse_test"][op].items():
+            assert set(report["nmse_val"][op][direction]) == set(per)
+    assert set(report["nmse_val"]["direct"]) == set(report["nmse_test"]["direct"])
     assert "CarPark__7__broken.csv" in report["split"]["skipped_files"]
     assert set(report["nmse_test"]["merge"]["trajectory+tracking->position"]) == {"gating", "concatenation"}
     unified = report["nmse_test"]["unified"]["gating"]  # one model, every direction, beside the specific ones
@@ -67,20 +84,31 @@ def test_bench_utt_cli_writes_positioning_csv_for_unseen_walks(tmp_path: Path) -
     assert spread["gating"]["seeds"] == [1, 1001] and spread["gating"]["test_nmse"][0] == fs
     assert spread["gating"]["std"] > 0 and spread["concatenation"]["mean"] > 0
     assert report["federation"]["defense"] == "mean"
-    assert report["training"]["direct position"]["accepted"] == 2 * 2  # 2 clients x 2 rounds, all accepted
+    assert report["training"]["direct position"]["accepted"] == 2 * 2  # 2 fit walks x 2 rounds, all accepted
+    per_scene = report["positioning"]["per_scene"]
+    assert set(per_scene) == {"CarPark", "Laboratory"}
+    for scene, v in per_scene.items():
+        t = v["test_median_m"]
+        assert 0 < t["kalman"] < t["trilateration"] < 10, scene  # the filter beats raw trilateration
+        assert len(t["merged twin"]["values"]) == len(t["position twin"]["values"]) == 2  # two seeds
+        assert len(v["val_median_m"]["merged twin"]["values"]) == 2
+        assert isinstance(v["target_met"], bool)
+    assert [r["seed"] for r in report["positioning"]["seeds"]] == [1, 1001]
+    assert all(r["chosen_fuser"] in ("gating", "concatenation") for r in report["positioning"]["seeds"])
+    assert report["positioning"]["filter"]["tuned_on"] == sp["train_walks"]
     pos = report["positioning_test_rows"]
-    assert pos["trilateration"]["n"] == pos["merged"]["n"] == pos["position"]["n"] > 1000
+    assert pos["trilateration"]["n"] == pos["merged"]["n"] == pos["kalman"]["n"] > 1000
     assert 0 < pos["trilateration"]["median_m"] < 10
     with open(out, newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["walk", "t_ms", "true_x", "true_y", "pred_x", "pred_y", "method"]
-    assert {r[6] for r in rows[1:]} == {"trilateration", "position", "merged"}
-    assert {r[0] for r in rows[1:]} == {"CarPark__6__613", "CarPark__6__624"}
+    assert {r[6] for r in rows[1:]} == {"trilateration", "kalman", "position", "merged", "matrix_merged"}
+    assert {r[0] for r in rows[1:]} == set(sp["test_walks"])
     first = next(r for r in rows[1:] if r[0] == "CarPark__6__624")
     with open(RAW / "CarPark__6__624.csv", newline="") as fh:
         raw_times = {r[0] for r in list(csv.reader(fh))[1:]}
     assert first[1] in raw_times  # t_ms is the walk's own timestamp text
-    assert len(rows) - 1 == 3 * pos["merged"]["n"]
+    assert len(rows) - 1 == 5 * pos["merged"]["n"]
 
 
 def test_bench_utt_rejects_a_folder_without_walks(tmp_path: Path) -> None:

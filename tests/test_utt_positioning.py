@@ -161,6 +161,7 @@ def test_validation_is_a_held_out_walk_and_scalers_see_only_fitting_walks(scene:
     assert set(blocks.val.walk) == {"Laboratory__1__113", "Laboratory__1__123"}  # the old rule, on request
 
 
+@pytest.mark.slow
 def test_position_data_normalises_on_fitting_walks_and_anchors_on_the_filter(scene: Path) -> None:
     prep = prepare([scene], UttConfig())
     filt = FilterParams(bias_m=0.8)

@@ -221,8 +221,10 @@ def _print_positioning(report: dict[str, Any]) -> None:
         ],
     )
     if "ablation" in pz:
-        print_table("ablation: merged twin refit without one input group (median m)",
-                    [{"variant": k, **v} for k, v in pz["ablation"].items()])  # fmt: skip
+        print_table(
+            "ablation: the twins refit without one input group (median m per scene, first seed)",
+            [{"variant": k, **{n: str(x) for n, x in v.items()}} for k, v in pz["ablation"].items()],
+        )
     pos = report["positioning_test_rows"]
     print_table(
         "positioning error on every test row (first seed; matrix_merged = the UTT matrix's absolute twin)",

@@ -105,7 +105,8 @@ def kalman_track(walk: Walk, geo: SiteGeometry, params: FilterParams | None = No
             s = hp @ h.T + np.diag(r_var)
             gain = np.linalg.solve(s, hp).T  # cov h^T s^-1 (s and cov symmetric)
             x = x + gain @ innov
-            cov = cov - gain @ hp
+            ikh = np.eye(4) - gain @ h  # Joseph form: the covariance stays symmetric positive definite
+            cov = ikh @ cov @ ikh.T + (gain * r_var) @ gain.T
         out[i] = x[:2]
     return out
 
