@@ -68,6 +68,7 @@ class PositioningStudy:
         self.scenes = sorted({prep.walks[n].scene for n in prep.test})
         self.timings = {"filter_and_tracks_s": round(time.perf_counter() - t0, 2)}
         self.train_s: dict[str, float] = {}  # per twin and phase, summed over seeds
+        self.curves: dict[str, list[float]] = {}  # the last selection's validation curve per twin id
         self.predictions: dict[
             int, dict[str, dict[str, np.ndarray]]
         ] = {}  # seed -> test walk -> twin -> rows
@@ -116,10 +117,11 @@ class PositioningStudy:
             defense=self.cfg.defense,
             weight_decay=pcfg.weight_decay,
         )
-        best = fed_train(twin, data.clients(tasks), data.val_client(tasks) if val else None, fed).best_round
+        res = fed_train(twin, data.clients(tasks), data.val_client(tasks) if val else None, fed)
         key = twin.lineage.twin_id + (" select" if val else " refit")
         self.train_s[key] = round(self.train_s.get(key, 0.0) + time.perf_counter() - t0, 2)
-        return best
+        self.curves[twin.lineage.twin_id] = res.val_curve
+        return res.best_round
 
     def _twins(
         self,
@@ -148,6 +150,23 @@ class PositioningStudy:
             twins[f"merged {fz}"] = m
         return twins, kept
 
+    def folds(self) -> list[tuple[list[str], list[str]]]:
+        """Leave-one-walk-out: fold k holds out the k-th training walk of every scene that has two or more."""
+        per_scene = self.scene_walks(self.prep.train)
+        n = max(len(v) for v in per_scene.values())
+        out = []
+        for k in range(n if n >= 2 else 0):
+            val = sorted(v[k] for v in per_scene.values() if len(v) >= 2 and k < len(v))
+            out.append(([w for w in self.prep.train if w not in val], val))
+        return out or [(self.prep.fit, self.prep.val)]
+
+    def _medians(self, preds: dict[str, np.ndarray]) -> dict[str, float]:
+        """Median error (m) per scene of absolute predictions at the scored rows of each walk."""
+        return {
+            scene: round(_median(np.concatenate([preds[n] for n in ns]), self._truth(ns)), 3)
+            for scene, ns in self.scene_walks(list(preds)).items()
+        }
+
     def _errors(self, data: PositionData, twin: TaskTwin, names: list[str]) -> dict[str, float]:
         out = {}
         for scene, ns in self.scene_walks(names).items():
@@ -160,13 +179,29 @@ class PositioningStudy:
         prep, pcfg = self.prep, pcfg or self.pcfg
         fusers = pcfg.fusers
         t0 = time.perf_counter()
-        sel = PositionData(self.tracks, prep.geometry, self.filter, prep.fit, prep.val, pcfg, seed)
-        twins, kept = self._twins(sel, seed, fusers, None, pcfg)
-        val_nmse = {k: round(sel.nmse(t, sel.val_windows), 4) for k, t in twins.items() if k != "tracking"}
+        folds = self.folds() if pcfg.selection == "lowo" else [(prep.fit, prep.val)]
+        val_nmse_folds: list[dict[str, float]] = []
+        curves: dict[str, list[list[float]]] = {}
+        val_pred: dict[str, dict[str, list[np.ndarray]]] = {}
+        for fit, val in folds:
+            sel = PositionData(self.tracks, prep.geometry, self.filter, fit, val, pcfg, seed)
+            twins, _ = self._twins(sel, seed, fusers, None, pcfg)
+            val_nmse_folds.append(
+                {k: sel.nmse(t, sel.val_windows) for k, t in twins.items() if k != "tracking"}
+            )
+            for k, t in twins.items():
+                curves.setdefault(k, []).append(self.curves[t.lineage.twin_id])
+                for n in val if k != "tracking" else []:
+                    val_pred.setdefault(k, {}).setdefault(n, []).append(sel.positions(t, n))
+        # rounds: the lowest mean validation loss over the folds; fuser: the lowest mean validation NMSE
+        kept = {k: int(np.argmin(np.mean(c, axis=0))) + 1 if c[0] else pcfg.rounds for k, c in curves.items()}
+        val_nmse = {k: round(float(np.mean([f[k] for f in val_nmse_folds])), 4) for k in val_nmse_folds[0]}
         merged_val = {fz: val_nmse[f"merged {fz}"] for fz in fusers}
         chosen = min(merged_val, key=lambda k: (math.isnan(merged_val[k]), merged_val[k]))
         val_median = {
-            k: self._errors(sel, twins[k], prep.val) for k in ("position", f"merged {chosen}") if prep.val
+            k.split(" ")[0]: self._medians({n: np.mean(p, axis=0) for n, p in val_pred[k].items()})
+            for k in ("position", f"merged {chosen}")
+            if k in val_pred
         }
         t_sel = time.perf_counter() - t0
         full = PositionData(self.tracks, prep.geometry, self.filter, prep.train, [], pcfg, seed)
@@ -193,7 +228,8 @@ class PositioningStudy:
             "rounds_kept": kept,
             "val_nmse": val_nmse,
             "test_nmse_refit": test_nmse,
-            "val_median_m": {k.split(" ")[0]: v for k, v in val_median.items()},
+            "val_median_m": val_median,
+            "selection": pcfg.selection,
             "test_median_m": {
                 "position": self._errors(full, refit["position"], prep.test),
                 "merged": self._errors(full, refit[f"merged {chosen}"], prep.test),
@@ -289,13 +325,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=3, help="seeds (seed, seed + 1000, ...)")
     ap.add_argument("--rounds", type=int, default=PositioningConfig.rounds)
     ap.add_argument("--augment", type=int, default=PositioningConfig.augment)
+    ap.add_argument("--selection", choices=("walk", "lowo"), default="walk")
     ap.add_argument("--ablation", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     cfg = UttConfig(seed=args.seed)
     study = PositioningStudy(
-        prepare(args.data, cfg), cfg, PositioningConfig(rounds=args.rounds, augment=args.augment)
+        prepare(args.data, cfg),
+        cfg,
+        PositioningConfig(rounds=args.rounds, augment=args.augment, selection=args.selection),
     )
     runs = [study.run_seed(args.seed + 1000 * k) for k in range(args.seeds)]
     out = summarise(study, runs)

@@ -13,6 +13,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from bench.ftm_synthetic import APS, NEVER, write_scene
+from bench.utt_positioning import PositioningStudy
 from ingest.readers.ftm import SiteGeometry, Walk, discover, read_walk, recover_ap_positions, trilaterate
 from twin_store.federation.utt_data import Data, UttConfig, prepare, validation_walks
 from twin_store.federation.utt_positioning import PositionData, PositioningConfig, tracks_of
@@ -91,12 +92,12 @@ def permuted(walk: Walk, order: list[int], extra: int) -> Walk:
     """The same walk with its AP columns reordered and ``extra`` never-ranged APs appended."""
     n = len(walk)
 
-    def cols(a: np.ndarray | None) -> np.ndarray | None:
-        return None if a is None else np.column_stack([a[:, order], np.zeros((n, extra))])
+    def cols(a: np.ndarray) -> np.ndarray:
+        return np.column_stack([a[:, order], np.zeros((n, extra))])
 
     ids = [walk.ap_ids[k] for k in order] + [f"X{k}" for k in range(extra)]
     return replace(walk, ap_ids=ids, rtt=cols(walk.rtt), std=cols(walk.std), rss=cols(walk.rss),
-                   true_dist=cols(walk.true_dist))  # fmt: skip
+                   true_dist=None if walk.true_dist is None else cols(walk.true_dist))  # fmt: skip
 
 
 @pytest.mark.parametrize(("order", "extra"), [([3, 2, 1, 0], 0), ([1, 3, 0, 2], 2), ([2, 0, 3, 1], 5)])
@@ -182,3 +183,16 @@ def test_position_data_normalises_on_fitting_walks_and_anchors_on_the_filter(sce
     )
     assert no_kf.windows_of(n).ftm.shape[-1] == len(feature_names(("fix", "quality"))) + 1
     assert len(a.fit_windows[prep.fit[0]]) == 2 * len(a.windows_of(prep.fit[0]))  # the walk and one copy
+
+
+@pytest.mark.slow
+def test_leave_one_walk_out_folds_hold_out_each_training_walk_once(scene: Path) -> None:
+    prep = prepare([scene], UttConfig())
+    study = PositioningStudy(prep, UttConfig())
+    assert study.folds() == [
+        (["Laboratory__1__123"], ["Laboratory__1__113"]),
+        (["Laboratory__1__113"], ["Laboratory__1__123"]),
+    ]
+    assert study.filter.bias_m == pytest.approx(range_bias([prep.walks[n] for n in prep.train]), abs=1e-3)
+    base = study.baselines(prep.test)["Laboratory"]
+    assert 0 < base["kalman"] < base["trilateration"]

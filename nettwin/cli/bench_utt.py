@@ -57,6 +57,10 @@ def utt(
     augment: int = typer.Option(
         2, min=0, help="AP-dropout copies of every training walk (positioning twins)"
     ),
+    selection: str = typer.Option(
+        "walk",
+        help="positioning twins' selection: walk (the held-out walk per scene) or lowo (leave-one-walk-out)",
+    ),
     ablation: bool = typer.Option(
         False, "--ablation", help="also refit the merged positioning twin with each input group left out"
     ),
@@ -106,7 +110,9 @@ def utt(
         seed_repeats=seed_repeats,
         ablation=ablation,
     )
-    pcfg = PositioningConfig(rounds=position_rounds, fusers=pos_fusers, augment=augment)
+    if selection not in ("walk", "lowo"):
+        raise InputError(f"--selection {selection!r}: one of walk, lowo")
+    pcfg = PositioningConfig(rounds=position_rounds, fusers=pos_fusers, augment=augment, selection=selection)
     with console.status("training the twins (a few minutes on 2 cores)"):
         report, rows = run(list(data), cfg, pcfg)
     if predictions is not None:

@@ -43,6 +43,7 @@ class PositioningConfig:
     batch: int = 128
     weight_decay: float = 1e-4  # Adam weight decay (regularisation)
     fusers: tuple[str, ...] = ("gating", "concatenation", "average")  # merged twin fusers to choose from
+    selection: str = "walk"  # "walk": the held-out walk per scene; "lowo": leave-one-walk-out over the folds
 
 
 @dataclass
