@@ -117,3 +117,9 @@ def test_bench_utt_rejects_a_folder_without_walks(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("nettwin: error:") and "no FTM/IMU walk file" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bench_utt_rejects_an_unknown_selection_rule(tmp_path: Path) -> None:
+    proc = run_cli(load_settings(), "bench", "utt", "--data", str(tmp_path), "--selection", "blocks")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "nettwin: error: --selection 'blocks': one of walk, lowo"
