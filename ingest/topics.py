@@ -37,6 +37,7 @@ class Topics:
     sites_ftm: str
     telemetry_records: str
     entities: str
+    edge_sites: str
 
     @classmethod
     def from_settings(cls, settings: NettwinSettings) -> Topics:
@@ -58,6 +59,7 @@ class Topics:
             sites_ftm=f"{p}sites.ftm",
             telemetry_records=f"{p}telemetry.records",
             entities=f"{p}entities",
+            edge_sites=f"{p}edge.sites",
         )
 
 
@@ -115,5 +117,11 @@ def topic_specs(settings: NettwinSettings) -> list[TopicSpec]:
             1,
             True,
             "entity registry (compacted): key = entity name, value = JSON {key, kind}; first claim wins",
+        ),
+        TopicSpec(
+            t.edge_sites,
+            1,
+            False,
+            "edge site heartbeats (JSON {site, at_ms, clusters, leaving}, key = site): who is alive, who holds what",
         ),
     ]

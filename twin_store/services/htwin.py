@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
 from ingest.deadletter import DeadLetter, DeadLetterSink
@@ -64,6 +65,13 @@ class TwinState:
     max_staleness: int = 500  # versions an update's base twin may lag behind its cluster twin
     defense: Defense = field(default_factory=Defense)  # screening + cluster aggregation (FedAvg: none)
     sigs: dict[int, str] = field(default_factory=dict)  # square -> signature of its last accepted update
+    # False on an edge site (``nettwin edge``): the cloud (``nettwin cloud``) merges cluster changes into the
+    # global twin from twin.models; True in ``nettwin htwin``, which is the cloud and one site in one process
+    merge_global: bool = True
+    host: str | None = None  # the edge site hosting these cluster twins (named on their messages)
+    # updates.local partition -> first offset not yet decided, as of the update being applied: a site that
+    # takes a cluster over re-reads its updates from there (kept on the cluster's message)
+    cursor: dict[int, int] = field(default_factory=dict)
     decided: dict[int, int] = field(default_factory=dict)  # square -> newest seq refused or accepted
     # square -> its latest accepted update (params, samples), kept even after it was evicted from its cluster
     accepted_updates: dict[int, tuple[np.ndarray, int]] = field(default_factory=dict)
@@ -143,21 +151,27 @@ class TwinState:
             )
         for msg in latest.values():
             if msg.level == "bs":
-                square = int(msg.twin_id)
-                state.accepted_updates[square] = (msg.params, int(msg.meta["n_samples"]))
-                if not msg.meta.get("evicted"):
-                    state.clusters.latest[square] = (torch.as_tensor(msg.params), int(msg.meta["n_samples"]))
-                state.seq[square] = int(msg.meta["seq"])
-                state.decided[square] = int(msg.meta.get("decided_seq", state.seq[square]))
-                if "sig" in msg.meta:
-                    state.sigs[square] = msg.meta["sig"]
-                state.bs_versions[square] = msg.version
-                if state.reclusterer is not None:
-                    r = state.reclusterer
-                    r.last_hour = max(r.last_hour, int(msg.meta.get("hour", -1)))
-                    if msg.meta.get("profile") is not None:
-                        r.profiles[square] = list(msg.meta["profile"])
+                state.restore_bs(msg)
         return state
+
+    def restore_bs(self, msg: TwinMessage) -> None:
+        """A BS's last accepted update and decisions, from its message on twin.models."""
+        square = int(msg.twin_id)
+        self.accepted_updates[square] = (msg.params, int(msg.meta["n_samples"]))
+        if not msg.meta.get("evicted"):
+            self.clusters.latest[square] = (torch.as_tensor(msg.params), int(msg.meta["n_samples"]))
+        else:
+            self.clusters.latest.pop(square, None)
+        self.seq[square] = int(msg.meta["seq"])
+        self.decided[square] = int(msg.meta.get("decided_seq", self.seq[square]))
+        if "sig" in msg.meta:
+            self.sigs[square] = msg.meta["sig"]
+        self.bs_versions[square] = msg.version
+        if self.reclusterer is not None:
+            r = self.reclusterer
+            r.last_hour = max(r.last_hour, int(msg.meta.get("hour", -1)))
+            if msg.meta.get("profile") is not None:
+                r.profiles[square] = list(msg.meta["profile"])
 
     def gamma(self, cid: int) -> float:
         """H-twinning step: the configured one, or by default the cluster's share of the BSs."""
@@ -179,6 +193,11 @@ class TwinState:
                 "as_of": as_of,
                 "accepted": self.accepted,
                 "reclustered_at": self.accepted - r.since if r else 0,
+                **(
+                    {"host": self.host, "offsets": {str(p): o for p, o in sorted(self.cursor.items())}}
+                    if self.host is not None
+                    else {}
+                ),
             },
         )
 
@@ -330,8 +349,9 @@ class TwinState:
         return Outcome(out, lines, "accepted")
 
     def _offer_global(self, cid: int, hour: int, now: int) -> Outcome:
-        """H-twinning: offer the changed cluster twin to the global; the global's message and row if merged."""
-        if not self.global_twin.offer(self.clusters.twins[cid], self.gamma(cid)):
+        """H-twinning: offer the changed cluster twin to the global; the global's message and row if merged.
+        Nothing on an edge site: there the cloud offers what the site publishes (``merge_global``)."""
+        if not self.merge_global or not self.global_twin.offer(self.clusters.twins[cid], self.gamma(cid)):
             return Outcome([], [], "")
         msg = TwinMessage(
             "global",
@@ -528,16 +548,11 @@ class TwinService:
             sec.max_staleness,
         )
         self.influx = InfluxClient(settings.influx)
-        self.consumer = make_consumer(
-            settings,
-            self.topics.updates_local,
-            group_id=f"{settings.kafka.topic_prefix}nettwin-twins",
-            fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
-        )
+        self.consumer = self._make_consumer()
         self.stopping = False
         # the screen's memory (peer deltas, per-BS detectors) is not on twin.models: it is kept beside the
         # committed offsets, so a restarted store screens at once instead of warming up again
-        self.screen_file = settings.state_dir / "store" / f"{settings.kafka.topic_prefix}screen.npz"
+        self.screen_file = self._screen_file()
         if self.state.defense.remembers:
             saved = load_screen(
                 self.screen_file, type(self.state.defense), self.state.global_twin.params.numel()
@@ -546,6 +561,18 @@ class TwinService:
                 self.state.defense = saved
                 self.state.clusters.aggregator = saved.aggregate
         self.counters = {"deadletters": 0}
+
+    def _screen_file(self) -> Path:
+        return self.settings.state_dir / "store" / f"{self.settings.kafka.topic_prefix}screen.npz"
+
+    def _make_consumer(self) -> KafkaConsumer:
+        """updates.local in the one-machine store's group (an edge site reads it in its own)."""
+        return make_consumer(
+            self.settings,
+            self.topics.updates_local,
+            group_id=f"{self.settings.kafka.topic_prefix}nettwin-twins",
+            fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
+        )
 
     def run(self, idle_exit_s: float | None = None, max_messages: int | None = None) -> dict[str, int]:
         handled = 0

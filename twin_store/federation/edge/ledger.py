@@ -136,15 +136,21 @@ class EdgeLedger:
         unknown = [b for b in samples if b not in self.positions]
         if unknown:
             raise ValueError(f"BSs without a position: {unknown[:5]}")
+        bss = sorted(samples)
+        if not bss:
+            return self.book(slot, [], np.zeros(0), np.zeros(0, np.int64))
+        d = np.array([float(samples[b]) for b in bss])
+        return self.book(slot, bss, d, self.associate(bss, d))
+
+    def book(self, slot: int, bss: list[str], d: Array, host: IntArray) -> SlotLedger:
+        """Book one slot for a given placement: ``bss`` trained ``d`` samples each on site ``host``; a BS
+        whose site changed since its last slot migrated there (eq. 13)."""
         p = self.params
         energy = {(s.name, k): 0.0 for s in self.sites for k in KINDS}
         volume = {(s.name, k): 0 for s in self.sites for k in KINDS}
         migrations: list[Migration] = []
-        bss = sorted(samples)
         if not bss:
             return SlotLedger(slot, {}, [], energy, volume)
-        d = np.array([float(samples[b]) for b in bss])
-        host = self.associate(bss, d)
         xy = np.stack([self.positions[b] for b in bss])
         dist = np.sqrt(((xy - self.site_xy[host]) ** 2).sum(axis=1))
         eps = np.array([self.sites[h].eps for h in host])

@@ -1,0 +1,166 @@
+"""Edge sites as separate processes (issue 14): clusters placed by policy, handed over through the topics when
+a site is killed, restarted or stopped; nothing accepted is lost or applied twice; the cloud merges."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ingest.settings import EdgeSettings, NettwinSettings, SiteSettings
+from tests.conftest import SHARED_MILAN
+from tests.test_htwin_service import HOURLY, bootstrap, local_updates, publish
+from twin_store.adapters.influx import InfluxClient
+from twin_store.federation import dcs
+from twin_store.federation.models_topic import TwinMessage
+from twin_store.federation.twinning import fedavg
+from twin_store.services.htwin import read_latest_twins
+from twin_store.services.processes import settings_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not HOURLY.exists(), reason="real data not found")]
+
+
+class Procs:
+    def __init__(self, settings: NettwinSettings, logdir: Path) -> None:
+        self.settings, self.logdir = settings, logdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str) -> None:
+        log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "nettwin.cli.main", *args],
+            env=settings_env(self.settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.logdir.glob("*.log")))
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def procs(isolated: NettwinSettings, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Procs]:
+    p = Procs(isolated, tmp_path)
+    yield p
+    p.stop_all()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        sys.stderr.write(p.logs())
+
+
+def wait_for(
+    settings: NettwinSettings, done: Callable[[dict[bytes, TwinMessage]], bool], what: str, procs: Procs
+) -> dict[bytes, TwinMessage]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        latest = read_latest_twins(settings)
+        if done(latest):
+            return latest
+        time.sleep(1.0)
+    raise AssertionError(f"timed out waiting for {what}\n{procs.logs()}")
+
+
+def hosts(latest: dict[bytes, TwinMessage]) -> dict[int, str]:
+    return {int(m.twin_id): str(m.meta.get("host")) for m in latest.values() if m.level == "cluster"}
+
+
+def seqs(latest: dict[bytes, TwinMessage]) -> dict[int, int]:
+    return {int(m.twin_id): int(m.meta["seq"]) for m in latest.values() if m.level == "bs"}
+
+
+def test_sites_hand_clusters_over_on_kill_restart_and_sigterm(
+    isolated: NettwinSettings, procs: Procs
+) -> None:
+    latest = bootstrap(isolated)  # 6 squares, 2 clusters
+    members = {int(m.twin_id): list(m.meta["members"]) for m in latest.values() if m.level == "cluster"}
+    assert sorted(members) == [0, 1]
+    squares = sorted(s for ms in members.values() for s in ms)
+    attrs = dcs.SquareAttributes.load(SHARED_MILAN, squares)
+    where = dict(zip(squares, zip(attrs.bs_lat.tolist(), attrs.bs_lon.tolist(), strict=True), strict=True))
+    sites = [  # site "a" where cluster 0's BSs are, "b" where cluster 1's: the nearest policy splits them
+        SiteSettings(
+            name=name,
+            lat=float(np.mean([where[s][0] for s in members[c]])),
+            lon=float(np.mean([where[s][1] for s in members[c]])),
+            capacity=1e6,
+        )
+        for name, c in (("a", 0), ("b", 1))
+    ]
+    settings = isolated.model_copy(
+        update={"edge": EdgeSettings(sites=tuple(sites), policy="nearest", milan_dir=SHARED_MILAN)}
+    )
+    procs.settings = settings
+    global_before = latest[b"global:0"].version
+    updates = local_updates(latest, rounds=4)
+    per_round = len(squares)
+
+    procs.start("cloud", "cloud")
+    procs.start("a", "edge", "--site", "a")
+    procs.start("b", "edge", "--site", "b")
+    wait_for(settings, lambda t: hosts(t) == {0: "a", 1: "b"}, "each site to take its cluster", procs)
+
+    publish(settings, updates[:per_round])
+    wait_for(settings, lambda t: set(seqs(t).values()) == {0}, "round 0 applied", procs)
+
+    # kill -9 site a while round 1 is arriving: b takes cluster 0 once a's heartbeats are stale
+    publish(settings, updates[per_round : 2 * per_round])
+    procs.procs["a"].send_signal(signal.SIGKILL)
+    procs.procs["a"].wait()
+    wait_for(settings, lambda t: hosts(t) == {0: "b", 1: "b"}, "b to take cluster 0 over", procs)
+    publish(settings, updates[2 * per_round : 3 * per_round])
+    wait_for(settings, lambda t: set(seqs(t).values()) == {2}, "rounds 1-2 applied by b", procs)
+
+    # a comes back: the placement gives it cluster 0 again, b hands it over (a planned migration)
+    procs.start("a2", "edge", "--site", "a")
+    wait_for(settings, lambda t: hosts(t) == {0: "a", 1: "b"}, "b to hand cluster 0 back to a", procs)
+
+    # SIGTERM b: it hands cluster 1 to a and stops within 10 s
+    t0 = time.monotonic()
+    procs.procs["b"].send_signal(signal.SIGTERM)
+    rc = procs.procs["b"].wait(30)
+    stopped_s = time.monotonic() - t0
+    assert rc == 0 and stopped_s < 10, (rc, stopped_s, procs.logs())
+    wait_for(settings, lambda t: hosts(t) == {0: "a", 1: "a"}, "a to take cluster 1 over", procs)
+    publish(settings, updates[3 * per_round :])
+    final = wait_for(settings, lambda t: set(seqs(t).values()) == {3}, "round 3 applied by a", procs)
+
+    # every update accepted exactly once: a BS twin's version counts its accepted updates
+    bs = {int(m.twin_id): m for m in final.values() if m.level == "bs"}
+    before = {int(m.twin_id): m.version for m in latest.values() if m.level == "bs"}
+    assert {s: m.version for s, m in bs.items()} == {s: before[s] + 4 for s in squares}
+    # and each cluster twin is the FedAvg of its members' last updates (none lost on the way)
+    last = {int(u.twin_id): u for u in updates[3 * per_round :]}
+    for cid, ms in members.items():
+        stack = torch.stack([torch.as_tensor(last[s].params) for s in sorted(ms)])
+        weights = torch.tensor([last[s].meta["n_samples"] for s in sorted(ms)], dtype=torch.float32)
+        got = torch.as_tensor(final[f"cluster:{cid}".encode()].params)
+        assert torch.allclose(got, fedavg(stack, weights), atol=1e-6), cid
+    # the cloud merged the sites' cluster changes into the global twin
+    assert final[b"global:0"].version > global_before
+
+    for name in ("a2", "cloud"):
+        procs.procs[name].send_signal(signal.SIGTERM)
+        assert procs.procs[name].wait(15) == 0, procs.logs()
+
+    with InfluxClient(settings.influx) as influx:
+        costs = [r for s in influx.query('SELECT * FROM "edge_cost"') for r in s.rows()]
+        moves = [r for s in influx.query('SELECT * FROM "edge_migration"') for r in s.rows()]
+    assert {r["site"] for r in costs} == {"a", "b"}
+    assert all(r["energy"] > 0 for r in costs if r["kind"] == "compute")
+    # cluster 0's BSs moved a -> b (the kill) and back, cluster 1's b -> a (SIGTERM): each booked once trained
+    assert {(r["source"], r["target"]) for r in moves} == {("a", "b"), ("b", "a")}
+    assert all(r["energy"] > 0 and r["bytes"] >= settings.edge.twin_bytes for r in moves)

@@ -1,0 +1,140 @@
+"""``nettwin cloud``: the global twin (G-NDT), kept current from the cluster twins the edge sites publish.
+
+Consumes ``twin.models`` in its own consumer group and offers every changed cluster twin (a cluster message
+with a newer version than the one last offered) to the global twin by the psi rule (merged only if
+``eps > psi``, step gamma = the cluster's share of the BSs); a merged global is published on ``twin.models``
+and written as a ``twin`` row. ``nettwin htwin`` does the same in-process (``TwinState._offer_global``, the
+same code): it is the cloud and one edge site holding every cluster.
+
+Restart: the versions offered so far travel on the global's own message (meta ``offered``), the input
+offsets are committed after the global is published. On a first start (no ``offered`` yet) the cluster
+versions on the snapshot count as merged: V-twinning built the global from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ingest.deadletter import DeadLetterSink
+from ingest.kafka import make_consumer, make_producer
+from ingest.schema import MalformedMessage
+from ingest.settings import NettwinSettings
+from ingest.topics import Topics
+from twin_store.adapters.influx import InfluxClient
+from twin_store.federation.local_updates import snapshot_problem
+from twin_store.federation.models_topic import decode_twin
+from twin_store.services.htwin import LOW_LATENCY_FETCH_MS, TwinState, read_latest_twins, received_ns
+
+log = logging.getLogger("nettwin.cloud")
+
+
+def offered_versions(meta: dict[str, Any]) -> dict[int, int] | None:
+    """The cluster versions the cloud offered so far, from the global's meta; None if absent or unusable."""
+    raw = meta.get("offered")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return {int(k): int(v) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        return None
+
+
+class CloudService:
+    def __init__(
+        self, settings: NettwinSettings, psi: float, gamma: float | None = None, milan_dir: Path | None = None
+    ) -> None:
+        self.settings = settings
+        self.topics = Topics.from_settings(settings)
+        self.producer = make_producer(settings)
+        self.deadletters = DeadLetterSink(self.producer, self.topics.deadletter)
+        latest = read_latest_twins(settings, self.deadletters)
+        self.state = TwinState.from_messages(latest, psi, milan_dir, gamma)
+        self.state.reclusterer = None  # membership comes with the cluster messages
+        offered = offered_versions(self.state.meta)
+        if offered is None:
+            offered = {int(m.twin_id): m.version for m in latest.values() if m.level == "cluster"}
+        self.offered = offered
+        self.influx = InfluxClient(settings.influx)
+        self.consumer = make_consumer(
+            settings,
+            self.topics.twin_models,
+            group_id=f"{settings.kafka.topic_prefix}nettwin-cloud",
+            fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
+        )
+        self.stopping = False
+        self.counters = {"offers": 0, "merges": 0, "skipped": 0}
+
+    def offer(self, m: Any) -> tuple[list[Any], list[str]]:
+        """One twin.models message: a cluster change is offered to the global; the global's message and row."""
+        if m.value is None:
+            return [], []
+        try:
+            msg = decode_twin(m.value)
+            problem = snapshot_problem(msg)
+        except MalformedMessage as exc:
+            problem = str(exc)
+        if problem is not None:  # the stores dead-letter twin.models when they read it; here it is skipped
+            self.counters["skipped"] += 1
+            log.warning("twin.models %s[%d]@%d skipped: %s", m.topic, m.partition, m.offset, problem)
+            return [], []
+        if msg.level != "cluster" or msg.version <= self.offered.get(int(msg.twin_id), -1):
+            return [], []
+        glob = self.state.global_twin
+        if msg.params.shape != tuple(glob.params.shape):
+            self.counters["skipped"] += 1
+            return [], []
+        cid = int(msg.twin_id)
+        clusters = self.state.clusters
+        for square in [s for s, c in clusters.labels.items() if c == cid]:
+            del clusters.labels[square]
+        clusters.labels.update({int(s): cid for s in msg.meta.get("members", [])})
+        clusters.twins[cid] = torch.as_tensor(msg.params)
+        clusters.versions[cid] = msg.version
+        self.offered[cid] = msg.version
+        self.state.meta = self.state.meta | {"offered": {str(c): v for c, v in sorted(self.offered.items())}}
+        self.counters["offers"] += 1
+        before = glob.version
+        out = self.state._offer_global(cid, int(msg.meta.get("as_of", 0)), received_ns(m))
+        self.counters["merges"] += self.state.global_twin.version - before
+        return out.twins, out.lines
+
+    def process(self, polled: dict[Any, list[Any]]) -> int:
+        twins, lines, n = [], [], 0
+        for messages in polled.values():
+            for m in messages:
+                n += 1
+                t, rows = self.offer(m)
+                twins += t
+                lines += rows
+        if lines:
+            self.influx.write_lines(
+                lines, "ns", lambda: self.stopping, lambda exc, d: log.warning("InfluxDB: %s", exc)
+            )
+        for t in twins[-1:]:  # only the newest global matters (compacted topic, one key)
+            self.producer.send(self.topics.twin_models, key=t.key, value=t.encode())
+        self.producer.flush()
+        self.consumer.commit()
+        return n
+
+    def run(self, idle_exit_s: float | None = None) -> dict[str, int]:
+        last = time.monotonic()
+        try:
+            while not self.stopping:
+                polled = self.consumer.poll(timeout_ms=200)
+                if polled:
+                    self.process(polled)
+                    last = time.monotonic()
+                elif not self.consumer.assignment():
+                    last = time.monotonic()
+                elif idle_exit_s is not None and time.monotonic() - last >= idle_exit_s:
+                    break
+        finally:
+            self.consumer.close(autocommit=False)
+            self.producer.close()
+            self.influx.close()
+        return self.counters | {"global_version": self.state.global_twin.version}

@@ -1,0 +1,426 @@
+"""``nettwin edge --site NAME``: one edge site, hosting the cluster twins the placement gives it.
+
+Routing: **filter by assignment**. Every site reads all of ``updates.local`` (its own consumer group,
+``nettwin-edge-<site>``) and decides only the updates of the clusters it hosts. We chose this over keying
+or partitioning updates by cluster because (1) the BS agents key updates by BS and a BS changes cluster
+on re-clustering, so a cluster-keyed topic would need the agents to follow membership before sending,
+and a BS's updates would then cross partitions (out of order); (2) Kafka's group assignment gives
+partitions to members by its own rule, while the deployment's policy (``nearest``, ``balanced``,
+``learned``) must decide which site hosts which cluster; (3) the update stream is small (one message per
+BS per hour), so reading it on every site costs little.
+
+Placement: every site runs ``place_clusters`` over the declared sites that are alive, so all sites agree
+without a coordinator. Alive = a heartbeat on ``edge.sites`` (JSON ``{site, at_ms, clusters, leaving}``,
+every second) not older than ``timeout_s``; a heartbeat also lists the clusters the site holds.
+
+Handover, through the topics:
+
+- the site that loses a cluster (the placement changed, or it stops on SIGTERM) publishes the cluster's
+  message on ``twin.models`` with ``host`` = the new site and ``offsets`` = per partition of
+  ``updates.local`` the first offset it has not decided, flushes, drops the cluster, and sends a heartbeat
+  without it;
+- the site that gains a cluster waits until no live site claims it (a killed site stops claiming when its
+  heartbeats are ``timeout_s`` old), reads the snapshot (``twin.models`` to its end: the cluster twin and
+  its BSs' last accepted updates and sequence numbers), then re-reads ``updates.local`` from the cluster's
+  ``offsets`` up to its own position, deciding that cluster's updates only. An update already accepted (or
+  refused) is recognised by its BS's sequence number and skipped; an update its old site accepted but never
+  published is decided here. Nothing accepted is lost, nothing applied twice.
+
+A killed site's cluster messages always carry offsets no later than what it decided (the offset of the
+update being applied, inclusive: re-deciding it is a replay). Heartbeats come from a thread of their own, so a
+site busy in a long step is not taken for dead while it may still apply its clusters' updates; a hung (not
+dead) site therefore keeps its clusters until it is killed. Liveness uses the sites' wall clocks (one machine,
+or clocks in sync well within ``timeout_s``).
+
+Energy ledger: every update a site accepts is a training step of its BS's twin on this site (sync over
+the BS's link and compute, eqs. 14-15); a BS whose cluster arrived from another site migrates (eq. 13,
+twin + its training data, Manhattan distance between the sites), booked with its first training here.
+Rows ``edge_cost`` (tags ``site``, ``kind``; fields ``energy``, ``bytes``) per slot, as the ledger writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
+
+from ingest.errors import InputError
+from ingest.kafka import make_consumer
+from ingest.schema import MalformedMessage
+from ingest.settings import NettwinSettings
+from ingest.topics import Topics
+from twin_store.adapters.lineproto import point
+from twin_store.federation import dcs
+from twin_store.federation.edge.ledger import KINDS, EdgeLedger
+from twin_store.federation.edge.placement import place_clusters
+from twin_store.federation.local_updates import StreamPlan
+from twin_store.federation.models_topic import decode_twin
+from twin_store.services.edge import HOUR_MS, ledger_from_settings
+from twin_store.services.htwin import LOW_LATENCY_FETCH_MS, Outcome, TwinService, read_latest_twins
+
+log = logging.getLogger("nettwin.edge")
+HEARTBEAT_S = 1.0
+WINDOW_SAMPLES = 336  # a BS's training window when the plan does not say (VH-Twin's two weeks of hours)
+
+
+def cluster_offsets(meta: dict[str, Any]) -> dict[int, int]:
+    """partition -> first undecided offset, from a cluster message; {} (read from the start) if unusable."""
+    raw = meta.get("offsets")
+    if not isinstance(raw, dict):
+        return {}
+    try:
+        return {int(p): max(int(o), 0) for p, o in raw.items()}
+    except (TypeError, ValueError):
+        return {}
+
+
+class Presence:
+    """The sites' heartbeats on ``edge.sites``: who is alive and which clusters each holds."""
+
+    def __init__(self, settings: NettwinSettings, timeout_s: float) -> None:
+        self.topic = Topics.from_settings(settings).edge_sites
+        self.timeout_ms = timeout_s * 1000
+        self.consumer = make_consumer(settings, group_id=None, fetch_max_wait_ms=LOW_LATENCY_FETCH_MS)
+        tp = TopicPartition(self.topic, 0)
+        self.consumer.assign([tp])
+        end = self.consumer.end_offsets([tp])[tp]
+        self.consumer.seek(tp, max(0, end - 2000))  # recent heartbeats only: older ones are stale anyway
+        self.seen: dict[str, tuple[int, list[int], bool]] = {}  # site -> (at_ms, clusters, leaving)
+
+    def poll(self) -> None:
+        for messages in self.consumer.poll(timeout_ms=0).values():
+            for m in messages:
+                try:
+                    beat = json.loads(m.value)
+                    site, at = str(beat["site"]), int(beat["at_ms"])
+                    clusters = [int(c) for c in beat["clusters"]]
+                    leaving = bool(beat.get("leaving", False))
+                except (TypeError, ValueError, KeyError) as exc:
+                    log.warning("edge.sites @%d: not a heartbeat (%s)", m.offset, exc)
+                    continue
+                if at >= self.seen.get(site, (-1, [], False))[0]:
+                    self.seen[site] = (at, clusters, leaving)
+
+    def live(self, now_ms: int) -> set[str]:
+        return {
+            s for s, (at, _, leaving) in self.seen.items() if not leaving and now_ms - at <= self.timeout_ms
+        }
+
+    def claims(self, now_ms: int, other_than: str) -> dict[int, str]:
+        """cluster -> the live site (not ``other_than``) that still holds it."""
+        live = self.live(now_ms) - {other_than}
+        return {c: s for s in sorted(live) for c in self.seen[s][1]}
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+
+
+class SiteService(TwinService):
+    def __init__(
+        self,
+        settings: NettwinSettings,
+        site: str,
+        milan_dir: Path | None = None,
+        timeout_s: float = 6.0,
+    ) -> None:
+        declared = [s.name for s in settings.edge.sites]
+        if site not in declared:
+            raise InputError(
+                f"edge site {site!r} is not declared; declared: {', '.join(declared) or 'none ([[edge.sites]])'}"
+            )
+        self.site = site
+        self.ledger: EdgeLedger = ledger_from_settings(settings)
+        self.site_index = declared.index(site)
+        super().__init__(settings, psi=0.0, milan_dir=milan_dir)
+        self.state.merge_global = False  # the cloud merges what this site publishes
+        self.state.host = site
+        self.state.reclusterer = None  # re-clustering needs every BS: `nettwin htwin` (docs/diten.md)
+        self.timeout_s = timeout_s
+        self.owned: set[int] = set()
+        self.start: dict[int, dict[int, int]] = {}  # cluster -> partition -> first offset it decides
+        glob = self.state.meta
+        plan = StreamPlan.from_meta(glob["plan"]) if "plan" in glob else None
+        self.start_ms = plan.start_ms if plan is not None else 0
+        self.window = plan.window if plan is not None else WINDOW_SAMPLES
+        where = milan_dir or settings.edge.milan_dir or Path(str(glob.get("milan_dir", "")))
+        squares = sorted(self.state.clusters.labels)
+        attrs = dcs.SquareAttributes.load(where, squares)
+        self.position = {
+            s: (lat, lon)
+            for s, lat, lon in zip(squares, attrs.bs_lat.tolist(), attrs.bs_lon.tolist(), strict=True)
+        }
+        for s, (lat, lon) in self.position.items():
+            self.ledger.place(str(s), lat, lon)
+        self.presence = Presence(settings, timeout_s)
+        self.heartbeats = self.topics.edge_sites
+        self.slots: dict[int, dict[str, int]] = {}  # open slot -> BS -> samples trained here
+        self.booked: dict[int, dict[str, list[float]]] = {}  # slot -> kind -> [energy, bytes] so far
+        self.beat_lock = threading.Lock()
+        self.beats_done = threading.Event()
+        self.counters |= {"takeovers": 0, "handovers": 0, "foreign": 0, "migrations": 0}
+
+    def _screen_file(self) -> Path:
+        # each site screens its own clusters' updates: its own memory
+        prefix = self.settings.kafka.topic_prefix
+        return self.settings.state_dir / "edge" / f"{prefix}{self.site}-screen.npz"
+
+    # -- consuming -------------------------------------------------------------------------------------------
+    def _make_consumer(self) -> KafkaConsumer:
+        """All partitions of updates.local, assigned (no group rebalance), from this site's committed
+        offsets; the group only keeps those offsets."""
+        consumer = make_consumer(
+            self.settings,
+            group_id=f"{self.settings.kafka.topic_prefix}nettwin-edge-{self.site}",
+            fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
+        )
+        topic = self.topics.updates_local
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or set())]
+        consumer.assign(tps)
+        self.state.cursor = {tp.partition: consumer.position(tp) for tp in tps}
+        return consumer
+
+    def _decide(self, m: Any) -> Outcome | None:
+        """This site's updates only; the others are left to the sites that host their clusters."""
+        cid = self._cluster_of(m)
+        if cid is None or cid not in self.owned or m.offset < self.start.get(cid, {}).get(m.partition, 0):
+            self.state.cursor[m.partition] = m.offset + 1
+            self.counters["foreign"] += 1
+            return None
+        self.state.cursor[m.partition] = m.offset  # inclusive while it is applied: re-deciding is a replay
+        try:
+            out = super()._decide(m)
+        finally:
+            self.state.cursor[m.partition] = m.offset + 1
+        if out is not None and out.decision == "accepted":
+            update = decode_twin(m.value)
+            slot = int(update.meta.get("hour", 0)) * HOUR_MS // (self.settings.edge.slot_s * 1000)
+            self.slots.setdefault(slot, {})[update.twin_id] = int(update.meta["n_samples"])
+        return out
+
+    def _cluster_of(self, m: Any) -> int | None:
+        """The cluster an update belongs to; a message no cluster owns (unreadable, unknown BS, already
+        BS) belongs to the site holding the lowest cluster id, so it is dead-lettered once."""
+        try:
+            update = decode_twin(m.value or b"")
+            square = int(update.twin_id)
+        except (MalformedMessage, ValueError):
+            return min(self.state.clusters.twins, default=None)
+        return self.state.clusters.labels.get(square, min(self.state.clusters.twins, default=-1))
+
+    # -- placement and handover ------------------------------------------------------------------------------
+    def placement(self, now_ms: int, leaving: bool = False) -> dict[int, str]:
+        live = (
+            self.presence.live(now_ms) - {self.site} if leaving else self.presence.live(now_ms) | {self.site}
+        )
+        clusters = self.state.clusters
+        centroids, weights = {}, {}
+        for cid in sorted(clusters.twins):
+            members = clusters.members(cid)
+            if not members:
+                continue
+            pos = np.array([self.position[s] for s in members])
+            centroids[cid] = (float(pos[:, 0].mean()), float(pos[:, 1].mean()))
+            weights[cid] = float(len(members) * self.window)
+        return place_clusters(
+            self.ledger.sites, live, centroids, weights, self.settings.edge.policy, self.ledger.learned
+        )
+
+    def rebalance(self) -> None:
+        now_ms = int(time.time() * 1000)
+        target = self.placement(now_ms)
+        for cid in sorted(self.owned - {c for c, s in target.items() if s == self.site}):
+            self.hand_over(cid, target.get(cid))
+        claims = self.presence.claims(now_ms, self.site)
+        gained = [c for c, s in target.items() if s == self.site and c not in self.owned and c not in claims]
+        if gained:
+            self.take_over(sorted(gained))
+
+    def hand_over(self, cid: int, to: str | None) -> None:
+        """Publish the cluster for its next site (``host`` = that site), then drop it."""
+        msg = self.state._cluster_message(cid, -1)
+        msg.meta |= {"host": to or "", "from": self.site, "handover": True}
+        self.producer.send(self.topics.twin_models, key=msg.key, value=msg.encode())
+        self.producer.flush()
+        self.owned.discard(cid)
+        self.counters["handovers"] += 1
+        log.info("site %s: cluster %d handed over to %s", self.site, cid, to or "whichever site takes it")
+        self.heartbeat()
+
+    def take_over(self, cids: list[int]) -> None:
+        """Rebuild the clusters from the snapshot, then decide their updates since their last site's offsets."""
+        latest = read_latest_twins(self.settings, self.deadletters)
+        glob = latest.get(b"global:0")
+        if glob is not None:
+            self.state.global_twin.params = torch.as_tensor(
+                glob.params
+            )  # an emptied cluster falls back to it
+        catch_up: dict[int, int] = {}
+        for cid in cids:
+            msg = latest.get(f"cluster:{cid}".encode())
+            if msg is None:
+                continue
+            clusters = self.state.clusters
+            clusters.twins[cid] = torch.as_tensor(msg.params)
+            clusters.versions[cid] = msg.version
+            # the site it comes from: a handover names it, otherwise the last host (killed, or gone)
+            previous = str(msg.meta.get("from") if msg.meta.get("handover") else msg.meta.get("host") or "")
+            for square in clusters.members(cid):
+                bs = latest.get(f"bs:{square}".encode())
+                if bs is not None:
+                    self.state.restore_bs(bs)
+                names = [s.name for s in self.ledger.sites]
+                if previous in names and previous != self.site:
+                    self.ledger.hosts[str(square)] = names.index(previous)  # booked as a migration
+            self.start[cid] = cluster_offsets(msg.meta)
+            for p in self.state.cursor:
+                catch_up[p] = min(catch_up.get(p, self.state.cursor[p]), self.start[cid].get(p, 0))
+            self.owned.add(cid)
+            self.counters["takeovers"] += 1
+            log.info("site %s: took cluster %d over (from %s)", self.site, cid, previous or "no site")
+            announce = self.state._cluster_message(cid, int(msg.meta.get("as_of", -1)))
+            announce.meta["from"] = previous
+            self.producer.send(self.topics.twin_models, key=announce.key, value=announce.encode())
+        self.producer.flush()
+        self.heartbeat()
+        self._catch_up(catch_up)
+
+    def _catch_up(self, since: dict[int, int]) -> None:
+        """Re-read updates.local from ``since`` up to this site's position; ``_decide`` keeps only the updates
+        of the clusters just taken over that were not decided yet."""
+        until = dict(self.state.cursor)
+        todo = {p: o for p, o in since.items() if o < until.get(p, 0)}
+        if not todo:
+            return
+        saved = self.state.cursor
+        # what the clusters taken over have decided: the catch-up's position, moving as it reads
+        self.state.cursor = {p: min(since.get(p, o), o) for p, o in until.items()}
+        reader = make_consumer(self.settings, group_id=None, fetch_max_wait_ms=LOW_LATENCY_FETCH_MS)
+        try:
+            tps = {p: TopicPartition(self.topics.updates_local, p) for p in todo}
+            reader.assign(list(tps.values()))
+            for p, o in todo.items():
+                reader.seek(tps[p], o)
+            deadline = time.monotonic() + 60
+            while todo and time.monotonic() < deadline:
+                polled = reader.poll(timeout_ms=200)
+                batch: dict[Any, list[Any]] = {}
+                for tp, messages in polled.items():
+                    keep = [m for m in messages if m.offset < until[tp.partition]]
+                    if keep:
+                        batch[tp] = keep
+                    if not keep or keep[-1].offset + 1 >= until[tp.partition]:
+                        todo.pop(tp.partition, None)
+                if batch:
+                    self.process(batch)
+        finally:
+            self.state.cursor = saved
+            reader.close(autocommit=False)
+
+    def heartbeat(self, leaving: bool = False) -> None:
+        with self.beat_lock:  # the beat thread and the loop: a newer beat never carries older clusters
+            beat: dict[str, Any] = {
+                "site": self.site,
+                "at_ms": int(time.time() * 1000),
+                "clusters": sorted(self.owned),
+            }
+            if leaving:
+                beat["leaving"] = True
+            self.producer.send(self.heartbeats, key=self.site.encode(), value=json.dumps(beat).encode())
+
+    def _beat(self) -> None:
+        """Heartbeats from a thread: a site busy in a long step (a slow InfluxDB write) stays alive, so no other
+        site takes its clusters while it may still apply their updates; only a dead process stops beating."""
+        while not self.beats_done.wait(HEARTBEAT_S):
+            try:
+                self.heartbeat()
+            except Exception as exc:  # the broker is away: the loop's own calls will say so
+                log.warning("site %s: heartbeat not sent (%s)", self.site, exc)
+
+    # -- the energy ledger -----------------------------------------------------------------------------------
+    def book(self, before: int | None = None) -> None:
+        """Book the open slots older than ``before`` (all with None) for this site and write their rows."""
+        done = sorted(s for s in self.slots if before is None or s < before)
+        lines: list[str] = []
+        for slot in done:
+            samples = self.slots.pop(slot)
+            bss = sorted(samples)
+            part = self.ledger.book(
+                slot,
+                bss,
+                np.array([float(samples[b]) for b in bss]),
+                np.full(len(bss), self.site_index, np.int64),
+            )
+            totals = self.booked.setdefault(slot, {k: [0.0, 0.0] for k in KINDS})
+            for kind in KINDS:
+                totals[kind][0] += part.energy[(self.site, kind)]
+                totals[kind][1] += part.bytes[(self.site, kind)]
+            self.counters["migrations"] += len(part.migrations)
+            when = self.start_ms + slot * self.settings.edge.slot_s * 1000
+            lines += [
+                point("edge_cost", {"site": self.site, "kind": k}, {"energy": e, "bytes": int(b)}, when)
+                for k, (e, b) in sorted(totals.items())
+            ]
+            lines += [
+                point(
+                    "edge_migration",
+                    {"bs": mv.bs, "source": mv.source, "target": mv.target},
+                    {"energy": mv.energy, "bytes": mv.bytes},
+                    when,
+                )
+                for mv in part.migrations
+            ]
+        for slot in sorted(self.booked)[:-4]:  # a late update rewrites its slot's totals; keep a few
+            del self.booked[slot]
+        if lines:
+            self.influx.write_lines(lines, "ms", lambda: self.stopping, self._on_retry)
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def run(self, idle_exit_s: float | None = None, max_messages: int | None = None) -> dict[str, int]:
+        started = last = time.monotonic()
+        self.heartbeat()
+        beats = threading.Thread(target=self._beat, name=f"edge-{self.site}-heartbeat", daemon=True)
+        beats.start()
+        try:
+            while not self.stopping:
+                self.presence.poll()
+                if time.monotonic() - started >= 2 * HEARTBEAT_S + 0.5:  # first hear who else is alive
+                    self.rebalance()
+                polled = self.consumer.poll(timeout_ms=200)
+                if polled:
+                    self.process(polled)
+                    if self.slots:
+                        self.book(before=max(self.slots))
+                    last = time.monotonic()
+                elif self.slots and time.monotonic() - last >= 2.0:
+                    self.book()
+                elif idle_exit_s is not None and time.monotonic() - last >= idle_exit_s:
+                    break
+        finally:
+            self._leave()
+        return self.state.counters | self.counters | {"clusters": len(self.owned)}
+
+    def _leave(self) -> None:
+        """Stop: book what trained, hand every cluster to the site the placement picks without this one."""
+        self.beats_done.set()
+        try:
+            if self.slots:
+                self.book()
+            self.presence.poll()
+            target = self.placement(int(time.time() * 1000), leaving=True)
+            for cid in sorted(self.owned):
+                self.hand_over(cid, target.get(cid))
+            self.heartbeat(leaving=True)
+            self.producer.flush()
+        finally:
+            self.presence.close()
+            self.consumer.close(autocommit=False)
+            self.producer.close()
+            self.influx.close()
