@@ -159,7 +159,7 @@ class RunSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    parts: tuple[Literal["attach", "store", "worker", "htwin", "edge-ledger"], ...] = (
+    parts: tuple[Literal["attach", "store", "worker", "htwin", "edge-ledger", "cloud", "edge"], ...] = (
         "attach",
         "store",
         "worker",

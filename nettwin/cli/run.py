@@ -1,7 +1,8 @@
 """``nettwin run --config FILE``: every part a deployment config declares, as supervised child processes.
 
 Parts (``[run] parts``): ``attach`` (when the config has ``[[source]]`` tables), ``store``, ``worker``,
-``htwin``, ``edge-ledger`` (the DITEN energy ledger of ``[[edge.sites]]``). A child that dies is restarted after ``restart_delay_s``; SIGTERM/SIGINT stop them all (SIGTERM,
+``htwin``, ``edge-ledger`` (the DITEN energy ledger of ``[[edge.sites]]``), ``cloud`` and ``edge`` (one
+``nettwin edge --site NAME`` per declared site; with ``cloud`` they replace ``htwin``). A child that dies is restarted after ``restart_delay_s``; SIGTERM/SIGINT stop them all (SIGTERM,
 then SIGKILL for any still running after 10 s). Logs go to ``<state_dir>/log/run-<part>.log``. On several
 machines run the same parts separately against shared Kafka.
 """
@@ -34,7 +35,9 @@ def _spawn(part: str, config: Path | None, log_dir: Path, env: dict[str, str]) -
     from twin_store.services.processes import spawn_cli
 
     args = [part, "--config", str(config)] if part == "attach" and config is not None else [part]
-    return spawn_cli(args, log_dir / f"run-{part}.log", env)
+    if part.startswith("edge:"):
+        args = ["edge", "--site", part.removeprefix("edge:")]
+    return spawn_cli(args, log_dir / f"run-{part.replace(':', '-')}.log", env)
 
 
 def run_parts(
@@ -45,7 +48,10 @@ def run_parts(
     """Start every part the config declares (sources, worker, store, twin service); restart any that dies."""
     setup_service_logging()
     settings = settings_with_config(ctx, config)
-    parts = [p for p in settings.run.parts if p != "attach" or settings.source]
+    declared = [p for p in settings.run.parts if p != "attach" or settings.source]
+    parts = [
+        q for p in declared for q in ([f"edge:{s.name}" for s in settings.edge.sites] if p == "edge" else [p])
+    ]
     log_dir = settings.state_dir / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)

@@ -5,6 +5,10 @@ update into its cluster twin (FedAvg of the members' latest accepted updates), o
 to the global twin (merged only if ``eps > psi``), publishes every changed twin to the compacted
 ``twin.models`` topic, writes ``twin`` rows, and commits the input offsets last.
 
+``nettwin htwin`` is the one-machine combination of ``nettwin cloud`` (``services/cloud.py``, the global merge,
+``TwinState._offer_global``) and one ``nettwin edge`` site holding every cluster (``services/edge_site.py``, a
+``TwinService`` that decides only its clusters' updates and leaves the global to the cloud).
+
 Recovery: ``twin.models`` is the snapshot. Accepted BS updates are published there too (key ``bs:<square>``,
 with their ``seq``), so a restarted store rebuilds every twin from it and resumes ``updates.local`` from
 the committed offsets. An update whose ``seq`` is not newer than the BS's last accepted one is a replay
