@@ -42,7 +42,8 @@ QUICK_PLAN = TrainPlan(episodes=2, episode_slots=20, rollout=10, ddpg_every=4)
 
 def quick(cfg: DitenBench) -> DitenBench:
     """Seconds, for tests: the first server count and phi, 20 slots, two tiny training episodes."""
-    return replace(cfg, servers=cfg.servers[:1], phis=cfg.phis[:1], slots=min(cfg.slots, 20), plan=QUICK_PLAN)
+    plan = replace(QUICK_PLAN, baseline_prior=cfg.plan.baseline_prior)
+    return replace(cfg, servers=cfg.servers[:1], phis=cfg.phis[:1], slots=min(cfg.slots, 20), plan=plan)
 
 
 def check(cfg: DitenBench) -> None:

@@ -384,3 +384,21 @@ def test_ledger_settings_errors_are_one_line_input_errors(tmp_path) -> None:  # 
             ledger_from_settings(load_settings().model_copy(update={"edge": edge}))
     with pytest.raises(Exception, match="unique"):
         EdgeSettings(sites=(site, site))
+
+
+def test_baseline_prior_reaches_b1_and_b4_only() -> None:
+    from dataclasses import replace
+
+    from bench.diten import QUICK_PLAN
+    from twin_store.federation.edge.learning import train
+    from twin_store.federation.edge.simulator import DitenConfig
+
+    plan = replace(QUICK_PLAN, episodes=1, episode_slots=4, baseline_prior=0.0)
+    priors = {
+        m: train(m, DitenConfig(), (9,), (0.0,), plan, seed=1).cfg.distance_prior for m in ("ppo", "b1", "b4")
+    }
+    assert priors == {"ppo": 10.0, "b1": 0.0, "b4": 0.0}
+    assert (
+        train("b4", DitenConfig(), (9,), (0.0,), replace(plan, baseline_prior=None), 1).cfg.distance_prior
+        == 10.0
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -24,6 +25,12 @@ def diten(
     slots: int = typer.Option(750, help="evaluation slots per (servers, phi)"),
     seed: int = typer.Option(1),
     quick: bool = typer.Option(False, "--quick", help="seconds: first server count and phi, 20 slots"),
+    baseline_prior: float | None = typer.Option(
+        None,
+        min=0.0,
+        help="distance prior of B1's and B4's actors (default: PPO's, 10); 0: plain actor-critic and DDPG "
+        "as the paper has them",
+    ),
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
     plot_dir: Path | None = typer.Option(None, "--plot", help="write SVG charts into this folder"),
     save_agent: Path | None = typer.Option(
@@ -49,6 +56,8 @@ def diten(
         slots=slots,
         seed=seed,
     )
+    if baseline_prior is not None:
+        cfg = replace(cfg, plan=replace(cfg.plan, baseline_prior=baseline_prior))
     try:
         check(cfg)
     except ValueError as exc:

@@ -40,6 +40,9 @@ class TrainPlan:
     episode_slots: int = 100
     rollout: int = 50
     ddpg_every: int = 8
+    # the distance prior of the baselines' actors (B1, B4); None: PPO's (AgentConfig.distance_prior).
+    # 0 trains them as the paper describes them, plain actor-critic and DDPG without a nearest-server start
+    baseline_prior: float | None = None
 
 
 def _features(env: DitenEnv) -> np.ndarray:
@@ -92,6 +95,8 @@ def train(
     """
     rng = np.random.default_rng(seed)
     agent_cfg = AgentConfig()
+    if method != "ppo" and plan.baseline_prior is not None:
+        agent_cfg = replace(agent_cfg, distance_prior=plan.baseline_prior)
     agent: Agent = LEARNED[method](FEATURES, agent_cfg, seed)  # type: ignore[assignment]
     for episode in range(plan.episodes):
         scenario = replace(cfg, servers=int(rng.choice(servers)), phi=float(rng.choice(phis)))
