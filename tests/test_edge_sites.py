@@ -164,3 +164,29 @@ def test_sites_hand_clusters_over_on_kill_restart_and_sigterm(
     # cluster 0's BSs moved a -> b (the kill) and back, cluster 1's b -> a (SIGTERM): each booked once trained
     assert {(r["source"], r["target"]) for r in moves} == {("a", "b"), ("b", "a")}
     assert all(r["energy"] > 0 and r["bytes"] >= settings.edge.twin_bytes for r in moves)
+
+
+def test_a_lone_site_and_the_cloud_stop_within_10_s_of_sigterm(
+    isolated: NettwinSettings, procs: Procs
+) -> None:
+    latest = bootstrap(isolated)
+    squares = sorted(int(m.twin_id) for m in latest.values() if m.level == "bs")
+    attrs = dcs.SquareAttributes.load(SHARED_MILAN, squares)
+    site = SiteSettings(
+        name="only", lat=float(attrs.bs_lat.mean()), lon=float(attrs.bs_lon.mean()), capacity=1e6
+    )
+    settings = isolated.model_copy(update={"edge": EdgeSettings(sites=(site,), milan_dir=SHARED_MILAN)})
+    procs.settings = settings
+    procs.start("cloud", "cloud")
+    procs.start("only", "edge", "--site", "only")
+    wait_for(settings, lambda t: set(hosts(t).values()) == {"only"}, "the site to take every cluster", procs)
+    publish(settings, local_updates(latest, rounds=1))  # work in flight while it stops
+    for name in ("only", "cloud"):
+        t0 = time.monotonic()
+        procs.procs[name].send_signal(signal.SIGTERM)
+        rc = procs.procs[name].wait(30)
+        assert rc == 0 and time.monotonic() - t0 < 10, (name, rc, time.monotonic() - t0, procs.logs())
+    # no other site is alive: the clusters are handed to whichever site comes next (host ""), from "only"
+    after = read_latest_twins(settings)
+    clusters = [m for m in after.values() if m.level == "cluster"]
+    assert clusters and all(m.meta["host"] == "" and m.meta["from"] == "only" for m in clusters)
