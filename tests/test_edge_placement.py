@@ -48,3 +48,29 @@ def test_learned_choice_on_a_dead_site_falls_back_to_the_nearest_live_one() -> N
         place_clusters(SITES, LIVE, CENTROIDS, {}, "learned")
     with pytest.raises(ValueError, match="choose"):
         place_clusters(SITES, LIVE, CENTROIDS, {}, "random")
+
+
+def test_heartbeats_parse_or_say_why() -> None:
+    import json
+
+    from twin_store.services.edge_site import Heartbeat, parse_heartbeat
+
+    ok = {"site": "west", "at_ms": 5, "clusters": [0, 2], "leaving": True}
+    assert parse_heartbeat(json.dumps(ok).encode()) == Heartbeat("west", 5, (0, 2), True)
+    assert parse_heartbeat(b'{"site": "w", "at_ms": 1, "clusters": []}') == Heartbeat("w", 1, ())
+    bad = [
+        None,
+        b"",
+        b"not json",
+        b"[1, 2]",
+        b'"west"',
+        b"[" * 100_000,
+        b'{"site": "", "at_ms": 1, "clusters": []}',
+        b'{"site": "w", "at_ms": true, "clusters": []}',
+        b'{"site": "w", "at_ms": -1, "clusters": []}',
+        b'{"site": "w", "at_ms": 1, "clusters": [0, "1"]}',
+        b'{"site": "w", "at_ms": 1, "clusters": {"0": 1}}',
+        b'{"site": "w", "at_ms": 1.5, "clusters": []}',
+    ]
+    for value in bad:
+        assert isinstance(parse_heartbeat(value), str), value

@@ -44,6 +44,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ import torch
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
+from ingest.deadletter import DeadLetter
 from ingest.errors import InputError
 from ingest.kafka import make_consumer
 from ingest.schema import MalformedMessage
@@ -82,10 +85,43 @@ def cluster_offsets(meta: dict[str, Any]) -> dict[int, int]:
         return {}
 
 
-class Presence:
-    """The sites' heartbeats on ``edge.sites``: who is alive and which clusters each holds."""
+@dataclass(frozen=True)
+class Heartbeat:
+    site: str
+    at_ms: int
+    clusters: tuple[int, ...]
+    leaving: bool = False
 
-    def __init__(self, settings: NettwinSettings, timeout_s: float) -> None:
+
+def parse_heartbeat(value: bytes | None) -> Heartbeat | str:
+    """A heartbeat from ``edge.sites``, or why the message is not one."""
+    try:
+        beat = json.loads(value or b"")
+        if not isinstance(beat, dict):
+            return "not a JSON object"
+        site, at, clusters = beat.get("site"), beat.get("at_ms"), beat.get("clusters")
+        if not isinstance(site, str) or not site:
+            return "site must be a non-empty string"
+        if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+            return "at_ms must be an integer >= 0"
+        if not isinstance(clusters, list) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in clusters
+        ):
+            return "clusters must be a list of cluster ids"
+        return Heartbeat(site, at, tuple(clusters), beat.get("leaving") is True)
+    except (ValueError, RecursionError) as exc:
+        return f"not JSON ({type(exc).__name__})"
+
+
+class Presence:
+    """The sites' heartbeats on ``edge.sites``: who is alive and which clusters each holds. A message that
+    is not a heartbeat, or one dated more than the timeout ahead of this clock (it would keep its site
+    alive), is handed to ``bad``."""
+
+    def __init__(
+        self, settings: NettwinSettings, timeout_s: float, bad: Callable[[Any, str], None] | None = None
+    ) -> None:
+        self.bad = bad or (lambda m, reason: None)
         self.topic = Topics.from_settings(settings).edge_sites
         self.timeout_ms = timeout_s * 1000
         self.consumer = make_consumer(settings, group_id=None, fetch_max_wait_ms=LOW_LATENCY_FETCH_MS)
@@ -98,16 +134,15 @@ class Presence:
     def poll(self) -> None:
         for messages in self.consumer.poll(timeout_ms=0).values():
             for m in messages:
-                try:
-                    beat = json.loads(m.value)
-                    site, at = str(beat["site"]), int(beat["at_ms"])
-                    clusters = [int(c) for c in beat["clusters"]]
-                    leaving = bool(beat.get("leaving", False))
-                except (TypeError, ValueError, KeyError) as exc:
-                    log.warning("edge.sites @%d: not a heartbeat (%s)", m.offset, exc)
+                beat = parse_heartbeat(m.value)
+                if isinstance(beat, Heartbeat) and beat.at_ms > time.time() * 1000 + self.timeout_ms:
+                    beat = f"at_ms {beat.at_ms} is ahead of this clock by more than the timeout"
+                if isinstance(beat, str):
+                    log.warning("edge.sites @%d: not a heartbeat (%s)", m.offset, beat)
+                    self.bad(m, beat)
                     continue
-                if at >= self.seen.get(site, (-1, [], False))[0]:
-                    self.seen[site] = (at, clusters, leaving)
+                if beat.at_ms >= self.seen.get(beat.site, (-1, [], False))[0]:
+                    self.seen[beat.site] = (beat.at_ms, list(beat.clusters), beat.leaving)
 
     def live(self, now_ms: int) -> set[str]:
         return {
@@ -159,7 +194,7 @@ class SiteService(TwinService):
         }
         for s, (lat, lon) in self.position.items():
             self.ledger.place(str(s), lat, lon)
-        self.presence = Presence(settings, timeout_s)
+        self.presence = Presence(settings, timeout_s, self._bad_heartbeat)
         self.heartbeats = self.topics.edge_sites
         self.slots: dict[int, dict[str, int]] = {}  # open slot -> BS -> samples trained here
         self.booked: dict[int, dict[str, list[float]]] = {}  # slot -> kind -> [energy, bytes] so far
@@ -171,6 +206,12 @@ class SiteService(TwinService):
         # each site screens its own clusters' updates: its own memory
         prefix = self.settings.kafka.topic_prefix
         return self.settings.state_dir / "edge" / f"{prefix}{self.site}-screen.npz"
+
+    def _bad_heartbeat(self, m: Any, reason: str) -> None:
+        # every site reads it: the first declared site alive dead-letters it, once
+        live = self.presence.live(int(time.time() * 1000)) | {self.site}
+        if self.site == next(s.name for s in self.ledger.sites if s.name in live):
+            self.deadletters.send(DeadLetter.for_message(m, f"edge.sites: {reason}", "edge"))
 
     # -- consuming -------------------------------------------------------------------------------------------
     def _make_consumer(self) -> KafkaConsumer:
