@@ -51,6 +51,12 @@ def cloud(
     gamma: float | None = typer.Option(
         None, min=0.0, max=1.0, help="H-twinning step size (default: the changed cluster's share of the BSs)"
     ),
+    recluster_every: int | None = typer.Option(
+        None, min=0, help="accepted updates between DCS re-clusterings (default: the stream plan's; 0: never)"
+    ),
+    milan_dir: Path | None = typer.Option(
+        None, help="grid and base stations for re-clustering (default: the folder vtwin used)"
+    ),
     idle_exit: float | None = typer.Option(None, help="exit after this many seconds without cluster changes"),
     json_out: bool = typer.Option(False, "--json", help="print counters as JSON on exit"),
 ) -> None:
@@ -60,7 +66,7 @@ def cloud(
     from twin_store.services.cloud import CloudService
 
     setup_service_logging()
-    service = CloudService(settings_of(ctx), psi, gamma)
+    service = CloudService(settings_of(ctx), psi, gamma, milan_dir, recluster_every)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(service, "stopping", True))
     counters = service.run(idle_exit_s=idle_exit)

@@ -6,6 +6,12 @@ with a newer version than the one last offered) to the global twin by the psi ru
 and written as a ``twin`` row. ``nettwin htwin`` does the same in-process (``TwinState._offer_global``, the
 same code): it is the cloud and one edge site holding every cluster.
 
+Re-clustering (when the stream plan says so, or ``--recluster-every K``) is decided here, where every BS's
+accepted updates are seen (their messages on ``twin.models`` carry hour and traffic profile): after K accepted
+updates, the first one of a later hour triggers DCS (``TwinState.recluster``, htwin's code). The new membership
+and its epoch go out on the global twin's message (meta ``membership``, ``epoch``); the edge sites hand every
+cluster back, then take the new clusters over (``services/edge_site.py``).
+
 Restart: the versions offered so far travel on the global's own message (meta ``offered``), the input
 offsets are committed after the global is published. On a first start (no ``offered`` yet) the cluster
 versions on the snapshot count as merged: V-twinning built the global from them.
@@ -27,7 +33,7 @@ from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from twin_store.adapters.influx import InfluxClient
 from twin_store.federation.local_updates import snapshot_problem
-from twin_store.federation.models_topic import decode_twin
+from twin_store.federation.models_topic import TwinMessage, decode_twin
 from twin_store.services.htwin import LOW_LATENCY_FETCH_MS, TwinState, read_latest_twins, received_ns
 
 log = logging.getLogger("nettwin.cloud")
@@ -46,15 +52,22 @@ def offered_versions(meta: dict[str, Any]) -> dict[int, int] | None:
 
 class CloudService:
     def __init__(
-        self, settings: NettwinSettings, psi: float, gamma: float | None = None, milan_dir: Path | None = None
+        self,
+        settings: NettwinSettings,
+        psi: float,
+        gamma: float | None = None,
+        milan_dir: Path | None = None,
+        recluster_every: int | None = None,
     ) -> None:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
         self.producer = make_producer(settings)
         self.deadletters = DeadLetterSink(self.producer, self.topics.deadletter)
         latest = read_latest_twins(settings, self.deadletters)
-        self.state = TwinState.from_messages(latest, psi, milan_dir, gamma)
-        self.state.reclusterer = None  # membership comes with the cluster messages
+        self.state = TwinState.from_messages(latest, psi, milan_dir, gamma, recluster_every=recluster_every)
+        if self.state.reclusterer is not None:
+            self.state.reclusterer.since = 0  # counted from this start (the sites count their own)
+        self.seen_seq = {int(m.twin_id): int(m.meta["seq"]) for m in latest.values() if m.level == "bs"}
         offered = offered_versions(self.state.meta)
         if offered is None:
             offered = {int(m.twin_id): m.version for m in latest.values() if m.level == "cluster"}
@@ -67,7 +80,7 @@ class CloudService:
             fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
         )
         self.stopping = False
-        self.counters = {"offers": 0, "merges": 0, "skipped": 0}
+        self.counters = {"offers": 0, "merges": 0, "skipped": 0, "reclusterings": 0}
 
     def offer(self, m: Any) -> tuple[list[Any], list[str]]:
         """One twin.models message: a cluster change is offered to the global; the global's message and row."""
@@ -82,6 +95,8 @@ class CloudService:
             self.counters["skipped"] += 1
             log.warning("twin.models %s[%d]@%d skipped: %s", m.topic, m.partition, m.offset, problem)
             return [], []
+        if msg.level == "bs":
+            return self._accepted(msg, received_ns(m))
         if msg.level != "cluster" or msg.version <= self.offered.get(int(msg.twin_id), -1):
             return [], []
         glob = self.state.global_twin
@@ -102,6 +117,34 @@ class CloudService:
         out = self.state._offer_global(cid, int(msg.meta.get("as_of", 0)), received_ns(m))
         self.counters["merges"] += self.state.global_twin.version - before
         return out.twins, out.lines
+
+    def _accepted(self, msg: TwinMessage, now: int) -> tuple[list[TwinMessage], list[str]]:
+        """A BS update a site accepted: counts towards the next re-clustering, which it may trigger first."""
+        square, seq = int(msg.twin_id), int(msg.meta["seq"])
+        r = self.state.reclusterer
+        if r is None or seq <= self.seen_seq.get(square, -1):
+            return [], []
+        self.seen_seq[square] = seq
+        hour = int(msg.meta.get("hour", seq))
+        clusters, lines = self.state.recluster(hour, now)  # the cluster twins stay the sites' to publish
+        out = []
+        if clusters:
+            membership = {str(s): c for s, c in sorted(self.state.clusters.labels.items())}
+            self.state.meta = self.state.meta | {"membership": membership, "epoch": r.membership.epoch}
+            glob = self.state.global_twin
+            out.append(
+                TwinMessage(
+                    "global",
+                    "0",
+                    glob.version,
+                    self.state.hidden,
+                    glob.params.numpy(),
+                    self.state.meta | {"as_of": hour},
+                )
+            )
+            self.counters["reclusterings"] += 1
+        r.accepted(square, hour, msg.meta.get("profile"))
+        return out, lines
 
     def process(self, polled: dict[Any, list[Any]]) -> int:
         twins, lines, n = [], [], 0

@@ -33,8 +33,9 @@ dead) site therefore keeps its clusters until it is killed. Liveness uses the si
 or clocks in sync well within ``timeout_s``).
 
 Energy ledger: every update a site accepts is a training step of its BS's twin on this site (sync over
-the BS's link and compute, eqs. 14-15); a BS whose cluster arrived from another site migrates (eq. 13,
-twin + its training data, Manhattan distance between the sites), booked with its first training here.
+the BS's link and compute, eqs. 14-15); a BS twin that arrives from another site (its cluster was handed
+over, or a re-clustering moved it) migrates (eq. 13: twin + its last training data over the Manhattan
+distance between the sites), booked when it arrives, in the slot of its last accepted update.
 Rows ``edge_cost`` (tags ``site``, ``kind``; fields ``energy``, ``bytes``) per slot, as the ledger writes.
 """
 
@@ -62,10 +63,10 @@ from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from twin_store.adapters.lineproto import point
 from twin_store.federation import dcs
-from twin_store.federation.edge.ledger import KINDS, EdgeLedger
+from twin_store.federation.edge.ledger import KINDS, EdgeLedger, Migration
 from twin_store.federation.edge.placement import place_clusters
 from twin_store.federation.local_updates import StreamPlan
-from twin_store.federation.models_topic import decode_twin
+from twin_store.federation.models_topic import TwinMessage, decode_twin
 from twin_store.services.edge import HOUR_MS, ledger_from_settings
 from twin_store.services.htwin import LOW_LATENCY_FETCH_MS, Outcome, TwinService, read_latest_twins
 
@@ -91,6 +92,7 @@ class Heartbeat:
     at_ms: int
     clusters: tuple[int, ...]
     leaving: bool = False
+    epoch: int = 0  # the membership's clustering epoch the site holds
 
 
 def parse_heartbeat(value: bytes | None) -> Heartbeat | str:
@@ -108,7 +110,10 @@ def parse_heartbeat(value: bytes | None) -> Heartbeat | str:
             isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in clusters
         ):
             return "clusters must be a list of cluster ids"
-        return Heartbeat(site, at, tuple(clusters), beat.get("leaving") is True)
+        epoch = beat.get("epoch", 0)
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            return "epoch must be an integer >= 0"
+        return Heartbeat(site, at, tuple(clusters), beat.get("leaving") is True, epoch)
     except (ValueError, RecursionError) as exc:
         return f"not JSON ({type(exc).__name__})"
 
@@ -129,7 +134,7 @@ class Presence:
         self.consumer.assign([tp])
         end = self.consumer.end_offsets([tp])[tp]
         self.consumer.seek(tp, max(0, end - 2000))  # recent heartbeats only: older ones are stale anyway
-        self.seen: dict[str, tuple[int, list[int], bool]] = {}  # site -> (at_ms, clusters, leaving)
+        self.seen: dict[str, Heartbeat] = {}  # site -> its newest heartbeat
 
     def poll(self) -> None:
         for messages in self.consumer.poll(timeout_ms=0).values():
@@ -141,18 +146,20 @@ class Presence:
                     log.warning("edge.sites @%d: not a heartbeat (%s)", m.offset, beat)
                     self.bad(m, beat)
                     continue
-                if beat.at_ms >= self.seen.get(beat.site, (-1, [], False))[0]:
-                    self.seen[beat.site] = (beat.at_ms, list(beat.clusters), beat.leaving)
+                if beat.site not in self.seen or beat.at_ms >= self.seen[beat.site].at_ms:
+                    self.seen[beat.site] = beat
 
     def live(self, now_ms: int) -> set[str]:
-        return {
-            s for s, (at, _, leaving) in self.seen.items() if not leaving and now_ms - at <= self.timeout_ms
-        }
+        return {s for s, b in self.seen.items() if not b.leaving and now_ms - b.at_ms <= self.timeout_ms}
 
     def claims(self, now_ms: int, other_than: str) -> dict[int, str]:
         """cluster -> the live site (not ``other_than``) that still holds it."""
         live = self.live(now_ms) - {other_than}
-        return {c: s for s in sorted(live) for c in self.seen[s][1]}
+        return {c: s for s in sorted(live) for c in self.seen[s].clusters}
+
+    def epochs(self, now_ms: int, other_than: str) -> set[int]:
+        """The membership epochs the other live sites hold."""
+        return {self.seen[s].epoch for s in self.live(now_ms) - {other_than}}
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
@@ -174,10 +181,15 @@ class SiteService(TwinService):
         self.site = site
         self.ledger: EdgeLedger = ledger_from_settings(settings)
         self.site_index = declared.index(site)
+        # twin.models from its end before the snapshot is read: a membership published meanwhile is not missed
+        self.follower = make_consumer(settings, group_id=None, fetch_max_wait_ms=LOW_LATENCY_FETCH_MS)
+        models = TopicPartition(Topics.from_settings(settings).twin_models, 0)
+        self.follower.assign([models])
+        self.follower.seek(models, self.follower.end_offsets([models])[models])
         super().__init__(settings, psi=0.0, milan_dir=milan_dir)
         self.state.merge_global = False  # the cloud merges what this site publishes
         self.state.host = site
-        self.state.reclusterer = None  # re-clustering needs every BS: `nettwin htwin` (docs/diten.md)
+        self.state.reclusterer = None  # the cloud re-clusters; the membership comes on the global's message
         self.timeout_s = timeout_s
         self.owned: set[int] = set()
         self.start: dict[int, dict[int, int]] = {}  # cluster -> partition -> first offset it decides
@@ -197,10 +209,13 @@ class SiteService(TwinService):
         self.presence = Presence(settings, timeout_s, self._bad_heartbeat)
         self.heartbeats = self.topics.edge_sites
         self.slots: dict[int, dict[str, int]] = {}  # open slot -> BS -> samples trained here
+        self.moves: dict[int, list[Migration]] = {}  # open slot -> twins that arrived here
         self.booked: dict[int, dict[str, list[float]]] = {}  # slot -> kind -> [energy, bytes] so far
         self.beat_lock = threading.Lock()
         self.beats_done = threading.Event()
         self.counters |= {"takeovers": 0, "handovers": 0, "foreign": 0, "migrations": 0}
+        # a membership newer than the cluster messages: a re-clustering was under way
+        self._adopt(self.state.meta)
 
     def _screen_file(self) -> Path:
         # each site screens its own clusters' updates: its own memory
@@ -242,7 +257,7 @@ class SiteService(TwinService):
             self.state.cursor[m.partition] = m.offset + 1
         if out is not None and out.decision == "accepted":
             update = decode_twin(m.value)
-            slot = int(update.meta.get("hour", 0)) * HOUR_MS // (self.settings.edge.slot_s * 1000)
+            slot = self._slot(int(update.meta.get("hour", 0)))
             self.slots.setdefault(slot, {})[update.twin_id] = int(update.meta["n_samples"])
         return out
 
@@ -263,7 +278,7 @@ class SiteService(TwinService):
         )
         clusters = self.state.clusters
         centroids, weights = {}, {}
-        for cid in sorted(clusters.twins):
+        for cid in sorted(set(clusters.labels.values())):
             members = clusters.members(cid)
             if not members:
                 continue
@@ -280,6 +295,8 @@ class SiteService(TwinService):
         for cid in sorted(self.owned - {c for c, s in target.items() if s == self.site}):
             self.hand_over(cid, target.get(cid))
         claims = self.presence.claims(now_ms, self.site)
+        if self.presence.epochs(now_ms, self.site) - {self.state.epoch}:
+            return  # a re-clustering: take nothing until every live site holds the same membership
         gained = [c for c, s in target.items() if s == self.site and c not in self.owned and c not in claims]
         if gained:
             self.take_over(sorted(gained))
@@ -296,42 +313,101 @@ class SiteService(TwinService):
         self.heartbeat()
 
     def take_over(self, cids: list[int]) -> None:
-        """Rebuild the clusters from the snapshot, then decide their updates since their last site's offsets."""
+        """Rebuild the clusters from the snapshot, then decide their updates since their last site's offsets.
+
+        A cluster whose message is of an older epoch than this site's membership (a re-clustering since) is
+        rebuilt from its new members' last accepted updates, and its updates are re-read from the earliest
+        offsets any cluster was handed back at: its members come from any old cluster."""
         latest = read_latest_twins(self.settings, self.deadletters)
         glob = latest.get(b"global:0")
-        if glob is not None:
-            self.state.global_twin.params = torch.as_tensor(
-                glob.params
-            )  # an emptied cluster falls back to it
+        if glob is not None:  # an emptied or brand-new cluster starts from it
+            self.state.global_twin.params = torch.as_tensor(glob.params)
+        names = [s.name for s in self.ledger.sites]
+        old_site: dict[int, str] = {}  # square -> the site its previous cluster was on (by epoch order)
+        handed: list[dict[int, int]] = []
+        for m in sorted(
+            (m for m in latest.values() if m.level == "cluster"), key=lambda m: m.meta.get("epoch", 0)
+        ):
+            if int(m.meta.get("epoch", 0)) < self.state.epoch:
+                handed.append(cluster_offsets(m.meta))
+            for square in m.meta.get("members", []):
+                old_site[int(square)] = _previous_site(m.meta)
+        earliest = {p: min((h.get(p, 0) for h in handed), default=0) for p in self.state.cursor}
         catch_up: dict[int, int] = {}
+        clusters = self.state.clusters
         for cid in cids:
             msg = latest.get(f"cluster:{cid}".encode())
-            if msg is None:
-                continue
-            clusters = self.state.clusters
-            clusters.twins[cid] = torch.as_tensor(msg.params)
-            clusters.versions[cid] = msg.version
-            # the site it comes from: a handover names it, otherwise the last host (killed, or gone)
-            previous = str(msg.meta.get("from") if msg.meta.get("handover") else msg.meta.get("host") or "")
+            fresh = msg is None or int(msg.meta.get("epoch", 0)) < self.state.epoch
+            if msg is not None:
+                clusters.twins[cid] = torch.as_tensor(msg.params)
+                clusters.versions[cid] = msg.version
+            else:
+                clusters.twins[cid] = self.state.global_twin.params.clone()
             for square in clusters.members(cid):
                 bs = latest.get(f"bs:{square}".encode())
                 if bs is not None:
                     self.state.restore_bs(bs)
-                names = [s.name for s in self.ledger.sites]
-                if previous in names and previous != self.site:
-                    self.ledger.hosts[str(square)] = names.index(previous)  # booked as a migration
-            self.start[cid] = cluster_offsets(msg.meta)
+                before = old_site.get(square, "")
+                if before in names and before != self.site and square in self.state.accepted_updates:
+                    self._moved(square, names.index(before), bs)
+            if fresh:
+                clusters.aggregate(cid)  # its new members' last accepted updates
+                self.start[cid] = earliest
+            else:
+                assert msg is not None
+                self.start[cid] = cluster_offsets(msg.meta)
             for p in self.state.cursor:
                 catch_up[p] = min(catch_up.get(p, self.state.cursor[p]), self.start[cid].get(p, 0))
             self.owned.add(cid)
             self.counters["takeovers"] += 1
+            previous = _previous_site(msg.meta) if msg is not None else ""
             log.info("site %s: took cluster %d over (from %s)", self.site, cid, previous or "no site")
-            announce = self.state._cluster_message(cid, int(msg.meta.get("as_of", -1)))
+            announce = self.state._cluster_message(cid, int(msg.meta.get("as_of", -1)) if msg else -1)
             announce.meta["from"] = previous
             self.producer.send(self.topics.twin_models, key=announce.key, value=announce.encode())
         self.producer.flush()
         self.heartbeat()
         self._catch_up(catch_up)
+
+    def _moved(self, square: int, source: int, last: TwinMessage | None) -> None:
+        """Book a BS twin that arrived from another site (eq. 13: its twin and its last training data), in the
+        slot of its last accepted update."""
+        samples = self.state.accepted_updates[square][1]
+        move = self.ledger.migration(str(square), source, self.site_index, samples)
+        hour = int(last.meta.get("hour", 0)) if last is not None else 0
+        self.moves.setdefault(self._slot(max(hour, 0)), []).append(move)
+
+    def _slot(self, hour: int) -> int:
+        return hour * HOUR_MS // (self.settings.edge.slot_s * 1000)
+
+    def follow(self) -> None:
+        """A new membership on the global twin's message (the cloud re-clustered): hand every cluster back,
+        adopt it, and take the new clusters over once every live site has adopted it too."""
+        for messages in self.follower.poll(timeout_ms=0).values():
+            for m in messages:
+                try:
+                    msg = decode_twin(m.value or b"")
+                except MalformedMessage:
+                    continue  # the snapshot readers dead-letter it
+                if msg.level == "global":
+                    self._adopt(msg.meta)
+
+    def _adopt(self, meta: dict[str, Any]) -> None:
+        epoch, raw = meta.get("epoch"), meta.get("membership")
+        if not isinstance(epoch, int) or epoch <= self.state.epoch or not isinstance(raw, dict):
+            return
+        try:
+            labels = {int(s): int(c) for s, c in raw.items()}
+        except (TypeError, ValueError):
+            log.warning("site %s: membership of epoch %r unusable", self.site, epoch)
+            return
+        for cid in sorted(self.owned):
+            self.hand_over(cid, None)
+        known = self.state.clusters.labels
+        known.update({s: c for s, c in labels.items() if s in known and c >= 0})
+        self.state.epoch = epoch
+        log.info("site %s: membership epoch %d adopted", self.site, epoch)
+        self.heartbeat()
 
     def _catch_up(self, since: dict[int, int]) -> None:
         """Re-read updates.local from ``since`` up to this site's position; ``_decide`` keeps only the updates
@@ -371,6 +447,7 @@ class SiteService(TwinService):
                 "site": self.site,
                 "at_ms": int(time.time() * 1000),
                 "clusters": sorted(self.owned),
+                "epoch": self.state.epoch,
             }
             if leaving:
                 beat["leaving"] = True
@@ -388,11 +465,13 @@ class SiteService(TwinService):
     # -- the energy ledger -----------------------------------------------------------------------------------
     def book(self, before: int | None = None) -> None:
         """Book the open slots older than ``before`` (all with None) for this site and write their rows."""
-        done = sorted(s for s in self.slots if before is None or s < before)
+        done = sorted(s for s in self.slots.keys() | self.moves.keys() if before is None or s < before)
         lines: list[str] = []
         for slot in done:
-            samples = self.slots.pop(slot)
+            samples = self.slots.pop(slot, {})
             bss = sorted(samples)
+            for b in bss:  # trained here: its migrations were booked when its state arrived
+                self.ledger.hosts[b] = self.site_index
             part = self.ledger.book(
                 slot,
                 bss,
@@ -403,7 +482,10 @@ class SiteService(TwinService):
             for kind in KINDS:
                 totals[kind][0] += part.energy[(self.site, kind)]
                 totals[kind][1] += part.bytes[(self.site, kind)]
-            self.counters["migrations"] += len(part.migrations)
+            moves = self.moves.pop(slot, [])
+            totals["migration"][0] += sum(mv.energy for mv in moves)
+            totals["migration"][1] += sum(mv.bytes for mv in moves)
+            self.counters["migrations"] += len(moves)
             when = self.start_ms + slot * self.settings.edge.slot_s * 1000
             lines += [
                 point("edge_cost", {"site": self.site, "kind": k}, {"energy": e, "bytes": int(b)}, when)
@@ -416,7 +498,7 @@ class SiteService(TwinService):
                     {"energy": mv.energy, "bytes": mv.bytes},
                     when,
                 )
-                for mv in part.migrations
+                for mv in moves
             ]
         for slot in sorted(self.booked)[:-4]:  # a late update rewrites its slot's totals; keep a few
             del self.booked[slot]
@@ -432,6 +514,7 @@ class SiteService(TwinService):
         try:
             while not self.stopping:
                 self.presence.poll()
+                self.follow()
                 if time.monotonic() - started >= 2 * HEARTBEAT_S + 0.5:  # first hear who else is alive
                     self.rebalance()
                 polled = self.consumer.poll(timeout_ms=200)
@@ -462,6 +545,12 @@ class SiteService(TwinService):
             self.producer.flush()
         finally:
             self.presence.close()
+            self.follower.close(autocommit=False)
             self.consumer.close(autocommit=False)
             self.producer.close()
             self.influx.close()
+
+
+def _previous_site(meta: dict[str, Any]) -> str:
+    """The site a cluster comes from: a handover names it, otherwise its last host (killed, or gone)."""
+    return str(meta.get("from") if meta.get("handover") else meta.get("host") or "")

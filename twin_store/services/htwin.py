@@ -72,6 +72,7 @@ class TwinState:
     # False on an edge site (``nettwin edge``): the cloud (``nettwin cloud``) merges cluster changes into the
     # global twin from twin.models; True in ``nettwin htwin``, which is the cloud and one site in one process
     merge_global: bool = True
+    epoch: int = 0  # the membership's clustering epoch (kept by the reclusterer when there is one)
     host: str | None = None  # the edge site hosting these cluster twins (named on their messages)
     # updates.local partition -> first offset not yet decided, as of the update being applied: a site that
     # takes a cluster over re-reads its updates from there (kept on the cluster's message)
@@ -102,7 +103,9 @@ class TwinState:
         keys: KeyRegistry | None = None,
         defense: Defense | None = None,
         max_staleness: int = 500,
+        recluster_every: int | None = None,
     ) -> TwinState:
+        """The state on ``latest``; ``recluster_every`` overrides the stream plan's interval (0: never)."""
         glob = latest.get(b"global:0")
         if glob is None:
             raise InputError("twin.models has no global twin yet: run `nettwin vtwin` first")
@@ -134,6 +137,7 @@ class TwinState:
             keys=keys,
             max_staleness=max_staleness,
             defense=defense or Defense(),
+            epoch=epoch,
         )
         state.clusters.aggregator = state.defense.aggregate
         plan = StreamPlan.from_meta(glob.meta["plan"]) if "plan" in glob.meta else None
@@ -143,13 +147,14 @@ class TwinState:
             and state.defense.max_samples is None
         ):
             state.defense.max_samples = plan.window  # no honest update trains on more samples than that
-        if plan is not None and plan.recluster_every > 0:
+        every = recluster_every if recluster_every is not None else plan.recluster_every if plan else 0
+        if every > 0:
             where = milan_dir or Path(glob.meta.get("milan_dir", ""))
             state.reclusterer = Reclusterer(
                 dcs.SquareAttributes.load(where, sorted(clusters.labels)),
                 glob.meta.get("clusters"),
-                plan.seed,
-                plan.recluster_every,
+                plan.seed if plan else 1,
+                every,
                 dcs.Membership(dict(clusters.labels), epoch),
                 since=accepted - last_recluster,
             )
@@ -193,7 +198,7 @@ class TwinState:
             self.clusters.twins[cid].numpy(),
             {
                 "members": self.clusters.members(cid),
-                "epoch": r.membership.epoch if r else 0,
+                "epoch": r.membership.epoch if r else self.epoch,
                 "as_of": as_of,
                 "accepted": self.accepted,
                 "reclustered_at": self.accepted - r.since if r else 0,

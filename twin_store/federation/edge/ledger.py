@@ -142,6 +142,13 @@ class EdgeLedger:
         d = np.array([float(samples[b]) for b in bss])
         return self.book(slot, bss, d, self.associate(bss, d))
 
+    def migration(self, bs: str, source: int, target: int, samples: float) -> Migration:
+        """Eq. 13 for one twin moved between sites: its twin and its training data over their distance."""
+        twin_samples = self.twin_bytes / self.sample_bytes
+        energy = self.params.n_mig * float(self.manhattan[source, target]) * (samples + twin_samples)
+        moved = self.twin_bytes + int(samples) * self.sample_bytes
+        return Migration(bs, self.sites[source].name, self.sites[target].name, moved, energy)
+
     def book(self, slot: int, bss: list[str], d: Array, host: IntArray) -> SlotLedger:
         """Book one slot for a given placement: ``bss`` trained ``d`` samples each on site ``host``; a BS
         whose site changed since its last slot migrated there (eq. 13)."""
@@ -157,7 +164,6 @@ class EdgeLedger:
         e_s = np.array([self.sites[h].energy for h in host])
         sync = sync_cost(d, dist, p)
         comp = d * compute_energy_per_sample(eps, e_s, dist, p)
-        twin_samples = self.twin_bytes / self.sample_bytes
         for i, b in enumerate(bss):
             site = self.sites[host[i]].name
             data_bytes = int(d[i]) * self.sample_bytes
@@ -167,11 +173,10 @@ class EdgeLedger:
             volume[(site, "compute")] += data_bytes
             prev = self.hosts.get(b, -1)
             if prev >= 0 and prev != host[i]:
-                e = p.n_mig * float(self.manhattan[prev, host[i]]) * (d[i] + twin_samples)
-                moved = self.twin_bytes + data_bytes
-                migrations.append(Migration(b, self.sites[prev].name, site, moved, e))
-                energy[(site, "migration")] += e
-                volume[(site, "migration")] += moved
+                move = self.migration(b, prev, int(host[i]), float(d[i]))
+                migrations.append(move)
+                energy[(site, "migration")] += move.energy
+                volume[(site, "migration")] += move.bytes
             self.hosts[b] = int(host[i])
         hosts = {b: self.sites[h].name for b, h in zip(bss, host, strict=True)}
         return SlotLedger(slot, hosts, migrations, energy, volume)
