@@ -318,7 +318,7 @@ class SiteService(TwinService):
         A cluster whose message is of an older epoch than this site's membership (a re-clustering since) is
         rebuilt from its new members' last accepted updates, and its updates are re-read from the earliest
         offsets any cluster was handed back at: its members come from any old cluster."""
-        latest = read_latest_twins(self.settings, self.deadletters)
+        latest = read_latest_twins(self.settings)  # its bad messages were dead-lettered at start
         glob = latest.get(b"global:0")
         if glob is not None:  # an emptied or brand-new cluster starts from it
             self.state.global_twin.params = torch.as_tensor(glob.params)
