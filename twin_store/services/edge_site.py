@@ -523,7 +523,7 @@ class SiteService(TwinService):
                     if self.slots:
                         self.book(before=max(self.slots))
                     last = time.monotonic()
-                elif self.slots and time.monotonic() - last >= 2.0:
+                elif (self.slots or self.moves) and time.monotonic() - last >= 2.0:
                     self.book()
                 elif idle_exit_s is not None and time.monotonic() - last >= idle_exit_s:
                     break
@@ -535,7 +535,7 @@ class SiteService(TwinService):
         """Stop: book what trained, hand every cluster to the site the placement picks without this one."""
         self.beats_done.set()
         try:
-            if self.slots:
+            if self.slots or self.moves:
                 self.book()
             self.presence.poll()
             target = self.placement(int(time.time() * 1000), leaving=True)
