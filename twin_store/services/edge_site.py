@@ -347,7 +347,9 @@ class SiteService(TwinService):
                 bs = latest.get(f"bs:{square}".encode())
                 if bs is not None:
                     self.state.restore_bs(bs)
-                before = old_site.get(square, "")
+                # its old cluster's message may already be its new owner's (not listing it): then the site
+                # that decided its last update
+                before = old_site.get(square) or (str(bs.meta.get("host", "")) if bs is not None else "")
                 if before in names and before != self.site and square in self.state.accepted_updates:
                     self._moved(square, names.index(before), bs)
             if fresh:

@@ -404,6 +404,7 @@ class TwinState:
                 "profile": meta.get("profile"),
                 **({"sig": self.sigs[square]} if square in self.sigs else {}),
                 **({"evicted": True} if square not in self.clusters.latest else {}),
+                **({"host": self.host} if self.host is not None else {}),  # the edge site that decided it
             },
         )
 
