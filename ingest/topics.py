@@ -37,6 +37,7 @@ class Topics:
     sites_ftm: str
     telemetry_records: str
     entities: str
+    features_twins: str
 
     @classmethod
     def from_settings(cls, settings: NettwinSettings) -> Topics:
@@ -58,6 +59,7 @@ class Topics:
             sites_ftm=f"{p}sites.ftm",
             telemetry_records=f"{p}telemetry.records",
             entities=f"{p}entities",
+            features_twins=f"{p}features.twins",
         )
 
 
@@ -115,5 +117,11 @@ def topic_specs(settings: NettwinSettings) -> list[TopicSpec]:
             1,
             True,
             "entity registry (compacted): key = entity name, value = JSON {key, kind}; first claim wins",
+        ),
+        TopicSpec(
+            t.features_twins,
+            n,
+            False,
+            "the [twins] metric of attached sources per entity and step (closed steps), same partitioning",
         ),
     ]

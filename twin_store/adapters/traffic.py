@@ -5,6 +5,7 @@
 - the first time a square is seen -> a ``twin`` row (level=bs, twin_id=square, version 0).
 - each feature message -> a ``pipeline`` row: lag from the source closing the interval to the write
   being acknowledged.
+- the ``[twins]`` metric per entity and closed step -> ``twin_input`` (``twin_step_lines``).
 - BS agents' forecast batches -> ``forecast`` rows (``forecast_lines``).
 - a run's final marker -> a ``replay`` row per partition: records sent by the producer and received by
   the worker, written after everything before it on that partition is acknowledged, so completeness is
@@ -18,9 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ingest.schema import N_INTERVALS, RecordBatch
-from twin_store.adapters.lineproto import columns_to_text, point
+from twin_store.adapters.lineproto import columns_to_text, escape_tag, point, texts
 
 MEASUREMENT_BY_WINDOW = {600: "traffic", 3600: "traffic_hourly"}
+TWIN_INPUT = "twin_input"  # the [twins] metric per entity and step, as the twins learn it
 
 
 def measurement_for(window_s: int) -> str:
@@ -137,7 +139,29 @@ def forecast_lines(batch: RecordBatch) -> list[str]:
     ]
 
 
+def twin_step_lines(batch: RecordBatch) -> list[str]:
+    """The ``[twins]`` metric per entity and closed step -> ``twin_input`` rows (tags ``entity``, ``metric``;
+    fields ``value``, ``n_values`` (raw values folded in) and ``key`` (the entity's registry key)), time =
+    the step's start."""
+    if not len(batch):
+        return []
+    names = batch.extra["entities"]
+    metric = escape_tag(str(batch.extra["twins"]["metric"]))
+    prefix = {k: f"{TWIN_INPUT},entity={escape_tag(v)},metric={metric} value=" for k, v in names.items()}
+    values = texts(batch.values[:, 0])
+    counts = batch.values[:, 1].astype(np.int64).tolist()
+    times = (batch.starts_ms // 1000).tolist()
+    # key: the entity's registry key, so twins built from these rows name the entity as the stream does
+    return [
+        f"{prefix[str(k)]}{v},n_values={n}i,key={k}i {t}"
+        for k, v, n, t in zip(batch.squares.tolist(), values, counts, times, strict=True)
+    ]
+
+
 def batch_points(batch: RecordBatch, partition: int, twins: TwinRegistry, now_ms: int) -> Points:
+    if batch.kind == "features" and "twins" in batch.extra:
+        lines = twin_step_lines(batch)
+        return Points(lines=lines, records=len(lines), partition=partition, window_s=batch.step_s)
     if batch.kind == "forecast":
         return Points(lines=forecast_lines(batch), partition=partition, window_s=batch.step_s)
     out = Points(

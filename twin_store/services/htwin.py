@@ -518,15 +518,17 @@ class TwinService:
             raise InputError(f"security.defense: {exc}") from None
         self.producer = make_producer(settings)
         self.deadletters = DeadLetterSink(self.producer, self.topics.deadletter)
-        self.state = TwinState.from_messages(
-            read_latest_twins(settings, self.deadletters),
-            psi,
-            milan_dir,
-            gamma,
-            keys,
-            defense,
-            sec.max_staleness,
-        )
+        self.psi, self.milan_dir, self.fixed_gamma = psi, milan_dir, gamma
+        self.keys, self.defense = keys, defense
+        self.stopping = False
+        # the screen's memory (peer deltas, per-BS detectors) is not on twin.models: it is kept beside the
+        # committed offsets, so a restarted store screens at once instead of warming up again
+        self.screen_file = settings.state_dir / "store" / f"{settings.kafka.topic_prefix}screen.npz"
+        latest = read_latest_twins(settings, self.deadletters)
+        # a [twins] deployment without twins yet bootstraps them from its stream's history (``run``)
+        self.bootstrapping = b"global:0" not in latest and settings.twins.target is not None
+        if not self.bootstrapping:
+            self._load_state(latest)
         self.influx = InfluxClient(settings.influx)
         self.consumer = make_consumer(
             settings,
@@ -534,10 +536,13 @@ class TwinService:
             group_id=f"{settings.kafka.topic_prefix}nettwin-twins",
             fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
         )
-        self.stopping = False
-        # the screen's memory (peer deltas, per-BS detectors) is not on twin.models: it is kept beside the
-        # committed offsets, so a restarted store screens at once instead of warming up again
-        self.screen_file = settings.state_dir / "store" / f"{settings.kafka.topic_prefix}screen.npz"
+        self.counters = {"deadletters": 0}
+
+    def _load_state(self, latest: dict[bytes, TwinMessage]) -> None:
+        sec = self.settings.security
+        self.state = TwinState.from_messages(
+            latest, self.psi, self.milan_dir, self.fixed_gamma, self.keys, self.defense, sec.max_staleness
+        )
         if self.state.defense.remembers:
             saved = load_screen(
                 self.screen_file, type(self.state.defense), self.state.global_twin.params.numel()
@@ -545,12 +550,44 @@ class TwinService:
             if saved is not None:
                 self.state.defense = saved
                 self.state.clusters.aggregator = saved.aggregate
-        self.counters = {"deadletters": 0}
+
+    def bootstrap(self, poll_s: float = 5.0) -> dict[str, Any] | None:
+        """Wait until the stream's history is enough (``[twins]`` bootstrap thresholds), V-twin on it, and
+        load the twins; None if stopped first. Progress is logged at every check."""
+        from twin_store.services.vtwin import bootstrap_need, bootstrap_ready, run_vtwin_from_influx
+
+        twins = self.settings.twins
+        need = bootstrap_need(self.settings)
+        last_log = 0.0
+        while not self.stopping:
+            ok, grid = bootstrap_ready(self.settings, self.influx)
+            if ok:
+                summary = run_vtwin_from_influx(self.settings, grid=grid)
+                log.info("bootstrap V-twinning done: %s", summary)
+                self._load_state(read_latest_twins(self.settings, self.deadletters))
+                self.bootstrapping = False
+                return summary
+            if time.monotonic() - last_log > 30:
+                have = int((np.isfinite(grid.values).sum(axis=1) >= need).sum()) if grid.values.size else 0
+                log.info(
+                    "bootstrap: %d of %d entities have %d steps of %r; waiting",
+                    have,
+                    twins.bootstrap_entities,
+                    need,
+                    twins.target,
+                )
+                last_log = time.monotonic()
+            deadline = time.monotonic() + poll_s
+            while not self.stopping and time.monotonic() < deadline:
+                time.sleep(0.1)
+        return None
 
     def run(self, idle_exit_s: float | None = None, max_messages: int | None = None) -> dict[str, int]:
         handled = 0
-        last = time.monotonic()
         try:
+            if self.bootstrapping and self.bootstrap() is None:
+                return self.counters | {"bootstrapped": 0}
+            last = time.monotonic()
             while not self.stopping:
                 polled = self.consumer.poll(
                     timeout_ms=200, max_records=max_messages - handled if max_messages else None

@@ -22,6 +22,19 @@ from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.lineproto import point
+from twin_store.federation.bootstrap import (
+    VALIDATION_MIN,
+    EntityScaler,
+    Grid,
+    build_grid,
+    carry_forward,
+    cluster_labels,
+    default_need,
+    input_lags,
+    profiles,
+    ready,
+    training_samples,
+)
 from twin_store.federation.local_updates import StreamPlan
 from twin_store.federation.models_topic import TwinMessage
 from twin_store.federation.plan import dcs_labels, load_matrix, split_hours, stream_plan
@@ -184,3 +197,285 @@ def run_vtwin(settings: NettwinSettings, job: VTwinJob) -> dict[str, Any]:
         "topic": topics.twin_models,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+# ---- V-twinning of any deployment, from the [twins] steps its stream wrote to InfluxDB
+
+
+@dataclass(frozen=True)
+class StreamJob:
+    """How bootstrap V-twinning trains (the VH-Twin defaults) and the stream protocol after it."""
+
+    seed: int = 1
+    rounds: int = 10
+    participation: float = 1.0
+    hidden: int = 32
+    update_every: int = StreamPlan.update_every  # steps between a BS's local updates
+    window: int = StreamPlan.window  # steps of recent samples a local update trains on
+    stream: FitConfig = field(default_factory=lambda: StreamPlan(0, 0, 0).fit)
+    fit: FitConfig = field(default_factory=lambda: FitConfig(steps=20, lr=1e-2, batch=64))
+
+
+def read_twin_steps(influx: InfluxClient, metric: str, step_s: int) -> Grid:
+    """Every ``twin_input`` row of ``metric`` -> the grid of entities x steps (docs/twins.md)."""
+    q = (
+        'SELECT "value", "key" FROM "twin_input" WHERE "metric" = '
+        + "'"
+        + metric.replace("\\", "\\\\").replace("'", "\\'")
+        + '\' GROUP BY "entity"'
+    )
+    rows: list[tuple[int, str, int, float]] = []
+    for series in influx.query(q, method="POST"):
+        name = series.tags.get("entity", "")
+        for t, value, key in series.values:
+            if value is not None and key is not None:
+                rows.append((int(key), name, int(t), float(value)))
+    return build_grid(rows, step_s * 1000)
+
+
+def read_sites(path: Path) -> dict[str, tuple[float, float]]:
+    """``entity,lat,lon[,...]`` (a header line naming at least entity, lat and lon) -> name -> (lat, lon)."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"entity", "lat", "lon"} - set(reader.fieldnames or ())
+            if missing:
+                raise InputError(f"{path}: missing column(s) {sorted(missing)} (need entity,lat,lon)")
+            out: dict[str, tuple[float, float]] = {}
+            for line, row in enumerate(reader, start=2):
+                try:
+                    lat, lon = float(row["lat"]), float(row["lon"])
+                except (TypeError, ValueError):
+                    raise InputError(
+                        f"{path}:{line}: lat/lon {row['lat']!r}, {row['lon']!r} are not numbers"
+                    ) from None
+                if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+                    raise InputError(f"{path}:{line}: lat {lat}, lon {lon} out of range")
+                out[str(row["entity"])] = (lat, lon)
+            return out
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror}") from exc
+
+
+def bootstrap_need(settings: NettwinSettings) -> int:
+    twins = settings.twins
+    return twins.bootstrap_steps or default_need(twins.horizon)
+
+
+def bootstrap_ready(settings: NettwinSettings, influx: InfluxClient) -> tuple[bool, Grid]:
+    twins = settings.twins
+    if twins.target is None:
+        raise InputError("[twins] has no target: name the metric to twin (docs/twins.md)")
+    grid = read_twin_steps(influx, twins.target, twins.cadence_s)
+    return ready(grid, bootstrap_need(settings), twins.bootstrap_entities), grid
+
+
+def run_vtwin_from_influx(
+    settings: NettwinSettings, job: StreamJob | None = None, grid: Grid | None = None
+) -> dict[str, Any]:
+    """V-twinning on the history the stream wrote (``twin_input``), published like ``run_vtwin``'s twins.
+
+    The newest ``VALIDATION_MIN`` steps (or a fifth of the history, if more) are held out: the scalers and
+    the twins use the steps before them, and the summary reports the global twin's validation MSE on
+    z-scores beside persistence's. Streaming starts at the step after the history.
+    """
+    job = job or StreamJob()
+    twins = settings.twins
+    if twins.target is None:
+        raise InputError("[twins] has no target: name the metric to twin (docs/twins.md)")
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    if grid is None:
+        with InfluxClient(settings.influx) as influx:
+            grid = read_twin_steps(influx, twins.target, twins.cadence_s)
+    need = bootstrap_need(settings)
+    if not ready(grid, need, twins.bootstrap_entities):
+        raise InputError(
+            f"twin_input has {grid.values.shape[0]} entities of {twins.target!r} with up to "
+            f"{int(np.isfinite(grid.values).sum(axis=1).max(initial=0))} steps; V-twinning needs "
+            f"{twins.bootstrap_entities} entities with {need} steps (twins.bootstrap_entities, bootstrap_steps)"
+        )
+    steps_per_day = 86_400 // twins.cadence_s
+    total = grid.steps
+    val = max(VALIDATION_MIN, total // 5)
+    train = total - val
+    lags = input_lags(steps_per_day, total, twins.horizon)
+    scaler = EntityScaler.fit(grid.values[:, :train])
+    z = scaler.transform(grid.values)
+    filled = carry_forward(z)
+    positions = None
+    if twins.sites is not None:
+        sites = read_sites(twins.sites)
+        if all(n in sites for n in grid.names):
+            positions = np.array([sites[n] for n in grid.names])
+    profile = profiles(z, steps_per_day, train)
+    labels = cluster_labels(profile, twins.clusters, job.seed, positions)
+    x, y = training_samples(filled, lags, train)
+    model = TwinModel(job.hidden)
+    result = v_twinning(
+        model,
+        grid.keys,
+        labels,
+        torch.as_tensor(x, dtype=torch.float32),
+        torch.as_tensor(y, dtype=torch.float32),
+        model.init(1, job.seed)[0],
+        job.rounds,
+        job.participation,
+        job.fit,
+        torch.Generator().manual_seed(job.seed),
+        np.random.default_rng(job.seed),
+    )
+    # validation: the global twin on the held-out targets (inputs carried forward, targets reported)
+    lag = np.asarray(lags)
+    targets = np.arange(max(train, int(lag.max())), total)
+    xv = filled[:, targets[:, None] - lag[None, :]]
+    yv = z[:, targets]
+    ok = np.isfinite(yv)
+    with torch.no_grad():
+        pred = model.predict(
+            result.global_params.expand(xv.shape[0], -1), torch.as_tensor(xv, dtype=torch.float32)
+        ).numpy()
+    persistence = filled[:, targets - twins.horizon]
+    val_mse = float(np.mean((pred[ok] - yv[ok]) ** 2)) if ok.any() else float("nan")
+    pers_mse = float(np.mean((persistence[ok] - yv[ok]) ** 2)) if ok.any() else float("nan")
+
+    plan = StreamPlan(
+        seed=job.seed,
+        start_hour=total,
+        start_ms=grid.start_ms,
+        update_every=job.update_every,
+        window=job.window,
+        fit=job.stream,
+        recluster_every=0,  # re-clustering needs Milan's attributes today; late joiners pick a cluster
+        column=twins.target,
+        step_ms=grid.step_ms,
+        lags=lags,
+        steps_per_day=steps_per_day,
+    )
+    ct = result.clusters
+    cluster_ids = sorted(set(ct.labels.values()))
+    members = {c: ct.members(c) for c in cluster_ids}
+    rows_of = {int(k): i for i, k in enumerate(grid.keys.tolist())}
+    centroids = {
+        str(c): profile[[rows_of[m] for m in members[c]]].mean(axis=0).round(6).tolist() for c in cluster_ids
+    }
+    cluster_positions = (
+        {str(c): positions[[rows_of[m] for m in members[c]]].mean(axis=0).tolist() for c in cluster_ids}
+        if positions is not None
+        else None
+    )
+    loss = result.losses[-1] if result.losses else float("nan")
+    keys = grid.keys.tolist()
+    meta: dict[str, Any] = {
+        "members": keys,
+        "loss": loss,
+        "rounds": result.rounds,
+        "train_hours": train,
+        "plan": plan.to_meta(),
+        "clusters": twins.clusters,
+        "as_of": -1,
+        "scaler": {
+            str(k): [float(m), float(d)] for k, m, d in zip(keys, scaler.mean, scaler.std, strict=True)
+        },
+        "entities": {str(k): n for k, n in zip(keys, grid.names, strict=True)},
+        "metric": twins.target,
+        "cluster_profiles": centroids,
+        **({"cluster_positions": cluster_positions} if cluster_positions is not None else {}),
+    }
+    messages = twin_messages(result, job.hidden, meta)
+    names = dict(zip(keys, grid.names, strict=True))
+    publish_twins(settings, messages, result, members, names)
+    return {
+        "entities": len(keys),
+        "steps": total,
+        "train_steps": train,
+        "lags": list(lags),
+        "clusters": {str(c): len(members[c]) for c in cluster_ids},
+        "rounds": result.rounds,
+        "final_loss": round(loss, 5),
+        "validation_mse": round(val_mse, 5),
+        "persistence_mse": round(pers_mse, 5),
+        "topic": Topics.from_settings(settings).twin_models,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def twin_messages(result: Any, hidden: int, global_meta: dict[str, Any]) -> list[TwinMessage]:
+    """The global, cluster and per-BS twins V-twinning ended with (as ``run_vtwin`` publishes them)."""
+    ct = result.clusters
+    cluster_ids = sorted(set(ct.labels.values()))
+    loss = global_meta["loss"]
+    return [
+        TwinMessage("global", "0", 1, hidden, result.global_params.numpy(), global_meta),
+        *(
+            TwinMessage(
+                "cluster",
+                str(c),
+                1,
+                hidden,
+                ct.twins[c].numpy(),
+                {"members": ct.members(c), "epoch": 0, "as_of": -1},
+            )
+            for c in cluster_ids
+        ),
+        *(
+            TwinMessage(
+                "bs",
+                str(s),
+                1,
+                hidden,
+                params.numpy(),
+                {"seq": -1, "hour": -1, "n_samples": n, "loss": loss, "cluster": ct.labels[s]},
+            )
+            for s, (params, n) in sorted(ct.latest.items())
+        ),
+    ]
+
+
+def publish_twins(
+    settings: NettwinSettings,
+    messages: list[TwinMessage],
+    result: Any,
+    members: dict[int, list[int]],
+    names: dict[int, str],
+) -> None:
+    """Twins to ``twin.models``, then ``twin`` and ``membership`` rows (tag ``entity``) to InfluxDB."""
+    topics = Topics.from_settings(settings)
+    producer = make_producer(settings)
+    try:
+        futures = [producer.send(topics.twin_models, key=m.key, value=m.encode()) for m in messages]
+        producer.flush()
+        for f in futures:
+            if f.exception is not None:
+                raise ServiceError(f"publishing twins to {topics.twin_models} failed: {f.exception}")
+    finally:
+        producer.close()
+    now = int(time.time())
+    loss = result.losses[-1] if result.losses else float("nan")
+    n_updates = result.uploads
+    lines = [
+        point(
+            "twin",
+            {"level": "global", "twin_id": "0"},
+            {"version": 1, "epsilon": 0.0, "loss": loss, "n_updates": n_updates, "n_members": len(names)},
+            now,
+        )
+    ]
+    lines += [
+        point(
+            "twin",
+            {"level": "cluster", "twin_id": str(c)},
+            {"version": 1, "epsilon": 0.0, "loss": loss, "n_updates": n_updates, "n_members": len(m)},
+            now,
+        )
+        for c, m in members.items()
+    ]
+    labels = result.clusters.labels
+    lines += [
+        point("membership", {"entity": names[s]}, {"cluster": int(labels[s]), "epoch": 0}, now)
+        for s in sorted(names)
+    ]
+    with InfluxClient(settings.influx) as influx:
+        influx.write("\n".join(lines).encode(), precision="s")
