@@ -85,7 +85,7 @@ def test_forecasts_come_before_their_hour_and_outcomes_after() -> None:
     assert row[0] == got and row[1] == series(3, 131)[130] and row[2] == abs(row[1] - row[0]) and row[3] == 0
     # the store turns them into `forecast` rows, round-tripping the wire format
     lines = forecast_lines(decode(oc.encode()))
-    assert lines[0].startswith("forecast,cluster=0,square=3 predicted=") and "abs_error=" in lines[0]
+    assert lines[0].startswith("forecast,cluster=0,entity=3 predicted=") and "abs_error=" in lines[0]
 
 
 def test_due_bss_publish_updates_from_their_cluster_twin() -> None:

@@ -92,7 +92,7 @@ def feature_lines(batch: RecordBatch) -> list[str]:
         if batch.step_s != 600:  # a 10-minute window of 10-minute data always sums one interval
             ints[N_INTERVALS] = counts
     text = columns_to_text(
-        measurement_for(batch.step_s), "square", batch.squares, batch.starts_ms // 1000, cols, values, ints
+        measurement_for(batch.step_s), "entity", batch.squares, batch.starts_ms // 1000, cols, values, ints
     )
     return [text] if text else []
 
@@ -120,18 +120,21 @@ class TwinRegistry:
 def forecast_lines(batch: RecordBatch) -> list[str]:
     """BS agents' forecasts (``predicted``) and outcomes (+ ``actual``, ``abs_error``) -> ``forecast`` rows.
 
-    Tags ``square`` and ``cluster`` (the BS's cluster when the forecast was made), time = the target hour.
-    An outcome rewrites its forecast's point with the actual value added (same series and time).
+    Tags ``entity`` (the batch's entity names, else the key: a Milan square's number), ``metric`` (when the
+    batch names it) and ``cluster`` (the BS's cluster when the forecast was made), time = the start of the
+    forecast step. An outcome rewrites its forecast's point with the actual value added (same series and time).
     """
     cols = list(batch.columns)
     j = cols.index("cluster")
     fields = [c for c in cols if c != "cluster"]
     idx = [cols.index(c) for c in fields]
     times = (batch.starts_ms // 1000).tolist()
+    names = batch.extra.get("entities", {})
+    metric = str(batch.extra.get("metric", ""))  # empty: no tag (point() leaves empty tags out)
     return [
         point(
             "forecast",
-            {"square": str(sq), "cluster": str(int(row[j]))},
+            {"entity": names.get(str(sq), str(sq)), "metric": metric, "cluster": str(int(row[j]))},
             {f: float(row[i]) for f, i in zip(fields, idx, strict=True)},
             t,
         )

@@ -193,7 +193,7 @@ class TwinState:
         log.info("re-clustered (epoch %d) before hour %d: %d BSs moved", r.membership.epoch, hour, len(moves))
         changed = sorted({c for _, old, new in moves for c in (old, new) if c is not None})
         lines = [
-            point("membership", {"square": str(s)}, {"cluster": c, "epoch": r.membership.epoch}, None)
+            point("membership", {"entity": str(s)}, {"cluster": c, "epoch": r.membership.epoch}, None)
             + f" {now}"
             for s, c in sorted(self.clusters.labels.items())
         ]
@@ -410,7 +410,7 @@ class TwinState:
         if norm is not None:
             fields["norm"] = norm
         tags = {
-            "square": update.twin_id,
+            "entity": update.twin_id,
             "cluster": str(update.meta.get("cluster", -1)),
             "decision": decision,
         }

@@ -181,7 +181,7 @@ def run_vtwin(settings: NettwinSettings, job: VTwinJob) -> dict[str, Any]:
         for c in cluster_ids
     ]
     lines += [
-        point("membership", {"square": str(s)}, {"cluster": int(ct.labels[int(s)]), "epoch": 0}, now)
+        point("membership", {"entity": str(s)}, {"cluster": int(ct.labels[int(s)]), "epoch": 0}, now)
         for s in squares.tolist()
     ]
     with InfluxClient(settings.influx) as influx:
