@@ -3,9 +3,13 @@
 
 Rules (docs/twins.md):
 
+The same rule as the offline series builder (``twin_store/federation/series.py``), so twins bootstrapped from
+the stream and ``nettwin bench twins`` see the same numbers:
+
 - A record belongs to the step ``[k * cadence, (k + 1) * cadence)`` holding its event time.
-- ``sum``, ``mean`` and ``max`` fold every value of the step; ``last`` keeps the value with the latest event
-  time, and among equal times the one that arrived last. Records without the metric are not counted.
+- Records of one entity with the same time are one measurement: the last to arrive wins. Then ``sum``,
+  ``mean`` and ``max`` fold the step's values, ``last`` takes the latest time's. Records without the metric
+  are not counted.
 - A step closes when the partition has seen a record at or past its end plus the allowed lateness (the
   partition's watermark). A record for a step that already closed is late: a dead letter, never folded
   into a step already emitted.
@@ -26,35 +30,19 @@ N_VALUES = "n_values"  # raw values folded into the step
 
 
 @dataclass
-class _Acc:
-    total: float
-    count: int
-    top: float
-    last_t: int
-    last: float
-
-    def fold(self, value: float, t: int) -> None:
-        self.total += value
-        self.count += 1
-        self.top = max(self.top, value)
-        if t >= self.last_t:
-            self.last_t, self.last = t, value
-
-
-@dataclass
 class _Step:
-    cells: dict[int, _Acc] = field(default_factory=dict)  # entity key -> accumulator
+    cells: dict[int, dict[int, float]] = field(default_factory=dict)  # entity key -> time -> value
     min_offset: int = 0
 
 
-def aggregate_of(acc: _Acc, aggregate: str) -> float:
+def aggregate_of(values: dict[int, float], aggregate: str) -> float:
     if aggregate == "sum":
-        return acc.total
+        return float(sum(values.values()))
     if aggregate == "mean":
-        return acc.total / acc.count
+        return float(sum(values.values()) / len(values))
     if aggregate == "max":
-        return acc.top
-    return acc.last
+        return float(max(values.values()))
+    return values[max(values)]
 
 
 class TwinWindows:
@@ -145,13 +133,12 @@ class TwinWindows:
             if step is None:
                 step = self.open[start] = _Step(min_offset=offset)
             step.min_offset = min(step.min_offset, offset)
-            acc = step.cells.get(key)
-            if acc is None:
-                step.cells[key] = _Acc(v, 1, v, t, v)
+            cell = step.cells.get(key)
+            if cell is None:
+                cell = step.cells[key] = {}
                 if key not in self.names:
                     self.names[key] = names.get(str(key), str(key))
-            else:
-                acc.fold(v, t)
+            cell[t] = v  # the same time again: the later arrival wins
         if has.any():
             newest = int(times[has].max()) - self.lateness_ms
             self.watermark_ms = newest if self.watermark_ms is None else max(self.watermark_ms, newest)
@@ -183,10 +170,10 @@ class TwinWindows:
         for s in due:
             step = self.open.pop(s)
             for key in sorted(step.cells):
-                acc = step.cells[key]
+                cell = step.cells[key]
                 keys.append(key)
                 starts.append(s)
-                rows.append((aggregate_of(acc, self.aggregate), float(acc.count)))
+                rows.append((aggregate_of(cell, self.aggregate), float(len(cell))))
         return step_batch(self.metric, self.aggregate, self.step_ms // 1000, keys, starts, rows, self.names)
 
     def _safe_offset(self, next_offset: int) -> int:

@@ -51,6 +51,20 @@ def test_aggregates_of_one_step(aggregate: str, expected: float) -> None:
     assert closed(w, message([Record("b", 10 * MIN, {"down": 7.0})])) == [("a", 0, expected, 3)]
 
 
+@pytest.mark.parametrize("aggregate", ["sum", "mean", "max", "last"])
+def test_same_time_twice_is_one_measurement_the_last_arrival(aggregate: str) -> None:
+    w = TwinWindows("t", 0, "down", 600, aggregate)
+    recs = [
+        Record("a", 4 * MIN, {"down": 9.0}),
+        Record("a", 4 * MIN, {"down": 5.0}),
+        Record("a", 2 * MIN, {"down": 1.0}),
+    ]
+    expected = {"sum": 6.0, "mean": 3.0, "max": 5.0, "last": 5.0}[aggregate]
+    assert closed(w, message(recs), message([Record("a", 11 * MIN, {"down": 0.0})])) == [
+        ("a", 0, expected, 2)
+    ]
+
+
 def test_last_keeps_the_latest_time_and_among_ties_the_last_arrival() -> None:
     w = TwinWindows("t", 0, "down", 600, "last")
     recs = [
@@ -58,7 +72,7 @@ def test_last_keeps_the_latest_time_and_among_ties_the_last_arrival() -> None:
         Record("a", 4 * MIN, {"down": 5.0}),
         Record("a", 2 * MIN, {"down": 9.0}),
     ]
-    assert closed(w, message(recs), message([Record("a", 11 * MIN, {"down": 0.0})])) == [("a", 0, 5.0, 3)]
+    assert closed(w, message(recs), message([Record("a", 11 * MIN, {"down": 0.0})])) == [("a", 0, 5.0, 2)]
 
 
 def test_late_records_are_dead_letters_and_other_metrics_are_not_counted() -> None:
@@ -158,3 +172,45 @@ def test_twins_table_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.Mon
         2,
         "s.csv",
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("abc"), st.integers(0, 60), st.integers(-50, 50)), min_size=2, max_size=80
+    ),
+    st.sampled_from(["sum", "mean", "max", "last"]),
+    st.integers(1, 5),
+)
+def test_live_steps_equal_the_offline_series_builder(
+    rows: list[tuple[str, int, int]], aggregate: str, parts: int
+) -> None:
+    """The worker's steps and ``federation/series.build_series`` (what bootstrap and ``bench twins`` use) agree
+    on every closed step, duplicates included, for records arriving in time order."""
+    from twin_store.federation.series import build_series
+
+    rows = sorted(rows, key=lambda r: r[1])
+    keys = {e: i + 1 for i, e in enumerate("abc")}
+    w = TwinWindows("t", 0, "down", 600, aggregate)
+    live: dict[tuple[str, int], tuple[float, int]] = {}
+    for offset, idx in enumerate(np.array_split(np.arange(len(rows)), parts)):
+        recs = [Record(rows[i][0], rows[i][1] * MIN, {"down": float(rows[i][2])}) for i in idx]
+        if not recs:
+            continue
+        for b in w.on_message(encode_records(recs, keys, "s").encode(), offset).features:
+            for k, t, (v, n) in zip(b.squares.tolist(), b.starts_ms.tolist(), b.values.tolist(), strict=True):
+                live[(b.extra["entities"][str(k)], t)] = (v, int(n))
+    closed_until = (rows[-1][1] // 10) * 10 * MIN  # the newest record's step is still open
+    offline = build_series(
+        [r[0] for r in rows], [r[1] * MIN for r in rows], [float(r[2]) for r in rows], 600_000, aggregate,
+        start_ms=0, until_ms=closed_until,
+    )  # fmt: skip
+    expected = {
+        (e, int(offline.time_of(k))): (float(offline.values[i, k]), int(offline.counts[i, k]))
+        for i, e in enumerate(offline.entities)
+        for k in range(offline.steps)
+        if np.isfinite(offline.values[i, k])
+    }
+    assert live.keys() == expected.keys()
+    for key, (v, n) in live.items():
+        assert v == pytest.approx(expected[key][0]) and n == expected[key][1]

@@ -22,23 +22,13 @@ from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.lineproto import point
-from twin_store.federation.bootstrap import (
-    VALIDATION_MIN,
-    EntityScaler,
-    Grid,
-    build_grid,
-    carry_forward,
-    cluster_labels,
-    default_need,
-    input_lags,
-    profiles,
-    ready,
-    training_samples,
-)
+from twin_store.federation.bootstrap import Grid, build_grid, default_need, prepare, ready
+from twin_store.federation.inputs import daily_profiles
 from twin_store.federation.local_updates import StreamPlan
 from twin_store.federation.models_topic import TwinMessage
 from twin_store.federation.plan import dcs_labels, load_matrix, split_hours, stream_plan
 from twin_store.federation.samples import Scaler, samples
+from twin_store.federation.sites import cluster_entities, load_sites
 from twin_store.federation.twinning import v_twinning
 from twin_store.models.forecaster import FitConfig, TwinModel
 
@@ -218,12 +208,8 @@ class StreamJob:
 
 def read_twin_steps(influx: InfluxClient, metric: str, step_s: int) -> Grid:
     """Every ``twin_input`` row of ``metric`` -> the grid of entities x steps (docs/twins.md)."""
-    q = (
-        'SELECT "value", "key" FROM "twin_input" WHERE "metric" = '
-        + "'"
-        + metric.replace("\\", "\\\\").replace("'", "\\'")
-        + '\' GROUP BY "entity"'
-    )
+    quoted = metric.replace("\\", "\\\\").replace("'", "\\'")
+    q = f'SELECT "value", "key" FROM "twin_input" WHERE "metric" = \'{quoted}\' GROUP BY "entity"'
     rows: list[tuple[int, str, int, float]] = []
     for series in influx.query(q, method="POST"):
         name = series.tags.get("entity", "")
@@ -231,32 +217,6 @@ def read_twin_steps(influx: InfluxClient, metric: str, step_s: int) -> Grid:
             if value is not None and key is not None:
                 rows.append((int(key), name, int(t), float(value)))
     return build_grid(rows, step_s * 1000)
-
-
-def read_sites(path: Path) -> dict[str, tuple[float, float]]:
-    """``entity,lat,lon[,...]`` (a header line naming at least entity, lat and lon) -> name -> (lat, lon)."""
-    import csv
-
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"entity", "lat", "lon"} - set(reader.fieldnames or ())
-            if missing:
-                raise InputError(f"{path}: missing column(s) {sorted(missing)} (need entity,lat,lon)")
-            out: dict[str, tuple[float, float]] = {}
-            for line, row in enumerate(reader, start=2):
-                try:
-                    lat, lon = float(row["lat"]), float(row["lon"])
-                except (TypeError, ValueError):
-                    raise InputError(
-                        f"{path}:{line}: lat/lon {row['lat']!r}, {row['lon']!r} are not numbers"
-                    ) from None
-                if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-                    raise InputError(f"{path}:{line}: lat {lat}, lon {lon} out of range")
-                out[str(row["entity"])] = (lat, lon)
-            return out
-    except OSError as exc:
-        raise InputError(f"{path}: {exc.strerror}") from exc
 
 
 def bootstrap_need(settings: NettwinSettings) -> int:
@@ -275,12 +235,8 @@ def bootstrap_ready(settings: NettwinSettings, influx: InfluxClient) -> tuple[bo
 def run_vtwin_from_influx(
     settings: NettwinSettings, job: StreamJob | None = None, grid: Grid | None = None
 ) -> dict[str, Any]:
-    """V-twinning on the history the stream wrote (``twin_input``), published like ``run_vtwin``'s twins.
-
-    The newest ``VALIDATION_MIN`` steps (or a fifth of the history, if more) are held out: the scalers and
-    the twins use the steps before them, and the summary reports the global twin's validation MSE on
-    z-scores beside persistence's. Streaming starts at the step after the history.
-    """
+    """V-twinning on the history the stream wrote (``twin_input``), published like ``run_vtwin``'s twins
+    (``twin_store/federation/bootstrap.py`` has the rules). Streaming starts at the step after the history."""
     job = job or StreamJob()
     twins = settings.twins
     if twins.target is None:
@@ -292,55 +248,50 @@ def run_vtwin_from_influx(
             grid = read_twin_steps(influx, twins.target, twins.cadence_s)
     need = bootstrap_need(settings)
     if not ready(grid, need, twins.bootstrap_entities):
+        most = int(grid.reported().max(initial=0)) if grid.values.size else 0
         raise InputError(
-            f"twin_input has {grid.values.shape[0]} entities of {twins.target!r} with up to "
-            f"{int(np.isfinite(grid.values).sum(axis=1).max(initial=0))} steps; V-twinning needs "
-            f"{twins.bootstrap_entities} entities with {need} steps (twins.bootstrap_entities, bootstrap_steps)"
+            f"twin_input has {len(grid.names)} entities of {twins.target!r} with up to {most} steps; "
+            f"V-twinning needs {twins.bootstrap_entities} entities with {need} steps "
+            "(twins.bootstrap_entities, twins.bootstrap_steps)"
         )
-    steps_per_day = 86_400 // twins.cadence_s
-    total = grid.steps
-    val = max(VALIDATION_MIN, total // 5)
-    train = total - val
-    lags = input_lags(steps_per_day, total, twins.horizon)
-    scaler = EntityScaler.fit(grid.values[:, :train])
-    z = scaler.transform(grid.values)
-    filled = carry_forward(z)
-    positions = None
+    prep = prepare(grid, need, twins.horizon)
+    grid = prep.grid
+    names = grid.names
+    sites = None
     if twins.sites is not None:
-        sites = read_sites(twins.sites)
-        if all(n in sites for n in grid.names):
-            positions = np.array([sites[n] for n in grid.names])
-    profile = profiles(z, steps_per_day, train)
-    labels = cluster_labels(profile, twins.clusters, job.seed, positions)
-    x, y = training_samples(filled, lags, train)
-    model = TwinModel(job.hidden)
+        all_sites = load_sites(twins.sites)
+        if all(all_sites.has(n) for n in names):
+            sites = all_sites.subset(names)
+    profile = daily_profiles(prep.z, prep.train, grid.step_ms, grid.start_ms)
+    labels = cluster_entities(sites, profile, twins.clusters, job.seed)
+    n_inputs = prep.plan.n_inputs
+    model = TwinModel(job.hidden, n_inputs)
     result = v_twinning(
         model,
         grid.keys,
         labels,
-        torch.as_tensor(x, dtype=torch.float32),
-        torch.as_tensor(y, dtype=torch.float32),
+        torch.as_tensor(prep.x, dtype=torch.float32),
+        torch.as_tensor(prep.y, dtype=torch.float32),
         model.init(1, job.seed)[0],
         job.rounds,
         job.participation,
         job.fit,
         torch.Generator().manual_seed(job.seed),
         np.random.default_rng(job.seed),
+        counts=torch.as_tensor(prep.counts),
     )
-    # validation: the global twin on the held-out targets (inputs carried forward, targets reported)
-    lag = np.asarray(lags)
-    targets = np.arange(max(train, int(lag.max())), total)
-    xv = filled[:, targets[:, None] - lag[None, :]]
-    yv = z[:, targets]
-    ok = np.isfinite(yv)
+    # the global twin on the held-out steps, beside persistence (its last input step)
+    xv, yv, ok = prep.plan.samples(prep.z, prep.train, grid.steps)
     with torch.no_grad():
         pred = model.predict(
-            result.global_params.expand(xv.shape[0], -1), torch.as_tensor(xv, dtype=torch.float32)
+            result.global_params.expand(xv.shape[0], -1),
+            torch.as_tensor(np.where(np.isfinite(xv), xv, 0.0), dtype=torch.float32),
         ).numpy()
-    persistence = filled[:, targets - twins.horizon]
+    persistence = xv[:, :, -1]
     val_mse = float(np.mean((pred[ok] - yv[ok]) ** 2)) if ok.any() else float("nan")
     pers_mse = float(np.mean((persistence[ok] - yv[ok]) ** 2)) if ok.any() else float("nan")
 
+    total = grid.steps
     plan = StreamPlan(
         seed=job.seed,
         start_hour=total,
@@ -351,47 +302,39 @@ def run_vtwin_from_influx(
         recluster_every=0,  # re-clustering needs Milan's attributes today; late joiners pick a cluster
         column=twins.target,
         step_ms=grid.step_ms,
-        lags=lags,
-        steps_per_day=steps_per_day,
+        lags=tuple(int(v) for v in prep.plan.lags),
+        steps_per_day=max(1, 86_400_000 // grid.step_ms),
     )
     ct = result.clusters
     cluster_ids = sorted(set(ct.labels.values()))
     members = {c: ct.members(c) for c in cluster_ids}
-    rows_of = {int(k): i for i, k in enumerate(grid.keys.tolist())}
-    centroids = {
-        str(c): profile[[rows_of[m] for m in members[c]]].mean(axis=0).round(6).tolist() for c in cluster_ids
-    }
-    cluster_positions = (
-        {str(c): positions[[rows_of[m] for m in members[c]]].mean(axis=0).tolist() for c in cluster_ids}
-        if positions is not None
-        else None
-    )
-    loss = result.losses[-1] if result.losses else float("nan")
     keys = grid.keys.tolist()
+    loss = result.losses[-1] if result.losses else float("nan")
     meta: dict[str, Any] = {
         "members": keys,
         "loss": loss,
         "rounds": result.rounds,
-        "train_hours": train,
+        "train_hours": prep.train,
         "plan": plan.to_meta(),
+        "inputs": prep.plan.to_meta(),
         "clusters": twins.clusters,
         "as_of": -1,
         "scaler": {
-            str(k): [float(m), float(d)] for k, m, d in zip(keys, scaler.mean, scaler.std, strict=True)
+            str(k): [float(m), float(d)]
+            for k, m, d in zip(keys, prep.scaler.mean, prep.scaler.std, strict=True)
         },
-        "entities": {str(k): n for k, n in zip(keys, grid.names, strict=True)},
+        "entities": {str(k): n for k, n in zip(keys, names, strict=True)},
         "metric": twins.target,
-        "cluster_profiles": centroids,
-        **({"cluster_positions": cluster_positions} if cluster_positions is not None else {}),
+        # late joiners pick the cluster of the nearest member (sites) or of the best-correlated mean profile
+        "profiles": {str(k): p.round(6).tolist() for k, p in zip(keys, profile, strict=True)},
     }
     messages = twin_messages(result, job.hidden, meta)
-    names = dict(zip(keys, grid.names, strict=True))
-    publish_twins(settings, messages, result, members, names)
+    publish_twins(settings, messages, result, members, dict(zip(keys, names, strict=True)))
     return {
         "entities": len(keys),
         "steps": total,
-        "train_steps": train,
-        "lags": list(lags),
+        "train_steps": prep.train,
+        "lags": [int(v) for v in prep.plan.lags],
         "clusters": {str(c): len(members[c]) for c in cluster_ids},
         "rounds": result.rounds,
         "final_loss": round(loss, 5),
