@@ -248,6 +248,11 @@ def update_problem(update: TwinMessage) -> str | None:
     loss = meta.get("loss", 0.0)
     if not _finite_number(loss):
         return f"BS {update.twin_id}: loss must be a finite number, got {loss!r}"
+    if "joined" in meta and not isinstance(meta["joined"], bool):
+        return f"BS {update.twin_id}: joined must be true or false, got {meta['joined']!r}"
+    entity = meta.get("entity")
+    if entity is not None and not (isinstance(entity, str) and 0 < len(entity) <= 512):
+        return f"BS {update.twin_id}: entity must be a name of 1..512 characters, got {str(entity)[:60]!r}"
     problem = profile_problem(meta.get("profile"))
     if problem is not None:
         return f"BS {update.twin_id}: {problem}"

@@ -77,6 +77,7 @@ class TwinState:
             "rejected": 0,
             "quarantined": 0,
             "evictions": 0,
+            "joined": 0,  # BSs that joined after V-twinning (late entities of a [twins] deployment)
         }
     )
 
@@ -219,6 +220,17 @@ class TwinState:
             + f" {now}"
         )
 
+    def _admit(self, square: int, update: TwinMessage) -> bool:
+        """A BS that joined a [twins] deployment after V-twinning: it names the cluster its agent chose
+        (nearest by position or profile) in its signed meta; it becomes a member there."""
+        claimed = update.meta.get("cluster")
+        if self.meta.get("metric") is None or update.meta.get("joined") is not True:
+            return False  # Milan's replayed deployment: its BSs are the ones V-twinning clustered
+        if not isinstance(claimed, int) or claimed not in self.clusters.twins:
+            return False
+        self.clusters.labels[square] = claimed
+        return True
+
     def apply(self, update: TwinMessage, now: int | None = None) -> Outcome | None:
         """Check, screen and fold in one local update; None for a duplicate delivery of an accepted one.
 
@@ -237,7 +249,8 @@ class TwinState:
         seq = int(update.meta.get("seq", -1))
         now = time.time_ns() if now is None else now
         problem = self.keys.problem(update) if self.keys is not None else None
-        if problem is None and square not in self.clusters.labels:
+        joining = problem is None and square not in self.clusters.labels
+        if joining and not self._admit(square, update):
             raise MalformedMessage(f"BS {square} is not a member of any cluster")
         if problem is None and update.params.shape != self.global_twin.params.shape:
             raise MalformedMessage(
@@ -256,11 +269,26 @@ class TwinState:
                     f"stale: base twin {lag} versions behind cluster {claimed} (bound {self.max_staleness})"
                 )
         if problem is not None:
+            if joining:  # refused: it does not join
+                del self.clusters.labels[square]
             self.counters["rejected"] += 1
             return self._refused(update, "rejected", problem, float("nan"), now)
         n_samples = int(update.meta["n_samples"])
         hour = int(update.meta.get("hour", seq))
         out, lines = self.recluster(hour, now)
+        if joining:
+            self.counters["joined"] += 1
+            name = str(update.meta.get("entity", square))
+            epoch = self.reclusterer.membership.epoch if self.reclusterer else 0
+            lines.append(
+                point(
+                    "membership",
+                    {"entity": name},
+                    {"cluster": self.clusters.labels[square], "epoch": epoch},
+                    None,
+                )
+                + f" {now}"
+            )
         params = torch.as_tensor(update.params)
         cid = self.clusters.labels[square]
         loss = float(update.meta.get("loss", 0.0))
