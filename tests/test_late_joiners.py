@@ -1,5 +1,5 @@
-"""A BS that joins a [twins] deployment after V-twinning is admitted to the cluster its agent chose (its
-signed meta names it); Milan's replayed deployment still refuses BSs V-twinning did not cluster."""
+"""A BS that joins after V-twinning is admitted to the cluster its agent chose (its signed meta names it);
+an update without the flag, or naming no known cluster, from a BS V-twinning did not cluster is refused."""
 
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ def test_a_late_entity_joins_the_cluster_it_names() -> None:
 
 @pytest.mark.parametrize(
     ("metric", "cluster", "joined"),
-    [(None, 1, True), ("down", 7, True), ("down", 1, False), ("down", "1", True)],
+    [("down", 7, True), ("down", 1, False), ("down", "1", True), (None, 7, True)],
 )
-def test_joining_needs_a_twins_deployment_a_known_cluster_and_the_flag(
+def test_joining_needs_a_known_cluster_and_the_flag(
     metric: str | None, cluster: object, joined: object
 ) -> None:
     state = TwinState.from_messages(snapshot(metric), psi=0.0)

@@ -59,8 +59,14 @@ def register(ctx: WorkerContext) -> Any:
     states = ctx.partition_states()
     skipped = {"unreadable": 0, "rebuilt_messages": 0}
 
+    sites = None
+    if twins_on and settings.twins.sites is not None:
+        from twin_store.federation.sites import load_sites
+
+        sites = load_sites(settings.twins.sites)  # late joiners take the cluster of their nearest member
+
     def new_agents() -> BsAgents:
-        return BsAgents(keys, settings.security.screen_traffic, twins=twins, awaiting=awaiting)
+        return BsAgents(keys, settings.security.screen_traffic, twins=twins, awaiting=awaiting, sites=sites)
 
     def report() -> dict[str, int]:
         total = dict.fromkeys(COUNTERS, 0) | skipped

@@ -52,6 +52,8 @@ class StreamPlan:
     # model inputs: how many steps before the target each input lies, oldest first (Milan: 5 days + 5 hours)
     lags: tuple[int, ...] = tuple(int(x) for x in LAGS)
     steps_per_day: int = DAY  # the profile a BS reports has one bin per hour of day, whatever the step
+    horizon: int = 1  # forecasts are for the step this many steps after the one that closed
+    fill_limit: int = 0  # model inputs carried forward over at most this many missing steps (0: none)
 
     def offset(self, square: int) -> int:
         return int(np.random.default_rng([self.seed, square]).integers(self.update_every))

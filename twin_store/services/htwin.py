@@ -221,11 +221,12 @@ class TwinState:
         )
 
     def _admit(self, square: int, update: TwinMessage) -> bool:
-        """A BS that joined a [twins] deployment after V-twinning: it names the cluster its agent chose
-        (nearest by position or profile) in its signed meta; it becomes a member there."""
+        """A BS that joined after V-twinning: it names the cluster its agent chose (nearest by position or
+        profile) in its signed meta; it becomes a member there. With a key registry only BSs with a key get
+        this far (``keys.problem`` refused the others)."""
         claimed = update.meta.get("cluster")
-        if self.meta.get("metric") is None or update.meta.get("joined") is not True:
-            return False  # Milan's replayed deployment: its BSs are the ones V-twinning clustered
+        if update.meta.get("joined") is not True:
+            return False
         if not isinstance(claimed, int) or claimed not in self.clusters.twins:
             return False
         self.clusters.labels[square] = claimed

@@ -304,6 +304,8 @@ def run_vtwin_from_influx(
         step_ms=grid.step_ms,
         lags=tuple(int(v) for v in prep.plan.lags),
         steps_per_day=max(1, 86_400_000 // grid.step_ms),
+        horizon=twins.horizon,
+        fill_limit=prep.plan.fill_limit,
     )
     ct = result.clusters
     cluster_ids = sorted(set(ct.labels.values()))
