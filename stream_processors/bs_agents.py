@@ -38,7 +38,9 @@ if TYPE_CHECKING:  # torch, the models and the screen are imported once there is
     from twin_store.models.forecaster import TwinModel
     from twin_store.models.telemetry_screen import ScreenBank
 
-KEEP_VERSIONS = 16  # hours per twin; acting needs only the newest versions up to the previous hour
+# hours per twin: an agent acts on the newest version up to its previous hour, and partitions (or a stream
+# read all at once) may be many hours apart (70 measured in tests/test_twins_live.py with 16 it dropped forecasts)
+KEEP_VERSIONS = 256
 # an entity the twins do not know (it joined after V-twinning) gets its scaler from this many reported steps
 JOIN_STEPS = 24
 

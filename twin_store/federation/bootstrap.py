@@ -7,7 +7,7 @@ Rules (docs/twins.md):
   step of any entity, so every entity shares the wall-clock grid.
 - **Who is twinned.** The entities with at least ``need`` reported steps. The others (and any entity seen later)
   join live: first-stretch scaler, nearest cluster, then forecasts and updates (``stream_processors/bs_agents``).
-- **Held out.** The newest ``max(VALIDATION_MIN, steps // 5)`` steps: scalers, inputs and V-twinning use the
+- **Held out.** The newest ``max(VALIDATION_MIN, history // 5)`` steps (history: from the first report on): scalers, inputs and V-twinning use the
   steps before; the global twin's MSE on them is reported beside persistence's.
 - **Samples.** ``InputPlan.samples`` (inputs carried forward over short gaps, samples with a missing input or
   target masked); each entity's valid samples are packed first and counted, so V-twinning draws only those.
@@ -90,8 +90,10 @@ def prepare(grid: Grid, need_steps: int, horizon: int) -> Prepared:
     """The twinned entities' scalers, input plan and packed training samples (see the module docstring)."""
     grid = grid.rows(grid.reported() >= need_steps)
     total = grid.steps
-    train = total - max(VALIDATION_MIN, total // 5)
-    plan = plan_inputs(grid.step_ms, train, horizon)
+    ok_steps = np.isfinite(grid.values)
+    first = int(ok_steps.any(axis=0).argmax())  # the grid starts at midnight: the history at the first report
+    train = total - max(VALIDATION_MIN, (total - first) // 5)
+    plan = plan_inputs(grid.step_ms, train - first, horizon)
     scaler = EntityScaler.fit(grid.values, train)
     z = scaler.transform(grid.values)
     x, y, ok = plan.samples(z[:, :train], 0, train)
