@@ -197,8 +197,21 @@ def test_intel_lab_motes_bootstrap_and_forecast(deploy: Any, tmp_path: Path) -> 
     assert late in got and any(r.get("actual") is not None for r in got[late])
     err = mse(pairs)
     spread = float(np.var(temps[:, history:]))
+    # persistence on the same scored steps: the step before, as the mote reported it
+    persistence = mse(
+        [
+            (
+                float(temps[int(e.split("-")[1]) - 1, (int(r["time"]) - INTEL_START_MS) // HALF_HOUR_MS - 1]),
+                r["actual"],
+            )
+            for e, rs in got.items()
+            for r in rs
+            if r.get("actual") is not None
+        ]
+    )
     sys.stderr.write(
-        f"intel lab live: {len(pairs)} scored forecasts, MSE {err:.4f} (variance {spread:.4f})\n"
+        f"intel lab live: {len(pairs)} scored forecasts, MSE {err:.4f} (persistence {persistence:.4f}, "
+        f"variance {spread:.4f})\n"
     )
     assert err < 0.5 * spread
 
