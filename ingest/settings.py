@@ -245,7 +245,9 @@ class TwinsSettings(BaseModel):
     bootstrap_entities: int = Field(default=1, ge=1)
     # steps of history each of them needs; None: the inputs' longest lag plus a validation slice
     bootstrap_steps: int | None = Field(default=None, ge=2)
-    clusters: int = Field(default=4, ge=1)  # DCS clusters (at most one per entity)
+    # DCS clusters (at most one per entity); 0: as many as Louvain finds (fast at thousands of entities, where
+    # Girvan-Newman to a fixed count takes minutes)
+    clusters: int = Field(default=4, ge=0)
 
     @field_validator("cadence")
     @classmethod

@@ -462,6 +462,7 @@ class BsAgents:
         return joined
 
     def _nearest_cluster(self, square: int, z: np.ndarray, hour: int, plan: StreamPlan) -> int:
+        from twin_store.federation.bootstrap import hourly_bins
         from twin_store.federation.inputs import daily_profiles
         from twin_store.federation.sites import nearest_cluster, nearest_profile
 
@@ -477,15 +478,15 @@ class BsAgents:
                 self.sites.subset(named), np.array([labels[m] for m in members]), self.sites.subset([name])
             )
             return int(cluster[0])
-        profiles = meta.get("profiles", {})
-        known = [m for m in members if str(m) in profiles]
-        if not known:
+        centres = meta.get("cluster_profiles", {})
+        ids = sorted(int(c) for c in centres if int(c) in set(labels.values()))
+        if not ids:
             return int(labels[members[0]])
-        mine = daily_profiles(z[None, : hour + 1], hour + 1, plan.step_ms, plan.start_ms)
-        theirs = np.array([profiles[str(m)] for m in known])
+        mine = hourly_bins(daily_profiles(z[None, : hour + 1], hour + 1, plan.step_ms, plan.start_ms))
+        theirs = np.array([centres[str(c)] for c in ids])
         if theirs.shape[1] != mine.shape[1]:
-            return int(labels[known[0]])
-        return int(nearest_profile(theirs, np.array([labels[m] for m in known]), mine)[0])
+            return ids[0]
+        return int(nearest_profile(theirs, np.array(ids), mine)[0])
 
 
 def _batch(

@@ -108,3 +108,19 @@ def prepare(grid: Grid, need_steps: int, horizon: int) -> Prepared:
     x = np.where(np.isfinite(x), x, 0.0)  # masked rows are never drawn (counts); keep them finite
     y = np.where(np.isfinite(y), y, 0.0)
     return Prepared(grid, train, plan, scaler, z, x, y, counts)
+
+
+def hourly_bins(profiles: np.ndarray) -> np.ndarray:
+    """Daily profiles of sub-hour steps ``[E, slots]`` averaged to 24 hour-of-day bins (coarser ones as they
+    are): what late joiners are matched on, small enough to travel in the global twin's header."""
+    p = np.asarray(profiles, dtype=float)
+    slots = p.shape[1]
+    if slots <= 24 or slots % 24:
+        return p
+    return p.reshape(p.shape[0], 24, slots // 24).mean(axis=2)
+
+
+def cluster_profiles(profiles: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
+    """Each cluster's mean hour-of-day profile, by cluster id."""
+    binned = hourly_bins(profiles)
+    return {str(int(c)): binned[labels == c].mean(axis=0).round(6).tolist() for c in np.unique(labels)}

@@ -22,7 +22,7 @@ from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.lineproto import point
-from twin_store.federation.bootstrap import Grid, build_grid, default_need, prepare, ready
+from twin_store.federation.bootstrap import Grid, build_grid, cluster_profiles, default_need, prepare, ready
 from twin_store.federation.inputs import daily_profiles
 from twin_store.federation.local_updates import StreamPlan
 from twin_store.federation.models_topic import TwinMessage
@@ -263,7 +263,7 @@ def run_vtwin_from_influx(
         if all(all_sites.has(n) for n in names):
             sites = all_sites.subset(names)
     profile = daily_profiles(prep.z, prep.train, grid.step_ms, grid.start_ms)
-    labels = cluster_entities(sites, profile, twins.clusters, job.seed)
+    labels = cluster_entities(sites, profile, twins.clusters or None, job.seed)
     n_inputs = prep.plan.n_inputs
     model = TwinModel(job.hidden, n_inputs)
     result = v_twinning(
@@ -328,7 +328,7 @@ def run_vtwin_from_influx(
         "entities": {str(k): n for k, n in zip(keys, names, strict=True)},
         "metric": twins.target,
         # late joiners pick the cluster of the nearest member (sites) or of the best-correlated mean profile
-        "profiles": {str(k): p.round(6).tolist() for k, p in zip(keys, profile, strict=True)},
+        "cluster_profiles": cluster_profiles(profile, labels),
     }
     messages = twin_messages(result, job.hidden, meta)
     publish_twins(settings, messages, result, members, dict(zip(keys, names, strict=True)))
