@@ -278,7 +278,7 @@ def run_vtwin_from_influx(
         job.fit,
         torch.Generator().manual_seed(job.seed),
         np.random.default_rng(job.seed),
-        counts=torch.as_tensor(prep.counts),
+        counts=prep.counts,
     )
     # the global twin on the held-out steps, beside persistence (its last input step)
     xv, yv, ok = prep.plan.samples(prep.z, prep.train, grid.steps)
