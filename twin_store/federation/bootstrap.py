@@ -9,6 +9,8 @@ Rules (docs/twins.md):
   join live: first-stretch scaler, nearest cluster, then forecasts and updates (``stream_processors/bs_agents``).
 - **Held out.** The newest ``max(VALIDATION_MIN, history // 5)`` steps (history: from the first report on): scalers, inputs and V-twinning use the
   steps before; the global twin's MSE on them is reported beside persistence's.
+- **Start.** V-twinning starts from the persistence twin and keeps its result only if that beats persistence on
+  the held-out steps by more than 1% (``bench twins`` does the same); otherwise the twins are persistence.
 - **Samples.** ``InputPlan.samples`` (inputs carried forward over short gaps, samples with a missing input or
   target masked); each entity's valid samples are packed first and counted, so V-twinning draws only those.
 """
@@ -18,9 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from twin_store.federation.inputs import CLOSE, EntityScaler, InputPlan, plan_inputs
 from twin_store.federation.series import DAY_MS
+from twin_store.models.forecaster import TwinModel
 
 VALIDATION_MIN = 10  # steps held out of V-twinning's training for the scaler and the check
 TRAIN_MIN = 30  # targets V-twinning needs at least
@@ -124,3 +128,16 @@ def cluster_profiles(profiles: np.ndarray, labels: np.ndarray) -> dict[str, list
     """Each cluster's mean hour-of-day profile, by cluster id."""
     binned = hourly_bins(profiles)
     return {str(int(c)): binned[labels == c].mean(axis=0).round(6).tolist() for c in np.unique(labels)}
+
+
+def persistence_start(model: TwinModel, init: torch.Tensor) -> torch.Tensor:
+    """``init`` with the nonlinear head silent and the linear path on the latest input: exactly persistence.
+    V-twinning starts there, and its twins are kept only if they beat it on the held-out steps (with little
+    history training can lose to the naive forecast: one day of 30-minute Milan data does)."""
+    out = init.clone()
+    p = model.unflatten(out.unsqueeze(0))
+    p["w_out"].zero_()
+    p["b_out"].zero_()
+    p["w_ar"].zero_()
+    p["w_ar"][0, -1] = 1.0  # the latest input: close lag = horizon
+    return out

@@ -22,14 +22,22 @@ from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.lineproto import point
-from twin_store.federation.bootstrap import Grid, build_grid, cluster_profiles, default_need, prepare, ready
+from twin_store.federation.bootstrap import (
+    Grid,
+    build_grid,
+    cluster_profiles,
+    default_need,
+    persistence_start,
+    prepare,
+    ready,
+)
 from twin_store.federation.inputs import daily_profiles
 from twin_store.federation.local_updates import StreamPlan
 from twin_store.federation.models_topic import TwinMessage
 from twin_store.federation.plan import dcs_labels, load_matrix, split_hours, stream_plan
 from twin_store.federation.samples import Scaler, samples
 from twin_store.federation.sites import cluster_entities, load_sites
-from twin_store.federation.twinning import v_twinning
+from twin_store.federation.twinning import ClusterTwins, VTwinResult, v_twinning
 from twin_store.models.forecaster import FitConfig, TwinModel
 
 
@@ -192,6 +200,11 @@ def run_vtwin(settings: NettwinSettings, job: VTwinJob) -> dict[str, Any]:
 # ---- V-twinning of any deployment, from the [twins] steps its stream wrote to InfluxDB
 
 
+VAL_TIE = (
+    0.01  # V-twinned twins must beat persistence on the held-out steps by more than this (as bench twins)
+)
+
+
 @dataclass(frozen=True)
 class StreamJob:
     """How bootstrap V-twinning trains (the VH-Twin defaults) and the stream protocol after it."""
@@ -266,13 +279,14 @@ def run_vtwin_from_influx(
     labels = cluster_entities(sites, profile, twins.clusters or None, job.seed)
     n_inputs = prep.plan.n_inputs
     model = TwinModel(job.hidden, n_inputs)
+    init = persistence_start(model, model.init(1, job.seed)[0])
     result = v_twinning(
         model,
         grid.keys,
         labels,
         torch.as_tensor(prep.x, dtype=torch.float32),
         torch.as_tensor(prep.y, dtype=torch.float32),
-        model.init(1, job.seed)[0],
+        init,
         job.rounds,
         job.participation,
         job.fit,
@@ -280,16 +294,29 @@ def run_vtwin_from_influx(
         np.random.default_rng(job.seed),
         counts=prep.counts,
     )
-    # the global twin on the held-out steps, beside persistence (its last input step)
+    # the held-out steps: the V-twinned global twin beside its start (persistence); the better one is kept
     xv, yv, ok = prep.plan.samples(prep.z, prep.train, grid.steps)
-    with torch.no_grad():
-        pred = model.predict(
-            result.global_params.expand(xv.shape[0], -1),
-            torch.as_tensor(np.where(np.isfinite(xv), xv, 0.0), dtype=torch.float32),
-        ).numpy()
-    persistence = xv[:, :, -1]
-    val_mse = float(np.mean((pred[ok] - yv[ok]) ** 2)) if ok.any() else float("nan")
-    pers_mse = float(np.mean((persistence[ok] - yv[ok]) ** 2)) if ok.any() else float("nan")
+    xv_t = torch.as_tensor(np.where(np.isfinite(xv), xv, 0.0), dtype=torch.float32)
+
+    def val_mse(params: torch.Tensor) -> float:
+        with torch.no_grad():
+            pred = model.predict(params.expand(xv.shape[0], -1), xv_t).numpy()
+        return float(np.mean((pred[ok] - yv[ok]) ** 2)) if ok.any() else float("nan")
+
+    val_mse_twins, pers_mse = val_mse(result.global_params), val_mse(init)
+    kept = "v-twinning"
+    if pers_mse * (1 + VAL_TIE) < val_mse_twins:
+        kept = "persistence"
+        label_of = {int(k): int(c) for k, c in zip(grid.keys.tolist(), labels.tolist(), strict=True)}
+        result = VTwinResult(
+            init.clone(),
+            ClusterTwins(label_of, {int(c): init.clone() for c in set(labels.tolist())}),
+            result.rounds,
+            result.uploads,
+            result.downloads,
+            result.losses,
+        )
+    val_mse_kept = min(val_mse_twins, pers_mse) if kept == "persistence" else val_mse_twins
 
     total = grid.steps
     plan = StreamPlan(
@@ -340,8 +367,10 @@ def run_vtwin_from_influx(
         "clusters": {str(c): len(members[c]) for c in cluster_ids},
         "rounds": result.rounds,
         "final_loss": round(loss, 5),
-        "validation_mse": round(val_mse, 5),
+        "validation_mse": round(val_mse_twins, 5),
         "persistence_mse": round(pers_mse, 5),
+        "kept": kept,  # the V-twinned twins, or persistence when they did not beat it on validation
+        "kept_validation_mse": round(val_mse_kept, 5),
         "topic": Topics.from_settings(settings).twin_models,
         "seconds": round(time.perf_counter() - started, 2),
     }
