@@ -241,7 +241,12 @@ def bootstrap_ready(settings: NettwinSettings, influx: InfluxClient) -> tuple[bo
     twins = settings.twins
     if twins.target is None:
         raise InputError("[twins] has no target: name the metric to twin (docs/twins.md)")
-    grid = read_twin_steps(influx, twins.target, twins.cadence_s)
+    try:
+        grid = read_twin_steps(influx, twins.target, twins.cadence_s)
+    except InputError as exc:
+        if "database not found" not in str(exc):
+            raise
+        grid = build_grid([], twins.cadence_s * 1000)  # the store has not created it yet: no history
     return ready(grid, bootstrap_need(settings), twins.bootstrap_entities), grid
 
 
