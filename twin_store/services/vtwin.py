@@ -321,7 +321,6 @@ def run_vtwin_from_influx(
             result.downloads,
             result.losses,
         )
-    val_mse_kept = min(val_mse_twins, pers_mse) if kept == "persistence" else val_mse_twins
 
     total = grid.steps
     plan = StreamPlan(
@@ -375,7 +374,7 @@ def run_vtwin_from_influx(
         "validation_mse": round(val_mse_twins, 5),
         "persistence_mse": round(pers_mse, 5),
         "kept": kept,  # the V-twinned twins, or persistence when they did not beat it on validation
-        "kept_validation_mse": round(val_mse_kept, 5),
+        "kept_validation_mse": round(pers_mse if kept == "persistence" else val_mse_twins, 5),
         "topic": Topics.from_settings(settings).twin_models,
         "seconds": round(time.perf_counter() - started, 2),
     }
