@@ -25,6 +25,7 @@ import numpy as np
 from ingest.deadletter import DeadLetter
 from ingest.schema import TELEMETRY_KIND, MalformedMessage, RecordBatch, decode
 from stream_processors.processor import Output
+from twin_store.federation.series import aggregate_step
 
 N_VALUES = "n_values"  # raw values folded into the step
 
@@ -33,16 +34,6 @@ N_VALUES = "n_values"  # raw values folded into the step
 class _Step:
     cells: dict[int, dict[int, float]] = field(default_factory=dict)  # entity key -> time -> value
     min_offset: int = 0
-
-
-def aggregate_of(values: dict[int, float], aggregate: str) -> float:
-    if aggregate == "sum":
-        return float(sum(values.values()))
-    if aggregate == "mean":
-        return float(sum(values.values()) / len(values))
-    if aggregate == "max":
-        return float(max(values.values()))
-    return values[max(values)]
 
 
 class TwinWindows:
@@ -173,7 +164,9 @@ class TwinWindows:
                 cell = step.cells[key]
                 keys.append(key)
                 starts.append(s)
-                rows.append((aggregate_of(cell, self.aggregate), float(len(cell))))
+                rows.append(
+                    (aggregate_step(list(cell), list(cell.values()), self.aggregate), float(len(cell)))
+                )
         return step_batch(self.metric, self.aggregate, self.step_ms // 1000, keys, starts, rows, self.names)
 
     def _safe_offset(self, next_offset: int) -> int:
