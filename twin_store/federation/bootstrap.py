@@ -9,8 +9,9 @@ Rules (docs/twins.md):
   join live: first-stretch scaler, nearest cluster, then forecasts and updates (``stream_processors/bs_agents``).
 - **Held out.** The newest ``max(VALIDATION_MIN, history // 5)`` steps (history: from the first report on): scalers, inputs and V-twinning use the
   steps before; the global twin's MSE on them is reported beside persistence's.
-- **Start.** V-twinning starts from the persistence twin and keeps its result only if that beats persistence on
-  the held-out steps by more than 1% (``bench twins`` does the same); otherwise the twins are persistence.
+- **Start.** V-twinning runs from a random start and from the persistence twin; the held-out steps pick the
+  better, and it is kept only if it beats persistence there by more than 1% (as ``bench twins``); otherwise the
+  twins are persistence (one day of 30-minute Milan data overfits).
 - **Samples.** ``InputPlan.samples`` (inputs carried forward over short gaps, samples with a missing input or
   target masked); each entity's valid samples are packed first and counted, so V-twinning draws only those.
 """
