@@ -333,8 +333,8 @@ class RowMonitor(threading.Thread):
             while not self.stopping:
                 rows, newest = row_count(influx, "traffic"), dict[int, int]()
                 try:
-                    for series in influx.query('SELECT last("internet") FROM "traffic" GROUP BY "square"'):
-                        p = int(series.tags["square"]) % parts
+                    for series in influx.query('SELECT last("internet") FROM "traffic" GROUP BY "entity"'):
+                        p = int(series.tags["entity"]) % parts
                         newest[p] = max(newest.get(p, 0), int(series.values[0][0]))
                 except Exception:  # InfluxDB down: nothing known
                     rows, newest = -1, {}

@@ -132,7 +132,7 @@ def bare_influx_write(settings: NettwinSettings, tables: list[Any]) -> float:
     payloads = []
     for t in tables:
         lines = columns_to_lines(
-            "traffic", "square", t.squares, t.starts_ms // 1000, list(ACTIVITY_COLUMNS), t.values
+            "traffic", "entity", t.squares, t.starts_ms // 1000, list(ACTIVITY_COLUMNS), t.values
         )
         step = settings.influx.batch_points
         payloads += ["\n".join(lines[i : i + step]).encode() for i in range(0, len(lines), step)]

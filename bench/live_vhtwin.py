@@ -108,12 +108,12 @@ def live_forecasts(
     """(square, hour) -> forecast row, for target hours in [first_hour, last_hour]."""
     lo = HOURLY_START_MS + first_hour * HOUR_MS
     hi = HOURLY_START_MS + last_hour * HOUR_MS
-    q = f'SELECT * FROM "forecast" WHERE time >= {lo}ms AND time <= {hi}ms GROUP BY "square"'
+    q = f'SELECT * FROM "forecast" WHERE time >= {lo}ms AND time <= {hi}ms GROUP BY "entity"'
     out = {}
     for series in influx.query(q, epoch="ms"):
         for row in series.rows():
             hour = (int(row["time"]) - HOURLY_START_MS) // HOUR_MS
-            out[(int(row["square"]), hour)] = row
+            out[(int(row["entity"]), hour)] = row
     return out
 
 

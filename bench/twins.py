@@ -42,6 +42,7 @@ import torch
 
 from ingest.errors import InputError
 from ingest.sources.record import Parsed, Record, parse_csv_payload, parse_json_payload
+from twin_store.federation.bootstrap import persistence_start
 from twin_store.federation.inputs import DAY_MS, EntityScaler, daily_profiles, plan_inputs
 from twin_store.federation.local_updates import minibatch_generators
 from twin_store.federation.series import RegularSeries, cadence_text, series_from_records
@@ -183,17 +184,6 @@ def score(pred: np.ndarray, actual: np.ndarray, mask: np.ndarray) -> dict[str, f
         "mae": round(float(np.abs(err).mean()), 5),
         "nrmse": round(float(np.sqrt(mse) / sd), 5) if sd > 0 else None,
     }
-
-
-def persistence_start(model: TwinModel, init: torch.Tensor) -> torch.Tensor:
-    """``init`` with the nonlinear head silent and the linear path on the latest input: exactly persistence."""
-    out = init.clone()
-    p = model.unflatten(out.unsqueeze(0))
-    p["w_out"].zero_()
-    p["b_out"].zero_()
-    p["w_ar"].zero_()
-    p["w_ar"][0, -1] = 1.0  # the latest input: close lag = horizon
-    return out
 
 
 def split_steps(steps: int) -> tuple[int, int]:

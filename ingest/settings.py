@@ -19,7 +19,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from ingest.errors import ConfigError
@@ -201,6 +209,57 @@ class EdgeSettings(BaseModel):
         return self
 
 
+CADENCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+AGGREGATES = ("sum", "mean", "last", "max")
+
+
+def cadence_seconds(text: str) -> int:
+    """``"10m"`` -> 600. A cadence is 1m .. 1d and divides a day, so steps line up with days (and the epoch)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", text)
+    if m is None:
+        raise ValueError(f'cadence {text!r}: write a number and a unit s, m, h or d, e.g. "10m" or "1h"')
+    seconds = int(m.group(1)) * CADENCE_UNITS[m.group(2)]
+    if not 60 <= seconds <= 86_400:
+        raise ValueError(f"cadence {text!r}: must lie between 1m and 1d")
+    if 86_400 % seconds:
+        raise ValueError(f"cadence {text!r}: must divide a day (e.g. 1m, 2m, 5m, 10m, 15m, 30m, 1h, 1d)")
+    return seconds
+
+
+class TwinsSettings(BaseModel):
+    """``[twins]``: what the deployment twins and forecasts (docs/twins.md).
+
+    Without ``target`` the worker twins Milan's replayed hourly traffic only (``nettwin vtwin --data``); with
+    it, the worker windows the attached sources' ``telemetry`` records to ``cadence`` and the twins
+    bootstrap from that history once ``bootstrap_entities`` entities have ``bootstrap_steps`` steps.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target: str | None = Field(default=None, min_length=1)  # the metric to twin and forecast
+    cadence: str = "1h"  # the twins' step: raw records are windowed to it (tumbling, epoch-aligned)
+    aggregate: Literal["sum", "mean", "last", "max"] = "mean"
+    horizon: int = Field(default=1, ge=1, le=1000)  # forecast this many steps ahead
+    sites: Path | None = None  # optional CSV: entity,lat,lon[,more attributes]
+    # bootstrap: V-twinning starts once this many entities have enough history
+    bootstrap_entities: int = Field(default=1, ge=1)
+    # steps of history each of them needs; None: the inputs' longest lag plus a validation slice
+    bootstrap_steps: int | None = Field(default=None, ge=2)
+    # DCS clusters (at most one per entity); 0: as many as Louvain finds (fast at thousands of entities, where
+    # Girvan-Newman to a fixed count takes minutes)
+    clusters: int = Field(default=4, ge=0)
+
+    @field_validator("cadence")
+    @classmethod
+    def _cadence_is_valid(cls, value: str) -> str:
+        cadence_seconds(value)  # ValueError -> a one-line ConfigError naming twins.cadence
+        return value
+
+    @property
+    def cadence_s(self) -> int:
+        return cadence_seconds(self.cadence)
+
+
 class NettwinSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="NETTWIN_", env_nested_delimiter="__", frozen=True, extra="forbid"
@@ -215,6 +274,7 @@ class NettwinSettings(BaseSettings):
     source: tuple[SourceSettings, ...] = ()
     run: RunSettings = RunSettings()
     edge: EdgeSettings = EdgeSettings()
+    twins: TwinsSettings = TwinsSettings()
     # where processes keep local files (Faust data dir, logs of processes the demo starts)
     state_dir: Path = Path(".state")
 

@@ -38,6 +38,7 @@ class Topics:
     telemetry_records: str
     entities: str
     edge_sites: str
+    features_twins: str
 
     @classmethod
     def from_settings(cls, settings: NettwinSettings) -> Topics:
@@ -60,6 +61,7 @@ class Topics:
             telemetry_records=f"{p}telemetry.records",
             entities=f"{p}entities",
             edge_sites=f"{p}edge.sites",
+            features_twins=f"{p}features.twins",
         )
 
 
@@ -123,5 +125,11 @@ def topic_specs(settings: NettwinSettings) -> list[TopicSpec]:
             1,
             False,
             "edge site heartbeats (JSON {site, at_ms, clusters, leaving}, key = site): who is alive, who holds what",
+        ),
+        TopicSpec(
+            t.features_twins,
+            n,
+            False,
+            "the [twins] metric of attached sources per entity and step (closed steps), same partitioning",
         ),
     ]

@@ -301,12 +301,12 @@ def refused_updates(influx: InfluxClient) -> dict[str, list[dict[str, Any]]]:
     """The store's refused updates (oldest first) by decision: ``rejected`` and ``quarantined``."""
     out: dict[str, list[dict[str, Any]]] = {"rejected": [], "quarantined": []}
     for decision in out:
-        q = f'SELECT "reason", "score", "seq" FROM "update" WHERE "decision" = \'{decision}\' GROUP BY "square"'
+        q = f'SELECT "reason", "score", "seq" FROM "update" WHERE "decision" = \'{decision}\' GROUP BY "entity"'
         for s in influx.query(q):
             for r in s.rows():
                 out[decision].append(
                     {
-                        "square": int(s.tags["square"]),
+                        "square": int(s.tags["entity"]),
                         "seq": int(r["seq"]),
                         "decision": decision,
                         "reason": r["reason"],
@@ -324,7 +324,7 @@ def attack_accepted(influx: InfluxClient, wanted: dict[tuple[int, int], str]) ->
     for (square, seq), name in wanted.items():
         q = (
             f'SELECT count("seq") FROM "update" WHERE "decision" = \'accepted\' '
-            f'AND "square" = \'{int(square)}\' AND "seq" = {int(seq)}'
+            f'AND "entity" = \'{int(square)}\' AND "seq" = {int(seq)}'
         )
         if influx.query(q):
             out[name] = square

@@ -27,19 +27,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ingest.readers.milan import HOUR_MS
 from ingest.schema import RecordBatch
 from twin_store.federation.models_topic import TwinMessage, cluster_membership
-from twin_store.federation.samples import LAGS
 
 if TYPE_CHECKING:  # torch, the models and the screen are imported once there is a twin to act on (seconds
     # of start-up and memory that a worker without published twins does not pay)
     from twin_store.federation.keys import KeyRegistry
     from twin_store.federation.local_updates import StreamPlan
+    from twin_store.federation.sites import Sites
     from twin_store.models.forecaster import TwinModel
     from twin_store.models.telemetry_screen import ScreenBank
 
-KEEP_VERSIONS = 16  # hours per twin; acting needs only the newest versions up to the previous hour
+# hours per twin: an agent acts on the newest version up to its previous hour, and partitions (or a stream
+# read all at once) may be many hours apart (70 measured in tests/test_twins_live.py with 16 it dropped forecasts)
+KEEP_VERSIONS = 256
+# an entity the twins do not know (it joined after V-twinning) gets its scaler from this many reported steps
+JOIN_STEPS = 24
 
 
 class TwinVersions:
@@ -133,6 +136,8 @@ COUNTERS = (
     "ack_timeouts",  # own updates the store had not published when the agent stopped waiting
     "past_hours",  # hours re-read after a restart whose forecasts were issued back then
     "unsigned_updates",
+    "waiting",  # steps of entities the twins do not know yet, kept until they have JOIN_STEPS
+    "joined",  # entities that joined after V-twinning: first-stretch scaler, nearest cluster
 )
 
 
@@ -151,6 +156,7 @@ class BsAgents:
         screen_traffic: bool = False,
         twins: TwinVersions | None = None,
         awaiting: dict[int, int] | None = None,
+        sites: Sites | None = None,
     ) -> None:
         self.keys = keys  # signs every local update when the deployment authenticates them
         # per-square online screen of the hourly (z-scored) traffic: flagged hours never reach training
@@ -164,6 +170,10 @@ class BsAgents:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.backlog: list[RecordBatch] = []
         self._model: TwinModel | None = None
+        self.names: dict[int, str] = {}  # entity key -> name, from the batches
+        self.sites = sites  # positions of a [twins] deployment's entities (late joiners' nearest cluster)
+        # entities that joined after V-twinning: key -> (mean, std, cluster chosen at joining)
+        self.joined: dict[int, tuple[float, float, int]] = {}
 
     # ---- twins
     def on_twin(self, msg: TwinMessage) -> None:
@@ -209,15 +219,19 @@ class BsAgents:
 
     def model(self) -> TwinModel:
         hidden = self._newest_global().hidden
-        if self._model is None or self._model.hidden != hidden:
+        n_inputs = len(self.plan().lags)
+        if self._model is None or self._model.hidden != hidden or self._model.n_inputs != n_inputs:
             from twin_store.models.forecaster import TwinModel
 
-            self._model = TwinModel(hidden)
+            self._model = TwinModel(hidden, n_inputs)
         return self._model
 
     def scaler(self) -> dict[str, list[float]]:
+        """Scaling statistics of every entity: V-twinning's, and the joined entities' first-stretch ones."""
         scaler: dict[str, list[float]] = self._newest_global().meta["scaler"]
-        return scaler
+        if not self.joined:
+            return scaler
+        return scaler | {str(s): [m, d] for s, (m, d, _) in self.joined.items()}
 
     # ---- hours
     def on_hour(self, batch: RecordBatch) -> AgentOutput:
@@ -250,7 +264,10 @@ class BsAgents:
             self.counters["other_batches"] += 1
             return []
         j = batch.columns.index(plan.column)
-        hours = (batch.starts_ms - plan.start_ms) // HOUR_MS
+        names = batch.extra.get("entities")
+        if names:
+            self.names.update((int(k), v) for k, v in names.items())
+        hours = (batch.starts_ms - plan.start_ms) // plan.step_ms
         return list(zip(batch.squares.tolist(), hours.tolist(), batch.values[:, j].tolist(), strict=True))
 
     def _screen(self, known: list[tuple[int, float]], scaler: dict[str, list[float]]) -> list[bool]:
@@ -279,7 +296,13 @@ class BsAgents:
         import torch
 
         self.counters["hours"] += 1
-        known = [(s, v) for s, v in values if str(s) in scaler]
+        known = [(s, v) for s, v in values if str(s) in scaler or s in self.joined]
+        if len(known) < len(values):  # entities the twins do not know: kept until they can join
+            known += self._join(
+                hour, [(s, v) for s, v in values if str(s) not in scaler and s not in self.joined], plan
+            )
+        if self.joined:
+            scaler = self.scaler()
         out.skipped += len(values) - len(known)
         outcome_rows: list[tuple[int, float, float, float, float, int]] = []
         for (s, v), flagged in zip(known, self._screen(known, scaler), strict=True):
@@ -288,23 +311,26 @@ class BsAgents:
             if issued is not None:
                 outcome_rows.append((s, issued[0], v, abs(v - issued[0]), float(flagged), issued[1]))
         if outcome_rows:
-            out.outcomes.append(_batch(OUTCOME_COLUMNS, plan, hour, outcome_rows))
+            out.outcomes.append(_batch(OUTCOME_COLUMNS, plan, hour, outcome_rows, self.names))
             self.counters["outcomes"] += len(outcome_rows)
-        if hour % 24 == 0:  # forecasts whose hour never came (a square that went silent)
-            self.issued = {k: v for k, v in self.issued.items() if k[1] > hour - 24}
+        day = plan.steps_per_day
+        if hour % day == 0:  # forecasts whose step never came (an entity that went silent)
+            self.issued = {k: v for k, v in self.issued.items() if k[1] > hour - day}
         if not known:
             return
         clusters = self.twins.cluster_of(hour - 1)
+        for s, (_, _, cid) in self.joined.items():  # joined entities: their own choice until the store's
+            clusters.setdefault(s, cid)
 
-        # forecast hour + 1 from the global twin as of hour - 1, for squares with a full input history
-        target = hour + 1
+        # forecast hour + horizon from the global twin as of hour - 1, for squares with a full input history
+        target = hour + plan.horizon
         glob = self.twins.at(b"global:0", hour - 1)
         if glob is None:
             self.counters["past_hours"] += 1  # re-read after a restart: forecast already issued then
         elif target >= plan.start_hour:
             squares, x = [], []
             for s, _ in known:
-                z = self._z(s, scaler, target - LAGS)
+                z = self._z(s, scaler, target - plan.lag_array, fill=plan.fill_limit)
                 if np.isfinite(z).all():
                     squares.append(s)
                     x.append(z)
@@ -320,7 +346,7 @@ class BsAgents:
                     cid = clusters.get(s, -1)
                     self.issued[(s, target)] = (value, cid)
                     rows.append((s, value, float(cid)))
-                out.forecasts.append(_batch(FORECAST_COLUMNS, plan, target, rows))
+                out.forecasts.append(_batch(FORECAST_COLUMNS, plan, target, rows, self.names))
                 self.counters["forecasts"] += len(rows)
 
         # local updates of the BSs due this hour, from their cluster twins as of hour - 1 (``train``)
@@ -358,28 +384,25 @@ class BsAgents:
         series = [self._z(s, scaler, np.arange(hour + 1), training=True) for s in fresh]
         new, loss, counts = local_updates(model, torch.stack(starts), series, fresh, hour, plan)
         hidden = model.hidden
+        members = self.twins.cluster_of(hour - 1)
         updates = []
         for k, s in enumerate(fresh):
             if counts[k] == 0:
                 continue
-            updates.append(
-                TwinMessage(
-                    "bs",
-                    str(s),
-                    bases[k],
-                    hidden,
-                    new[k].numpy(),
-                    {
-                        "seq": hour,
-                        "hour": hour,
-                        "cluster": clusters[s],
-                        "base_version": bases[k],
-                        "n_samples": counts[k],
-                        "loss": round(float(loss[k]), 6),
-                        "profile": profile_upto(series[k], hour),
-                    },
-                )
-            )
+            meta = {
+                "seq": hour,
+                "hour": hour,
+                "cluster": clusters[s],
+                "base_version": bases[k],
+                "n_samples": counts[k],
+                "loss": round(float(loss[k]), 6),
+                "profile": profile_upto(series[k], hour, plan.steps_per_day),
+            }
+            if s in self.names:
+                meta["entity"] = self.names[s]
+            if s not in members:  # not a member yet: the store admits it to the cluster it names
+                meta["joined"] = True
+            updates.append(TwinMessage("bs", str(s), bases[k], hidden, new[k].numpy(), meta))
         if self.keys is not None:
             for update in updates:
                 if update.twin_id in self.keys.keys:
@@ -391,28 +414,101 @@ class BsAgents:
         out.updates += updates
 
     def _z(
-        self, square: int, scaler: dict[str, list[float]], hours: np.ndarray, training: bool = False
+        self,
+        square: int,
+        scaler: dict[str, list[float]],
+        hours: np.ndarray,
+        training: bool = False,
+        fill: int = 0,
     ) -> np.ndarray:
-        """z-scored history at ``hours`` (NaN where unknown; for training, also where screened out)."""
+        """z-scored history at ``hours`` (NaN where unknown; for training, also where screened out). With
+        ``fill``, a missing step takes the latest known value at most ``fill`` steps before it (never a later
+        one): how model inputs bridge short gaps."""
         history = self.history[square]
         mean, std = scaler[str(square)]
         vals = np.full(hours.shape, np.nan)
         ok = (hours >= 0) & (hours < history.raw.size)
         vals[ok] = history.raw[hours[ok]]
+        if fill > 0 and not np.isfinite(vals).all():
+            for i in np.flatnonzero(~np.isfinite(vals)):
+                h = int(hours[i])
+                lo = max(0, h - fill)
+                past = history.raw[lo : min(h, history.raw.size)]
+                known = np.flatnonzero(np.isfinite(past))
+                if known.size:
+                    vals[i] = past[known[-1]]
         if training:
             vals[ok & history.flagged[np.clip(hours, 0, history.raw.size - 1)]] = np.nan
         return (vals - mean) / std
 
+    def _join(self, hour: int, values: list[tuple[int, float]], plan: StreamPlan) -> list[tuple[int, float]]:
+        """Entities the twins do not know: kept; once one has ``JOIN_STEPS`` reported steps it joins with a
+        scaler from them and the cluster of its nearest member (sites) or best-correlated profile. Returns the
+        ones that joined with this step."""
+        joined = []
+        for s, v in values:
+            history = self.history.setdefault(s, SquareHistory())
+            history.put(hour, v)
+            reported = history.raw[np.isfinite(history.raw)]
+            if reported.size < JOIN_STEPS:
+                self.counters["waiting"] += 1
+                continue
+            first = reported[:JOIN_STEPS]
+            std = float(first.std())
+            mean, std = float(first.mean()), std if std > 0 else 1.0
+            self.joined[s] = (mean, std, self._nearest_cluster(s, (history.raw - mean) / std, hour, plan))
+            self.counters["joined"] += 1
+            joined.append((s, v))
+        return joined
+
+    def _nearest_cluster(self, square: int, z: np.ndarray, hour: int, plan: StreamPlan) -> int:
+        from twin_store.federation.bootstrap import hourly_bins
+        from twin_store.federation.inputs import daily_profiles
+        from twin_store.federation.sites import nearest_cluster, nearest_profile
+
+        labels = self.twins.cluster_of(hour - 1)
+        meta = self._newest_global().meta
+        if not labels:
+            return 0
+        members = sorted(labels)
+        name = self.names.get(square, str(square))
+        named = [self.names.get(m, meta.get("entities", {}).get(str(m), str(m))) for m in members]
+        if self.sites is not None and self.sites.has(name) and all(self.sites.has(n) for n in named):
+            cluster = nearest_cluster(
+                self.sites.subset(named), np.array([labels[m] for m in members]), self.sites.subset([name])
+            )
+            return int(cluster[0])
+        centres = meta.get("cluster_profiles", {})
+        ids = sorted(int(c) for c in centres if int(c) in set(labels.values()))
+        if not ids:
+            return int(labels[members[0]])
+        mine = hourly_bins(daily_profiles(z[None, : hour + 1], hour + 1, plan.step_ms, plan.start_ms))
+        theirs = np.array([centres[str(c)] for c in ids])
+        if theirs.shape[1] != mine.shape[1]:
+            return ids[0]
+        return int(nearest_profile(theirs, np.array(ids), mine)[0])
+
 
 def _batch(
-    columns: tuple[str, ...], plan: StreamPlan, hour: int, rows: Sequence[tuple[float, ...]]
+    columns: tuple[str, ...],
+    plan: StreamPlan,
+    hour: int,
+    rows: Sequence[tuple[float, ...]],
+    names: dict[int, str] | None = None,
 ) -> RecordBatch:
+    """Forecast rows of one step; ``extra`` names the metric and, for entities with names, the names (the
+    store's ``forecast`` tags)."""
     arr = np.array(rows, dtype=np.float64)
+    keys = arr[:, 0].astype(np.uint32)
+    extra: dict[str, object] = {"metric": plan.column}
+    if names:
+        extra["entities"] = {str(k): names[k] for k in set(keys.tolist()) if k in names}
     return RecordBatch(
         "forecast",
         columns,
-        3600,
-        arr[:, 0].astype(np.uint32),
-        np.full(len(rows), plan.start_ms + hour * HOUR_MS, np.int64),
+        plan.step_ms // 1000,
+        keys,
+        np.full(len(rows), plan.start_ms + hour * plan.step_ms, np.int64),
         arr[:, 1:],
+        extra=extra,
     )

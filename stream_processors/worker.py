@@ -25,7 +25,7 @@ import faust
 
 from ingest.settings import NettwinSettings
 from ingest.topics import Topics
-from stream_processors.agents import bs_twins, multimodal, sensors, windows
+from stream_processors.agents import bs_twins, multimodal, sensors, twin_windows, windows
 from stream_processors.agents.context import WorkerContext
 
 log = logging.getLogger("nettwin.worker")
@@ -71,7 +71,7 @@ def build_app(settings: NettwinSettings) -> faust.App:
     """Build the Faust app (never at import time: settings decide topics, group and broker)."""
     app = make_faust_app(settings)
     ctx = WorkerContext(app, settings, Topics.from_settings(settings))
-    for agent in (windows, sensors, bs_twins, multimodal):
+    for agent in (windows, twin_windows, sensors, bs_twins, multimodal):
         agent.register(ctx)
     connect_partition_states(ctx)
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ingest.schema import RecordBatch, decode
-from stream_processors.bs_agents import BsAgents, TwinVersions
+from stream_processors.bs_agents import JOIN_STEPS, BsAgents, TwinVersions
 from twin_store.adapters.traffic import forecast_lines
 from twin_store.federation.local_updates import StreamPlan
 from twin_store.federation.models_topic import TwinMessage
@@ -85,7 +85,10 @@ def test_forecasts_come_before_their_hour_and_outcomes_after() -> None:
     assert row[0] == got and row[1] == series(3, 131)[130] and row[2] == abs(row[1] - row[0]) and row[3] == 0
     # the store turns them into `forecast` rows, round-tripping the wire format
     lines = forecast_lines(decode(oc.encode()))
-    assert lines[0].startswith("forecast,cluster=0,square=3 predicted=") and "abs_error=" in lines[0]
+    assert (
+        lines[0].startswith("forecast,cluster=0,entity=3,metric=activity predicted=")
+        and "abs_error=" in lines[0]
+    )
 
 
 def test_due_bss_publish_updates_from_their_cluster_twin() -> None:
@@ -124,7 +127,7 @@ def test_a_restarted_agent_skips_updates_the_store_already_accepted() -> None:
     assert agents.counters["skipped_updates"] > 0
 
 
-def test_hours_before_the_first_twin_wait_and_unknown_squares_are_skipped() -> None:
+def test_hours_before_the_first_twin_wait_and_unknown_squares_join_after_their_first_stretch() -> None:
     agents = BsAgents()
     data = {s: series(s, 131) for s in SQUARES}
     for h in range(130):
@@ -132,10 +135,14 @@ def test_hours_before_the_first_twin_wait_and_unknown_squares_are_skipped() -> N
     for t in twins(MODEL.init(1, 0)[0]):
         agents.on_twin(t)
     out = agents.on_hour(hour_batch(130, {s: data[s][130] for s in SQUARES}))
-    assert out.skipped == 130  # square 99 has no scaling statistics in the twin, in each backlog hour
+    # square 99 has no scaling statistics in the twin: it waits (counted) until it reported JOIN_STEPS hours,
+    # then joins with a scaler from them and a cluster, and is forecast like the others
+    assert out.skipped == JOIN_STEPS - 1 and agents.counters["waiting"] == JOIN_STEPS - 1
+    assert agents.counters["joined"] == 1 and agents.joined[99][:2] == (1.0, 1.0)  # constant: std 0 -> 1
+    assert [99 in f.squares.tolist() for f in out.forecasts] == [True, False]  # silent at 130: no target 131
     # one forecast batch per hour that gave one: targets 130 (from the backlog's hour 129) and 131
     assert [int(f.starts_ms[0]) for f in out.forecasts] == [START_MS + h * 3_600_000 for h in (130, 131)]
-    assert all(set(f.squares.tolist()) == set(SQUARES) for f in out.forecasts)
+    assert all(set(f.squares.tolist()) - {99} == set(SQUARES) for f in out.forecasts)
     assert (
         agents.on_hour(hour_batch(131, {3: 1.0}, column="internet")).forecasts == []
     )  # not the plan's column

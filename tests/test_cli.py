@@ -69,6 +69,19 @@ def test_bad_config_file(tmp_path: Path) -> None:
     assert_one_line_error(res, str(cfg), "TOML")
 
 
+def test_bad_twins_table_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "twins.toml"
+    cfg.write_text('[twins]\ntarget = "down"\ncadence = "30s"\n')
+    res = nettwin("--config", str(cfg), "query", "twins")
+    assert_one_line_error(res, "twins.cadence", "1m and 1d", str(cfg))
+
+
+def test_vtwin_needs_a_file_or_influx() -> None:
+    assert_one_line_error(nettwin("vtwin"), "--data FILE or --from-influx")
+    res = nettwin("vtwin", "--from-influx", env={"NETTWIN_INFLUX__URL": "http://127.0.0.1:1"})
+    assert_one_line_error(res, "[twins] has no target")
+
+
 def test_bad_time_option() -> None:
     res = nettwin(
         "--influx-url", "http://127.0.0.1:1", "query", "traffic", "--square", "1", "--since", "yesterday"

@@ -76,7 +76,7 @@ def wait_for(
     with InfluxClient(settings.influx) as influx:
         q = 'SELECT * FROM "update" WHERE "decision" != \'accepted\''
         refused = [
-            (r.get("square"), r.get("seq"), r.get("reason")) for x in influx.query(q) for r in x.rows()
+            (r.get("entity"), r.get("seq"), r.get("reason")) for x in influx.query(q) for r in x.rows()
         ]
     seen = {
         k: (m.version, m.meta.get("seq"), m.meta.get("host"), m.meta.get("epoch")) for k, m in latest.items()

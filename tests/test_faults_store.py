@@ -305,9 +305,9 @@ def found_traffic(settings: NettwinSettings) -> dict[str, dict[int, tuple[int, f
     out: dict[str, dict[int, tuple[int, float]]] = {}
     with InfluxClient(settings.influx) as influx:
         for measurement in ("traffic", "traffic_hourly"):
-            q = f'SELECT count("internet"), sum("internet") FROM "{measurement}" GROUP BY "square"'
+            q = f'SELECT count("internet"), sum("internet") FROM "{measurement}" GROUP BY "entity"'
             out[measurement] = {
-                int(s.tags["square"]): (int(s.values[0][1]), float(s.values[0][2])) for s in influx.query(q)
+                int(s.tags["entity"]): (int(s.values[0][1]), float(s.values[0][2])) for s in influx.query(q)
             }
     return out
 

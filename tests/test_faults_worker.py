@@ -251,8 +251,8 @@ HOURLY = DAY.parent / "hourly_150squares_62days.csv"
 def accepted_updates(settings: NettwinSettings) -> list[tuple[int, int]]:
     """(square, seq) of every accepted ``update`` row: one row per decision, so a repeat would show."""
     with InfluxClient(settings.influx) as influx:
-        series = influx.query('SELECT "seq" FROM "update" WHERE "decision" = \'accepted\' GROUP BY "square"')
-    return sorted((int(s.tags["square"]), int(v[1])) for s in series for v in s.values)
+        series = influx.query('SELECT "seq" FROM "update" WHERE "decision" = \'accepted\' GROUP BY "entity"')
+    return sorted((int(s.tags["entity"]), int(v[1])) for s in series for v in s.values)
 
 
 def live_vhtwin(

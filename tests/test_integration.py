@@ -121,8 +121,8 @@ def test_worker_killed_mid_hour_rebuilds_the_open_hour(pipeline: Pipeline) -> No
     expected = {int(s): 0 for s in table.squares[fourth_hour]}
     for s in table.squares[fourth_hour].tolist():
         expected[s] += 1
-    assert {int(r["square"]): int(r[N_INTERVALS]) for r in hourly} == expected
-    got_internet = {int(r["square"]): r["internet"] for r in hourly}
+    assert {int(r["entity"]): int(r[N_INTERVALS]) for r in hourly} == expected
+    got_internet = {int(r["entity"]): r["internet"] for r in hourly}
     for s in expected:
         mask = fourth_hour & (table.squares == s)
         np.testing.assert_allclose(got_internet[s], table.values[mask, 4].sum(), rtol=1e-12)

@@ -169,7 +169,7 @@ def test_the_store_rejects_what_is_not_authentic_and_says_why() -> None:
     assert state.counters["rejected"] == 4 and state.counters["uploads"] == 1
     row = outcomes[0].lines[0] if outcomes[0] else ""
     assert (
-        row.startswith("update,cluster=0,decision=rejected,square=2 ") and 'reason="unsigned update"' in row
+        row.startswith("update,cluster=0,decision=rejected,entity=2 ") and 'reason="unsigned update"' in row
     )
     assert state.apply(good) is None  # the same signed update delivered twice: a duplicate, not an attack
 
@@ -213,7 +213,7 @@ def test_a_quarantined_update_never_enters_a_twin_and_is_acknowledged_to_its_age
     assert ack and ack[0].meta["decided_seq"] == 7 and ack[0].meta["seq"] == 1 and ack[0].meta["evicted"]
     restarted = TwinState.from_messages({**{m.key: m for m in msgs}, ack[0].key: ack[0]}, psi=0.0)
     assert 5 not in restarted.clusters.latest  # the eviction survives a restart
-    assert any(line.startswith("update,cluster=0,decision=quarantined,square=5 ") for line in result.lines)
+    assert any(line.startswith("update,cluster=0,decision=quarantined,entity=5 ") for line in result.lines)
 
 
 def test_an_update_the_store_cannot_read_is_a_dead_letter_not_a_crash() -> None:

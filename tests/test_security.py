@@ -88,7 +88,7 @@ def test_fake_and_compromised_bs_updates_are_refused_and_listed(
     assert "unsigned update" in reasons
     res = run_cli(secured, "query", "updates", "--decision", "quarantined", "--json")
     quarantined = json.loads(res.stdout)
-    assert [int(r["square"]) for r in quarantined] == [victim] and quarantined[0]["reason"].startswith(
+    assert [int(r["entity"]) for r in quarantined] == [victim] and quarantined[0]["reason"].startswith(
         "outlier"
     )
     res = run_cli(secured, "query", "updates", "--decision", "accepted", "--json")

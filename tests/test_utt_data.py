@@ -314,7 +314,7 @@ def test_federated_training_goes_through_the_screening_defenses() -> None:
     bad = Upload("walk 1", 2, 1, False, 3.5, 9.0, "score above threshold", 1_000)
     (line,) = update_lines([("position", bad)])
     assert line == (
-        r"update,cluster=position,decision=quarantined,square=walk\ 1 norm=3.5,score=9.0,"
+        r"update,cluster=position,decision=quarantined,entity=walk\ 1 norm=3.5,score=9.0,"
         r'reason="score above threshold",base_version=1i,seq=2i 1000'
     )
     twin = new_twin("p", "position", ["ftm"], ch, lengths, d=8)

@@ -182,7 +182,7 @@ def test_twin_operations_store_lineage_files_and_influx_rows(
         "tracking.split.position": 1, "unified.concatenation": 1,
     }  # fmt: skip
     assert sorted(r["cluster"] for r in ups) == sorted(c for c, n in trained.items() for _ in range(n))
-    assert {r["square"] for r in ups} == {"CarPark__5__513"}  # the client's walk (524 is held out)
+    assert {r["entity"] for r in ups} == {"CarPark__5__513"}  # the client's walk (524 is held out)
     assert all(r["decision"] == "accepted" and r["norm"] > 0 for r in ups)
     assert all(r["base_version"] == 0 and r["seq"] == 1 and r["reason"] == "" for r in ups)
     one = run_cli(isolated, "query", "updates", "--square", "CarPark__5__513", "--json", "--limit", "1000")

@@ -66,7 +66,7 @@ def test_vtwin_publishes_twins_and_writes_rows(isolated: NettwinSettings) -> Non
         ("cluster", c) for c in summary["clusters"]
     }
     assert all(r["version"] == 1 and r["n_updates"] == 12 for r in twins)
-    assert sorted(int(r["square"]) for r in membership) == members
+    assert sorted(int(r["entity"]) for r in membership) == members
     assert {r["epoch"] for r in membership} == {0}
 
     res = run_cli(isolated, "query", "twins", "--level", "global", "--json")

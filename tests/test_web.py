@@ -37,19 +37,19 @@ def sample_rows() -> list[str]:
     lines = []
     for sq in (5, 17, 9999):
         lines += [
-            f"traffic_hourly,square={sq} activity={sq * 1.5},n_intervals=6i {H0 + h * 3_600_000}"
+            f"traffic_hourly,entity={sq} activity={sq * 1.5},n_intervals=6i {H0 + h * 3_600_000}"
             for h in range(3)
         ]
         for h in range(3):
             t = H0 + h * 3_600_000
             lines.append(
-                f"forecast,square={sq},cluster=1 predicted={10 + h}.5,actual={10 + 2 * h}.0,"
+                f"forecast,cluster=1,entity={sq} predicted={10 + h}.5,actual={10 + 2 * h}.0,"
                 f"abs_error={abs(0.5 - h)},flagged={1 if sq == 17 and h == 2 else 0}i {t}"
             )
-        lines.append(f"membership,square={sq} cluster={sq % 3}i,epoch=0i {now - 5000}")
+        lines.append(f"membership,entity={sq} cluster={sq % 3}i,epoch=0i {now - 5000}")
     lines += [
-        f'update,square=17,cluster=1,decision=accepted score=1.1,reason="",base_version=1i,seq=3i {now - 3000}',
-        f'update,square=9999,cluster=1,decision=quarantined score=40.0,reason="outlier: x",base_version=1i,seq=4i {now - 2000}',
+        f'update,cluster=1,decision=accepted,entity=17 score=1.1,reason="",base_version=1i,seq=3i {now - 3000}',
+        f'update,cluster=1,decision=quarantined,entity=9999 score=40.0,reason="outlier: x",base_version=1i,seq=4i {now - 2000}',
         f"twin,level=global,twin_id=0 version=1i,epsilon=0.0 {now - 6000}",
         f"twin,level=global,twin_id=0 version=2i,epsilon=0.3,n_offers=3i {now - 1000}",
         f"twin,level=cluster,twin_id=1 version=4i,epsilon=0.3,n_offers=3i {now - 1000}",

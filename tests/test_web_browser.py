@@ -151,7 +151,7 @@ def test_the_page_follows_a_running_demo_and_shows_what_influx_holds(
 def test_first_paint_under_a_second_at_10000_entities(isolated: NettwinSettings, tmp_path: Path) -> None:
     t = 1_386_889_200_000
     lines = [
-        f"traffic_hourly,square={sq} activity={sq % 977}.5,n_intervals=6i {t}" for sq in range(1, 10_001)
+        f"traffic_hourly,entity={sq} activity={sq % 977}.5,n_intervals=6i {t}" for sq in range(1, 10_001)
     ]
     with InfluxClient(isolated.influx) as influx:
         influx.write("\n".join(lines).encode(), precision="ms")

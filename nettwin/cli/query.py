@@ -44,7 +44,7 @@ def traffic_rows(
     from twin_store.adapters.traffic import measurement_for
 
     measurement = measurement_for(RESOLUTIONS[resolution])
-    q = f'SELECT * FROM "{measurement}" WHERE "square" = \'{int(square)}\''
+    q = f'SELECT * FROM "{measurement}" WHERE "entity" = \'{int(square)}\''
     if since:
         q += f" AND time >= '{_time_literal(since, '--since')}'"
     if until:
@@ -55,7 +55,7 @@ def traffic_rows(
     rows = [r for s in influx.query(q) for r in s.rows()]
     for r in rows:
         r["time"] = _iso(r["time"])
-        r["square"] = int(r.get("square", square))
+        r["entity"] = str(r.get("entity", square))
     return rows
 
 
@@ -72,7 +72,7 @@ def twin_rows(influx: InfluxClient, level: str | None) -> list[dict[str, Any]]:
 @app.command()
 def traffic(
     ctx: typer.Context,
-    square: int = typer.Option(..., min=1, help="grid square id"),
+    square: int = typer.Option(..., "--square", "--entity", min=1, help="grid square id (its entity)"),
     resolution: str = typer.Option("10m", help="10m (measurement traffic) or 1h (traffic_hourly)"),
     since: str | None = typer.Option(None, help="ISO time, inclusive (UTC unless an offset is given)"),
     until: str | None = typer.Option(None, help="ISO time, exclusive"),
@@ -157,7 +157,7 @@ def update_rows(
         where.append(f"\"decision\" = '{decision}'")
     if square is not None:
         quoted = str(square).replace("\\", "\\\\").replace("'", "\\'")
-        where.append(f"\"square\" = '{quoted}'")
+        where.append(f"\"entity\" = '{quoted}'")
     clause = f" WHERE {' AND '.join(where)}" if where else ""
     q = f'SELECT * FROM "update"{clause} ORDER BY time DESC LIMIT {limit}'
     rows = [r for s in influx.query(q) for r in s.rows()]
@@ -170,7 +170,9 @@ def update_rows(
 def updates(
     ctx: typer.Context,
     decision: str | None = typer.Option(None, help="accepted, quarantined or rejected"),
-    square: str | None = typer.Option(None, help="only this BS (or UTT client walk)"),
+    square: str | None = typer.Option(
+        None, "--entity", "--square", help="only this BS (entity) or UTT client walk"
+    ),
     limit: int = typer.Option(100, min=1, help="newest first"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -185,7 +187,7 @@ def updates(
     if json_out:
         print_json(rows)
     else:
-        cols = ["time", "square", "cluster", "decision", "score", "norm", "reason", "base_version", "seq"]
+        cols = ["time", "entity", "cluster", "decision", "score", "norm", "reason", "base_version", "seq"]
         print_table(f"updates ({decision or 'all'})", rows, [c for c in cols if rows and c in rows[0]])
 
 

@@ -52,7 +52,12 @@ def htwin(
 
 def vtwin(
     ctx: typer.Context,
-    data: Path = typer.Option(..., help="hourly traffic history (square_id,h0..hN)"),
+    data: Path | None = typer.Option(None, help="hourly traffic history (square_id,h0..hN)"),
+    from_influx: bool = typer.Option(
+        False,
+        "--from-influx",
+        help="V-twin on the [twins] steps the stream wrote to InfluxDB (twin_input) instead of a file",
+    ),
     squares: int | None = typer.Option(None, min=2, help="draw this many squares with --seed (default: all)"),
     seed: int = typer.Option(1),
     clusters: int = typer.Option(4, min=0, help="DCS cluster count; 0: Louvain decides"),
@@ -67,8 +72,27 @@ def vtwin(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Run V-twinning on history; publish the twins to twin.models and write twin/membership rows."""
-    from twin_store.services.vtwin import VTwinJob, run_vtwin
+    from ingest.errors import InputError
+    from twin_store.services.vtwin import StreamJob, VTwinJob, run_vtwin, run_vtwin_from_influx
 
+    if from_influx == (data is not None):
+        raise InputError("give either --data FILE or --from-influx")
+    if from_influx:
+        with console.status("V-twinning from InfluxDB"):
+            result = run_vtwin_from_influx(
+                settings_of(ctx), StreamJob(seed=seed, rounds=rounds, participation=participation)
+            )
+        if json_out:
+            print_json(result)
+        else:
+            console.print(
+                f"V-twinning: {result['entities']} entities, {result['rounds']} rounds on {result['train_steps']} "
+                f"steps (inputs {result['lags']}), clusters {result['clusters']}, validation MSE "
+                f"{result['validation_mse']} (persistence {result['persistence_mse']}); twins published to "
+                f"{result['topic']} ({result['seconds']} s)"
+            )
+        return
+    assert data is not None
     job = VTwinJob(
         data=data,
         squares=squares,

@@ -28,7 +28,7 @@ def _traffic_value(row: list[Any]) -> Any:
 def _newest_per_square(influx: InfluxClient, measurement: str, fields: tuple[str, ...]) -> dict[str, Any]:
     """Each square's newest value of the first non-null field among ``fields``, over the two newest hours.
 
-    One series of rows instead of ``last() GROUP BY square`` (one series per square): at 10,000 squares
+    One series of rows instead of ``last() GROUP BY entity`` (one series per square): at 10,000 squares
     this is 3-4x faster, which the map's first paint needs. A square silent for two hours is not current.
     """
     newest = None
@@ -39,7 +39,7 @@ def _newest_per_square(influx: InfluxClient, measurement: str, fields: tuple[str
     if newest is None:
         return {}
     cols = ", ".join(f'"{f}"' for f in fields)
-    q = f'SELECT {cols}, "square" FROM "{measurement}" WHERE time > {newest - 2 * 3_600_000}ms'
+    q = f'SELECT {cols}, "entity" FROM "{measurement}" WHERE time > {newest - 2 * 3_600_000}ms'
     out: dict[str, Any] = {}
     for series in run(influx, q):
         for row in series.values:  # oldest first: newer rows overwrite
@@ -74,14 +74,14 @@ def layer(influx: InfluxClient, name: str) -> dict[str, Any]:
     elif name == "error":
         values = _newest_per_square(influx, "forecast", ("abs_error",))
     elif name == "cluster":
-        values = _by_tag(run(influx, 'SELECT last("cluster") FROM "membership" GROUP BY "square"'), "square")
+        values = _by_tag(run(influx, 'SELECT last("cluster") FROM "membership" GROUP BY "entity"'), "entity")
     elif name == "flagged":
         # 0 fine, 1 its traffic was flagged by the screen, 2 an update was rejected, 3 quarantined
-        flagged = _by_tag(run(influx, 'SELECT max("flagged") FROM "forecast" GROUP BY "square"'), "square")
+        flagged = _by_tag(run(influx, 'SELECT max("flagged") FROM "forecast" GROUP BY "entity"'), "entity")
         values = {sq: 1 if v else 0 for sq, v in flagged.items()}
         for decision, code in (("rejected", 2), ("quarantined", 3)):
-            q = f'SELECT count("seq") FROM "update" WHERE "decision" = \'{decision}\' GROUP BY "square"'
-            for sq in _by_tag(run(influx, q), "square"):
+            q = f'SELECT count("seq") FROM "update" WHERE "decision" = \'{decision}\' GROUP BY "entity"'
+            for sq in _by_tag(run(influx, q), "entity"):
                 values[sq] = max(values.get(sq, 0), code)
     else:
         raise ValueError(f"unknown layer {name!r}")
@@ -172,7 +172,7 @@ def entity(influx: InfluxClient, square: int) -> dict[str, Any]:
         for s in run(
             influx,
             f'SELECT "predicted", "actual", "abs_error", "flagged", "cluster" FROM "forecast" '
-            f"WHERE \"square\" = '{sq}' ORDER BY time DESC LIMIT 500",
+            f"WHERE \"entity\" = '{sq}' ORDER BY time DESC LIMIT 500",
         )
         for r in s.rows()
     ]
@@ -191,7 +191,7 @@ def entity(influx: InfluxClient, square: int) -> dict[str, Any]:
     membership = [
         {"time": r["time"], "cluster": int(r["cluster"]), "epoch": int(r["epoch"])}
         for s in run(
-            influx, f'SELECT "cluster", "epoch" FROM "membership" WHERE "square" = \'{sq}\' ORDER BY time ASC'
+            influx, f'SELECT "cluster", "epoch" FROM "membership" WHERE "entity" = \'{sq}\' ORDER BY time ASC'
         )
         for r in s.rows()
     ]
@@ -207,7 +207,7 @@ def entity(influx: InfluxClient, square: int) -> dict[str, Any]:
         }
         for s in run(
             influx,
-            f'SELECT * FROM "update" WHERE "square" = \'{sq}\' GROUP BY "decision", "cluster" '
+            f'SELECT * FROM "update" WHERE "entity" = \'{sq}\' GROUP BY "decision", "cluster" '
             "ORDER BY time DESC LIMIT 100",
         )
         for r in s.rows()
@@ -217,7 +217,7 @@ def entity(influx: InfluxClient, square: int) -> dict[str, Any]:
         influx,
         f'SELECT last("version") FROM "twin" WHERE "level" = \'bs\' AND "twin_id" = \'{sq}\'',
     )
-    last = run(influx, f'SELECT {TRAFFIC_FIELDS} FROM "traffic_hourly" WHERE "square" = \'{sq}\'')
+    last = run(influx, f'SELECT {TRAFFIC_FIELDS} FROM "traffic_hourly" WHERE "entity" = \'{sq}\'')
     traffic = _traffic_value(last[0].values[0]) if last and last[0].values else None
     n = len(model_err)
     return {

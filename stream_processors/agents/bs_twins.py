@@ -34,17 +34,21 @@ ACK_WAIT_S = 5.0
 HOUR_S = 3600
 
 
-def hourly_batch(value: bytes | None) -> RecordBatch | None:
-    """The hourly windows a message carries, None for anything else (10-minute windows, markers)."""
+def hourly_batch(value: bytes | None, step_s: int = HOUR_S) -> RecordBatch | None:
+    """The windows of the twins' step a message carries (Milan: hourly), None for anything else (10-minute
+    windows, markers)."""
     if value is None:
         raise MalformedMessage("empty message value")
     batch = decode(value)
-    return batch if batch.step_s == HOUR_S and len(batch) else None
+    return batch if batch.step_s == step_s and len(batch) else None
 
 
 def register(ctx: WorkerContext) -> Any:
     settings = ctx.settings
-    source = ctx.topic(ctx.topics.features_traffic)
+    # a [twins] deployment twins its attached sources' steps; without one, Milan's replayed hourly traffic
+    twins_on = settings.twins.target is not None
+    source = ctx.topic(ctx.topics.features_twins if twins_on else ctx.topics.features_traffic)
+    step_s = settings.twins.cadence_s if twins_on else HOUR_S
     forecasts = ctx.topic(ctx.topics.forecasts)
     updates = ctx.topic(ctx.topics.updates_local)
     keys_file = settings.security.keys_file
@@ -55,8 +59,14 @@ def register(ctx: WorkerContext) -> Any:
     states = ctx.partition_states()
     skipped = {"unreadable": 0, "rebuilt_messages": 0}
 
+    sites = None
+    if twins_on and settings.twins.sites is not None:
+        from twin_store.federation.sites import load_sites
+
+        sites = load_sites(settings.twins.sites)  # late joiners take the cluster of their nearest member
+
     def new_agents() -> BsAgents:
-        return BsAgents(keys, settings.security.screen_traffic, twins=twins, awaiting=awaiting)
+        return BsAgents(keys, settings.security.screen_traffic, twins=twins, awaiting=awaiting, sites=sites)
 
     def report() -> dict[str, int]:
         total = dict.fromkeys(COUNTERS, 0) | skipped
@@ -72,7 +82,7 @@ def register(ctx: WorkerContext) -> Any:
         for _, _, value in read_partition(settings, topic, partition, until, ctx.stopping):
             skipped["rebuilt_messages"] += 1
             try:
-                batch = hourly_batch(value)
+                batch = hourly_batch(value, step_s)
                 if batch is not None:  # outputs dropped (sent before their input was committed), and
                     agents.observe(batch)  # no training: its updates were sent then too
             except MalformedMessage:
@@ -136,7 +146,7 @@ def register(ctx: WorkerContext) -> Any:
             msg = event.message
             agents = await agents_for(msg)
             try:
-                batch = hourly_batch(event.value)
+                batch = hourly_batch(event.value, step_s)
             except MalformedMessage:
                 batch = None  # the store dead-letters what it cannot read from this topic
                 skipped["unreadable"] += 1

@@ -97,12 +97,12 @@ def columns_to_text(
         return ""
     int_items = list((int_fields or {}).items())
     names = [escape_tag(f) for f in field_names] + [escape_tag(k) for k, _ in int_items]
-    values = _texts(np.asarray(float_fields, np.float64).reshape(n, -1))
+    values = texts(np.asarray(float_fields, np.float64).reshape(n, -1))
     columns = [values[j :: len(field_names)] for j in range(len(field_names))]
-    columns += [_texts(np.asarray(arr, np.int64)) for _, arr in int_items]
+    columns += [texts(np.asarray(arr, np.int64)) for _, arr in int_items]
     suffixes = [""] * len(field_names) + ["i"] * len(int_items)
     if tag_values.dtype.kind in "iu":
-        tags = _texts(tag_values)
+        tags = texts(tag_values)
     else:
         tags = [escape_tag(str(v)) for v in tag_values.tolist()]
     # pieces of every line side by side: "\nmeasurement,tag=", tag, " a=", v_a, ",b=", v_b, ..., " ", time
@@ -118,11 +118,11 @@ def columns_to_text(
     if times.min() == times.max():  # one window per batch, as the worker sends them: one time text
         pieces[width - 1 :: width] = [str(int(times[0]))] * n
     else:
-        pieces[width - 1 :: width] = _texts(times)
+        pieces[width - 1 :: width] = texts(times)
     return "".join(pieces)[1:]
 
 
-def _texts(values: np.ndarray) -> list[str]:
+def texts(values: np.ndarray) -> list[str]:
     """The JSON text of every number in ``values`` (row-major), one C call: a float's shortest round-trip
     form, an integer's digits."""
     text = orjson.dumps(np.ascontiguousarray(values), option=_NUMPY).decode()

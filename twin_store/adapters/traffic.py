@@ -5,6 +5,7 @@
 - the first time a square is seen -> a ``twin`` row (level=bs, twin_id=square, version 0).
 - each feature message -> a ``pipeline`` row: lag from the source closing the interval to the write
   being acknowledged.
+- the ``[twins]`` metric per entity and closed step -> ``twin_input`` (``twin_step_lines``).
 - BS agents' forecast batches -> ``forecast`` rows (``forecast_lines``).
 - a run's final marker -> a ``replay`` row per partition: records sent by the producer and received by
   the worker, written after everything before it on that partition is acknowledged, so completeness is
@@ -18,9 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ingest.schema import N_INTERVALS, RecordBatch
-from twin_store.adapters.lineproto import columns_to_text, point
+from twin_store.adapters.lineproto import columns_to_text, escape_tag, point, texts
 
 MEASUREMENT_BY_WINDOW = {600: "traffic", 3600: "traffic_hourly"}
+TWIN_INPUT = "twin_input"  # the [twins] metric per entity and step, as the twins learn it
 
 
 def measurement_for(window_s: int) -> str:
@@ -90,7 +92,7 @@ def feature_lines(batch: RecordBatch) -> list[str]:
         if batch.step_s != 600:  # a 10-minute window of 10-minute data always sums one interval
             ints[N_INTERVALS] = counts
     text = columns_to_text(
-        measurement_for(batch.step_s), "square", batch.squares, batch.starts_ms // 1000, cols, values, ints
+        measurement_for(batch.step_s), "entity", batch.squares, batch.starts_ms // 1000, cols, values, ints
     )
     return [text] if text else []
 
@@ -118,18 +120,21 @@ class TwinRegistry:
 def forecast_lines(batch: RecordBatch) -> list[str]:
     """BS agents' forecasts (``predicted``) and outcomes (+ ``actual``, ``abs_error``) -> ``forecast`` rows.
 
-    Tags ``square`` and ``cluster`` (the BS's cluster when the forecast was made), time = the target hour.
-    An outcome rewrites its forecast's point with the actual value added (same series and time).
+    Tags ``entity`` (the batch's entity names, else the key: a Milan square's number), ``metric`` (when the
+    batch names it) and ``cluster`` (the BS's cluster when the forecast was made), time = the start of the
+    forecast step. An outcome rewrites its forecast's point with the actual value added (same series and time).
     """
     cols = list(batch.columns)
     j = cols.index("cluster")
     fields = [c for c in cols if c != "cluster"]
     idx = [cols.index(c) for c in fields]
     times = (batch.starts_ms // 1000).tolist()
+    names = batch.extra.get("entities", {})
+    metric = str(batch.extra.get("metric", ""))  # empty: no tag (point() leaves empty tags out)
     return [
         point(
             "forecast",
-            {"square": str(sq), "cluster": str(int(row[j]))},
+            {"entity": names.get(str(sq), str(sq)), "metric": metric, "cluster": str(int(row[j]))},
             {f: float(row[i]) for f, i in zip(fields, idx, strict=True)},
             t,
         )
@@ -137,7 +142,29 @@ def forecast_lines(batch: RecordBatch) -> list[str]:
     ]
 
 
+def twin_step_lines(batch: RecordBatch) -> list[str]:
+    """The ``[twins]`` metric per entity and closed step -> ``twin_input`` rows (tags ``entity``, ``metric``;
+    fields ``value``, ``n_values`` (raw values folded in) and ``key`` (the entity's registry key)), time =
+    the step's start."""
+    if not len(batch):
+        return []
+    names = batch.extra["entities"]
+    metric = escape_tag(str(batch.extra["twins"]["metric"]))
+    prefix = {k: f"{TWIN_INPUT},entity={escape_tag(v)},metric={metric} value=" for k, v in names.items()}
+    values = texts(batch.values[:, 0])
+    counts = batch.values[:, 1].astype(np.int64).tolist()
+    times = (batch.starts_ms // 1000).tolist()
+    # key: the entity's registry key, so twins built from these rows name the entity as the stream does
+    return [
+        f"{prefix[str(k)]}{v},n_values={n}i,key={k}i {t}"
+        for k, v, n, t in zip(batch.squares.tolist(), values, counts, times, strict=True)
+    ]
+
+
 def batch_points(batch: RecordBatch, partition: int, twins: TwinRegistry, now_ms: int) -> Points:
+    if batch.kind == "features" and "twins" in batch.extra:
+        lines = twin_step_lines(batch)
+        return Points(lines=lines, records=len(lines), partition=partition, window_s=batch.step_s)
     if batch.kind == "forecast":
         return Points(lines=forecast_lines(batch), partition=partition, window_s=batch.step_s)
     out = Points(

@@ -31,7 +31,7 @@ import torch
 from ingest.readers.milan import HOUR_MS
 from twin_store.federation import dcs
 from twin_store.federation.models_topic import TwinMessage, is_int
-from twin_store.federation.samples import DAY, FIRST_TARGET, LAGS
+from twin_store.federation.samples import DAY, LAGS
 from twin_store.federation.twinning import ClusterTwins
 from twin_store.models.forecaster import FitConfig, TwinModel
 
@@ -47,6 +47,13 @@ class StreamPlan:
     fit: FitConfig = field(default_factory=lambda: FitConfig(steps=20, lr=3e-3, batch=64))
     recluster_every: int = 500  # accepted updates between DCS re-clusterings; 0: never
     column: str = "activity"  # which feature column is the traffic series
+    # the step ("hour") of the series: Milan's hour, or the [twins] cadence
+    step_ms: int = HOUR_MS
+    # model inputs: how many steps before the target each input lies, oldest first (Milan: 5 days + 5 hours)
+    lags: tuple[int, ...] = tuple(int(x) for x in LAGS)
+    steps_per_day: int = DAY  # the profile a BS reports has one bin per hour of day, whatever the step
+    horizon: int = 1  # forecasts are for the step this many steps after the one that closed
+    fill_limit: int = 0  # model inputs carried forward over at most this many missing steps (0: none)
 
     def offset(self, square: int) -> int:
         return int(np.random.default_rng([self.seed, square]).integers(self.update_every))
@@ -59,10 +66,14 @@ class StreamPlan:
 
     def first_target(self, hour: int) -> int:
         """The oldest target hour a local update at ``hour`` trains on."""
-        return max(FIRST_TARGET, hour + 1 - self.window)
+        return max(max(self.lags), hour + 1 - self.window)
+
+    @property
+    def lag_array(self) -> np.ndarray:
+        return np.asarray(self.lags, np.int64)
 
     def hour_of(self, start_ms: int) -> int:
-        return (start_ms - self.start_ms) // HOUR_MS
+        return (start_ms - self.start_ms) // self.step_ms
 
     def to_meta(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +82,8 @@ class StreamPlan:
     def from_meta(cls, meta: dict[str, Any]) -> StreamPlan:
         values = dict(meta)
         values["fit"] = FitConfig(**values["fit"])
+        if "lags" in values:
+            values["lags"] = tuple(values["lags"])
         return cls(**values)
 
 
@@ -81,10 +94,12 @@ def minibatch_generators(seed: int, squares: list[int], hour: int) -> list[torch
     ]
 
 
-def window_samples(z: np.ndarray, first_target: int, hour: int) -> tuple[np.ndarray, np.ndarray]:
+def window_samples(
+    z: np.ndarray, first_target: int, hour: int, lags: np.ndarray = LAGS
+) -> tuple[np.ndarray, np.ndarray]:
     """Samples of one series ``z [H]`` (hour-indexed) with targets in [first_target, hour]; NaN rows dropped."""
     targets = np.arange(first_target, hour + 1)
-    x = z[targets[:, None] - LAGS[None, :]]
+    x = z[targets[:, None] - lags[None, :]]
     y = z[targets]
     ok = np.isfinite(x).all(axis=1) & np.isfinite(y)
     return x[ok], y[ok]
@@ -105,10 +120,10 @@ def local_updates(
     sample keeps its start and reports 0 samples.
     """
     first = plan.first_target(hour)
-    pairs = [window_samples(z, first, hour) for z in series]
+    pairs = [window_samples(z, first, hour, plan.lag_array) for z in series]
     counts = [len(y) for _, y in pairs]
     n = max(max(counts), 1)
-    x = torch.zeros(len(series), n, len(LAGS))
+    x = torch.zeros(len(series), n, len(plan.lags))
     y = torch.zeros(len(series), n)
     for b, (xs, ys) in enumerate(pairs):
         x[b, : len(ys)] = torch.as_tensor(xs, dtype=torch.float32)
@@ -151,12 +166,14 @@ def due_updates(
     ]
 
 
-def profile_upto(z: np.ndarray, hour: int) -> list[float]:
-    """Mean of ``z [H]`` per hour of day over hours 0..hour (missing hours skipped): the running traffic
-    statistics a BS reports with its updates and DCS clusters on."""
+def profile_upto(z: np.ndarray, hour: int, steps_per_day: int = DAY) -> list[float]:
+    """Mean of ``z [H]`` per hour of day over steps 0..hour (missing steps skipped): the running traffic
+    statistics a BS reports with its updates and DCS clusters on. Steps shorter or longer than an hour
+    fall into the bin of the hour of day they start in (step 0 starts at midnight UTC: steps are aligned
+    to the epoch and divide a day)."""
     values = z[: hour + 1]
     ok = np.isfinite(values)
-    hod = np.arange(values.size) % DAY
+    hod = (np.arange(values.size) % steps_per_day) * DAY // steps_per_day
     sums = np.bincount(hod[ok], weights=values[ok], minlength=DAY)
     counts = np.bincount(hod[ok], minlength=DAY)
     return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).round(6).tolist()
@@ -233,6 +250,11 @@ def update_problem(update: TwinMessage) -> str | None:
     loss = meta.get("loss", 0.0)
     if not _finite_number(loss):
         return f"BS {update.twin_id}: loss must be a finite number, got {loss!r}"
+    if "joined" in meta and not isinstance(meta["joined"], bool):
+        return f"BS {update.twin_id}: joined must be true or false, got {meta['joined']!r}"
+    entity = meta.get("entity")
+    if entity is not None and not (isinstance(entity, str) and 0 < len(entity) <= 512):
+        return f"BS {update.twin_id}: entity must be a name of 1..512 characters, got {str(entity)[:60]!r}"
     problem = profile_problem(meta.get("profile"))
     if problem is not None:
         return f"BS {update.twin_id}: {problem}"

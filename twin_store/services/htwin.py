@@ -90,6 +90,7 @@ class TwinState:
             "rejected": 0,
             "quarantined": 0,
             "evictions": 0,
+            "joined": 0,  # BSs that joined after V-twinning (late entities of a [twins] deployment)
         }
     )
 
@@ -221,7 +222,7 @@ class TwinState:
         log.info("re-clustered (epoch %d) before hour %d: %d BSs moved", r.membership.epoch, hour, len(moves))
         changed = sorted({c for _, old, new in moves for c in (old, new) if c is not None})
         lines = [
-            point("membership", {"square": str(s)}, {"cluster": c, "epoch": r.membership.epoch}, None)
+            point("membership", {"entity": str(s)}, {"cluster": c, "epoch": r.membership.epoch}, None)
             + f" {now}"
             for s, c in sorted(self.clusters.labels.items())
         ]
@@ -247,6 +248,18 @@ class TwinState:
             + f" {now}"
         )
 
+    def _admit(self, square: int, update: TwinMessage) -> bool:
+        """A BS that joined after V-twinning: it names the cluster its agent chose (nearest by position or
+        profile) in its signed meta; it becomes a member there. With a key registry only BSs with a key get
+        this far (``keys.problem`` refused the others)."""
+        claimed = update.meta.get("cluster")
+        if update.meta.get("joined") is not True:
+            return False
+        if not isinstance(claimed, int) or claimed not in self.clusters.twins:
+            return False
+        self.clusters.labels[square] = claimed
+        return True
+
     def apply(self, update: TwinMessage, now: int | None = None) -> Outcome | None:
         """Check, screen and fold in one local update; None for a duplicate delivery of an accepted one.
 
@@ -265,12 +278,13 @@ class TwinState:
         seq = int(update.meta.get("seq", -1))
         now = time.time_ns() if now is None else now
         problem = self.keys.problem(update) if self.keys is not None else None
-        if problem is None and square not in self.clusters.labels:
-            raise MalformedMessage(f"BS {square} is not a member of any cluster")
         if problem is None and update.params.shape != self.global_twin.params.shape:
             raise MalformedMessage(
                 f"BS {square}: {update.params.size} parameters, twins have {self.global_twin.params.numel()}"
             )
+        joining = problem is None and square not in self.clusters.labels
+        if joining and not self._admit(square, update):
+            raise MalformedMessage(f"BS {square} is not a member of any cluster")
         if problem is None and seq <= self.seq.get(square, -1):
             if self.keys is None or update.meta.get("sig") == self.sigs.get(square):
                 self.counters["replays"] += 1  # redelivered after a restart: already in the twins
@@ -284,11 +298,26 @@ class TwinState:
                     f"stale: base twin {lag} versions behind cluster {claimed} (bound {self.max_staleness})"
                 )
         if problem is not None:
+            if joining:  # refused: it does not join
+                del self.clusters.labels[square]
             self.counters["rejected"] += 1
             return self._refused(update, "rejected", problem, float("nan"), now)
         n_samples = int(update.meta["n_samples"])
         hour = int(update.meta.get("hour", seq))
         out, lines = self.recluster(hour, now)
+        if joining:
+            self.counters["joined"] += 1
+            name = str(update.meta.get("entity", square))
+            epoch = self.reclusterer.membership.epoch if self.reclusterer else 0
+            lines.append(
+                point(
+                    "membership",
+                    {"entity": name},
+                    {"cluster": self.clusters.labels[square], "epoch": epoch},
+                    None,
+                )
+                + f" {now}"
+            )
         params = torch.as_tensor(update.params)
         cid = self.clusters.labels[square]
         loss = float(update.meta.get("loss", 0.0))
@@ -440,7 +469,7 @@ class TwinState:
         if norm is not None:
             fields["norm"] = norm
         tags = {
-            "square": update.twin_id,
+            "entity": update.twin_id,
             "cluster": str(update.meta.get("cluster", -1)),
             "decision": decision,
         }
@@ -548,28 +577,19 @@ class TwinService:
             raise InputError(f"security.defense: {exc}") from None
         self.producer = make_producer(settings)
         self.deadletters = DeadLetterSink(self.producer, self.topics.deadletter)
-        self.state = TwinState.from_messages(
-            read_latest_twins(settings, self.deadletters),
-            psi,
-            milan_dir,
-            gamma,
-            keys,
-            defense,
-            sec.max_staleness,
-        )
-        self.influx = InfluxClient(settings.influx)
-        self.consumer = self._make_consumer()
+        self.psi, self.milan_dir, self.fixed_gamma = psi, milan_dir, gamma
+        self.keys, self.defense = keys, defense
         self.stopping = False
         # the screen's memory (peer deltas, per-BS detectors) is not on twin.models: it is kept beside the
         # committed offsets, so a restarted store screens at once instead of warming up again
         self.screen_file = self._screen_file()
-        if self.state.defense.remembers:
-            saved = load_screen(
-                self.screen_file, type(self.state.defense), self.state.global_twin.params.numel()
-            )
-            if saved is not None:
-                self.state.defense = saved
-                self.state.clusters.aggregator = saved.aggregate
+        latest = read_latest_twins(settings, self.deadletters)
+        # a [twins] deployment without twins yet bootstraps them from its stream's history (``run``)
+        self.bootstrapping = b"global:0" not in latest and settings.twins.target is not None
+        if not self.bootstrapping:
+            self._load_state(latest)
+        self.influx = InfluxClient(settings.influx)
+        self.consumer = self._make_consumer()
         self.counters = {"deadletters": 0}
 
     def _screen_file(self) -> Path:
@@ -584,10 +604,56 @@ class TwinService:
             fetch_max_wait_ms=LOW_LATENCY_FETCH_MS,
         )
 
+    def _load_state(self, latest: dict[bytes, TwinMessage]) -> None:
+        sec = self.settings.security
+        self.state = TwinState.from_messages(
+            latest, self.psi, self.milan_dir, self.fixed_gamma, self.keys, self.defense, sec.max_staleness
+        )
+        if self.state.defense.remembers:
+            saved = load_screen(
+                self.screen_file, type(self.state.defense), self.state.global_twin.params.numel()
+            )
+            if saved is not None:
+                self.state.defense = saved
+                self.state.clusters.aggregator = saved.aggregate
+
+    def bootstrap(self, poll_s: float = 5.0) -> dict[str, Any] | None:
+        """Wait until the stream's history is enough (``[twins]`` bootstrap thresholds), V-twin on it, and
+        load the twins; None if stopped first. Progress is logged at every check."""
+        from twin_store.services.vtwin import bootstrap_need, bootstrap_ready, run_vtwin_from_influx
+
+        twins = self.settings.twins
+        need = bootstrap_need(self.settings)
+        last_log = 0.0
+        while not self.stopping:
+            ok, grid = bootstrap_ready(self.settings, self.influx)
+            if ok:
+                summary = run_vtwin_from_influx(self.settings, grid=grid)
+                log.info("bootstrap V-twinning done: %s", summary)
+                self._load_state(read_latest_twins(self.settings, self.deadletters))
+                self.bootstrapping = False
+                return summary
+            if time.monotonic() - last_log > 30:
+                have = int((np.isfinite(grid.values).sum(axis=1) >= need).sum()) if grid.values.size else 0
+                log.info(
+                    "bootstrap: %d of %d entities have %d steps of %r; waiting",
+                    have,
+                    twins.bootstrap_entities,
+                    need,
+                    twins.target,
+                )
+                last_log = time.monotonic()
+            deadline = time.monotonic() + poll_s
+            while not self.stopping and time.monotonic() < deadline:
+                time.sleep(0.1)
+        return None
+
     def run(self, idle_exit_s: float | None = None, max_messages: int | None = None) -> dict[str, int]:
         handled = 0
-        last = time.monotonic()
         try:
+            if self.bootstrapping and self.bootstrap() is None:
+                return self.counters | {"bootstrapped": 0}
+            last = time.monotonic()
             while not self.stopping:
                 polled = self.consumer.poll(
                     timeout_ms=200, max_records=max_messages - handled if max_messages else None

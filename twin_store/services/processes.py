@@ -41,7 +41,10 @@ def settings_env(settings: NettwinSettings) -> dict[str, str]:
     env.pop("NETTWIN_CONFIG", None)
     env["NETTWIN_PROFILE"] = settings.profile
     env["NETTWIN_STATE_DIR"] = str(settings.state_dir)
-    for section in ("kafka", "influx", "worker", "security", "edge"):
+    sections = ["kafka", "influx", "worker", "security", "edge"]
+    if settings.twins.target is not None:  # else a config file's [twins] stays in force
+        sections.append("twins")
+    for section in sections:
         for key, value in getattr(settings, section).model_dump(mode="json").items():
             if value is None:
                 continue

@@ -76,6 +76,7 @@ class TwinStore:
             self.topics.forecasts,
             self.topics.features_sensors,
             self.topics.telemetry_records,
+            self.topics.features_twins,
             group_id=f"{settings.kafka.topic_prefix}nettwin-store",
             max_poll_records=2000,
         )

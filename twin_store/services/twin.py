@@ -216,7 +216,7 @@ def update_lines(uploads: list[tuple[str, Upload]]) -> list[str]:
     return [
         point(
             "update",
-            {"square": u.client, "cluster": twin_id, "decision": "accepted" if u.accepted else "quarantined"},
+            {"entity": u.client, "cluster": twin_id, "decision": "accepted" if u.accepted else "quarantined"},
             {
                 "norm": u.norm if math.isfinite(u.norm) else None,
                 "score": u.score if math.isfinite(u.score) else None,

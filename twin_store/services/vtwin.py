@@ -22,11 +22,22 @@ from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.lineproto import point
+from twin_store.federation.bootstrap import (
+    Grid,
+    build_grid,
+    cluster_profiles,
+    default_need,
+    persistence_start,
+    prepare,
+    ready,
+)
+from twin_store.federation.inputs import daily_profiles
 from twin_store.federation.local_updates import StreamPlan
 from twin_store.federation.models_topic import TwinMessage
 from twin_store.federation.plan import dcs_labels, load_matrix, split_hours, stream_plan
 from twin_store.federation.samples import Scaler, samples
-from twin_store.federation.twinning import v_twinning
+from twin_store.federation.sites import cluster_entities, load_sites
+from twin_store.federation.twinning import ClusterTwins, VTwinResult, v_twinning
 from twin_store.models.forecaster import FitConfig, TwinModel
 
 
@@ -168,7 +179,7 @@ def run_vtwin(settings: NettwinSettings, job: VTwinJob) -> dict[str, Any]:
         for c in cluster_ids
     ]
     lines += [
-        point("membership", {"square": str(s)}, {"cluster": int(ct.labels[int(s)]), "epoch": 0}, now)
+        point("membership", {"entity": str(s)}, {"cluster": int(ct.labels[int(s)]), "epoch": 0}, now)
         for s in squares.tolist()
     ]
     with InfluxClient(settings.influx) as influx:
@@ -184,3 +195,274 @@ def run_vtwin(settings: NettwinSettings, job: VTwinJob) -> dict[str, Any]:
         "topic": topics.twin_models,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+# ---- V-twinning of any deployment, from the [twins] steps its stream wrote to InfluxDB
+
+
+VAL_TIE = (
+    0.01  # V-twinned twins must beat persistence on the held-out steps by more than this (as bench twins)
+)
+
+
+@dataclass(frozen=True)
+class StreamJob:
+    """How bootstrap V-twinning trains (the VH-Twin defaults) and the stream protocol after it."""
+
+    seed: int = 1
+    rounds: int = 10
+    participation: float = 1.0
+    hidden: int = 32
+    update_every: int = StreamPlan.update_every  # steps between a BS's local updates
+    window: int = StreamPlan.window  # steps of recent samples a local update trains on
+    stream: FitConfig = field(default_factory=lambda: StreamPlan(0, 0, 0).fit)
+    fit: FitConfig = field(default_factory=lambda: FitConfig(steps=20, lr=1e-2, batch=64))
+
+
+def read_twin_steps(influx: InfluxClient, metric: str, step_s: int) -> Grid:
+    """Every ``twin_input`` row of ``metric`` -> the grid of entities x steps (docs/twins.md)."""
+    quoted = metric.replace("\\", "\\\\").replace("'", "\\'")
+    q = f'SELECT "value", "key" FROM "twin_input" WHERE "metric" = \'{quoted}\' GROUP BY "entity"'
+    rows: list[tuple[int, str, int, float]] = []
+    for series in influx.query(q, method="POST"):
+        name = series.tags.get("entity", "")
+        for t, value, key in series.values:
+            if value is not None and key is not None:
+                rows.append((int(key), name, int(t), float(value)))
+    return build_grid(rows, step_s * 1000)
+
+
+def bootstrap_need(settings: NettwinSettings) -> int:
+    twins = settings.twins
+    return twins.bootstrap_steps or default_need(twins.horizon)
+
+
+def bootstrap_ready(settings: NettwinSettings, influx: InfluxClient) -> tuple[bool, Grid]:
+    twins = settings.twins
+    if twins.target is None:
+        raise InputError("[twins] has no target: name the metric to twin (docs/twins.md)")
+    try:
+        grid = read_twin_steps(influx, twins.target, twins.cadence_s)
+    except InputError as exc:
+        if "database not found" not in str(exc):
+            raise
+        grid = build_grid([], twins.cadence_s * 1000)  # the store has not created it yet: no history
+    return ready(grid, bootstrap_need(settings), twins.bootstrap_entities), grid
+
+
+def run_vtwin_from_influx(
+    settings: NettwinSettings, job: StreamJob | None = None, grid: Grid | None = None
+) -> dict[str, Any]:
+    """V-twinning on the history the stream wrote (``twin_input``), published like ``run_vtwin``'s twins
+    (``twin_store/federation/bootstrap.py`` has the rules). Streaming starts at the step after the history."""
+    job = job or StreamJob()
+    twins = settings.twins
+    if twins.target is None:
+        raise InputError("[twins] has no target: name the metric to twin (docs/twins.md)")
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    if grid is None:
+        with InfluxClient(settings.influx) as influx:
+            grid = read_twin_steps(influx, twins.target, twins.cadence_s)
+    need = bootstrap_need(settings)
+    if not ready(grid, need, twins.bootstrap_entities):
+        most = int(grid.reported().max(initial=0)) if grid.values.size else 0
+        raise InputError(
+            f"twin_input has {len(grid.names)} entities of {twins.target!r} with up to {most} steps; "
+            f"V-twinning needs {twins.bootstrap_entities} entities with {need} steps "
+            "(twins.bootstrap_entities, twins.bootstrap_steps)"
+        )
+    prep = prepare(grid, need, twins.horizon)
+    grid = prep.grid
+    names = grid.names
+    sites = None
+    if twins.sites is not None:
+        all_sites = load_sites(twins.sites)
+        if all(all_sites.has(n) for n in names):
+            sites = all_sites.subset(names)
+    profile = daily_profiles(prep.z, prep.train, grid.step_ms, grid.start_ms)
+    labels = cluster_entities(sites, profile, twins.clusters or None, job.seed)
+    n_inputs = prep.plan.n_inputs
+    model = TwinModel(job.hidden, n_inputs)
+    random_init = model.init(1, job.seed)[0]
+    init = persistence_start(model, random_init)
+
+    def v_twin(start: torch.Tensor) -> VTwinResult:
+        return v_twinning(
+            model,
+            grid.keys,
+            labels,
+            torch.as_tensor(prep.x, dtype=torch.float32),
+            torch.as_tensor(prep.y, dtype=torch.float32),
+            start,
+            job.rounds,
+            job.participation,
+            job.fit,
+            torch.Generator().manual_seed(job.seed),
+            np.random.default_rng(job.seed),
+            counts=prep.counts,
+        )
+
+    # the held-out steps decide: V-twinning from a random start, from the persistence twin, or persistence
+    # itself (a V-twinned result must beat persistence by more than VAL_TIE)
+    xv, yv, ok = prep.plan.samples(prep.z, prep.train, grid.steps)
+    xv_t = torch.as_tensor(np.where(np.isfinite(xv), xv, 0.0), dtype=torch.float32)
+
+    def val_mse(params: torch.Tensor) -> float:
+        with torch.no_grad():
+            pred = model.predict(params.expand(xv.shape[0], -1), xv_t).numpy()
+        return float(np.mean((pred[ok] - yv[ok]) ** 2)) if ok.any() else float("nan")
+
+    candidates = {"v-twinning": v_twin(random_init), "v-twinning from persistence": v_twin(init)}
+    scores = {name: val_mse(r.global_params) for name, r in candidates.items()}
+    pers_mse = val_mse(init)
+    kept = min(scores, key=lambda name: scores[name])
+    result = candidates[kept]
+    val_mse_twins = scores[kept]
+    if not pers_mse * (1 + VAL_TIE) >= val_mse_twins:  # NaN (nothing held out) keeps persistence too
+        kept = "persistence"
+        label_of = {int(k): int(c) for k, c in zip(grid.keys.tolist(), labels.tolist(), strict=True)}
+        result = VTwinResult(
+            init.clone(),
+            ClusterTwins(label_of, {int(c): init.clone() for c in set(labels.tolist())}),
+            result.rounds,
+            result.uploads,
+            result.downloads,
+            result.losses,
+        )
+
+    total = grid.steps
+    plan = StreamPlan(
+        seed=job.seed,
+        start_hour=total,
+        start_ms=grid.start_ms,
+        update_every=job.update_every,
+        window=job.window,
+        fit=job.stream,
+        recluster_every=0,  # re-clustering needs Milan's attributes today; late joiners pick a cluster
+        column=twins.target,
+        step_ms=grid.step_ms,
+        lags=tuple(int(v) for v in prep.plan.lags),
+        steps_per_day=max(1, 86_400_000 // grid.step_ms),
+        horizon=twins.horizon,
+        fill_limit=prep.plan.fill_limit,
+    )
+    ct = result.clusters
+    cluster_ids = sorted(set(ct.labels.values()))
+    members = {c: ct.members(c) for c in cluster_ids}
+    keys = grid.keys.tolist()
+    loss = result.losses[-1] if result.losses else float("nan")
+    meta: dict[str, Any] = {
+        "members": keys,
+        "loss": loss,
+        "rounds": result.rounds,
+        "train_hours": prep.train,
+        "plan": plan.to_meta(),
+        "inputs": prep.plan.to_meta(),
+        "clusters": twins.clusters,
+        "as_of": -1,
+        "scaler": {
+            str(k): [float(m), float(d)]
+            for k, m, d in zip(keys, prep.scaler.mean, prep.scaler.std, strict=True)
+        },
+        "entities": {str(k): n for k, n in zip(keys, names, strict=True)},
+        "metric": twins.target,
+        # late joiners pick the cluster of the nearest member (sites) or of the best-correlated mean profile
+        "cluster_profiles": cluster_profiles(profile, labels),
+    }
+    messages = twin_messages(result, job.hidden, meta)
+    publish_twins(settings, messages, result, members, dict(zip(keys, names, strict=True)))
+    return {
+        "entities": len(keys),
+        "steps": total,
+        "train_steps": prep.train,
+        "lags": [int(v) for v in prep.plan.lags],
+        "clusters": {str(c): len(members[c]) for c in cluster_ids},
+        "rounds": result.rounds,
+        "final_loss": round(loss, 5),
+        "validation_mse": round(val_mse_twins, 5),
+        "persistence_mse": round(pers_mse, 5),
+        "kept": kept,  # the V-twinned twins, or persistence when they did not beat it on validation
+        "kept_validation_mse": round(pers_mse if kept == "persistence" else val_mse_twins, 5),
+        "topic": Topics.from_settings(settings).twin_models,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def twin_messages(result: Any, hidden: int, global_meta: dict[str, Any]) -> list[TwinMessage]:
+    """The global, cluster and per-BS twins V-twinning ended with (as ``run_vtwin`` publishes them)."""
+    ct = result.clusters
+    cluster_ids = sorted(set(ct.labels.values()))
+    loss = global_meta["loss"]
+    return [
+        TwinMessage("global", "0", 1, hidden, result.global_params.numpy(), global_meta),
+        *(
+            TwinMessage(
+                "cluster",
+                str(c),
+                1,
+                hidden,
+                ct.twins[c].numpy(),
+                {"members": ct.members(c), "epoch": 0, "as_of": -1},
+            )
+            for c in cluster_ids
+        ),
+        *(
+            TwinMessage(
+                "bs",
+                str(s),
+                1,
+                hidden,
+                params.numpy(),
+                {"seq": -1, "hour": -1, "n_samples": n, "loss": loss, "cluster": ct.labels[s]},
+            )
+            for s, (params, n) in sorted(ct.latest.items())
+        ),
+    ]
+
+
+def publish_twins(
+    settings: NettwinSettings,
+    messages: list[TwinMessage],
+    result: Any,
+    members: dict[int, list[int]],
+    names: dict[int, str],
+) -> None:
+    """Twins to ``twin.models``, then ``twin`` and ``membership`` rows (tag ``entity``) to InfluxDB."""
+    topics = Topics.from_settings(settings)
+    producer = make_producer(settings)
+    try:
+        futures = [producer.send(topics.twin_models, key=m.key, value=m.encode()) for m in messages]
+        producer.flush()
+        for f in futures:
+            if f.exception is not None:
+                raise ServiceError(f"publishing twins to {topics.twin_models} failed: {f.exception}")
+    finally:
+        producer.close()
+    now = int(time.time())
+    loss = result.losses[-1] if result.losses else float("nan")
+    n_updates = result.uploads
+    lines = [
+        point(
+            "twin",
+            {"level": "global", "twin_id": "0"},
+            {"version": 1, "epsilon": 0.0, "loss": loss, "n_updates": n_updates, "n_members": len(names)},
+            now,
+        )
+    ]
+    lines += [
+        point(
+            "twin",
+            {"level": "cluster", "twin_id": str(c)},
+            {"version": 1, "epsilon": 0.0, "loss": loss, "n_updates": n_updates, "n_members": len(m)},
+            now,
+        )
+        for c, m in members.items()
+    ]
+    labels = result.clusters.labels
+    lines += [
+        point("membership", {"entity": names[s]}, {"cluster": int(labels[s]), "epoch": 0}, now)
+        for s in sorted(names)
+    ]
+    with InfluxClient(settings.influx) as influx:
+        influx.write("\n".join(lines).encode(), precision="s")

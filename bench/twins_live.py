@@ -1,0 +1,242 @@
+"""A [twins] deployment of N SYNTHETIC entities live through the real services (issue 12's scale check).
+
+N entities report one metric a minute to a followed file (a ``file`` source of ``nettwin attach``); the worker
+windows it to 1-minute steps, ``nettwin htwin`` bootstraps the twins once every entity has the history, then
+``--live-steps`` steps are appended one every ``--step-s`` wall seconds. A step closes when the next step's
+first records arrive, so the clock starts when that next step is acknowledged by the file (appended and
+flushed) and stops when the forecast the closing made is queryable in InfluxDB. Prints one JSON line:
+
+- ``close_to_forecast_s``: p50/p99 over every (entity, step) at the poll resolution ``--poll-s``;
+- ``bootstrap_s``: from the history being written to the global twin being queryable;
+- ``peak_rss_mb``: per process (attach, store, worker, htwin) and in all;
+- ``query_twins_ms``: the current-state query of ``nettwin query twins`` (p50/p99 over 50 runs, in process)
+  and the whole command's wall time once (CLI start-up included).
+
+Targets (issue 12): p99 under 2 s, under 2 GB RSS in all, the query under 50 ms.
+
+Usage: .venv/bin/python -m bench.twins_live [--entities 10000] [--live-steps 8] [--step-s 5]
+Uses its own topics and database and deletes them afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ingest.settings import NettwinSettings, TwinsSettings, load_settings
+from twin_store.adapters.influx import InfluxClient
+from twin_store.adapters.provision import deprovision, provision
+from twin_store.services.processes import settings_env, spawn_cli, stop_process
+
+STEP_MS = 60_000
+T0_MS = 1_700_000_000_000 - 1_700_000_000_000 % 86_400_000  # a UTC midnight
+TWINS_QUERY = 'SELECT * FROM "twin" GROUP BY "level", "twin_id" ORDER BY time DESC LIMIT 1'
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def step_lines(k: int, n: int, rng: np.random.Generator) -> str:
+    """One step of every entity: a daily shape per entity plus noise, two readings inside the step."""
+    phase = np.arange(n) * 0.37
+    base = 100 + 20 * np.sin(2 * np.pi * k / 1440 + phase) + 5 * np.sin(2 * np.pi * k / 37 + phase)
+    out = []
+    t = T0_MS + k * STEP_MS
+    for i, v in enumerate((base + rng.normal(0, 2, n)).tolist()):
+        out.append(f'{{"entity":"e{i}","time":{t + 5_000},"metrics":{{"v":{v:.3f}}}}}')
+    return "\n".join(out) + "\n"
+
+
+class Watcher(threading.Thread):
+    """Forecast counts per target step, and every process's RSS, until stopped."""
+
+    def __init__(self, settings: NettwinSettings, pids: dict[str, int], first_ms: int, poll_s: float) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.pids, self.first_ms, self.poll_s = settings, pids, first_ms, poll_s
+        self.seen: dict[int, list[tuple[float, int]]] = {}
+        self.peak = dict.fromkeys(pids, 0.0)
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        with InfluxClient(self.settings.influx) as influx:
+            while not self.halt.is_set():
+                now = time.monotonic()
+                q = (
+                    f'SELECT count("predicted") FROM "forecast" WHERE time >= {self.first_ms}ms '
+                    "GROUP BY time(1m) fill(none)"
+                )
+                try:
+                    series = influx.query(q)
+                except Exception:  # the database may not exist yet
+                    series = []
+                for s in series:
+                    for row in s.rows():
+                        hist = self.seen.setdefault(int(row["time"]), [])
+                        if not hist or hist[-1][1] != int(row["count"]):
+                            hist.append((now, int(row["count"])))
+                for name, pid in self.pids.items():
+                    self.peak[name] = max(self.peak[name], _rss_mb(pid))
+                self.halt.wait(self.poll_s)
+
+
+def global_twin_rows(settings: NettwinSettings) -> int:
+    with InfluxClient(settings.influx) as influx:
+        try:
+            s = influx.query('SELECT count("version") FROM "twin" WHERE "level" = \'global\'')
+        except Exception:
+            return 0
+    return int(s[0].values[0][1]) if s and s[0].values else 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--entities", type=int, default=10_000)
+    ap.add_argument("--history", type=int, default=50, help="steps written before the bootstrap")
+    ap.add_argument("--live-steps", type=int, default=8)
+    ap.add_argument("--step-s", type=float, default=5.0)
+    ap.add_argument("--poll-s", type=float, default=0.1)
+    ap.add_argument("--timeout-s", type=float, default=900.0)
+    args = ap.parse_args()
+    n = args.entities
+    rng = np.random.default_rng(1)
+    tag = uuid.uuid4().hex[:8]
+    base = load_settings()
+    with tempfile.TemporaryDirectory(prefix="nettwin-twins-live-") as tmp_s:
+        tmp = Path(tmp_s)
+        twins = TwinsSettings(
+            target="v",
+            cadence="1m",
+            aggregate="mean",
+            bootstrap_entities=n,
+            bootstrap_steps=args.history - 5,
+            clusters=0,  # Louvain: Girvan-Newman to a fixed count takes minutes at thousands of entities
+        )
+        settings = base.model_copy(
+            update={
+                "kafka": base.kafka.model_copy(update={"topic_prefix": f"bench{tag}."}),
+                "influx": base.influx.model_copy(update={"database": f"nettwin_bench{tag}"}),
+                "state_dir": tmp / "state",
+                "twins": twins,
+            }
+        )
+        data = tmp / "readings.jsonl"
+        config = tmp / "deploy.toml"
+        config.write_text(
+            f'[[source]]\nname = "synthetic"\ntype = "file"\npath = "{data}"\nformat = "json"\n'
+        )
+        provision(settings)
+        env = settings_env(settings)
+        logs = tmp / "log"
+        procs: dict[str, Any] = {}
+        try:
+            with data.open("w") as fh:
+                for k in range(args.history):
+                    fh.write(step_lines(k, n, rng))
+            t0 = time.monotonic()
+            for name, cmd in (
+                ("store", ["store"]),
+                ("worker", ["worker"]),
+                ("htwin", ["htwin"]),
+                ("attach", ["attach", "--config", str(config)]),
+            ):
+                procs[name] = spawn_cli(cmd, logs / f"{name}.log", env)
+            first_ms = T0_MS + args.history * STEP_MS
+            watcher = Watcher(settings, {k: p.pid for k, p in procs.items()}, first_ms, args.poll_s)
+            watcher.start()
+            deadline = t0 + args.timeout_s
+            while global_twin_rows(settings) == 0:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs.values()):
+                    tails = "\n".join(
+                        f"--- {f.name}\n{f.read_text()[-1500:]}" for f in sorted(logs.glob("*.log"))
+                    )
+                    raise SystemExit(
+                        f"no bootstrap within {args.timeout_s:.0f} s (or a part exited)\n{tails}"
+                    )
+                time.sleep(0.5)
+            bootstrap_s = time.monotonic() - t0
+            # the bootstrap's history ended at the newest closed step; the first live step closes it
+            closed: dict[int, float] = {}
+            for k in range(args.history, args.history + args.live_steps + 1):
+                text = step_lines(k, n, rng)
+                with data.open("a") as fh:
+                    fh.write(text)
+                    fh.flush()
+                closed[T0_MS + (k - 1) * STEP_MS] = time.monotonic()  # step k - 1 closes now
+                time.sleep(args.step_s)
+            end = time.monotonic() + 60
+            last_target = T0_MS + (args.history + args.live_steps) * STEP_MS
+            while time.monotonic() < end and (watcher.seen.get(last_target) or [(0, 0)])[-1][1] < n:
+                time.sleep(args.poll_s)
+            watcher.halt.set()
+            watcher.join()
+            lat: list[float] = []
+            for step_ms, t_close in closed.items():
+                target = step_ms + twins.horizon * STEP_MS
+                prev = 0
+                for t, count in watcher.seen.get(target, []):
+                    lat += [t - t_close] * (min(count, n) - prev)
+                    prev = min(count, n)
+            expected = n * len(closed)
+            with InfluxClient(settings.influx) as influx:
+                q_ms = []
+                for _ in range(50):
+                    q0 = time.perf_counter()
+                    influx.query(TWINS_QUERY)
+                    q_ms.append((time.perf_counter() - q0) * 1000)
+            c0 = time.perf_counter()
+            cli = subprocess.run(
+                [sys.executable, "-m", "nettwin.cli.main", "query", "twins", "--json"],
+                env=env,
+                capture_output=True,
+                timeout=60,
+            )
+            cli_ms = (time.perf_counter() - c0) * 1000
+            out = {
+                "entities": n,
+                "cadence": "1m",
+                "live_steps": len(closed),
+                "forecasts_seen": len(lat),
+                "forecasts_expected": expected,
+                "close_to_forecast_s": {
+                    "p50": round(float(np.percentile(lat, 50)), 3) if lat else None,
+                    "p99": round(float(np.percentile(lat, 99)), 3) if lat else None,
+                    "max": round(float(max(lat)), 3) if lat else None,
+                },
+                "bootstrap_s": round(bootstrap_s, 1),
+                "peak_rss_mb": {k: round(v) for k, v in watcher.peak.items()},
+                "peak_rss_mb_all": round(sum(watcher.peak.values())),
+                "query_twins_ms": {
+                    "p50": round(float(np.percentile(q_ms, 50)), 2),
+                    "p99": round(float(np.percentile(q_ms, 99)), 2),
+                    "cli_wall_ms": round(cli_ms),
+                    "cli_ok": cli.returncode == 0,
+                },
+                "targets": {"p99_s": 2.0, "rss_mb_all": 2048, "query_ms": 50},
+            }
+            print(json.dumps(out))
+        finally:
+            for p in procs.values():
+                stop_process(p)
+            if "--keep" not in sys.argv:
+                deprovision(settings)
+
+
+if __name__ == "__main__":
+    main()
