@@ -66,9 +66,12 @@ def _rss_mb(pid: int) -> float:
 class Watcher(threading.Thread):
     """Polls InfluxDB for forecast counts per target hour and every process's RSS until stopped."""
 
-    def __init__(self, settings: NettwinSettings, pids: dict[str, int], first_ms: int, poll_s: float) -> None:
+    def __init__(
+        self, settings: NettwinSettings, pids: dict[str, int], first_ms: int, poll_s: float, step: str = "1h"
+    ) -> None:
         super().__init__(daemon=True)
         self.settings, self.pids, self.first_ms, self.poll_s = settings, pids, first_ms, poll_s
+        self.step = step  # the forecasts' step, as an InfluxQL duration
         self.seen: dict[int, list[tuple[float, int]]] = {}  # target hour ms -> [(time, count)]
         self.peak = dict.fromkeys(pids, 0.0)
         self.halt = threading.Event()
@@ -79,9 +82,13 @@ class Watcher(threading.Thread):
                 now = time.monotonic()
                 q = (
                     f'SELECT count("predicted") FROM "forecast" WHERE time >= {self.first_ms}ms '
-                    "GROUP BY time(1h) fill(none)"
+                    f"GROUP BY time({self.step}) fill(none)"
                 )
-                for series in influx.query(q, epoch="ms"):
+                try:
+                    found = influx.query(q, epoch="ms")
+                except Exception:  # the store has not created the database yet
+                    found = []
+                for series in found:
                     for row in series.rows():
                         hist = self.seen.setdefault(int(row["time"]), [])
                         if not hist or hist[-1][1] != int(row["count"]):

@@ -25,7 +25,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.live_scale import Watcher
 from ingest.settings import NettwinSettings, TwinsSettings, load_settings
 from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.provision import deprovision, provision
@@ -41,16 +41,6 @@ from twin_store.services.processes import settings_env, spawn_cli, stop_process
 STEP_MS = 60_000
 T0_MS = 1_700_000_000_000 - 1_700_000_000_000 % 86_400_000  # a UTC midnight
 TWINS_QUERY = 'SELECT * FROM "twin" GROUP BY "level", "twin_id" ORDER BY time DESC LIMIT 1'
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def step_lines(k: int, n: int, rng: np.random.Generator) -> str:
@@ -62,38 +52,6 @@ def step_lines(k: int, n: int, rng: np.random.Generator) -> str:
     for i, v in enumerate((base + rng.normal(0, 2, n)).tolist()):
         out.append(f'{{"entity":"e{i}","time":{t + 5_000},"metrics":{{"v":{v:.3f}}}}}')
     return "\n".join(out) + "\n"
-
-
-class Watcher(threading.Thread):
-    """Forecast counts per target step, and every process's RSS, until stopped."""
-
-    def __init__(self, settings: NettwinSettings, pids: dict[str, int], first_ms: int, poll_s: float) -> None:
-        super().__init__(daemon=True)
-        self.settings, self.pids, self.first_ms, self.poll_s = settings, pids, first_ms, poll_s
-        self.seen: dict[int, list[tuple[float, int]]] = {}
-        self.peak = dict.fromkeys(pids, 0.0)
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        with InfluxClient(self.settings.influx) as influx:
-            while not self.halt.is_set():
-                now = time.monotonic()
-                q = (
-                    f'SELECT count("predicted") FROM "forecast" WHERE time >= {self.first_ms}ms '
-                    "GROUP BY time(1m) fill(none)"
-                )
-                try:
-                    series = influx.query(q)
-                except Exception:  # the database may not exist yet
-                    series = []
-                for s in series:
-                    for row in s.rows():
-                        hist = self.seen.setdefault(int(row["time"]), [])
-                        if not hist or hist[-1][1] != int(row["count"]):
-                            hist.append((now, int(row["count"])))
-                for name, pid in self.pids.items():
-                    self.peak[name] = max(self.peak[name], _rss_mb(pid))
-                self.halt.wait(self.poll_s)
 
 
 def global_twin_rows(settings: NettwinSettings) -> int:
@@ -158,7 +116,9 @@ def main() -> None:
             ):
                 procs[name] = spawn_cli(cmd, logs / f"{name}.log", env)
             first_ms = T0_MS + args.history * STEP_MS
-            watcher = Watcher(settings, {k: p.pid for k, p in procs.items()}, first_ms, args.poll_s)
+            watcher = Watcher(
+                settings, {k: p.pid for k, p in procs.items()}, first_ms, args.poll_s, step="1m"
+            )
             watcher.start()
             deadline = t0 + args.timeout_s
             while global_twin_rows(settings) == 0:

@@ -60,6 +60,22 @@ class VTwinJob:
     fit: FitConfig = field(default_factory=lambda: FitConfig(steps=20, lr=1e-2, batch=64))
 
 
+def first_twin_rows(
+    loss: float, n_updates: int, clusters: dict[int, int], labels: dict[str, int]
+) -> list[str]:
+    """The rows of freshly V-twinned twins: the global and cluster ``twin`` rows (version 1) and every
+    entity's ``membership`` (epoch 0). ``clusters``: cluster id -> members; ``labels``: entity -> cluster."""
+    now = int(time.time())
+    fields = {"version": 1, "epsilon": 0.0, "loss": loss, "n_updates": n_updates}
+    lines = [point("twin", {"level": "global", "twin_id": "0"}, fields | {"n_members": len(labels)}, now)]
+    lines += [
+        point("twin", {"level": "cluster", "twin_id": str(c)}, fields | {"n_members": n}, now)
+        for c, n in clusters.items()
+    ]
+    lines += [point("membership", {"entity": e}, {"cluster": c, "epoch": 0}, now) for e, c in labels.items()]
+    return lines
+
+
 def run_vtwin(settings: NettwinSettings, job: VTwinJob) -> dict[str, Any]:
     if not job.data.is_file():
         raise InputError(f"{job.data}: no such file")
@@ -153,35 +169,9 @@ def run_vtwin(settings: NettwinSettings, job: VTwinJob) -> dict[str, Any]:
     finally:
         producer.close()
 
-    now = int(time.time())
-    n_updates = result.uploads
-    lines = [
-        point(
-            "twin",
-            {"level": "global", "twin_id": "0"},
-            {"version": 1, "epsilon": 0.0, "loss": loss, "n_updates": n_updates, "n_members": len(squares)},
-            now,
-        )
-    ]
-    lines += [
-        point(
-            "twin",
-            {"level": "cluster", "twin_id": str(c)},
-            {
-                "version": 1,
-                "epsilon": 0.0,
-                "loss": loss,
-                "n_updates": n_updates,
-                "n_members": len(members[c]),
-            },
-            now,
-        )
-        for c in cluster_ids
-    ]
-    lines += [
-        point("membership", {"entity": str(s)}, {"cluster": int(ct.labels[int(s)]), "epoch": 0}, now)
-        for s in squares.tolist()
-    ]
+    clusters = {c: len(members[c]) for c in cluster_ids}
+    entity_labels = {str(s): int(ct.labels[int(s)]) for s in squares.tolist()}
+    lines = first_twin_rows(loss, result.uploads, clusters, entity_labels)
     with InfluxClient(settings.influx) as influx:
         influx.write("\n".join(lines).encode(), precision="s")
     return {
@@ -439,30 +429,9 @@ def publish_twins(
                 raise ServiceError(f"publishing twins to {topics.twin_models} failed: {f.exception}")
     finally:
         producer.close()
-    now = int(time.time())
     loss = result.losses[-1] if result.losses else float("nan")
-    n_updates = result.uploads
-    lines = [
-        point(
-            "twin",
-            {"level": "global", "twin_id": "0"},
-            {"version": 1, "epsilon": 0.0, "loss": loss, "n_updates": n_updates, "n_members": len(names)},
-            now,
-        )
-    ]
-    lines += [
-        point(
-            "twin",
-            {"level": "cluster", "twin_id": str(c)},
-            {"version": 1, "epsilon": 0.0, "loss": loss, "n_updates": n_updates, "n_members": len(m)},
-            now,
-        )
-        for c, m in members.items()
-    ]
     labels = result.clusters.labels
-    lines += [
-        point("membership", {"entity": names[s]}, {"cluster": int(labels[s]), "epoch": 0}, now)
-        for s in sorted(names)
-    ]
+    entity_clusters = {names[s]: int(labels[s]) for s in sorted(names)}
+    lines = first_twin_rows(loss, result.uploads, {c: len(m) for c, m in members.items()}, entity_clusters)
     with InfluxClient(settings.influx) as influx:
         influx.write("\n".join(lines).encode(), precision="s")
