@@ -233,8 +233,14 @@ def test_milan_day_as_pm_files_at_30_minutes(deploy: Any, tmp_path: Path) -> Non
     first = 96  # 16 hours: 32 steps of 30 minutes, the last still open
     for f in files[:first]:
         f.rename(watched / f.name)
+    # clusters = 0: as many as Louvain finds (the global twin then says how many it found)
     twins = TwinsSettings(
-        target="internet", cadence="30m", aggregate="sum", bootstrap_entities=20, bootstrap_steps=30
+        target="internet",
+        cadence="30m",
+        aggregate="sum",
+        bootstrap_entities=20,
+        bootstrap_steps=30,
+        clusters=0,
     )
     d = deploy(
         twins,

@@ -349,7 +349,8 @@ def run_vtwin_from_influx(
         "train_hours": prep.train,
         "plan": plan.to_meta(),
         "inputs": prep.plan.to_meta(),
-        "clusters": twins.clusters,
+        # the count found (``[twins] clusters = 0`` lets Louvain choose it): a restart re-reads it as such
+        "clusters": len(cluster_ids),
         "as_of": -1,
         "scaler": {
             str(k): [float(m), float(d)]
