@@ -230,7 +230,7 @@ def influx_frame(influx: InfluxClient, measurement: str) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=["square", "start"]).set_index(["square", "start"])
     df = pd.DataFrame(rows)
-    df["square"] = df["square"].astype(int)
+    df["square"] = df["entity"].astype(int)  # the tag is `entity`; a Milan square's entity is its number
     df["start"] = df["time"].astype(np.int64)
     return df.set_index(["square", "start"]).sort_index()
 

@@ -32,7 +32,7 @@ def expected_from_file(path: Path) -> pd.DataFrame:
 def influx_frame(influx: InfluxClient, measurement: str) -> pd.DataFrame:
     rows = [r for s in influx.query(f'SELECT * FROM "{measurement}"') for r in s.rows()]
     df = pd.DataFrame(rows)
-    df["square"] = df["square"].astype(int)
+    df["square"] = df["entity"].astype(int)  # the tag is `entity`; a Milan square's entity is its number
     df["start"] = df["time"].astype(np.int64)
     return df.set_index(["square", "start"]).sort_index()
 
