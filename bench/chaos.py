@@ -344,6 +344,13 @@ class RowMonitor(threading.Thread):
     def latest(self) -> int:
         return self.samples[-1].rows if self.samples else 0
 
+    def sampled_since(self, t: float, timeout_s: float) -> None:
+        """Wait (bounded) for a sample taken after ``t``: under load a query takes seconds, and the recovery
+        time is read from the samples."""
+        deadline = time.monotonic() + timeout_s
+        while not (self.samples and self.samples[-1].t > t) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     def caught_up_after(self, t: float, published_ms: int) -> float | None:
         """Seconds from ``t`` until every partition has written the interval the replay had published at
         ``t`` (or its last one): input sent after the fault's end is being processed and written again."""
@@ -492,6 +499,7 @@ def run_scenario(
             t_end = replay.finished_at or time.monotonic()
             report["replay_s"] = round(t_end - replay.started_at, 2)
             result, report["complete_s"] = wait_complete(dep, expected, t_end, cfg.timeout_s)
+            monitor.sampled_since(time.monotonic(), 10.0)  # a sample at least as new as the completion
             t_back = ctx.recovered_at or t_fault
             report["recover_s"] = monitor.caught_up_after(
                 t_back, replay.published_ms(t_back) - replay.step_ms
