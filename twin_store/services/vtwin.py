@@ -60,6 +60,21 @@ class VTwinJob:
     fit: FitConfig = field(default_factory=lambda: FitConfig(steps=20, lr=1e-2, batch=64))
 
 
+def send_to_twin_models(settings: NettwinSettings, messages: list[TwinMessage]) -> Topics:
+    """Every message to ``twin.models``, acknowledged (a failed send is a ServiceError); returns the topics."""
+    topics = Topics.from_settings(settings)
+    producer = make_producer(settings)
+    try:
+        futures = [producer.send(topics.twin_models, key=m.key, value=m.encode()) for m in messages]
+        producer.flush()
+        for f in futures:
+            if f.exception is not None:
+                raise ServiceError(f"publishing twins to {topics.twin_models} failed: {f.exception}")
+    finally:
+        producer.close()
+    return topics
+
+
 def first_twin_rows(
     loss: float, n_updates: int, clusters: dict[int, int], labels: dict[str, int]
 ) -> list[str]:
@@ -158,16 +173,7 @@ def run_vtwin(settings: NettwinSettings, job: VTwinJob) -> dict[str, Any]:
             for s, (params, n) in sorted(ct.latest.items())
         ),
     ]
-    topics = Topics.from_settings(settings)
-    producer = make_producer(settings)
-    try:
-        futures = [producer.send(topics.twin_models, key=m.key, value=m.encode()) for m in messages]
-        producer.flush()
-        for f in futures:
-            if f.exception is not None:
-                raise ServiceError(f"publishing twins to {topics.twin_models} failed: {f.exception}")
-    finally:
-        producer.close()
+    topics = send_to_twin_models(settings, messages)
 
     clusters = {c: len(members[c]) for c in cluster_ids}
     entity_labels = {str(s): int(ct.labels[int(s)]) for s in squares.tolist()}
@@ -420,16 +426,7 @@ def publish_twins(
     names: dict[int, str],
 ) -> None:
     """Twins to ``twin.models``, then ``twin`` and ``membership`` rows (tag ``entity``) to InfluxDB."""
-    topics = Topics.from_settings(settings)
-    producer = make_producer(settings)
-    try:
-        futures = [producer.send(topics.twin_models, key=m.key, value=m.encode()) for m in messages]
-        producer.flush()
-        for f in futures:
-            if f.exception is not None:
-                raise ServiceError(f"publishing twins to {topics.twin_models} failed: {f.exception}")
-    finally:
-        producer.close()
+    send_to_twin_models(settings, messages)
     loss = result.losses[-1] if result.losses else float("nan")
     labels = result.clusters.labels
     entity_clusters = {names[s]: int(labels[s]) for s in sorted(names)}
