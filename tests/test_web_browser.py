@@ -31,11 +31,16 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def shown(driver: Any, testid: str) -> str:
-    """The element's text; empty while the page has not drawn it (yet)."""
-    from selenium.webdriver.common.by import By
+    """The element's text; empty while the page has not drawn it (yet).
 
-    found = driver.find_elements(By.CSS_SELECTOR, f'[data-testid="{testid}"]')
-    return str(found[0].text) if found else ""
+    Read in one script call: finding the element and then asking for its text is two calls, and the page may
+    redraw the element between them (a StaleElementReferenceException in a loaded CI run).
+    """
+    text = driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';",
+        f'[data-testid="{testid}"]',
+    )
+    return str(text or "")
 
 
 def number(driver: Any, testid: str) -> int | None:
