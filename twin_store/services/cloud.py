@@ -12,6 +12,11 @@ updates, the first one of a later hour triggers DCS (``TwinState.recluster``, ht
 and its epoch go out on the global twin's message (meta ``membership``, ``epoch``); the edge sites hand every
 cluster back, then take the new clusters over (``services/edge_site.py``).
 
+Bad input: a message on ``twin.models`` that does not decode, cannot be rebuilt from, names a cluster the
+membership does not have, or fails in a way not foreseen is dead-lettered (stage ``cloud``: reason,
+position, original bytes) and costs that message only. The cloud dead-letters for the edge sites too: it is
+the one process that follows all of ``twin.models`` while it runs.
+
 Restart: the versions offered so far travel on the global's own message (meta ``offered``), the input
 offsets are committed after the global is published. On a first start (no ``offered`` yet) the cluster
 versions on the snapshot count as merged: V-twinning built the global from them.
@@ -26,14 +31,14 @@ from typing import Any
 
 import torch
 
-from ingest.deadletter import DeadLetterSink
+from ingest.deadletter import DeadLetter, DeadLetterSink
 from ingest.kafka import make_consumer, make_producer
 from ingest.schema import MalformedMessage
 from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from twin_store.adapters.influx import InfluxClient
 from twin_store.federation.local_updates import snapshot_problem
-from twin_store.federation.models_topic import TwinMessage, decode_twin
+from twin_store.federation.models_topic import TwinMessage, decode_twin, is_int
 from twin_store.services.htwin import LOW_LATENCY_FETCH_MS, TwinState, read_latest_twins, received_ns
 
 log = logging.getLogger("nettwin.cloud")
@@ -83,27 +88,54 @@ class CloudService:
         self.counters = {"offers": 0, "merges": 0, "skipped": 0, "reclusterings": 0}
 
     def offer(self, m: Any) -> tuple[list[Any], list[str]]:
-        """One twin.models message: a cluster change is offered to the global; the global's message and row."""
+        """One twin.models message: a cluster change is offered to the global; the global's message and row.
+        A message that cannot be used is dead-lettered (the cloud is the one reader that follows all of
+        twin.models while it runs) and costs that message only."""
         if m.value is None:
             return [], []
         try:
             msg = decode_twin(m.value)
-            problem = snapshot_problem(msg)
+            problem = snapshot_problem(msg) or self._unusable(msg)
         except MalformedMessage as exc:
             problem = str(exc)
-        if problem is not None:  # the stores dead-letter twin.models when they read it; here it is skipped
-            self.counters["skipped"] += 1
-            log.warning("twin.models %s[%d]@%d skipped: %s", m.topic, m.partition, m.offset, problem)
+        if problem is not None:
+            self._deadletter(m, problem)
             return [], []
-        if msg.level == "bs":
-            return self._accepted(msg, received_ns(m))
-        if msg.level != "cluster" or msg.version <= self.offered.get(int(msg.twin_id), -1):
+        try:
+            if msg.level == "bs":
+                return self._accepted(msg, received_ns(m))
+            if msg.level == "cluster":
+                return self._cluster_changed(msg, m)
+        except Exception as exc:  # an input we did not foresee must cost that message only
+            log.exception("twin.models %s[%d]@%d could not be used", m.topic, m.partition, m.offset)
+            self._deadletter(m, f"could not be used: {type(exc).__name__}: {exc}")
+        return [], []
+
+    def _unusable(self, msg: TwinMessage) -> str | None:
+        """Why a well-formed twin message cannot be used by the cloud, or None."""
+        if msg.level != "cluster":
+            return None
+        cid = int(msg.twin_id)
+        if cid not in self.state.clusters.twins:
+            known = ", ".join(str(c) for c in sorted(self.state.clusters.twins))
+            return f"cluster {cid} is not in the membership (clusters {known})"
+        if msg.params.shape != tuple(self.state.global_twin.params.shape):
+            return f"cluster {cid}: {msg.params.size} parameters, twins have {self.state.global_twin.params.numel()}"
+        if "as_of" in msg.meta and not is_int(msg.meta["as_of"], -1):
+            return f"cluster {cid}: as_of must be an integer >= -1, got {msg.meta['as_of']!r}"
+        return None
+
+    def _deadletter(self, m: Any, reason: str) -> None:
+        log.warning("twin.models %s[%d]@%d dead-lettered: %s", m.topic, m.partition, m.offset, reason)
+        self.deadletters.send(DeadLetter.for_message(m, reason, "cloud"))
+        self.counters["skipped"] += 1
+
+    def _cluster_changed(self, msg: TwinMessage, m: Any) -> tuple[list[Any], list[str]]:
+        """A newer version of a cluster twin: take its membership and twin, offer it to the global."""
+        cid = int(msg.twin_id)
+        if msg.version <= self.offered.get(cid, -1):
             return [], []
         glob = self.state.global_twin
-        if msg.params.shape != tuple(glob.params.shape):
-            self.counters["skipped"] += 1
-            return [], []
-        cid = int(msg.twin_id)
         clusters = self.state.clusters
         for square in [s for s, c in clusters.labels.items() if c == cid]:
             del clusters.labels[square]

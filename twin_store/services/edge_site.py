@@ -120,13 +120,15 @@ def parse_heartbeat(value: bytes | None) -> Heartbeat | str:
 
 class Presence:
     """The sites' heartbeats on ``edge.sites``: who is alive and which clusters each holds. A message that
-    is not a heartbeat, or one dated more than the timeout ahead of this clock (it would keep its site
-    alive), is handed to ``bad``."""
+    is not a heartbeat, one of a site not declared, or one dated more than the timeout ahead of this clock
+    (it would keep its site alive; an undeclared one would hold its clusters from the declared sites), is
+    handed to ``bad``."""
 
     def __init__(
         self, settings: NettwinSettings, timeout_s: float, bad: Callable[[Any, str], None] | None = None
     ) -> None:
         self.bad = bad or (lambda m, reason: None)
+        self.declared = {s.name for s in settings.edge.sites}
         self.topic = Topics.from_settings(settings).edge_sites
         self.timeout_ms = timeout_s * 1000
         self.consumer = make_consumer(settings, group_id=None, fetch_max_wait_ms=LOW_LATENCY_FETCH_MS)
@@ -142,6 +144,8 @@ class Presence:
                 beat = parse_heartbeat(m.value)
                 if isinstance(beat, Heartbeat) and beat.at_ms > time.time() * 1000 + self.timeout_ms:
                     beat = f"at_ms {beat.at_ms} is ahead of this clock by more than the timeout"
+                elif isinstance(beat, Heartbeat) and beat.site not in self.declared:
+                    beat = f"site {beat.site!r} is not declared ([[edge.sites]])"
                 if isinstance(beat, str):
                     log.warning("edge.sites @%d: not a heartbeat (%s)", m.offset, beat)
                     self.bad(m, beat)
@@ -390,7 +394,7 @@ class SiteService(TwinService):
                 try:
                     msg = decode_twin(m.value or b"")
                 except MalformedMessage:
-                    continue  # the snapshot readers dead-letter it
+                    continue  # the cloud, which follows all of twin.models, dead-letters it
                 if msg.level == "global":
                     self._adopt(msg.meta)
 
