@@ -357,3 +357,52 @@ def test_a_taken_port_is_one_line_error(isolated: NettwinSettings) -> None:
         res = run_cli(isolated, "ui", "--port", str(s.getsockname()[1]), timeout=60)
     assert res.returncode == 1 and res.stderr.startswith("nettwin: error: cannot serve on 127.0.0.1:")
     assert res.stderr.count("\n") == 1, res.stderr
+
+
+@pytest.mark.parametrize("kafka", ["up", "unreachable"])
+def test_sigterm_stops_the_view_within_10_s_with_live_streams_open(
+    isolated: NettwinSettings, tmp_path: Path, kafka: str
+) -> None:
+    """Browsers keep a server-sent-events stream open and the Kafka reader may be retrying a broker that is
+    gone: neither holds the process past 10 s of SIGTERM, and it exits 0."""
+    import signal
+    import threading
+
+    from tests.webview import free_port, start_ui
+
+    settings = isolated
+    if kafka == "unreachable":
+        dead = f"127.0.0.1:{free_port()}"
+        settings = isolated.model_copy(
+            update={"kafka": isolated.kafka.model_copy(update={"bootstrap_servers": dead})}
+        )
+    write(settings, sample_rows())
+    proc, url = start_ui(settings, tmp_path / "ui.log")
+    opened = threading.Event()
+    streams: list[requests.Response] = []
+
+    def listen() -> None:
+        try:
+            with requests.get(url + "api/events", stream=True, timeout=30) as r:
+                streams.append(r)
+                for _ in r.iter_lines():
+                    opened.set()
+        except requests.RequestException:
+            pass
+
+    listeners = [threading.Thread(target=listen, daemon=True) for _ in range(3)]
+    for t in listeners:
+        t.start()
+    try:
+        assert opened.wait(20), (tmp_path / "ui.log").read_text()[-2000:]
+        assert requests.get(url + "api/pipeline", timeout=30).status_code in (200, 503)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+        took = time.monotonic() - started
+    finally:
+        stop_process(proc, timeout=5)
+    assert rc == 0 and took < 10, (rc, took, (tmp_path / "ui.log").read_text()[-3000:])
+    for t in listeners:
+        t.join(5)
+    assert not any(t.is_alive() for t in listeners)  # the streams were ended, not left hanging

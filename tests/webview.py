@@ -43,9 +43,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextmanager
-def running_ui(settings: NettwinSettings, log: Path, *args: str) -> Iterator[str]:
-    """``nettwin ui`` on a free port with ``settings``; yields its URL once it answers; stops it after."""
+def start_ui(settings: NettwinSettings, log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``nettwin ui`` on a free port with ``settings``, once it answers: the process and its URL."""
     port = free_port()
     with log.open("ab") as out:
         proc = subprocess.Popen(
@@ -55,18 +54,25 @@ def running_ui(settings: NettwinSettings, log: Path, *args: str) -> Iterator[str
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"nettwin ui exited ({proc.returncode}): {log.read_text()[-2000:]}")
+        try:
+            requests.get(url + "api/state", timeout=1)
+            return proc, url
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                stop_process(proc, timeout=10)
+                raise AssertionError("nettwin ui did not answer within 30 s") from None
+            time.sleep(0.2)
+
+
+@contextmanager
+def running_ui(settings: NettwinSettings, log: Path, *args: str) -> Iterator[str]:
+    """``nettwin ui`` on a free port with ``settings``; yields its URL once it answers; stops it after."""
+    proc, url = start_ui(settings, log, *args)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"nettwin ui exited ({proc.returncode}): {log.read_text()[-2000:]}")
-            try:
-                requests.get(url + "api/state", timeout=1)
-                break
-            except requests.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise AssertionError("nettwin ui did not answer within 30 s") from None
-                time.sleep(0.2)
         yield url
         assert proc.poll() is None, f"nettwin ui died: {log.read_text()[-2000:]}"
     finally:
