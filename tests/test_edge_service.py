@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from ingest.kafka import make_producer
+from ingest.kafka import make_consumer, make_producer
 from ingest.settings import EdgeSettings, NettwinSettings, SiteSettings
 from ingest.topics import Topics
 from tests.conftest import SHARED_MILAN, run_cli, wait_until
@@ -166,3 +167,41 @@ def test_sigterm_stops_the_ledger_within_10_s_and_a_restart_books_every_slot_onc
     with InfluxClient(settings.influx) as influx:
         migrations = [r for s in influx.query('SELECT * FROM "edge_migration"') for r in s.rows()]
     assert len(migrations) == moves
+
+
+def test_a_slot_read_again_after_its_rows_were_written_is_booked_the_same(isolated: NettwinSettings) -> None:
+    """A ledger killed after writing a slot's rows but before committing past it reads the slot again on
+    restart. The BS-to-site map it restores must be the one from before that slot: restored as of the end,
+    the moved twins look as if they never moved, and the slot's migration energy is overwritten with 0."""
+    squares = [5060, 5061]
+    attrs = dcs.SquareAttributes.load(SHARED_MILAN, squares)
+    lat, lon = float(attrs.bs_lat.mean()), float(attrs.bs_lon.mean())
+    sites = (
+        SiteSettings(name="here", lat=lat, lon=lon, capacity=55),
+        SiteSettings(name="away", lat=lat + 0.05, lon=lon, capacity=1000),
+    )
+    settings = isolated.model_copy(
+        update={"edge": EdgeSettings(policy="balanced", sites=sites, milan_dir=SHARED_MILAN)}
+    )
+    topic = Topics.from_settings(settings).updates_local
+    producer = make_producer(settings)
+    for u in [_update(5060, 0, 10), _update(5060, 1, 10), _update(5061, 1, 50)]:
+        producer.send(topic, key=u.key, value=u.encode(), partition=0)
+    producer.flush()
+    producer.close()
+
+    def costs() -> dict[tuple[int, str, str], tuple[float, int]]:
+        with InfluxClient(settings.influx) as influx:
+            rows = [r for s in influx.query('SELECT * FROM "edge_cost"') for r in s.rows()]
+        return {(int(r["time"]), r["site"], r["kind"]): (r["energy"], r["bytes"]) for r in rows}
+
+    assert EdgeLedgerService(settings, None).run(idle_exit_s=4.0)["migrations"] == 1
+    before = costs()
+    assert before[(3_600_000, "away", "migration")][0] > 0
+    # the crash: the rows are written, the offsets not committed past them
+    group = make_consumer(settings, group_id=f"{settings.kafka.topic_prefix}nettwin-edge-ledger")
+    group.assign([TopicPartition(topic, 0)])
+    group.commit({TopicPartition(topic, 0): OffsetAndMetadata(0, "", -1)})
+    group.close(autocommit=False)
+    assert EdgeLedgerService(settings, None).run(idle_exit_s=4.0)["slots"] == 2
+    assert costs() == before

@@ -9,7 +9,8 @@ per site and kind into InfluxDB, measurement ``edge_cost`` (tags ``site``, ``kin
 
 Offsets: only messages of closed slots are committed, after their rows are written; a restart re-reads
 the open slot. The BS-to-site map is rebuilt on restart from the last ``edge_host`` row
-per BS (tag ``bs``, field ``site``), so a restarted ledger books the same migrations.
+per BS (tag ``bs``, field ``site``) before the first slot it books, so a restarted ledger books the same
+migrations, also for a slot it reads again because it stopped between writing its rows and committing.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class EdgeLedgerService:
         self.start_ms = plan.start_ms if plan is not None else 0
         self.topics = Topics.from_settings(settings)
         self.influx = InfluxClient(settings.influx)
-        self._restore_hosts()
+        self.hosts_restored = False  # at the first slot booked: the map as it was before that slot
         self.producer = make_producer(settings)
         self.deadletters = DeadLetterSink(self.producer, self.topics.deadletter)
         self.consumer = make_consumer(
@@ -107,9 +108,11 @@ class EdgeLedgerService:
         self.stopping = False
         self.counters = {"updates": 0, "slots": 0, "migrations": 0, "bad": 0}
 
-    def _restore_hosts(self) -> None:
+    def _restore_hosts(self, before_ms: int) -> None:
+        """Each BS's site from its last ``edge_host`` row before ``before_ms``: a slot read again after a
+        crash (its rows written, its offsets not committed) is booked from the map it was booked from."""
         names = {s.name: i for i, s in enumerate(self.ledger.sites)}
-        q = 'SELECT last("site") AS site FROM "edge_host" GROUP BY "bs"'
+        q = f'SELECT last("site") AS site FROM "edge_host" WHERE time < {before_ms}ms GROUP BY "bs"'
         for series in self.influx.query(q):
             for row in series.rows():
                 bs, site = str(row.get("bs", "")), row.get("site")
@@ -158,6 +161,9 @@ class EdgeLedgerService:
         done = sorted(s for s in self.open if before is None or s < before)
         if not done:
             return
+        if not self.hosts_restored:
+            self._restore_hosts(self.start_ms + done[0] * self.slot_ms)
+            self.hosts_restored = True
         lines: list[str] = []
         for slot in done:
             samples = self.open.pop(slot)
