@@ -162,6 +162,15 @@ class SourceSettings(BaseModel):
     registered_only: bool = False
 
 
+class AttachSettings(BaseModel):
+    """``[attach]``: the attach process's shared publisher."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # records accepted but not yet handed to Kafka, per process: beyond it HTTP answers 429, MQTT stops reading
+    max_pending_records: int = Field(default=200_000, ge=1)
+
+
 class RunSettings(BaseModel):
     """``[run]``: the parts ``nettwin run`` starts as child processes (attach only when sources exist)."""
 
@@ -272,6 +281,7 @@ class NettwinSettings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     # attached sources, the [[source]] tables of the config file
     source: tuple[SourceSettings, ...] = ()
+    attach: AttachSettings = AttachSettings()
     run: RunSettings = RunSettings()
     edge: EdgeSettings = EdgeSettings()
     twins: TwinsSettings = TwinsSettings()

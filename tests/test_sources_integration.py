@@ -893,3 +893,164 @@ def test_registry_concurrent_claims_agree(isolated: NettwinSettings) -> None:
     assert fresh.resolve(dict.fromkeys(names)) == results[0]
     for r in [*regs, fresh]:
         r.close()
+
+
+# ------------------------------------------------------------------ back-pressure, QoS 0, no ack without Kafka
+def test_http_429_when_the_publisher_is_full_and_retried_records_are_all_kept(
+    svc: Services, tmp_path: Path
+) -> None:
+    """Clients pushing faster than Kafka takes the records get 429 with Retry-After; a client that waits and
+    sends the same request again loses nothing (every record is on telemetry.records)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cfg = write_config(tmp_path / "h.toml", [{"name": "gw", "type": "http", "listen": f"127.0.0.1:{port}"}])
+    cfg.write_text(cfg.read_text() + "\n[attach]\nmax_pending_records = 50\n")
+    svc.attach(cfg)
+    wait_http(url)
+    clients, requests_each, per_request = 6, 15, 40
+    statuses: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        with requests.Session() as session:
+            for k in range(requests_each):
+                body = [canonical(f"c{c}", k * per_request + i, 1.0) for i in range(per_request)]
+                while True:
+                    r = session.post(url + "/v1/records", json=body, timeout=60)
+                    with lock:
+                        statuses[r.status_code] += 1
+                    if r.status_code == 200:
+                        break
+                    assert r.status_code in (429, 503) and int(r.headers["Retry-After"]) >= 1, r.text
+                    time.sleep(0.2)  # (a real client waits Retry-After; shorter here to keep the test short)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert statuses[429] > 0, statuses
+    assert statuses[200] == clients * requests_each, statuses
+    on_kafka = kafka_records(svc.settings)
+    for c in range(clients):
+        for i in range(requests_each * per_request):
+            assert on_kafka[(f"c{c}", (T0 + i) * 1000)] >= 1, (c, i)
+    rows = wait_rows(svc.settings, "v", clients * requests_each * per_request)
+    assert rows == {
+        f"c{c}": (requests_each * per_request, float(requests_each * per_request)) for c in range(clients)
+    }
+    assert svc.stop("attach") < 10
+
+
+def test_mqtt_qos0_messages_arrive_and_the_process_stops_in_time(
+    svc: Services, tmp_path: Path, mqtt_broker: int
+) -> None:
+    """A QoS 0 subscription: nothing to acknowledge, every message still arrives while all is up, and the
+    process stops within 10 s of SIGTERM."""
+    prefix = svc.settings.kafka.topic_prefix.strip(".")
+    cfg = write_config(
+        tmp_path / "q0.toml",
+        [
+            {
+                "name": "q0",
+                "type": "mqtt",
+                "url": f"mqtt://127.0.0.1:{MQTT_PORT}",
+                "topics": [f"{prefix}/q0/+"],
+                "qos": 0,
+                "client_id": f"{prefix}-q0",
+                "mapping": {"entity": "topic[2]", "time": "ts", "metrics": ["v"]},
+            }
+        ],
+    )
+    svc.attach(cfg)
+    svc.wait_log("attach", "connected to", 1)
+    time.sleep(0.5)  # the SUBACK
+    pub = _mqtt_client(f"{prefix}-q0-pub")
+    n = 500
+    infos = [
+        pub.publish(f"{prefix}/q0/cell-{i % 5}", json.dumps({"ts": T0 + i, "v": 2.0}), qos=0)
+        for i in range(n)
+    ]
+    for info in infos:
+        info.wait_for_publish(30)
+    rows = wait_rows(svc.settings, "v", n)
+    assert rows == {f"cell-{c}": (n // 5, 2.0 * (n // 5)) for c in range(5)}
+    pub.loop_stop()
+    pub.disconnect()
+    assert svc.stop("attach") < 10
+
+
+@pytest.mark.parametrize("entities", ["registered", "new"])
+def test_mqtt_acknowledges_nothing_while_kafka_is_down_and_loses_nothing(
+    isolated: NettwinSettings, tmp_path: Path, mqtt_broker: int, entities: str
+) -> None:
+    """QoS 1 messages received while Kafka is down are not acknowledged: the attach process is stopped
+    (SIGTERM, within 10 s) before Kafka comes back, and the restarted process gets them again from the
+    persistent session and writes every one. Their entities were registered before (the records wait for
+    Kafka) or are new (the registry waits for Kafka: its producer held the process past 10 s)."""
+    from twin_store.adapters.provision import provision
+
+    kport, hport = _free_port(), _free_port()
+    broker = _tansu(kport, tmp_path / "tansu.log")
+    settings = isolated.model_copy(
+        update={"kafka": isolated.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{kport}"})}
+    )
+    provision(settings)
+    svc = Services(settings, tmp_path)
+    prefix = settings.kafka.topic_prefix.strip(".")
+    cfg = write_config(
+        tmp_path / "m.toml",
+        [
+            {
+                "name": "m",
+                "type": "mqtt",
+                "url": f"mqtt://127.0.0.1:{MQTT_PORT}",
+                "topics": [f"{prefix}/down/+"],
+                "qos": 1,
+                "client_id": f"{prefix}-down",
+                "mapping": {"entity": "topic[2]", "time": "ts", "metrics": ["v"]},
+            },
+            {"name": "probe", "type": "http", "listen": f"127.0.0.1:{hport}"},  # for /metrics
+        ],
+    )
+    url = f"http://127.0.0.1:{hport}"
+    pub = _mqtt_client(f"{prefix}-down-pub")
+
+    def received() -> int:
+        text = requests.get(url + "/metrics", timeout=5).text
+        line = next(x for x in text.splitlines() if x.startswith('nettwin_source_messages_total{source="m"'))
+        return int(float(line.rsplit(" ", 1)[1]))
+
+    try:
+        svc.attach(cfg)
+        wait_http(url, 60)
+        svc.wait_log("attach", "connected to", 1)
+        time.sleep(0.5)
+        known = range(5) if entities == "registered" else range(1)
+        for c in known:
+            pub.publish(f"{prefix}/down/cell-{c}", json.dumps({"ts": T0, "v": 1.0}), qos=1).wait_for_publish(
+                10
+            )
+        first = {(f"cell-{c}", T0 * 1000) for c in known}
+        wait_until(lambda: first <= set(kafka_records(settings)), 60, "the first records on Kafka")
+        broker.kill()
+        broker.wait()
+        n = 50
+        for i in range(1, n + 1):
+            pub.publish(f"{prefix}/down/cell-{i % 5}", json.dumps({"ts": T0 + i, "v": 1.0}), qos=1)
+        wait_until(lambda: received() >= n + len(known), 30, "the messages received while Kafka is down")
+        time.sleep(2)  # the publisher tries Kafka and fails meanwhile
+        took = svc.stop("attach")
+        assert took < 10, took
+        broker = _tansu(kport, tmp_path / "tansu.log")  # back, empty: only what is written again is there
+        provision(settings)
+        svc.attach(cfg)
+        wanted = {(f"cell-{i % 5}", (T0 + i) * 1000) for i in range(1, n + 1)}
+        wait_until(lambda: wanted <= set(kafka_records(settings)), 90, "every message written after all")
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        svc.close()
+        broker.kill()
+        broker.wait()
+        sys.stderr.write(svc.logs())

@@ -58,6 +58,7 @@ class Attachment:
             topics.deadletter,
             settings.kafka.partitions,
             linger_s=linger_s,
+            max_pending=settings.attach.max_pending_records,
         )
         self.ctx = SourceContext(self.publisher, settings.state_dir, kafka_settings=settings)
         self.sources: list[Source] = [source_class(cfg.type)(cfg, self.ctx) for cfg in settings.source]
@@ -76,6 +77,6 @@ class Attachment:
         try:
             if self.publisher.producer is not None:
                 self.publisher.producer.close(timeout=max(0.1, deadline - time.monotonic()))
-            self.registry.close()
+            self.registry.close(max(0.1, deadline - time.monotonic()))
         except Exception as exc:
             log.warning("closing Kafka clients: %s", exc)

@@ -75,16 +75,22 @@ class EntityRegistry:
     def reset(self) -> None:
         """Drop the clients after a Kafka failure; the next registration connects afresh."""
         with self.lock:
-            self.close()
+            self.close(timeout_s=0)
             self.producer = self.consumer = None
 
-    def close(self) -> None:
-        for client in (self.consumer, self.producer):
-            if client is not None:
-                try:
-                    client.close()
-                except Exception as exc:
-                    log.debug("closing a registry client: %s", exc)
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Close the clients, bounded: a producer whose broker is gone would otherwise wait for it forever
+        (what it could not write was never acknowledged to anyone)."""
+        if self.consumer is not None:
+            try:
+                self.consumer.close(autocommit=False, timeout_ms=int(timeout_s * 1000))
+            except Exception as exc:
+                log.debug("closing the registry consumer: %s", exc)
+        if self.producer is not None:
+            try:
+                self.producer.close(timeout=timeout_s)
+            except Exception as exc:
+                log.debug("closing the registry producer: %s", exc)
 
     def _read(self, timeout_ms: int) -> int:
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=10_000)
