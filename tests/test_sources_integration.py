@@ -1011,9 +1011,16 @@ def test_mqtt_acknowledges_nothing_while_kafka_is_down_and_loses_nothing(
                 "mapping": {"entity": "topic[2]", "time": "ts", "metrics": ["v"]},
             },
             {"name": "probe", "type": "http", "listen": f"127.0.0.1:{hport}"},  # for /metrics
+            {
+                "name": "f",
+                "type": "file",
+                "path": str(tmp_path / "f.jsonl"),
+            },  # its position is saved when acked
         ],
     )
     url = f"http://127.0.0.1:{hport}"
+    followed = tmp_path / "f.jsonl"
+    followed.write_text("")
     pub = _mqtt_client(f"{prefix}-down-pub")
 
     def received() -> int:
@@ -1038,6 +1045,8 @@ def test_mqtt_acknowledges_nothing_while_kafka_is_down_and_loses_nothing(
         n = 50
         for i in range(1, n + 1):
             pub.publish(f"{prefix}/down/cell-{i % 5}", json.dumps({"ts": T0 + i, "v": 1.0}), qos=1)
+        with followed.open("a") as f:
+            f.writelines(json.dumps(canonical(f"file-{i % 3}", i, 1.0)) + "\n" for i in range(n))
         wait_until(lambda: received() >= n + len(known), 30, "the messages received while Kafka is down")
         time.sleep(2)  # the publisher tries Kafka and fails meanwhile
         took = svc.stop("attach")
@@ -1046,6 +1055,7 @@ def test_mqtt_acknowledges_nothing_while_kafka_is_down_and_loses_nothing(
         provision(settings)
         svc.attach(cfg)
         wanted = {(f"cell-{i % 5}", (T0 + i) * 1000) for i in range(1, n + 1)}
+        wanted |= {(f"file-{i % 3}", (T0 + i) * 1000) for i in range(n)}
         wait_until(lambda: wanted <= set(kafka_records(settings)), 90, "every message written after all")
     finally:
         pub.loop_stop()
