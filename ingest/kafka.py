@@ -8,6 +8,8 @@ TCP connections and fails fast with one line if none does.
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -75,6 +77,31 @@ def make_consumer(
         return KafkaConsumer(*topics, **opts)
     except KafkaError as exc:
         raise ServiceError(f"Kafka consumer for {settings.kafka.bootstrap_servers}: {exc}") from exc
+
+
+def consume_until_stopped(
+    consumer: KafkaConsumer,
+    process: Callable[[dict[Any, list[Any]]], Any],
+    stopping: Callable[[], bool],
+    idle_exit_s: float | None = None,
+    paused: Callable[[float], bool] | None = None,
+) -> None:
+    """The consuming loop of a service: poll and ``process`` until ``stopping()``, or until ``idle_exit_s``
+    without a message while partitions are assigned (a rebalance does not count as idle). ``paused(idle_s)``
+    is asked on every empty poll first and returns True when it acted on the pause (e.g. closed a slot)."""
+    last = time.monotonic()
+    while not stopping():
+        polled = consumer.poll(timeout_ms=200)
+        now = time.monotonic()
+        if polled:
+            process(polled)
+            last = time.monotonic()
+        elif paused is not None and paused(now - last):
+            continue
+        elif not consumer.assignment():
+            last = now
+        elif idle_exit_s is not None and now - last >= idle_exit_s:
+            break
 
 
 def make_admin(settings: NettwinSettings) -> KafkaAdminClient:

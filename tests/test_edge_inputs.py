@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ingest.deadletter import DeadLetter
 from ingest.kafka import make_producer
 from ingest.settings import EdgeSettings, NettwinSettings, SiteSettings
 from ingest.topics import Topics
 from nettwin.cli.query import read_deadletters
 from tests.conftest import SHARED_MILAN, run_cli, wait_until
-from tests.test_edge_sites import Procs, hosts, procs, seqs, wait_for
+from tests.processes import Processes
+from tests.test_edge_sites import hosts, procs, seqs, wait_for
 from tests.test_htwin_service import HOURLY, bootstrap, local_updates, publish
 from twin_store.adapters.influx import InfluxClient
 from twin_store.federation import dcs
@@ -49,7 +51,7 @@ def send(
 
 
 def test_bad_updates_and_twin_messages_cost_those_messages_only(
-    isolated: NettwinSettings, procs: Procs, tmp_path: Path
+    isolated: NettwinSettings, procs: Processes, tmp_path: Path
 ) -> None:
     latest = bootstrap(isolated)
     keys_file = tmp_path / "bs-keys.json"
@@ -140,7 +142,7 @@ def test_bad_updates_and_twin_messages_cost_those_messages_only(
     )
     assert "99" not in read_latest_twins(settings)[b"global:0"].meta.get("offered", {})
 
-    def letters() -> dict[str, object] | None:
+    def letters() -> dict[str, DeadLetter] | None:
         found = {d.position: d for d in read_deadletters(settings, 1000, timeout_s=2)}
         wanted = [f"{topics.updates_local}[0]@{update_at[v]}" for v, kind, _ in bad_updates if kind == "dead"]
         wanted += [f"{topics.twin_models}[0]@{models_at[v]}" for _, v, _ in bad_models]

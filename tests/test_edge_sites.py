@@ -4,8 +4,6 @@ a site is killed, restarted or stopped; nothing accepted is lost or applied twic
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,54 +16,24 @@ from ingest.kafka import make_producer
 from ingest.settings import EdgeSettings, NettwinSettings, SiteSettings
 from ingest.topics import Topics
 from tests.conftest import SHARED_MILAN
+from tests.processes import Processes, managed
 from tests.test_htwin_service import HOURLY, bootstrap, local_updates, publish
 from twin_store.adapters.influx import InfluxClient
 from twin_store.federation import dcs
 from twin_store.federation.models_topic import TwinMessage
 from twin_store.federation.twinning import fedavg
 from twin_store.services.htwin import read_latest_twins
-from twin_store.services.processes import settings_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not HOURLY.exists(), reason="real data not found")]
 
 
-class Procs:
-    def __init__(self, settings: NettwinSettings, logdir: Path) -> None:
-        self.settings, self.logdir = settings, logdir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, *args: str) -> None:
-        log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "nettwin.cli.main", *args],
-            env=settings_env(self.settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.logdir.glob("*.log")))
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
 @pytest.fixture
-def procs(isolated: NettwinSettings, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Procs]:
-    p = Procs(isolated, tmp_path)
-    yield p
-    p.stop_all()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        sys.stderr.write(p.logs())
+def procs(isolated: NettwinSettings, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
+    yield from managed(Processes(isolated, tmp_path / "logs"), request)
 
 
 def wait_for(
-    settings: NettwinSettings, done: Callable[[dict[bytes, TwinMessage]], bool], what: str, procs: Procs
+    settings: NettwinSettings, done: Callable[[dict[bytes, TwinMessage]], bool], what: str, procs: Processes
 ) -> dict[bytes, TwinMessage]:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -93,7 +61,7 @@ def seqs(latest: dict[bytes, TwinMessage]) -> dict[int, int]:
 
 
 def test_sites_hand_clusters_over_on_kill_restart_and_sigterm(
-    isolated: NettwinSettings, procs: Procs
+    isolated: NettwinSettings, procs: Processes
 ) -> None:
     latest = bootstrap(isolated)  # 6 squares, 2 clusters
     members = {int(m.twin_id): list(m.meta["members"]) for m in latest.values() if m.level == "cluster"}
@@ -184,7 +152,7 @@ def test_sites_hand_clusters_over_on_kill_restart_and_sigterm(
 
 
 def test_a_lone_site_and_the_cloud_stop_within_10_s_of_sigterm(
-    isolated: NettwinSettings, procs: Procs
+    isolated: NettwinSettings, procs: Processes
 ) -> None:
     latest = bootstrap(isolated)
     squares = sorted(int(m.twin_id) for m in latest.values() if m.level == "bs")
@@ -210,7 +178,7 @@ def test_a_lone_site_and_the_cloud_stop_within_10_s_of_sigterm(
 
 
 def test_reclusterings_hand_twins_over_between_sites_through_the_topics(
-    isolated: NettwinSettings, procs: Procs
+    isolated: NettwinSettings, procs: Processes
 ) -> None:
     latest = bootstrap(isolated)
     members = {int(m.twin_id): list(m.meta["members"]) for m in latest.values() if m.level == "cluster"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +19,9 @@ import pytest
 from ingest.schema import ACTIVITY_COLUMNS
 from ingest.settings import NettwinSettings
 from tests.conftest import wait_until
+from tests.processes import Processes, managed
 from tests.test_e2e import DAY, expected_from_file, influx_frame
 from twin_store.adapters.influx import InfluxClient
-from twin_store.services.processes import settings_env, spawn_cli
 from twin_store.services.store import wait_for_run
 
 pytestmark = [
@@ -36,30 +35,8 @@ SPEED = 3600.0
 STOP_WITHIN_S = 10.0
 
 
-class Processes:
-    """Named ``nettwin`` child processes of one test, each logging to its own file."""
-
-    def __init__(self, settings: NettwinSettings, logdir: Path) -> None:
-        self.env = settings_env(settings)
-        self.logdir = logdir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        self.procs[name] = spawn_cli(list(args), self.logdir / f"{name}.log", self.env)
-        return self.procs[name]
-
-    def signal(self, name: str, sig: int) -> float:
-        """Send ``sig`` and wait (bounded) for the process to exit; return how long it took."""
-        proc = self.procs[name]
-        started = time.monotonic()
-        proc.send_signal(sig)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return float("inf")
-        return time.monotonic() - started
+class WorkerProcesses(Processes):
+    """Child processes, and what a Faust worker among them logs about its partitions."""
 
     def assigned(self, name: str) -> str:
         """The worker's latest partition assignment as Faust logs it ('' before the first)."""
@@ -74,31 +51,12 @@ class Processes:
         """Until the worker owns some partitions of ``topic`` (worker start-up takes seconds)."""
         wait_until(lambda: topic in self.assigned(name), timeout, f"{name} to be assigned {topic}")
 
-    def assert_running(self, *names: str) -> None:
-        for name in names:
-            code = self.procs[name].poll()
-            assert code is None, f"{name} exited with {code}\n{self.logs()}"
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.logdir.glob("*.log")))
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
 
 @pytest.fixture
-def procs(isolated: NettwinSettings, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
-    logdir = tmp_path / "logs"
-    logdir.mkdir()
-    ps = Processes(isolated, logdir)
-    yield ps
-    ps.stop_all()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(ps.logs())
+def procs(
+    isolated: NettwinSettings, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[WorkerProcesses]:
+    yield from managed(WorkerProcesses(isolated, tmp_path / "logs"), request)
 
 
 def traffic_rows(settings: NettwinSettings) -> int:
@@ -129,18 +87,18 @@ def assert_day_exact(settings: NettwinSettings, run: str, timeout_s: float) -> N
     )
 
 
-def start_replay(procs: Processes, run: str, speed: float = SPEED) -> subprocess.Popen[bytes]:
+def start_replay(procs: WorkerProcesses, run: str, speed: float = SPEED) -> subprocess.Popen[bytes]:
     return procs.start("replay", "replay", "milan", str(DAY), "--speed", repr(speed), "--run", run)
 
 
-def wait_mid_replay(procs: Processes, settings: NettwinSettings, rows: int = 2_000) -> None:
+def wait_mid_replay(procs: WorkerProcesses, settings: NettwinSettings, rows: int = 2_000) -> None:
     """Until the pipeline has written some rows while the replay is still publishing."""
     wait_until(lambda: traffic_rows(settings) >= rows, 60, f"{rows} traffic rows")
     assert procs.procs["replay"].poll() is None, "the replay ended before the fault: make it slower"
 
 
 def test_sigterm_mid_replay_stops_in_time_and_a_restart_completes(
-    isolated: NettwinSettings, procs: Processes
+    isolated: NettwinSettings, procs: WorkerProcesses
 ) -> None:
     procs.start_worker("worker")
     procs.start("store", "store")
@@ -157,7 +115,7 @@ def test_sigterm_mid_replay_stops_in_time_and_a_restart_completes(
     assert took < STOP_WITHIN_S, f"worker took {took:.1f} s to stop on SIGINT\n{procs.logs()}"
 
 
-def test_two_workers_one_killed_mid_replay(isolated: NettwinSettings, procs: Processes) -> None:
+def test_two_workers_one_killed_mid_replay(isolated: NettwinSettings, procs: WorkerProcesses) -> None:
     procs.start_worker("worker-a")
     procs.start_worker("worker-b")
     procs.start("store", "store")
@@ -173,7 +131,7 @@ def test_two_workers_one_killed_mid_replay(isolated: NettwinSettings, procs: Pro
     assert procs.signal("worker-a", signal.SIGTERM) < STOP_WITHIN_S
 
 
-def test_second_worker_added_mid_replay(isolated: NettwinSettings, procs: Processes) -> None:
+def test_second_worker_added_mid_replay(isolated: NettwinSettings, procs: WorkerProcesses) -> None:
     procs.start_worker("worker-a")
     procs.start("store", "store")
     procs.wait_assigned("worker-a")
@@ -191,7 +149,7 @@ def test_second_worker_added_mid_replay(isolated: NettwinSettings, procs: Proces
 
 
 def test_poison_on_every_worker_topic_costs_that_message_only(
-    isolated: NettwinSettings, procs: Processes
+    isolated: NettwinSettings, procs: WorkerProcesses
 ) -> None:
     """Null values and wrong header types once crashed the agents (in a loop); now each is a dead letter."""
     from ingest.kafka import make_producer
@@ -277,7 +235,7 @@ def live_vhtwin(
     subset, series, picked = subset_file(cfg.data, cfg.squares, cfg.seed, logdir / "subset.csv")
     first_test, last_test = test_span(series.shape[1])
     vt = run_vtwin(settings, vtwin_job(cfg, subset))
-    procs = Processes(settings, logdir)
+    procs = WorkerProcesses(settings, logdir)
     try:
         procs.start_worker("worker")
         procs.start("store", "store")

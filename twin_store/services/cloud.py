@@ -25,14 +25,13 @@ versions on the snapshot count as merged: V-twinning built the global from them.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ingest.deadletter import DeadLetter, DeadLetterSink
-from ingest.kafka import make_consumer, make_producer
+from ingest.kafka import consume_until_stopped, make_consumer, make_producer
 from ingest.schema import MalformedMessage
 from ingest.settings import NettwinSettings
 from ingest.topics import Topics
@@ -197,17 +196,8 @@ class CloudService:
         return n
 
     def run(self, idle_exit_s: float | None = None) -> dict[str, int]:
-        last = time.monotonic()
         try:
-            while not self.stopping:
-                polled = self.consumer.poll(timeout_ms=200)
-                if polled:
-                    self.process(polled)
-                    last = time.monotonic()
-                elif not self.consumer.assignment():
-                    last = time.monotonic()
-                elif idle_exit_s is not None and time.monotonic() - last >= idle_exit_s:
-                    break
+            consume_until_stopped(self.consumer, self.process, lambda: self.stopping, idle_exit_s)
         finally:
             self.consumer.close(autocommit=False)
             self.producer.close()

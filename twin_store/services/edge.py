@@ -16,7 +16,6 @@ migrations, also for a slot it reads again because it stopped between writing it
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from kafka.structs import OffsetAndMetadata
 
 from ingest.deadletter import DeadLetter, DeadLetterSink
 from ingest.errors import InputError
-from ingest.kafka import make_consumer, make_producer
+from ingest.kafka import consume_until_stopped, make_consumer, make_producer
 from ingest.schema import MalformedMessage
 from ingest.settings import NettwinSettings
 from ingest.topics import Topics
@@ -186,20 +185,18 @@ class EdgeLedgerService:
         if offsets:
             self.consumer.commit(offsets)
 
+    def _paused(self, idle_s: float) -> bool:
+        """The stream paused: the newest slot is complete as far as we know."""
+        if not self.open or idle_s < 2.0:
+            return False
+        self.close()
+        return True
+
     def run(self, idle_exit_s: float | None = None) -> dict[str, int]:
-        last = time.monotonic()
         try:
-            while not self.stopping:
-                polled = self.consumer.poll(timeout_ms=200)
-                if polled:
-                    self.process(polled)
-                    last = time.monotonic()
-                elif self.open and time.monotonic() - last >= 2.0:
-                    self.close()  # the stream paused: the newest slot is complete as far as we know
-                elif idle_exit_s is not None and time.monotonic() - last >= idle_exit_s:
-                    break
-                if not self.consumer.assignment():
-                    last = time.monotonic()
+            consume_until_stopped(
+                self.consumer, self.process, lambda: self.stopping, idle_exit_s, self._paused
+            )
         finally:
             self.consumer.close(autocommit=False)
             self.producer.close()
