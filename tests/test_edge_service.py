@@ -30,6 +30,26 @@ def _update(square: int, hour: int, samples: int) -> TwinMessage:
     return TwinMessage("bs", str(square), 0, 4, np.zeros(8, np.float32), meta)
 
 
+def near_and_away(isolated: NettwinSettings) -> NettwinSettings:
+    """Sites for squares 5060 and 5061: "here" between them with room for 55 samples a slot, "away" 5 km
+    north with room for all (policy balanced: a heavy slot pushes a BS away)."""
+    attrs = dcs.SquareAttributes.load(SHARED_MILAN, [5060, 5061])
+    lat, lon = float(attrs.bs_lat.mean()), float(attrs.bs_lon.mean())
+    sites = (
+        SiteSettings(name="here", lat=lat, lon=lon, capacity=55),
+        SiteSettings(name="away", lat=lat + 0.05, lon=lon, capacity=1000),
+    )
+    edge = EdgeSettings(policy="balanced", sites=sites, milan_dir=SHARED_MILAN)
+    return isolated.model_copy(update={"edge": edge})
+
+
+def edge_costs(settings: NettwinSettings) -> dict[tuple[int, str, str], tuple[float, int]]:
+    """(time ms, site, kind) -> (energy, bytes) of every edge_cost row."""
+    with InfluxClient(settings.influx) as influx:
+        rows = [r for s in influx.query('SELECT * FROM "edge_cost"') for r in s.rows()]
+    return {(int(r["time"]), r["site"], r["kind"]): (r["energy"], r["bytes"]) for r in rows}
+
+
 def test_ledger_books_slots_and_a_capacity_migration(isolated: NettwinSettings) -> None:
     squares = [5060, 5061]  # neighbours in central Milan: the same nearest site
     attrs = dcs.SquareAttributes.load(SHARED_MILAN, squares)
@@ -87,14 +107,7 @@ def test_sigterm_stops_the_ledger_within_10_s_and_a_restart_books_every_slot_onc
     with exit code 0, and InfluxDB ends up holding exactly what one uninterrupted ledger books (the open
     slot is re-read, not lost; closed slots are not booked again, so no migration is counted twice)."""
     squares = [5060, 5061]
-    attrs = dcs.SquareAttributes.load(SHARED_MILAN, squares)
-    lat, lon = float(attrs.bs_lat.mean()), float(attrs.bs_lon.mean())
-    sites = (
-        SiteSettings(name="here", lat=lat, lon=lon, capacity=55),
-        SiteSettings(name="away", lat=lat + 0.05, lon=lon, capacity=1000),
-    )
-    edge = EdgeSettings(policy="balanced", sites=sites, milan_dir=SHARED_MILAN)
-    settings = isolated.model_copy(update={"edge": edge})
+    settings = near_and_away(isolated)
     hours = 40
     # 5061 is heavy every third hour: it takes the near site's room and 5060 moves away and back
     plan = [
@@ -115,20 +128,15 @@ def test_sigterm_stops_the_ledger_within_10_s_and_a_restart_books_every_slot_onc
         producer.flush()
         producer.close()
 
-    def booked() -> dict[tuple[int, str, str], tuple[float, int]]:
-        with InfluxClient(settings.influx) as influx:
-            rows = [r for s in influx.query('SELECT * FROM "edge_cost"') for r in s.rows()]
-        return {(int(r["time"]), r["site"], r["kind"]): (r["energy"], r["bytes"]) for r in rows}
-
     env = settings_env(settings)
     sender = threading.Thread(target=publish_paced, args=(2, hours))
     first = spawn_cli(["edge-ledger", "--milan-dir", str(SHARED_MILAN)], tmp_path / "ledger.log", env)
     second = None
     try:
         publish_paced(0, 2)  # slot 0 is booked once the ledger runs: then the paced updates start
-        wait_until(lambda: booked(), 60, "the first slot booked")
+        wait_until(lambda: edge_costs(settings), 60, "the first slot booked")
         sender.start()
-        wait_until(lambda: len({t for t, _, _ in booked()}) >= 8, 60, "8 slots booked")
+        wait_until(lambda: len({t for t, _, _ in edge_costs(settings)}) >= 8, 60, "8 slots booked")
         assert sender.is_alive(), "the updates ended before the SIGTERM: pace them slower"
         started = time.monotonic()
         first.send_signal(signal.SIGTERM)
@@ -137,7 +145,7 @@ def test_sigterm_stops_the_ledger_within_10_s_and_a_restart_books_every_slot_onc
         assert rc == 0 and took < 10, (rc, took, (tmp_path / "ledger.log").read_text()[-3000:])
         second = spawn_cli(["edge-ledger", "--milan-dir", str(SHARED_MILAN)], tmp_path / "ledger.log", env)
         sender.join()
-        wait_until(lambda: len({t for t, _, _ in booked()}) >= hours, 60, f"{hours} slots booked")
+        wait_until(lambda: len({t for t, _, _ in edge_costs(settings)}) >= hours, 60, f"{hours} slots booked")
         time.sleep(1.0)
         second.send_signal(signal.SIGTERM)
         assert second.wait(30) == 0, (tmp_path / "ledger.log").read_text()[-3000:]
@@ -150,6 +158,7 @@ def test_sigterm_stops_the_ledger_within_10_s_and_a_restart_books_every_slot_onc
                 proc.wait()
 
     ledger = ledger_from_settings(settings)
+    attrs = dcs.SquareAttributes.load(SHARED_MILAN, squares)
     for s, la, lo in zip(squares, attrs.bs_lat.tolist(), attrs.bs_lon.tolist(), strict=True):
         ledger.place(str(s), la, lo)
     expected: dict[tuple[int, str, str], tuple[float, int]] = {}
@@ -159,7 +168,7 @@ def test_sigterm_stops_the_ledger_within_10_s_and_a_restart_books_every_slot_onc
         moves += len(slot.migrations)
         for site, kind, energy, volume in slot.rows():
             expected[(hour * 3_600_000, site, kind)] = (energy, volume)
-    got = booked()
+    got = edge_costs(settings)
     assert moves >= 10  # the test moves twins: a migration booked twice would show
     assert got.keys() == expected.keys()
     for key, (energy, volume) in expected.items():
@@ -173,16 +182,7 @@ def test_a_slot_read_again_after_its_rows_were_written_is_booked_the_same(isolat
     """A ledger killed after writing a slot's rows but before committing past it reads the slot again on
     restart. The BS-to-site map it restores must be the one from before that slot: restored as of the end,
     the moved twins look as if they never moved, and the slot's migration energy is overwritten with 0."""
-    squares = [5060, 5061]
-    attrs = dcs.SquareAttributes.load(SHARED_MILAN, squares)
-    lat, lon = float(attrs.bs_lat.mean()), float(attrs.bs_lon.mean())
-    sites = (
-        SiteSettings(name="here", lat=lat, lon=lon, capacity=55),
-        SiteSettings(name="away", lat=lat + 0.05, lon=lon, capacity=1000),
-    )
-    settings = isolated.model_copy(
-        update={"edge": EdgeSettings(policy="balanced", sites=sites, milan_dir=SHARED_MILAN)}
-    )
+    settings = near_and_away(isolated)
     topic = Topics.from_settings(settings).updates_local
     producer = make_producer(settings)
     for u in [_update(5060, 0, 10), _update(5060, 1, 10), _update(5061, 1, 50)]:
@@ -190,13 +190,8 @@ def test_a_slot_read_again_after_its_rows_were_written_is_booked_the_same(isolat
     producer.flush()
     producer.close()
 
-    def costs() -> dict[tuple[int, str, str], tuple[float, int]]:
-        with InfluxClient(settings.influx) as influx:
-            rows = [r for s in influx.query('SELECT * FROM "edge_cost"') for r in s.rows()]
-        return {(int(r["time"]), r["site"], r["kind"]): (r["energy"], r["bytes"]) for r in rows}
-
     assert EdgeLedgerService(settings, None).run(idle_exit_s=4.0)["migrations"] == 1
-    before = costs()
+    before = edge_costs(settings)
     assert before[(3_600_000, "away", "migration")][0] > 0
     # the crash: the rows are written, the offsets not committed past them
     group = make_consumer(settings, group_id=f"{settings.kafka.topic_prefix}nettwin-edge-ledger")
@@ -204,4 +199,4 @@ def test_a_slot_read_again_after_its_rows_were_written_is_booked_the_same(isolat
     group.commit({TopicPartition(topic, 0): OffsetAndMetadata(0, "", -1)})
     group.close(autocommit=False)
     assert EdgeLedgerService(settings, None).run(idle_exit_s=4.0)["slots"] == 2
-    assert costs() == before
+    assert edge_costs(settings) == before

@@ -349,6 +349,20 @@ def mqtt_broker(services: NettwinSettings) -> int:
     return MQTT_PORT
 
 
+def mqtt_source(name: str, topic: str, qos: int, client_id: str, metrics: list[str]) -> dict[str, Any]:
+    """A ``[[source]]`` table reading JSON ``{"ts": ..., <metrics>}`` from the local broker, the entity being
+    the topic's third level."""
+    return {
+        "name": name,
+        "type": "mqtt",
+        "url": f"mqtt://127.0.0.1:{MQTT_PORT}",
+        "topics": [topic],
+        "qos": qos,
+        "client_id": client_id,
+        "mapping": {"entity": "topic[2]", "time": "ts", "metrics": metrics},
+    }
+
+
 def _mqtt_client(client_id: str) -> Any:
     import paho.mqtt.client as mqtt
 
@@ -362,17 +376,7 @@ def test_mqtt_mapping_qos1_deadletters_and_kill(svc: Services, tmp_path: Path, m
     prefix = svc.settings.kafka.topic_prefix.strip(".")
     cfg = write_config(
         tmp_path / "mqtt.toml",
-        [
-            {
-                "name": "cells-mqtt",
-                "type": "mqtt",
-                "url": f"mqtt://127.0.0.1:{MQTT_PORT}",
-                "topics": [f"{prefix}/lte/+/kpi"],
-                "qos": 1,
-                "client_id": f"{prefix}-attach",
-                "mapping": {"entity": "topic[2]", "time": "ts", "metrics": ["down", "up"]},
-            }
-        ],
+        [mqtt_source("cells-mqtt", f"{prefix}/lte/+/kpi", 1, f"{prefix}-attach", ["down", "up"])],
     )
     svc.attach(cfg)
     # subscribed: the persistent session keeps messages from here on
@@ -827,17 +831,27 @@ def _tansu(port: int, log: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def test_http_kafka_down_503_then_recovers(isolated: NettwinSettings, tmp_path: Path) -> None:
-    """A private broker is stopped under a running attach process: HTTP answers 503 with Retry-After and
-    /healthz fails, nothing is acknowledged; once a broker is back, the held records are written."""
+def _private_kafka(
+    isolated: NettwinSettings, tmp_path: Path
+) -> tuple[subprocess.Popen[bytes], NettwinSettings, int]:
+    """A Tansu broker of this test alone (to be stopped and started), the settings using it, its port."""
     from twin_store.adapters.provision import provision
 
-    kport, hport = _free_port(), _free_port()
+    kport = _free_port()
     broker = _tansu(kport, tmp_path / "tansu.log")
     settings = isolated.model_copy(
         update={"kafka": isolated.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{kport}"})}
     )
     provision(settings)
+    return broker, settings, kport
+
+
+def test_http_kafka_down_503_then_recovers(isolated: NettwinSettings, tmp_path: Path) -> None:
+    """A private broker is stopped under a running attach process: HTTP answers 503 with Retry-After and
+    /healthz fails, nothing is acknowledged; once a broker is back, the held records are written."""
+
+    broker, settings, kport = _private_kafka(isolated, tmp_path)
+    hport = _free_port()
     svc = Services(settings, tmp_path)
     cfg = write_config(tmp_path / "h.toml", [{"name": "gw", "type": "http", "listen": f"127.0.0.1:{hport}"}])
     url = f"http://127.0.0.1:{hport}"
@@ -950,17 +964,7 @@ def test_mqtt_qos0_messages_arrive_and_the_process_stops_in_time(
     prefix = svc.settings.kafka.topic_prefix.strip(".")
     cfg = write_config(
         tmp_path / "q0.toml",
-        [
-            {
-                "name": "q0",
-                "type": "mqtt",
-                "url": f"mqtt://127.0.0.1:{MQTT_PORT}",
-                "topics": [f"{prefix}/q0/+"],
-                "qos": 0,
-                "client_id": f"{prefix}-q0",
-                "mapping": {"entity": "topic[2]", "time": "ts", "metrics": ["v"]},
-            }
-        ],
+        [mqtt_source("q0", f"{prefix}/q0/+", 0, f"{prefix}-q0", ["v"])],
     )
     svc.attach(cfg)
     svc.wait_log("attach", "connected to", 1)
@@ -990,26 +994,14 @@ def test_mqtt_acknowledges_nothing_while_kafka_is_down_and_loses_nothing(
     Kafka) or are new (the registry waits for Kafka: its producer held the process past 10 s)."""
     from twin_store.adapters.provision import provision
 
-    kport, hport = _free_port(), _free_port()
-    broker = _tansu(kport, tmp_path / "tansu.log")
-    settings = isolated.model_copy(
-        update={"kafka": isolated.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{kport}"})}
-    )
-    provision(settings)
+    broker, settings, kport = _private_kafka(isolated, tmp_path)
+    hport = _free_port()
     svc = Services(settings, tmp_path)
     prefix = settings.kafka.topic_prefix.strip(".")
     cfg = write_config(
         tmp_path / "m.toml",
         [
-            {
-                "name": "m",
-                "type": "mqtt",
-                "url": f"mqtt://127.0.0.1:{MQTT_PORT}",
-                "topics": [f"{prefix}/down/+"],
-                "qos": 1,
-                "client_id": f"{prefix}-down",
-                "mapping": {"entity": "topic[2]", "time": "ts", "metrics": ["v"]},
-            },
+            mqtt_source("m", f"{prefix}/down/+", 1, f"{prefix}-down", ["v"]),
             {"name": "probe", "type": "http", "listen": f"127.0.0.1:{hport}"},  # for /metrics
             {
                 "name": "f",
