@@ -47,3 +47,15 @@ def setup_service_logging() -> None:
     """Long-running commands log our progress at INFO; kafka-python's per-connection INFO chatter is muted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def run_until_signalled(service: Any, idle_exit: float | None, json_out: bool) -> None:
+    """Run a service whose loop ends once ``service.stopping`` is set: SIGTERM and SIGINT set it (the loop
+    finishes the step it is in); its counters are printed as JSON with ``--json``."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(service, "stopping", True))
+    counters = service.run(idle_exit_s=idle_exit)
+    if json_out:
+        print_json(counters)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from nettwin.cli.common import print_json, settings_of, setup_service_logging
+from nettwin.cli.common import run_until_signalled, settings_of, setup_service_logging
 
 
 def register(app: typer.Typer) -> None:
@@ -30,17 +30,11 @@ def edge_site(
 ) -> None:
     """Run one edge site: host the cluster twins the placement policy gives it (edge.policy over the live
     sites), decide their BSs' updates, hand clusters over through the topics when the placement changes."""
-    import signal
-
     from twin_store.services.edge_site import SiteService
 
     setup_service_logging()
     service = SiteService(settings_of(ctx), site, milan_dir, timeout)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: setattr(service, "stopping", True))
-    counters = service.run(idle_exit_s=idle_exit)
-    if json_out:
-        print_json(counters)
+    run_until_signalled(service, idle_exit, json_out)
 
 
 def cloud(
@@ -61,17 +55,11 @@ def cloud(
     json_out: bool = typer.Option(False, "--json", help="print counters as JSON on exit"),
 ) -> None:
     """Run the cloud: merge the cluster twins the edge sites publish into the global twin (psi rule)."""
-    import signal
-
     from twin_store.services.cloud import CloudService
 
     setup_service_logging()
     service = CloudService(settings_of(ctx), psi, gamma, milan_dir, recluster_every)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: setattr(service, "stopping", True))
-    counters = service.run(idle_exit_s=idle_exit)
-    if json_out:
-        print_json(counters)
+    run_until_signalled(service, idle_exit, json_out)
 
 
 def edge_ledger(
@@ -82,14 +70,8 @@ def edge_ledger(
 ) -> None:
     """Place BS twins on the declared edge sites ([edge] in the settings) by policy, record migrations,
     and write the energy ledger (edge_cost, edge_migration, edge_host) per slot."""
-    import signal
-
     from twin_store.services.edge import EdgeLedgerService
 
     setup_service_logging()
     service = EdgeLedgerService(settings_of(ctx), milan_dir)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: setattr(service, "stopping", True))
-    counters = service.run(idle_exit_s=idle_exit)
-    if json_out:
-        print_json(counters)
+    run_until_signalled(service, idle_exit, json_out)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from nettwin.cli.common import console, print_json, settings_of, setup_service_logging
+from nettwin.cli.common import console, print_json, run_until_signalled, settings_of, setup_service_logging
 
 
 def register(app: typer.Typer) -> None:
@@ -32,8 +32,6 @@ def htwin(
     json_out: bool = typer.Option(False, "--json", help="print counters as JSON on exit"),
 ) -> None:
     """Live H-twinning: BS updates (updates.local) -> cluster and global twins (twin.models, InfluxDB)."""
-    import signal
-
     from twin_store.services.htwin import TwinService
 
     setup_service_logging()
@@ -43,11 +41,7 @@ def htwin(
             update={"security": settings.security.model_copy(update={"defense": defense})}
         )
     service = TwinService(settings, psi, milan_dir, gamma)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: setattr(service, "stopping", True))
-    counters = service.run(idle_exit_s=idle_exit)
-    if json_out:
-        print_json(counters)
+    run_until_signalled(service, idle_exit, json_out)
 
 
 def vtwin(
