@@ -200,3 +200,39 @@ def test_a_slot_read_again_after_its_rows_were_written_is_booked_the_same(isolat
     group.close(autocommit=False)
     assert EdgeLedgerService(settings, None).run(idle_exit_s=4.0)["slots"] == 2
     assert edge_costs(settings) == before
+
+
+def test_updates_of_a_slot_arriving_after_a_pause_add_to_its_rows(isolated: NettwinSettings) -> None:
+    """Live, the BSs of one hour do not all report within the 2 s pause that closes a slot: a slot booked on
+    a pause and then given more updates books them on top of what it booked, instead of rewriting its rows
+    with the late updates alone."""
+    settings = near_and_away(isolated)
+    topic = Topics.from_settings(settings).updates_local
+    service = EdgeLedgerService(settings, None)
+    runner = threading.Thread(target=service.run, kwargs={"idle_exit_s": 30.0})
+    runner.start()
+    try:
+        for part in ([_update(5060, 0, 10)], [_update(5061, 0, 20)]):
+            producer = make_producer(settings)
+            for u in part:
+                producer.send(topic, key=u.key, value=u.encode(), partition=0)
+            producer.flush()
+            producer.close()
+            before = service.counters["slots"]
+            wait_until(lambda b=before: service.counters["slots"] > b, 30, "the slot booked on the pause")
+    finally:
+        service.stopping = True
+        runner.join(30)
+    ledger = ledger_from_settings(settings)
+    attrs = dcs.SquareAttributes.load(SHARED_MILAN, [5060, 5061])
+    for s, la, lo in zip((5060, 5061), attrs.bs_lat.tolist(), attrs.bs_lon.tolist(), strict=True):
+        ledger.place(str(s), la, lo)
+    expected: dict[tuple[int, str, str], tuple[float, int]] = {}
+    for part in ({"5060": 10}, {"5061": 20}):  # booked as they came: two bookings of slot 0
+        for site, kind, energy, volume in ledger.slot(0, part).rows():
+            e, b = expected.get((0, site, kind), (0.0, 0))
+            expected[(0, site, kind)] = (e + energy, b + volume)
+    got = edge_costs(settings)
+    assert got.keys() == expected.keys()
+    for key, (energy, volume) in expected.items():
+        assert got[key][0] == pytest.approx(energy, rel=1e-9, abs=1e-9) and got[key][1] == volume, key

@@ -8,7 +8,8 @@ per site and kind into InfluxDB, measurement ``edge_cost`` (tags ``site``, ``kin
 ``bytes``) at the slot's start, and ``edge_migration`` (tags ``bs``, ``source``, ``target``).
 
 Offsets: only messages of closed slots are committed, after their rows are written; a restart re-reads
-the open slot. The BS-to-site map is rebuilt on restart from the last ``edge_host`` row
+the open slot. Updates of a slot already booked (they came after the pause that closed it) are booked on top
+of it: its rows are the sum (kept for the last few slots, in this process). The BS-to-site map is rebuilt on restart from the last ``edge_host`` row
 per BS (tag ``bs``, field ``site``) before the first slot it books, so a restarted ledger books the same
 migrations, also for a slot it reads again because it stopped between writing its rows and committing.
 """
@@ -16,6 +17,7 @@ migrations, also for a slot it reads again because it stopped between writing it
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,7 @@ class EdgeLedgerService:
         )
         self.open: dict[int, dict[str, int]] = {}  # slot -> BS -> samples
         self.first_offset: dict[int, dict[Any, int]] = {}  # slot -> partition -> first offset in it
+        self.booked: dict[int, SlotLedger] = {}  # recent slots: what was booked in them so far
         self.stopping = False
         self.counters = {"updates": 0, "slots": 0, "migrations": 0, "bad": 0}
 
@@ -169,12 +172,27 @@ class EdgeLedgerService:
             self.first_offset.pop(slot, None)
             self._place(sorted(samples))
             booked = self.ledger.slot(slot, samples)
-            lines += slot_lines(booked, self.start_ms + slot * self.slot_ms)
+            lines += slot_lines(self._so_far(booked), self.start_ms + slot * self.slot_ms)
             self.counters["slots"] += 1
             self.counters["migrations"] += len(booked.migrations)
         self.producer.flush()
         self.influx.write_lines(lines, "ms", lambda: self.stopping, lambda exc, d: log.warning("%s", exc))
         self._commit()
+
+    def _so_far(self, booked: SlotLedger) -> SlotLedger:
+        """The slot with what this process booked in it before: updates that come after the pause that closed
+        it add to its rows instead of rewriting them with their own costs alone."""
+        before = self.booked.get(booked.slot)
+        if before is not None:
+            booked = replace(
+                booked,
+                energy={k: v + before.energy.get(k, 0.0) for k, v in booked.energy.items()},
+                bytes={k: v + before.bytes.get(k, 0) for k, v in booked.bytes.items()},
+            )
+        self.booked[booked.slot] = booked
+        for old in sorted(self.booked)[:-4]:  # a late update comes within a few slots
+            del self.booked[old]
+        return booked
 
     def _commit(self) -> None:
         offsets = {}
