@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from networkx.algorithms.community import girvan_newman
 from scipy.optimize import linear_sum_assignment
-from scipy.sparse import csr_matrix
+from scipy.sparse import csr_matrix, issparse, sparray, spmatrix
 from scipy.sparse.csgraph import dijkstra
 
 from ingest.errors import InputError
@@ -222,11 +222,13 @@ def backhaul_similarity(n_base_stations: np.ndarray) -> np.ndarray:
 
 def circle_overlap(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Pairwise intersection area of circles (centres x, y; radii r, same units) over the smaller area."""
-    dx = x[:, None] - x[None, :]
-    dy = y[:, None] - y[None, :]
-    d = np.hypot(dx, dy)
-    r1 = np.broadcast_to(r[:, None], d.shape)
-    r2 = np.broadcast_to(r[None, :], d.shape)
+    d = np.hypot(x[:, None] - x[None, :], y[:, None] - y[None, :])
+    return overlap_ratio(d, np.broadcast_to(r[:, None], d.shape), np.broadcast_to(r[None, :], d.shape))
+
+
+def overlap_ratio(d: np.ndarray, r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
+    """Intersection area of two circles at centre distance ``d`` with radii ``r1``, ``r2`` over the smaller
+    circle's area, element-wise (``circle_overlap`` on all pairs, the sparse DCS on candidate pairs only)."""
     small = np.minimum(r1, r2)
     area = np.zeros_like(d)
     inside = d <= np.abs(r1 - r2)  # the smaller circle lies within the larger (includes identical circles)
@@ -241,7 +243,7 @@ def circle_overlap(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> np.ndarray:
         area[lens] = a**2 * np.arccos(ca) + b**2 * np.arccos(cb) - 0.5 * np.sqrt(np.clip(k, 0.0, None))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(small > 0, area / (np.pi * small**2), 0.0)
-    return np.clip(ratio, 0.0, 1.0)
+    return np.asarray(np.clip(ratio, 0.0, 1.0))
 
 
 def coverage_similarity(attrs: SquareAttributes) -> np.ndarray:
@@ -297,15 +299,19 @@ def relationship_matrix(
     return affinity
 
 
-def knn_graph(affinity: np.ndarray, knn: int) -> nx.Graph:
+def knn_graph(affinity: np.ndarray | sparray | spmatrix, knn: int) -> nx.Graph:
     """Undirected graph on 0..n-1 keeping each node's ``knn`` strongest positive edges (union over both
-    ends), with ``weight`` = affinity and ``distance`` = 1/affinity for path-based measures."""
+    ends), with ``weight`` = affinity and ``distance`` = 1/affinity for path-based measures.
+
+    ``affinity`` is the dense ``[n, n]`` matrix, or a scipy sparse one holding only candidate pairs
+    (``sites.knn_affinity``): then each node's strongest edges are chosen among its stored entries. When those
+    include its ``knn`` strongest, the graph is the dense one, edge for edge and in the same order."""
+    if issparse(affinity):
+        return _sparse_knn_graph(csr_matrix(affinity), knn)
     a = np.asarray(affinity, dtype=float)
     n = a.shape[0]
-    graph = nx.Graph()
-    graph.add_nodes_from(range(n))
     if n < 2 or knn < 1:
-        return graph
+        return _graph(n, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
     k = min(knn, n - 1)
     masked = a.copy()
     np.fill_diagonal(masked, -np.inf)
@@ -316,9 +322,43 @@ def knn_graph(affinity: np.ndarray, knn: int) -> nx.Graph:
     keep |= keep.T
     keep &= a > 0
     ii, jj = np.nonzero(np.triu(keep, 1))
+    return _graph(n, ii, jj, a[ii, jj])
+
+
+def _sparse_knn_graph(a: csr_matrix, knn: int) -> nx.Graph:
+    """``knn_graph`` of a sparse affinity: per row, the ``knn`` largest stored values off the diagonal (ties to
+    the lower column, as the dense path), union over both ends, positive values only."""
+    n = a.shape[0]
+    a = a.copy()
+    a.setdiag(0.0)
+    a.eliminate_zeros()
+    a.sort_indices()
+    picked_i: list[np.ndarray] = [np.zeros(0, np.int64)]
+    picked_j: list[np.ndarray] = [np.zeros(0, np.int64)]
+    picked_w: list[np.ndarray] = [np.zeros(0)]
+    for i in range(n):
+        lo, hi = a.indptr[i], a.indptr[i + 1]
+        cols, vals = a.indices[lo:hi], a.data[lo:hi]
+        top = np.argsort(-vals, kind="stable")[:knn]  # columns ascend: ties go to the lower index
+        picked_i.append(np.full(len(top), i, dtype=np.int64))
+        picked_j.append(cols[top].astype(np.int64))
+        picked_w.append(vals[top])
+    ii, jj, w = np.concatenate(picked_i), np.concatenate(picked_j), np.concatenate(picked_w)
+    # sorted unique (i < j) pairs: the dense path's edge order; the matrix is symmetric, so either end's
+    # stored value is the pair's
+    pairs, first = np.unique(np.minimum(ii, jj) * n + np.maximum(ii, jj), return_index=True)
+    ii, jj, w = pairs // n, pairs % n, w[first]
+    positive = w > 0
+    return _graph(n, ii[positive], jj[positive], w[positive])
+
+
+def _graph(n: int, ii: np.ndarray, jj: np.ndarray, w: np.ndarray) -> nx.Graph:
+    """The DCS graph: nodes 0..n-1, then the edges in the given order (Louvain's result depends on it)."""
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n))
     graph.add_edges_from(
-        (int(i), int(j), {"weight": float(a[i, j]), "distance": 1.0 / float(a[i, j])})
-        for i, j in zip(ii, jj, strict=True)
+        (int(i), int(j), {"weight": float(v), "distance": 1.0 / float(v)})
+        for i, j, v in zip(ii.tolist(), jj.tolist(), w.tolist(), strict=True)
     )
     return graph
 
@@ -417,16 +457,21 @@ class _MostValuableEdge:
         return top, best
 
 
-def _merge_components(components: list[set[int]], affinity: np.ndarray, n_clusters: int) -> list[set[int]]:
+def _block_sum(affinity: np.ndarray | csr_matrix, rows: list[int], cols: list[int]) -> float:
+    if issparse(affinity):
+        return float(affinity[rows][:, cols].sum())
+    return float(affinity[np.ix_(rows, cols)].sum())
+
+
+def _merge_components(
+    components: list[set[int]], affinity: np.ndarray | csr_matrix, n_clusters: int
+) -> list[set[int]]:
     """Fold the smallest component into the one it has the most total affinity with, until n_clusters remain."""
     parts = sorted((set(c) for c in components), key=min)
     while len(parts) > n_clusters:
         smallest = min(range(len(parts)), key=lambda i: (len(parts[i]), min(parts[i])))
         rows = list(parts[smallest])
-        links = [
-            -1.0 if j == smallest else float(affinity[np.ix_(rows, list(p))].sum())
-            for j, p in enumerate(parts)
-        ]
+        links = [-1.0 if j == smallest else _block_sum(affinity, rows, list(p)) for j, p in enumerate(parts)]
         target = int(np.argmax(links))  # ties (e.g. no affinity at all) go to the lowest-indexed component
         parts[target] |= parts.pop(smallest)
     return parts
@@ -439,21 +484,30 @@ def _labels_from(communities: Sequence[set[int]] | Sequence[frozenset[int]], n: 
     return labels
 
 
-def cluster(affinity: np.ndarray, n_clusters: int | None, seed: int = 0, knn: int = 8) -> np.ndarray:
+def cluster(
+    affinity: np.ndarray | sparray | spmatrix, n_clusters: int | None, seed: int = 0, knn: int = 8
+) -> np.ndarray:
     """One label per square (0..C-1, numbered by each cluster's smallest member index).
 
     With ``n_clusters``: Girvan-Newman on the ``knn`` graph until exactly that many communities (more
     components than that are merged by affinity first). With None: Louvain, seeded, on the same graph.
     Zero affinities are never edges. Measured here: 150 real squares, C=5, ~0.35 s (networkx's own
-    betweenness would take ~4 s, hence ``edge_betweenness``).
+    betweenness would take ~4 s, hence ``edge_betweenness``). ``affinity`` may be a scipy sparse matrix of
+    candidate pairs (``sites.knn_affinity``): the graph is then built from the stored pairs only.
     """
-    a = np.asarray(affinity, dtype=float)
+    a: np.ndarray | csr_matrix
+    if issparse(affinity):
+        a = csr_matrix(affinity, dtype=float)
+        values = a.data
+    else:
+        a = np.asarray(affinity, dtype=float)
+        values = a
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"affinity has shape {a.shape}; expected a square [n, n] matrix")
     n = a.shape[0]
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    if not np.all(np.isfinite(a)) or np.any(a < 0):
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
         raise ValueError("affinity must be finite and non-negative")
     graph = knn_graph(a, knn)
 
