@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,8 @@ def main() -> None:
     ap.add_argument("--poll-s", type=float, default=0.1)
     ap.add_argument("--timeout-s", type=float, default=900.0)
     args = ap.parse_args()
+    # SIGTERM as Ctrl-C: the finally below stops the parts and deletes the topics and database
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     n = args.entities
     rng = np.random.default_rng(1)
     tag = uuid.uuid4().hex[:8]

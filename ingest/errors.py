@@ -19,3 +19,8 @@ class InputError(NettwinError):
 
 class ServiceError(NettwinError):
     """Kafka or InfluxDB is unreachable or refused a request."""
+
+
+class Stopped(NettwinError):
+    """A long computation gave up part way because its process is stopping (SIGTERM): nothing it would have
+    produced was published."""

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -293,3 +295,50 @@ def test_milan_day_as_pm_files_at_30_minutes(deploy: Any, tmp_path: Path) -> Non
     sys.stderr.write(f"milan pm persistence: MSE {mse(persistence):.4g} on {len(persistence)}\n")
     sys.stderr.write(f"milan pm live: {len(pairs)} scored forecasts, MSE {mse(pairs):.4g}\n")
     assert all(math.isfinite(p) for p, _ in pairs)
+
+
+def test_htwin_stops_within_10_s_during_the_bootstrap(deploy: Any) -> None:
+    """SIGTERM while the bootstrap V-twins 1,500 entities (minutes of work: the sparse DCS, then V-twinning):
+    htwin leaves within 10 s, and nothing of the bootstrap is published: no twin on twin.models, no twin or
+    membership rows. Its history is written straight as twin_input rows (what the store writes)."""
+    from twin_store.services.htwin import read_latest_twins
+
+    entities, steps = 1500, 60
+    rng = np.random.default_rng(0)
+    t0 = 1_700_000_000 - 1_700_000_000 % 86_400  # seconds, a UTC midnight
+    lines = [
+        f"twin_input,entity=e{i},metric=v value={100 + 10 * math.sin(k / 7 + i) + rng.normal():.4f},"
+        f"n_values=1i,key={i + 1}i {t0 + 60 * k}"
+        for i in range(entities)
+        for k in range(steps)
+    ]
+    d = deploy(
+        TwinsSettings(target="v", cadence="1m", bootstrap_entities=entities, bootstrap_steps=45, clusters=0),
+        "",
+    )
+    with InfluxClient(d.settings.influx) as influx:
+        for lo in range(0, len(lines), 20_000):
+            influx.write("\n".join(lines[lo : lo + 20_000]).encode(), precision="s")
+    d.start("htwin")
+    log = d.tmp / "htwin.log"
+    wait_until(
+        lambda: "V-twinning 1500 entities" in log.read_text() or d.assert_running(),
+        300,
+        "V-twinning to start",
+    )
+    time.sleep(1.0)  # inside the training rounds
+    proc = d.procs["htwin"]
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"htwin still running 30 s after SIGTERM\n{d.logs()}") from None
+    took = time.monotonic() - sent
+    assert took < 10.0, f"htwin took {took:.1f} s to stop\n{d.logs()}"
+    assert proc.returncode == 0, d.logs()
+    assert "bootstrap stopped" in log.read_text()
+    assert read_latest_twins(d.settings) == {}  # twin.models: not one message of the bootstrap
+    assert d.query('SELECT count("version") FROM "twin"') == []
+    assert d.query('SELECT count("cluster") FROM "membership"') == []

@@ -21,7 +21,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix, issparse, sparray, spmatrix
 from scipy.sparse.csgraph import dijkstra
 
-from ingest.errors import InputError
+from ingest.errors import InputError, Stopped
 
 GRID_FILE = "milano-grid.geojson"
 CELL_BS_FILE = "base_stations_per_cell_lte.csv"
@@ -457,6 +457,11 @@ class _MostValuableEdge:
         return top, best
 
 
+def _check(stop: Callable[[], bool] | None) -> None:
+    if stop is not None and stop():
+        raise Stopped("DCS clustering stopped")
+
+
 def _block_sum(affinity: np.ndarray | csr_matrix, rows: list[int], cols: list[int]) -> float:
     if issparse(affinity):
         return float(affinity[rows][:, cols].sum())
@@ -485,7 +490,11 @@ def _labels_from(communities: Sequence[set[int]] | Sequence[frozenset[int]], n: 
 
 
 def cluster(
-    affinity: np.ndarray | sparray | spmatrix, n_clusters: int | None, seed: int = 0, knn: int = 8
+    affinity: np.ndarray | sparray | spmatrix,
+    n_clusters: int | None,
+    seed: int = 0,
+    knn: int = 8,
+    stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """One label per square (0..C-1, numbered by each cluster's smallest member index).
 
@@ -494,6 +503,7 @@ def cluster(
     Zero affinities are never edges. Measured here: 150 real squares, C=5, ~0.35 s (networkx's own
     betweenness would take ~4 s, hence ``edge_betweenness``). ``affinity`` may be a scipy sparse matrix of
     candidate pairs (``sites.knn_affinity``): the graph is then built from the stored pairs only.
+    ``stop`` (optional) is asked between Louvain levels and Girvan-Newman splits; True raises ``Stopped``.
     """
     a: np.ndarray | csr_matrix
     if issparse(affinity):
@@ -512,7 +522,11 @@ def cluster(
     graph = knn_graph(a, knn)
 
     if n_clusters is None:
-        communities = nx.community.louvain_communities(graph, weight="weight", seed=seed)
+        # louvain_communities is the last of these levels; walking them lets a stopping process leave early
+        communities: list[set[int]] = [{v} for v in range(n)]
+        for level in nx.community.louvain_partitions(graph, weight="weight", seed=seed):
+            _check(stop)
+            communities = level
         return _labels_from(communities, n)
 
     if not 1 <= n_clusters <= n:
@@ -520,9 +534,10 @@ def cluster(
     components = [set(c) for c in nx.connected_components(graph)]
     if len(components) >= n_clusters:
         return _labels_from(_merge_components(components, a, n_clusters), n)
-    for communities in girvan_newman(graph, most_valuable_edge=_MostValuableEdge()):
-        if len(communities) == n_clusters:  # each step splits one community, so the count is hit exactly
-            return _labels_from(communities, n)
+    for split in girvan_newman(graph, most_valuable_edge=_MostValuableEdge()):
+        _check(stop)
+        if len(split) == n_clusters:  # each step splits one community, so the count is hit exactly
+            return _labels_from(split, n)
     raise AssertionError("unreachable: Girvan-Newman ends with one community per node")
 
 

@@ -14,7 +14,7 @@ Pure numpy/pandas; no Kafka.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -348,7 +348,11 @@ def _coverage_xy(sites: Sites) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cluster_entities(
-    sites: Sites | None, profiles: np.ndarray, n_clusters: int | None, seed: int = 0
+    sites: Sites | None,
+    profiles: np.ndarray,
+    n_clusters: int | None,
+    seed: int = 0,
+    stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """DCS labels (0..C-1) for entities in ``profiles`` order (and ``sites`` order when given). ``n_clusters`` is
     capped at the entity count; 1 to 3 entities work (one entity: one cluster). Up to ``DENSE_MAX`` entities on
@@ -358,8 +362,8 @@ def cluster_entities(
         return np.zeros(n, dtype=np.int64)
     k = None if n_clusters is None else max(1, min(n_clusters, n))
     if n <= DENSE_MAX:
-        return dcs.cluster(affinity(sites, profiles), k, seed=seed, knn=KNN)
-    return dcs.cluster(knn_affinity(sites, profiles), k, seed=seed, knn=KNN)
+        return dcs.cluster(affinity(sites, profiles), k, seed=seed, knn=KNN, stop=stop)
+    return dcs.cluster(knn_affinity(sites, profiles), k, seed=seed, knn=KNN, stop=stop)
 
 
 def nearest_cluster(sites: Sites, labels: np.ndarray, joiner: Sites) -> np.ndarray:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ingest.errors import Stopped
 from twin_store.models.forecaster import FitConfig, TwinModel
 
 
@@ -171,6 +172,7 @@ def v_twinning(
     rng: np.random.Generator,
     counts: np.ndarray | None = None,
     after_round: Callable[[VTwinResult], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> VTwinResult:
     """Synchronous V-twinning: rounds with a barrier over the participating BSs.
 
@@ -181,7 +183,9 @@ def v_twinning(
     ``counts [S]`` (optional): BS s has only its first ``counts[s]`` samples (series with gaps or late clocks,
     compacted to the front); it draws minibatches from those and weighs its update by them. A BS with 0 samples
     never takes part. None: every BS has all ``N`` samples. ``after_round`` (optional) sees the result after
-    every round (e.g. to keep the round with the lowest validation error; copy what it keeps).
+    every round (e.g. to keep the round with the lowest validation error; copy what it keeps). ``stop``
+    (optional) is asked before every round and every minibatch step of it: True raises ``ingest.errors.Stopped``
+    and nothing of the unfinished V-twinning is returned.
     """
     cluster_ids = sorted(set(labels.tolist()))
     ctwins = ClusterTwins(
@@ -192,6 +196,8 @@ def v_twinning(
     n_samples = int(x.shape[1])
     have = np.full(len(squares), n_samples) if counts is None else np.asarray(counts, dtype=np.int64)
     for _ in range(rounds):
+        if stop is not None and stop():
+            raise Stopped("V-twinning stopped")
         part = np.flatnonzero(rng.random(len(squares)) < participation)
         if counts is not None:
             part = part[have[part] > 0]
@@ -199,7 +205,7 @@ def v_twinning(
             continue
         start = torch.stack([ctwins.twins[ctwins.labels[int(squares[i])]] for i in part])
         limit = None if counts is None else torch.as_tensor(have[part])
-        new, loss = model.fit(start, x[part], y[part], fit, gen, counts=limit)
+        new, loss = model.fit(start, x[part], y[part], fit, gen, counts=limit, stop=stop)
         for k, i in enumerate(part):
             ctwins.latest[int(squares[i])] = (new[k], int(have[i]))
         for c in cluster_ids:  # the barrier: every cluster aggregates, then the global

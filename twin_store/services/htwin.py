@@ -30,7 +30,7 @@ from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
 from ingest.deadletter import DeadLetter, DeadLetterSink
-from ingest.errors import InputError, ServiceError
+from ingest.errors import InputError, ServiceError, Stopped
 from ingest.kafka import make_consumer, make_producer
 from ingest.schema import MalformedMessage
 from ingest.settings import NettwinSettings
@@ -627,8 +627,12 @@ class TwinService:
         last_log = 0.0
         while not self.stopping:
             ok, grid = bootstrap_ready(self.settings, self.influx)
-            if ok:
-                summary = run_vtwin_from_influx(self.settings, grid=grid)
+            if ok and not self.stopping:
+                try:
+                    summary = run_vtwin_from_influx(self.settings, grid=grid, stop=lambda: self.stopping)
+                except Stopped as exc:  # SIGTERM: leave now; the next start bootstraps from scratch
+                    log.info("bootstrap stopped (%s): nothing published", exc)
+                    return None
                 log.info("bootstrap V-twinning done: %s", summary)
                 self._load_state(read_latest_twins(self.settings, self.deadletters))
                 self.bootstrapping = False

@@ -8,7 +8,9 @@ V-twinning ended), and to InfluxDB as ``twin`` rows plus ``membership`` rows (ep
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ingest.errors import InputError, ServiceError
+from ingest.errors import InputError, ServiceError, Stopped
 from ingest.kafka import make_producer
 from ingest.settings import NettwinSettings
 from ingest.topics import Topics
@@ -39,6 +41,8 @@ from twin_store.federation.samples import Scaler, samples
 from twin_store.federation.sites import cluster_entities, load_sites
 from twin_store.federation.twinning import ClusterTwins, VTwinResult, v_twinning
 from twin_store.models.forecaster import FitConfig, TwinModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,10 @@ class StreamJob:
     seed: int = 1
     rounds: int = 10
     participation: float = 1.0
+    # at most this many BSs train in one round on average (partial participation, as FedAvg samples clients):
+    # the bootstrap's time stops growing with the deployment (10,000 entities: each takes part in ~1 of the
+    # 10 rounds); up to 1,000 entities every BS takes every round, as before
+    max_participants: int = 1000
     hidden: int = 32
     update_every: int = StreamPlan.update_every  # steps between a BS's local updates
     window: int = StreamPlan.window  # steps of recent samples a local update trains on
@@ -247,10 +255,24 @@ def bootstrap_ready(settings: NettwinSettings, influx: InfluxClient) -> tuple[bo
 
 
 def run_vtwin_from_influx(
-    settings: NettwinSettings, job: StreamJob | None = None, grid: Grid | None = None
+    settings: NettwinSettings,
+    job: StreamJob | None = None,
+    grid: Grid | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """V-twinning on the history the stream wrote (``twin_input``), published like ``run_vtwin``'s twins
-    (``twin_store/federation/bootstrap.py`` has the rules). Streaming starts at the step after the history."""
+    (``twin_store/federation/bootstrap.py`` has the rules). Streaming starts at the step after the history.
+
+    ``stop`` (``nettwin htwin``'s SIGTERM flag) is asked between the stages, between DCS levels and before every
+    V-twinning round and minibatch step; True raises ``Stopped`` before anything is published. Publishing,
+    once begun, finishes (a second or two), so twin.models never holds half a bootstrap."""
+    never: Callable[[], bool] = lambda: False  # noqa: E731
+    stop = stop or never
+
+    def check(stage: str) -> None:
+        if stop():
+            raise Stopped(f"bootstrap stopped before {stage}: nothing published")
+
     job = job or StreamJob()
     twins = settings.twins
     if twins.target is None:
@@ -268,6 +290,7 @@ def run_vtwin_from_influx(
             f"V-twinning needs {twins.bootstrap_entities} entities with {need} steps "
             "(twins.bootstrap_entities, twins.bootstrap_steps)"
         )
+    check("preparing the samples")
     prep = prepare(grid, need, twins.horizon)
     grid = prep.grid
     names = grid.names
@@ -277,7 +300,13 @@ def run_vtwin_from_influx(
         if all(all_sites.has(n) for n in names):
             sites = all_sites.subset(names)
     profile = daily_profiles(prep.z, prep.train, grid.step_ms, grid.start_ms)
-    labels = cluster_entities(sites, profile, twins.clusters or None, job.seed)
+    check("DCS")
+    labels = cluster_entities(sites, profile, twins.clusters or None, job.seed, stop=stop)
+    log.info(
+        "V-twinning %d entities on %d steps (%d clusters, lags %s)",
+        len(names), prep.train, len(set(labels.tolist())), [int(v) for v in prep.plan.lags],
+    )  # fmt: skip
+    participation = min(job.participation, job.max_participants / len(names))
     n_inputs = prep.plan.n_inputs
     model = TwinModel(job.hidden, n_inputs)
     random_init = model.init(1, job.seed)[0]
@@ -292,11 +321,12 @@ def run_vtwin_from_influx(
             torch.as_tensor(prep.y, dtype=torch.float32),
             start,
             job.rounds,
-            job.participation,
+            participation,
             job.fit,
             torch.Generator().manual_seed(job.seed),
             np.random.default_rng(job.seed),
             counts=prep.counts,
+            stop=stop,
         )
 
     # the held-out steps decide: V-twinning from a random start, from the persistence twin, or persistence
@@ -368,6 +398,7 @@ def run_vtwin_from_influx(
         "cluster_profiles": cluster_profiles(profile, labels),
     }
     messages = twin_messages(result, job.hidden, meta)
+    check("publishing")  # the last chance: from here the twins go out whole
     publish_twins(settings, messages, result, members, dict(zip(keys, names, strict=True)))
     return {
         "entities": len(keys),
@@ -376,6 +407,7 @@ def run_vtwin_from_influx(
         "lags": [int(v) for v in prep.plan.lags],
         "clusters": {str(c): len(members[c]) for c in cluster_ids},
         "rounds": result.rounds,
+        "participation": round(participation, 4),
         "final_loss": round(loss, 5),
         "validation_mse": round(val_mse_twins, 5),
         "persistence_mse": round(pers_mse, 5),
