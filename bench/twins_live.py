@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--step-s", type=float, default=5.0)
     ap.add_argument("--poll-s", type=float, default=0.1)
     ap.add_argument("--timeout-s", type=float, default=900.0)
+    ap.add_argument("--logs", type=Path, default=None, help="keep the parts' logs in this directory")
     args = ap.parse_args()
     # SIGTERM as Ctrl-C: the finally below stops the parts and deletes the topics and database
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -104,7 +105,7 @@ def main() -> None:
         )
         provision(settings)
         env = settings_env(settings)
-        logs = tmp / "log"
+        logs = args.logs or tmp / "log"
         procs: dict[str, Any] = {}
         try:
             with data.open("w") as fh:
@@ -150,12 +151,16 @@ def main() -> None:
             watcher.halt.set()
             watcher.join()
             lat: list[float] = []
+            per_step: list[list[float]] = []  # the first and last forecast of each step: where the tail is
             for step_ms, t_close in closed.items():
                 target = step_ms + twins.horizon * STEP_MS
                 prev = 0
-                for t, count in watcher.seen.get(target, []):
+                seen = watcher.seen.get(target, [])
+                for t, count in seen:
                     lat += [t - t_close] * (min(count, n) - prev)
                     prev = min(count, n)
+                if seen:
+                    per_step.append([round(seen[0][0] - t_close, 2), round(seen[-1][0] - t_close, 2)])
             expected = n * len(closed)
             with InfluxClient(settings.influx) as influx:
                 q_ms = []
@@ -182,6 +187,7 @@ def main() -> None:
                     "p99": round(float(np.percentile(lat, 99)), 3) if lat else None,
                     "max": round(float(max(lat)), 3) if lat else None,
                 },
+                "per_step_first_last_s": per_step,
                 "bootstrap_s": round(bootstrap_s, 1),
                 "peak_rss_mb": {k: round(v) for k, v in watcher.peak.items()},
                 "peak_rss_mb_all": round(sum(watcher.peak.values())),

@@ -342,3 +342,28 @@ def test_htwin_stops_within_10_s_during_the_bootstrap(deploy: Any) -> None:
     assert read_latest_twins(d.settings) == {}  # twin.models: not one message of the bootstrap
     assert d.query('SELECT count("version") FROM "twin"') == []
     assert d.query('SELECT count("cluster") FROM "membership"') == []
+
+
+def test_bootstrap_readiness_counts_steps_without_reading_the_history(isolated: NettwinSettings) -> None:
+    """htwin asks every 5 s whether the history is enough: the answer (and how many entities have enough)
+    comes from a count per entity, never the history's rows (500,000 at 10,000 entities)."""
+    from twin_store.services.vtwin import bootstrap_ready
+
+    settings = isolated.model_copy(
+        update={"twins": TwinsSettings(target="v", cadence="1m", bootstrap_entities=2, bootstrap_steps=10)}
+    )
+    with InfluxClient(settings.influx) as influx:
+        assert bootstrap_ready(settings, influx) == (False, 0)
+        lines = [
+            f"twin_input,entity={e},metric=v value={k}.5,n_values=1i,key={key}i {60 * k}"
+            for key, (e, steps) in enumerate((("a", 5), ("b", 10), ("c", 12)), start=1)
+            for k in range(steps)
+        ]
+        influx.write(
+            "\n".join(lines).encode() + b"\ntwin_input,entity=d,metric=w value=1,n_values=1i,key=9i 0"
+        )
+        assert bootstrap_ready(settings, influx) == (True, 2)
+        more = settings.model_copy(
+            update={"twins": settings.twins.model_copy(update={"bootstrap_entities": 3})}
+        )
+        assert bootstrap_ready(more, influx) == (False, 2)

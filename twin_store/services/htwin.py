@@ -626,10 +626,10 @@ class TwinService:
         need = bootstrap_need(self.settings)
         last_log = 0.0
         while not self.stopping:
-            ok, grid = bootstrap_ready(self.settings, self.influx)
+            ok, have = bootstrap_ready(self.settings, self.influx)
             if ok and not self.stopping:
                 try:
-                    summary = run_vtwin_from_influx(self.settings, grid=grid, stop=lambda: self.stopping)
+                    summary = run_vtwin_from_influx(self.settings, stop=lambda: self.stopping)
                 except Stopped as exc:  # SIGTERM: leave now; the next start bootstraps from scratch
                     log.info("bootstrap stopped (%s): nothing published", exc)
                     return None
@@ -638,7 +638,6 @@ class TwinService:
                 self.bootstrapping = False
                 return summary
             if time.monotonic() - last_log > 30:
-                have = int((np.isfinite(grid.values).sum(axis=1) >= need).sum()) if grid.values.size else 0
                 log.info(
                     "bootstrap: %d of %d entities have %d steps of %r; waiting",
                     have,

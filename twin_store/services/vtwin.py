@@ -241,17 +241,29 @@ def bootstrap_need(settings: NettwinSettings) -> int:
     return twins.bootstrap_steps or default_need(twins.horizon)
 
 
-def bootstrap_ready(settings: NettwinSettings, influx: InfluxClient) -> tuple[bool, Grid]:
+def count_twin_steps(influx: InfluxClient, metric: str) -> dict[str, int]:
+    """Reported steps per entity of ``metric`` in ``twin_input`` (one row per entity and step)."""
+    quoted = metric.replace("\\", "\\\\").replace("'", "\\'")
+    q = f'SELECT count("value") FROM "twin_input" WHERE "metric" = \'{quoted}\' GROUP BY "entity"'
+    return {s.tags.get("entity", ""): int(s.values[0][1]) for s in influx.query(q, method="POST") if s.values}
+
+
+def bootstrap_ready(settings: NettwinSettings, influx: InfluxClient) -> tuple[bool, int]:
+    """Whether ``bootstrap_entities`` entities have ``bootstrap_need`` steps, and how many have: from a count
+    per entity, not the history itself (htwin asks every 5 s; at 10,000 entities the history is 500,000 rows,
+    the counts 10,000)."""
     twins = settings.twins
     if twins.target is None:
         raise InputError("[twins] has no target: name the metric to twin (docs/twins.md)")
     try:
-        grid = read_twin_steps(influx, twins.target, twins.cadence_s)
+        counts = count_twin_steps(influx, twins.target)
     except InputError as exc:
         if "database not found" not in str(exc):
             raise
-        grid = build_grid([], twins.cadence_s * 1000)  # the store has not created it yet: no history
-    return ready(grid, bootstrap_need(settings), twins.bootstrap_entities), grid
+        counts = {}  # the store has not created it yet: no history
+    need = bootstrap_need(settings)
+    have = sum(1 for c in counts.values() if c >= need)
+    return have >= twins.bootstrap_entities, have
 
 
 def run_vtwin_from_influx(
