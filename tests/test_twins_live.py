@@ -367,3 +367,13 @@ def test_bootstrap_readiness_counts_steps_without_reading_the_history(isolated: 
             update={"twins": settings.twins.model_copy(update={"bootstrap_entities": 3})}
         )
         assert bootstrap_ready(more, influx) == (False, 2)
+
+
+def test_a_twins_worker_imports_torch_before_the_first_twin(deploy: Any) -> None:
+    """A [twins] worker imports torch and the twin models while it waits for the bootstrap (a thread at
+    start), not on the first step after it: that import (~3 s under load) was most of the first live step's
+    close -> forecast time."""
+    d = deploy(TwinsSettings(target="v", cadence="1m"), "")
+    d.start("worker")
+    maps = Path(f"/proc/{d.procs['worker'].pid}/maps")
+    wait_until(lambda: "libtorch" in maps.read_text() or d.assert_running(), 60, "torch in the worker")
