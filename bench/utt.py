@@ -73,7 +73,7 @@ MERGE_PLAN = {  # report key -> (training key, source twins); the FTM+IMU merge 
     "position+tracking->position (FTM+IMU)": ("position+tracking->position", ["position", "tracking"]),
 }
 FTM_IMU = "position+tracking->position (FTM+IMU)"
-POSITION_METHODS = ("trilateration", "kalman", "position", "merged", "matrix_merged")
+POSITION_METHODS = ("trilateration", "kalman", "position", "merged", "merged_unshrunk", "matrix_merged")
 
 
 class _Timer:
@@ -342,6 +342,7 @@ class UttRun:
                 "kalman": study.tracks[n].kf[at],
                 "position": first[n]["position"],
                 "merged": first[n]["merged"],
+                "merged_unshrunk": first[n]["merged_unshrunk"],
                 "matrix_merged": data.predict(self.merged_twins[self.chosen], win)[:, -1],
             }
             true_all.append(truth)

@@ -33,12 +33,17 @@ import bisect
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ingest.readers.ftm import FixTracker, SiteGeometry
-from twin_store.models.multimodal import MODALITIES, STEP_MS, Readings, align, imu_channels
+from twin_store.models.ftm_features import features_of
+from twin_store.models.ftm_filter import FilterParams, RangeFilter
+from twin_store.models.multimodal import MODALITIES, STEP_MS, Readings, align, hold, imu_channels
+
+if TYPE_CHECKING:  # the locator brings torch: loaded by the caller, only when a positioning twin is stored
+    from twin_store.federation.utt_locator import Locator
 
 
 @dataclass(frozen=True)
@@ -90,11 +95,16 @@ class KeyState:
     emitted: int = 0
     late: int = 0
     scene: str | None = None
-    rows: list[tuple[float, int, dict[str, float] | None]] = field(default_factory=list)  # (t, seq, ranging)
+    # (t, seq, ranging {ap: [rtt, std, rss]} of an FTM record, |acc| of an IMU record)
+    rows: list[tuple[float, int, dict[str, list[float]] | None, float | None]] = field(default_factory=list)
     seq: int = 0
     tracker: FixTracker | None = None
     fix: Series = field(default_factory=lambda: Series(2))
     first_fix_t: float = math.inf  # event time of the first real fix
+    filter: RangeFilter | None = None  # the range Kalman filter, run causally over the rows made final
+    feats: Series = field(default_factory=lambda: Series(12))  # row features (fix, filter, quality)
+    first_kf_t: float = math.inf  # event time the filter started (its first fix)
+    last_acc: float = 9.81  # |acc| of the newest IMU row (a row without one reuses it)
 
 
 def parse(kind: str, rec: dict[str, Any]) -> tuple[float, Any]:
@@ -131,12 +141,18 @@ class MultimodalWindower:
     """Per key state and the emission rule; ``on_record`` and ``flush`` return finished window dicts."""
 
     def __init__(
-        self, cfg: LiveWindowConfig | None = None, sites: dict[str, SiteGeometry] | None = None
+        self,
+        cfg: LiveWindowConfig | None = None,
+        sites: dict[str, SiteGeometry] | None = None,
+        locator: Locator | None = None,
     ) -> None:
-        """``sites``: scene -> AP positions, shared with (and filled by) the caller; None: no fix channel."""
+        """``sites``: scene -> AP positions, shared with (and filled by) the caller; None: no fix channel.
+        ``locator``: the stored positioning twin (``nettwin twin position``), or None; the caller may set
+        :attr:`locator` later (a key's filter keeps the constants it started with)."""
         self.cfg = cfg or LiveWindowConfig()
         self.keys: dict[str, KeyState] = {}
         self.sites = sites
+        self.locator = locator
 
     def on_record(
         self, key: str, kind: str, rec: dict[str, Any], now: float
@@ -158,8 +174,9 @@ class MultimodalWindower:
             getattr(st, kind).insert(t, values)
         if self.sites is not None and kind in ("ftm", "imu"):  # a walk row: the fix is held at its time
             st.seq += 1
-            ranging = {ap: v[0] for ap, v in values.items()} if kind == "ftm" else None
-            bisect.insort(st.rows, (t, st.seq, ranging), key=lambda r: (r[0], r[1]))
+            ranging = values if kind == "ftm" else None
+            acc = float(np.linalg.norm(values[:3])) if kind == "imu" else None
+            bisect.insort(st.rows, (t, st.seq, ranging, acc), key=lambda r: (r[0], r[1]))
         st.first_t = min(st.first_t, t)
         if t > st.newest_t.get(kind, -math.inf):
             st.newest_t[kind] = t
@@ -198,26 +215,52 @@ class MultimodalWindower:
         st.next_end = float(ends[-1] + cfg.stride * STEP_MS)
         st.emitted += n
         keep_from = st.next_end - (cfg.window - 1) * STEP_MS - cfg.max_age_ms
-        for s in [*st.ftm.values(), st.imu, st.vision, st.fix]:
+        for s in [*st.ftm.values(), st.imu, st.vision, st.fix, st.feats]:
             s.trim(keep_from)
         return out
 
     def _advance_fix(self, st: KeyState, upto: float) -> None:
-        """Run the key's rows up to ``upto`` (final: later ones are late) through its fix tracker."""
+        """Run the key's rows up to ``upto`` (final: later ones are late) through its fix tracker and its range
+        Kalman filter, in event-time order: the filter sees a row only once every row before it is in, so it
+        is causal (no row after a window's end reaches that window)."""
         if st.tracker is None and self.sites is not None and st.scene in self.sites:
             st.tracker = FixTracker(self.sites[st.scene])
+            params = self.locator.filter if self.locator is not None else FilterParams()
+            st.filter = RangeFilter(self.sites[st.scene], None, params)
         k = bisect.bisect_right(st.rows, (upto, math.inf), key=lambda r: (r[0], r[1]))
         done, st.rows = st.rows[:k], st.rows[k:]
-        tracker = st.tracker
-        if tracker is None:
+        tracker, filt = st.tracker, st.filter
+        if tracker is None or filt is None:
             return
-        for i, (t, _seq, ranging) in enumerate(done):
+        ranged: dict[str, list[float]] = {}
+        acc: float | None = None
+        for i, (t, _seq, ranging, mag) in enumerate(done):
             if ranging is not None:
-                tracker.update(ranging)
+                tracker.update({ap: v[0] for ap, v in ranging.items()})
+                ranged.update(ranging)
                 if tracker.fixed and st.first_fix_t == math.inf:
                     st.first_fix_t = t
-            if i + 1 == len(done) or done[i + 1][0] != t:  # the fix after the last row at this time
+            if mag is not None:
+                acc = st.last_acc = mag
+            if i + 1 == len(done) or done[i + 1][0] != t:  # after the last row at this time: one walk row
                 st.fix.insert(t, tracker.est.tolist())
+                kf = filt.step_ranged(t, {a: (v[0], v[1]) for a, v in ranged.items()}, acc or st.last_acc)
+                if filt.started and st.first_kf_t == math.inf:
+                    st.first_kf_t = t
+                st.feats.insert(t, self._row_features(filt, ranged, tracker.est, kf).tolist())
+                ranged, acc = {}, None
+
+    @staticmethod
+    def _row_features(
+        filt: RangeFilter, ranged: dict[str, list[float]], fix: np.ndarray, kf: np.ndarray
+    ) -> np.ndarray:
+        """One row's :func:`~twin_store.models.ftm_features.features_of` over the site's APs."""
+        row = np.zeros((3, len(filt.index)))
+        for a, v in ranged.items():
+            k = filt.index.get(a)
+            if k is not None:
+                row[:, k] = v
+        return features_of(filt.aps, row[0:1], row[1:2], row[2:3], fix[None, :], kf[None, :])[0]
 
     def readings(self, st: KeyState) -> Readings:
         return Readings(
@@ -234,6 +277,10 @@ class MultimodalWindower:
         ftm, imu, vis, mask = align(
             self.readings(st), known, ends, cfg.window, cfg.max_age_ms, cfg.min_present
         )
+        tq = ends[:, None] + (np.arange(cfg.window) - (cfg.window - 1)) * STEP_MS
+        feats, held = hold(*st.feats.arrays(), tq, cfg.max_age_ms)
+        kf_on = np.array([st.filter is not None and st.first_kf_t <= e for e in ends], dtype=bool)
+        position = self._locate(st, feats, held, imu, mask, kf_on)
         device, _, walk = key.partition("/")
         out = []
         for i, e in enumerate(ends):
@@ -250,14 +297,47 @@ class MultimodalWindower:
                     "mask": {
                         **dict(zip(MODALITIES, (bool(x) for x in mask[i]), strict=True)),
                         "fix": bool(st.tracker is not None and st.first_fix_t <= e),
+                        "kf": bool(kf_on[i]),
                     },
                     "ap_ids": [known[k] for k in ranged],
                     "ftm": np.round(ftm[i][:, cols], 6).tolist(),  # per AP: rtt, std, rss, present
                     "imu": np.round(imu[i], 6).tolist(),
                     "vision": np.round(vis[i], 6).tolist(),  # SIMULATED camera
                     "fix": np.round(ftm[i][:, -2:], 6).tolist(),  # least-squares FTM fix x, y (mask "fix")
+                    "kf": np.round(feats[i, :, 2:4], 6).tolist(),  # range Kalman filter x, y (mask "kf")
+                    "quality": np.round(feats[i, :, 4:], 6).tolist(),  # ftm_features' quality channels
+                    "held": held[i].tolist(),  # a row's features were held at that step (within max age)
+                    "position": position[i],  # the positioning twin's, or None
                 }
             )
+        return out
+
+    def _locate(
+        self,
+        st: KeyState,
+        feats: np.ndarray,
+        held: np.ndarray,
+        imu: np.ndarray,
+        mask: np.ndarray,
+        kf_on: np.ndarray,
+    ) -> list[dict[str, Any] | None]:
+        """The stored positioning twin's position at each window's end: None without a twin, before the
+        key's filter started, or if the key's filter runs other constants than the twin was trained with."""
+        loc = self.locator
+        out: list[dict[str, Any] | None] = [None] * len(kf_on)
+        if loc is None or st.filter is None or st.filter.p != loc.filter or not kf_on.any():
+            return out
+        idx = np.flatnonzero(kf_on)
+        pos, anchor = loc.locate(feats[idx], held[idx], imu[idx], mask[idx])
+        for j, i in enumerate(idx):
+            out[i] = {
+                "x": round(float(pos[j, 0]), 4),
+                "y": round(float(pos[j, 1]), 4),
+                "kf_x": round(float(anchor[j, 0]), 4),
+                "kf_y": round(float(anchor[j, 1]), 4),
+                "twin": loc.twin.lineage.twin_id,
+                "alpha": loc.alpha,
+            }
         return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,12 @@ from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from producers.ftm_replay import KINDS, _events, _record, load_walks
 from stream_processors.multimodal_live import LiveWindowConfig, MultimodalWindower
-from twin_store.models.multimodal import build_windows, grid_ends
+from twin_store.federation.utt_locator import Locator, build_merged
+from twin_store.federation.utt_positioning import TASK_FIELDS, tracks_of
+from twin_store.models.ftm_features import ALL_GROUPS
+from twin_store.models.ftm_filter import FilterParams, kalman_track
+from twin_store.models.multimodal import build_windows, grid_ends, hold
+from twin_store.models.utt import Scaler
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "ftm_imu" / "raw"
 needs_data = pytest.mark.skipif(not RAW.is_dir(), reason="../shared/data/ftm_imu/raw is absent")
@@ -119,6 +125,82 @@ def test_a_missing_modality_waits_for_the_grace_period_then_is_masked_and_late_r
     assert more[-1]["end_ms"] <= no_vision[-1][1]["t_ms"] < more[-1]["end_ms"] + 500
 
 
+def _untrained_locator() -> Locator:
+    """A positioning twin with random weights and identity scalers: what the live path does with it must
+    equal the offline path on the same rows, trained or not."""
+    in_channels, lengths = (
+        {"ftm": 13, "imu": 13, "vision": 1},
+        {"position": 20, "trajectory": 10, "tracking": 20},
+    )
+    _, _, twin = build_merged("gating", in_channels, lengths, 32, seed=3)
+    ident = {k: Scaler(np.zeros(c), np.ones(c)) for k, c in (("ftm", 13), ("imu", 13), ("position", 2))}
+    arch = {"fuser": "gating", "in_channels": in_channels, "lengths": lengths, "d": 32, "seed": 3}
+    return Locator(twin, ident, FilterParams(bias_m=0.9, range_sigma_m=0.75), ALL_GROUPS, 0.5, arch)
+
+
+@needs_data
+def test_the_live_filter_is_causal_and_the_live_twin_positions_like_the_offline_one(tmp_path: Path) -> None:
+    walk, vision, recs = _stream(40.0)
+    geo = _site(walk)
+    loc = _untrained_locator()
+    loc.save(tmp_path)
+    loc = Locator.load(tmp_path)  # what the worker does
+    win = MultimodalWindower(LiveWindowConfig(lateness_ms=1000.0), sites={"CarPark": geo}, locator=loc)
+    got: list[dict[str, Any]] = []
+    for kind, rec in recs:
+        got.extend(win.on_record(f"M2/{WALK}", kind, rec, now=0.0)[0])
+    got.extend(win.flush(now=10.0))
+    assert len(got) > 60 and all(w["mask"]["kf"] and w["position"] is not None for w in got)
+    ends = np.array([w["end_ms"] for w in got])
+    rows = np.searchsorted(walk.t_ms, ends, side="right") - 1  # the last row at or before each window's end
+    for i, end in zip(rows[::15], ends[::15], strict=True):
+        # the filter over the rows up to the window's end only: no later row may change the live value
+        upto = walk.t_ms <= end
+        cut = replace(walk, t_ms=walk.t_ms[upto], rtt=walk.rtt[upto], std=walk.std[upto], imu=walk.imu[upto])
+        causal = kalman_track(cut, geo, loc.filter)[-1]
+        live = next(w for w in got if w["end_ms"] == end)
+        assert_allclose(live["kf"][-1], causal, atol=2e-3)  # RTT and std go out at 4 dp
+        assert_allclose([live["position"]["kf_x"], live["position"]["kf_y"]], causal, atol=2e-3)
+        assert i == np.flatnonzero(upto)[-1]
+    # the offline features of the same rows, held on the same grid, give the same positions
+    tr = tracks_of(walk, geo, loc.filter)
+    tq = ends[:, None] + (np.arange(20) - 19) * 100.0
+    feats, ok = hold(walk.t_ms, tr.feats, tq, 1000.0)
+    assert_allclose(np.array([w["kf"] for w in got]), feats[:, :, 2:4], atol=2e-3)
+    assert_allclose(np.array([w["quality"] for w in got]), feats[:, :, 4:], atol=5e-2)  # rss mean: 4 dp in
+    off = build_windows(walk, list(walk.ap_ids), ends, vision, None)
+    pos, _ = loc.locate(feats, ok, off.imu, off.mask)
+    live_pos = np.array([[w["position"]["x"], w["position"]["y"]] for w in got])
+    assert_allclose(live_pos, pos, atol=2e-2)
+    assert np.abs(live_pos - feats[:, -1, 2:4]).max() > 1e-3  # the twin moved the filter's position
+    assert TASK_FIELDS["position"] == "pos"
+
+
+def test_without_a_stored_twin_windows_carry_the_filter_but_no_position() -> None:
+    """No locator: the filter still runs (default constants) and ``position`` is None."""
+    from ingest.readers.ftm import SiteGeometry as Geo
+
+    geo = Geo("S", ["A", "B", "C"], np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]), {}, {}, "test")
+    win = MultimodalWindower(LiveWindowConfig(), sites={"S": geo})
+    got: list[dict[str, Any]] = []
+    for k in range(60):
+        t = 1000.0 + 100.0 * k
+        p = np.array([3.0 + 0.05 * k, 4.0])
+        aps = {
+            a: [round(float(np.linalg.norm(p - geo.positions[j])), 4), 0.1, -60.0]
+            for j, a in enumerate("ABC")
+        }
+        rec_ftm = {"t_ms": t, "scene": "S", "aps": aps}
+        rec_imu = {"t_ms": t, "acc": [0.0, 0.0, 9.81], "gyro": [0, 0, 0], "mag": [0, 0, 0],
+                   "azimuth": 0.0, "pitch": 0.0, "roll": 0.0}  # fmt: skip
+        got.extend(win.on_record("d/w", "ftm", rec_ftm, now=0.0)[0])
+        got.extend(win.on_record("d/w", "imu", rec_imu, now=0.0)[0])
+    got.extend(win.flush(now=10.0))
+    assert got and all(w["position"] is None for w in got)
+    assert all(w["mask"]["kf"] for w in got)
+    assert_allclose(got[-1]["kf"][-1], [3.0 + 0.05 * 59, 4.0], atol=0.5)  # standing still per the IMU: lags
+
+
 def _read_all(settings: NettwinSettings, topic: str, expected: int, timeout: float) -> list[Any]:
     consumer = make_consumer(settings, topic, group_id=None)
     out: list[Any] = []
@@ -181,3 +263,61 @@ def _replay_and_check(settings: NettwinSettings, pipeline: Any, ftm: Any) -> Non
     _check_against_offline(full, walks[0], vision[walks[0].name], vision_on=True, geo=geo)
     (site,) = _read_all(settings, topics.sites_ftm, 1, timeout=5.0)
     assert site.key == b"CarPark" and json.loads(site.value) == summary["sites"]["CarPark"]
+
+
+@pytest.mark.integration
+@needs_data
+def test_worker_positions_live_windows_with_the_twin_nettwin_twin_position_stored(
+    isolated: NettwinSettings, tmp_path: Path
+) -> None:
+    """``nettwin twin position`` trains and stores the generalising merged twin (a short run); the worker's
+    multimodal agent loads it, runs the range Kalman filter row by row and adds the twin's position to every
+    window. The filter value of each window is the causal one: the offline filter over the rows up to that
+    window's end only."""
+    from nettwin.cli.replay_ftm import ftm
+    from tests.conftest import Pipeline, run_cli
+
+    settings = isolated
+    res = run_cli(
+        settings, "twin", "position", "--data", str(RAW), "--rounds", "1", "--augment", "0",
+        "--fusers", "gating", "--json", timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    record = json.loads(res.stdout)
+    assert Path(record["stored"]).is_file() and record["metrics"]["test_walks"]
+    loc = Locator.load(Path(settings.state_dir) / "utt")
+    pipeline = Pipeline(settings, tmp_path)
+    pipeline.start("worker")
+    try:
+        app = typer.Typer()
+        app.command()(ftm)
+        out = CliRunner().invoke(
+            app, [str(RAW / f"{WALK}.csv"), "--max", "--limit", "900", "--json"], obj=settings
+        )
+        assert out.exit_code == 0, out.output
+        walks, vision, _ = load_walks([RAW / f"{WALK}.csv"], seed=1)
+        walk = walks[0]
+        sent = [t for t, *_ in _events(walks, vision)][:900]
+        grid = grid_ends(walk, 20, 5)
+        msgs = _read_all(
+            settings, Topics.from_settings(settings).features_multimodal, len(grid[grid <= sent[-1]]), 90.0
+        )
+        pipeline.assert_running()
+    finally:
+        pipeline.stop("worker", kill=True)
+    windows = sorted((json.loads(m.value) for m in msgs), key=lambda w: w["end_ms"])
+    assert windows, pipeline.logs()
+    placed = [w for w in windows if w["position"] is not None]
+    assert len(placed) == len(windows) > 50  # CarPark__5__524 is ranged from its first row
+    assert {w["position"]["twin"] for w in placed} == {loc.twin.lineage.twin_id}
+    pos = np.array([[w["position"]["x"], w["position"]["y"]] for w in placed])
+    assert np.isfinite(pos).all()
+    assert walk.gt is not None
+    truth = walk.gt[np.searchsorted(walk.t_ms, [w["end_ms"] for w in placed], side="right") - 1]
+    assert np.median(np.linalg.norm(pos - truth, axis=1)) < 3.0  # a position on the floor, near the walk
+    geo = _site(walk)
+    for w in placed[::20]:
+        upto = walk.t_ms <= w["end_ms"]
+        cut = replace(walk, t_ms=walk.t_ms[upto], rtt=walk.rtt[upto], std=walk.std[upto], imu=walk.imu[upto])
+        causal = kalman_track(cut, geo, loc.filter)[-1]
+        assert_allclose([w["position"]["kf_x"], w["position"]["kf_y"]], causal, atol=2e-3)

@@ -130,3 +130,63 @@ def split_cmd(
 ) -> None:
     """One new twin per task, each reusing the source's representation (frozen) with its own decoder."""
     _run(ctx, "split", src, dst, data, fuser, rounds, seed, defense, unified, json_out)
+
+
+@app.command("position")
+def position_cmd(
+    ctx: typer.Context,
+    data: list[Path] = typer.Option(
+        ..., help="folder of walk CSVs with ground truth (like ftm_imu/raw); repeat for more scenes"
+    ),
+    seed: int = typer.Option(1),
+    rounds: int = typer.Option(10, min=1, help="federated rounds in selection (the refit trains those kept)"),
+    fusers: str = typer.Option("gating,concatenation,average", help="fusers chosen from on validation"),
+    augment: int = typer.Option(2, min=0, help="AP-dropout copies of every training walk"),
+    patience: int = typer.Option(
+        3,
+        min=0,
+        help="selection stops a twin after this many rounds without a better validation loss (0: off)",
+    ),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """The generalising merged (FTM + IMU) positioning twin: chosen on held-out walks, stored for the live
+    windows (the worker's multimodal agent adds its position to every window)."""
+    from ingest.errors import InputError
+    from twin_store.adapters.influx import InfluxClient
+    from twin_store.federation.utt_positioning import PositioningConfig
+    from twin_store.models.utt import FUSERS
+    from twin_store.services.twin import locator_line, train_locator
+
+    for d in data:
+        if not d.exists():
+            raise InputError(f"{d}: no such file or folder")
+    chosen = tuple(f.strip() for f in fusers.split(",") if f.strip())
+    if not chosen or [f for f in chosen if f not in FUSERS]:
+        raise InputError(f"--fusers {fusers!r}: choose from {', '.join(FUSERS)}")
+    settings = settings_of(ctx)
+    pcfg = PositioningConfig(rounds=rounds, fusers=chosen, augment=augment, patience=patience)
+    with console.status("position: selecting on held-out walks, refitting, testing"):
+        record = train_locator(list(data), Path(settings.state_dir), seed, pcfg)
+    with InfluxClient(settings.influx) as influx:
+        influx.write(locator_line(record, int(time.time())).encode(), precision="s")
+    if json_out:
+        print_json(record)
+        return
+    m = record["metrics"]
+    rows = [
+        {
+            "scene": scene,
+            "trilateration": base["trilateration"],
+            "kalman": base["kalman"],
+            "merged twin": m["test_median_m"]["merged"].get(scene),
+            "unshrunk": m["test_median_m"]["merged (unshrunk, alpha 1)"].get(scene),
+            "val: kalman": m["baselines_val_median_m"].get(scene, {}).get("kalman", "-"),
+            "val: merged": m["val_median_m"].get("merged (shrunk)", {}).get(scene, "-"),
+        }
+        for scene, base in m["baselines_test_median_m"].items()
+    ]
+    print_table(
+        f"positioning twin ({m['chosen_fuser']}, alpha {m['alpha']}; stored {record['stored']}): "
+        "median error (m) on the test walks, validation walks beside",
+        rows,
+    )

@@ -40,6 +40,9 @@ class PositioningConfig:
     p_reading: float = 0.3  # chance a single reading is dropped
     rounds: int = 10  # federated rounds in selection (the refit trains the rounds each twin kept)
     local_epochs: int = 2
+    patience: int = (
+        0  # selection stops a twin after this many rounds without a better validation loss (0: off)
+    )
     batch: int = 128
     weight_decay: float = 1e-4  # Adam weight decay (regularisation)
     fusers: tuple[str, ...] = ("gating", "concatenation", "average")  # merged twin fusers to choose from
@@ -95,17 +98,26 @@ def _columns(groups: tuple[str, ...]) -> list[int]:
     return cols
 
 
-def pos_windows(tr: Tracks, end_ms: np.ndarray, groups: tuple[str, ...]) -> PosWindows:
-    w = tr.walk
-    win = build_windows(w, w.ap_ids, end_ms, None, None, WINDOW, HORIZON)
-    tq = end_ms[:, None] + (np.arange(WINDOW) - (WINDOW - 1)) * STEP_MS
-    feats, ok = hold(w.t_ms, tr.feats, tq, 1000.0)
+def anchored(feats: np.ndarray, ok: np.ndarray, groups: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Held row features ``(N, T, 12)`` (absolute positions; ``ok (N, T)`` where a row was held) -> the
+    twin's FTM input ``(N, T, C)`` (``groups``' columns, positions relative to the anchor, a held flag) and
+    the anchor ``(N, 2)``: the filter's (without ``kf``: the fix's) position at the window's last step.
+    The offline windows and the live ones (``multimodal_live``) both go through here."""
+    feats = feats.copy()
     anchor_cols = slice(2, 4) if "kf" in groups else slice(0, 2)
     anchor = feats[:, -1, anchor_cols].copy()
     feats[:, :, 0:2] -= anchor[:, None, :]
     feats[:, :, 2:4] -= anchor[:, None, :]
     feats = np.where(ok[:, :, None], feats, 0.0)
-    ftm = np.concatenate([feats[:, :, _columns(groups)], ok[:, :, None].astype(float)], axis=-1)
+    return np.concatenate([feats[:, :, _columns(groups)], ok[:, :, None].astype(float)], axis=-1), anchor
+
+
+def pos_windows(tr: Tracks, end_ms: np.ndarray, groups: tuple[str, ...]) -> PosWindows:
+    w = tr.walk
+    win = build_windows(w, w.ap_ids, end_ms, None, None, WINDOW, HORIZON)
+    tq = end_ms[:, None] + (np.arange(WINDOW) - (WINDOW - 1)) * STEP_MS
+    feats, ok = hold(w.t_ms, tr.feats, tq, 1000.0)
+    ftm, anchor = anchored(feats, ok, groups)
     return PosWindows(ftm, win.imu, win.mask, anchor, win.pos - anchor[:, None, :], win.track)
 
 
@@ -176,10 +188,16 @@ class PositionData:
         task = twin.lineage.task
         return self.out_scalers[task].invert(twin.predict(self.inputs(w)).numpy())
 
-    def positions(self, twin: TaskTwin, name: str) -> np.ndarray:
-        """The twin's absolute position at every scored row of walk ``name`` (window's last step + anchor)."""
+    def corrections(self, twin: TaskTwin, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """At every scored row of walk ``name``: the anchor (the filter's position) and the twin's correction
+        of it (its position at the window's last step, relative to the anchor)."""
         w = self.windows_of(name, eval_ends(self.tracks[name].walk))
-        return self.predict_rel(twin, w)[:, -1] + w.anchor
+        return w.anchor, self.predict_rel(twin, w)[:, -1]
+
+    def positions(self, twin: TaskTwin, name: str, alpha: float = 1.0) -> np.ndarray:
+        """The twin's absolute position at every scored row of walk ``name``: anchor + alpha * correction."""
+        anchor, rel = self.corrections(twin, name)
+        return anchor + alpha * rel
 
     def nmse(self, twin: TaskTwin, w: PosWindows | None) -> float:
         """NMSE of the twin's task on windows ``w`` (positions absolute: prediction and truth + anchor)."""

@@ -28,6 +28,7 @@ class FedConfig:
     batch: int = 64
     seed: int = 0
     weight_decay: float = 0.0  # L2 on the trained parameters (Adam's weight_decay); 0 = none
+    patience: int = 0  # stop after this many rounds without a better validation loss (0: run every round)
     defense: str = (
         "mean"  # a twin_store.federation.screening defense: screens each client update, then aggregates
     )
@@ -157,6 +158,8 @@ def fed_train(model: Federated, clients: list[Client], val: Client | None, cfg: 
             curve.append(vloss)
             if vloss < best[0]:
                 best = (vloss, glob.clone(), rnd, version)
+            elif cfg.patience and rnd - best[2] >= cfg.patience:
+                break  # early stopping: the validation loss has not improved for `patience` rounds
         else:
             best = (math.nan, glob.clone(), rnd, version)
     load_flat(params, best[1])

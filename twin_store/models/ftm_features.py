@@ -47,14 +47,23 @@ def row_features(walk: Walk, geo: SiteGeometry, fix: np.ndarray, kf: np.ndarray)
     """``(n, 12)`` per row, every group of :data:`FEATURE_GROUPS` in order (absolute positions: the caller
     subtracts its anchor). A row with no known AP ranged has zero quality channels."""
     aps = FixTracker(geo, walk.ap_ids).aps
+    return features_of(aps, walk.rtt, walk.std, walk.rss, fix, kf)
+
+
+def features_of(
+    aps: np.ndarray, rtt: np.ndarray, std: np.ndarray, rss: np.ndarray, fix: np.ndarray, kf: np.ndarray
+) -> np.ndarray:
+    """:func:`row_features` on arrays: AP positions ``(A, 2)`` (NaN: unknown), per row RTT ranges, their std
+    and RSS ``(n, A)`` (0: not ranged), the fix and the filter's position ``(n, 2)``. The live windows call it
+    one row at a time."""
     known = np.isfinite(aps[:, 0])
-    ok = (walk.rtt > 0) & known[None, :]  # (n, A)
+    ok = (rtt > 0) & known[None, :]  # (n, A)
     n_ok = ok.sum(axis=1)
     safe = np.where(known[:, None], aps, 0.0)  # (A, 2)
 
     def residuals(at: np.ndarray) -> np.ndarray:
         dist = np.linalg.norm(at[:, None, :] - safe[None, :, :], axis=2)  # (n, A)
-        return np.where(ok, walk.rtt - dist, 0.0)
+        return np.where(ok, rtt - dist, 0.0)
 
     denom = np.maximum(n_ok, 1)
     r_fix, r_kf = residuals(fix), residuals(kf)
@@ -73,8 +82,8 @@ def row_features(walk: Walk, geo: SiteGeometry, fix: np.ndarray, kf: np.ndarray)
             np.abs(r_fix).max(axis=1, initial=0.0),
             r_kf.sum(axis=1) / denom,
             np.sqrt((r_kf**2).sum(axis=1) / denom),
-            np.where(ok, walk.std, 0.0).sum(axis=1) / denom,
-            np.where(ok, walk.rss, 0.0).sum(axis=1) / denom,
+            np.where(ok, std, 0.0).sum(axis=1) / denom,
+            np.where(ok, rss, 0.0).sum(axis=1) / denom,
             np.minimum(hdop, 10.0),
         ]
     )

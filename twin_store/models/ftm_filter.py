@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import deque
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -55,50 +56,94 @@ def motion_flags(t_ms: np.ndarray, imu: np.ndarray, still_acc: float, span_ms: f
     return (np.sqrt(var) >= still_acc) | (n < 3)
 
 
-def kalman_track(walk: Walk, geo: SiteGeometry, params: FilterParams | None = None) -> np.ndarray:
-    """Filtered position per row of ``walk`` (``(n, 2)``), causal: each row sees only rows up to itself."""
-    p = params or FilterParams()
-    tracker = FixTracker(geo, walk.ap_ids)
-    aps = tracker.aps  # (A, 2), NaN for APs the site does not know
-    known = np.isfinite(aps[:, 0])
-    moving = motion_flags(walk.t_ms, walk.imu, p.still_acc)
-    out = np.zeros((len(walk), 2))
-    x = np.zeros(4)
-    cov = np.eye(4)
-    started = False
-    t_prev = walk.t_ms[0] if len(walk) else 0.0
-    for i in range(len(walk)):
-        ok = (walk.rtt[i] > 0) & known
-        if not started:
-            fix = tracker.update_row(walk.rtt[i])
-            if tracker.fixed:
-                x = np.array([fix[0], fix[1], 0.0, 0.0])
-                cov = np.diag([4.0, 4.0, 1.0, 1.0])
-                started = True
-                t_prev = walk.t_ms[i]
-            out[i] = fix
-            continue
-        dt = min(max((walk.t_ms[i] - t_prev) / 1000.0, 0.0), 2.0)
-        t_prev = walk.t_ms[i]
-        sig = p.accel_sigma if moving[i] else p.still_accel_sigma
+class MotionGate:
+    """:func:`motion_flags` one row at a time (the live windows feed it row by row): moving when the std of
+    |acc| over the rows of the last ``span_ms`` (this one included) is at least ``still_acc``, or fewer than
+    three rows are in that span."""
+
+    def __init__(self, still_acc: float, span_ms: float = 1000.0) -> None:
+        self.still_acc, self.span_ms = still_acc, span_ms
+        self.t: deque[float] = deque()
+        self.mag: deque[float] = deque()
+
+    def update(self, t_ms: float, acc_mag: float) -> bool:
+        self.t.append(t_ms)
+        self.mag.append(acc_mag)
+        while self.t[0] < t_ms - self.span_ms:
+            self.t.popleft()
+            self.mag.popleft()
+        if len(self.mag) < 3:
+            return True
+        return float(np.std(np.fromiter(self.mag, dtype=float))) >= self.still_acc
+
+
+class RangeFilter:
+    """The range Kalman filter of the module docstring, one row at a time: causal by construction (a row is
+    filtered with the rows before it only). :func:`kalman_track` runs a walk through it; the live windows run
+    each key's rows through one as they become final.
+
+    ``ap_ids`` (default: the site's APs) is the order of the ranging rows given to :meth:`step`."""
+
+    def __init__(
+        self, geo: SiteGeometry, ap_ids: list[str] | None = None, params: FilterParams | None = None
+    ):
+        self.p = params or FilterParams()
+        self.tracker = FixTracker(geo, ap_ids)
+        self.index = self.tracker.index
+        self.aps = self.tracker.aps  # (A, 2), NaN for APs the site does not know
+        self.known = np.isfinite(self.aps[:, 0])
+        self.gate = MotionGate(self.p.still_acc)
+        self.x = np.zeros(4)
+        self.cov = np.eye(4)
+        self.started = False
+        self.t_prev = 0.0
+        self.est = self.tracker.est.copy()  # the position after the last row
+
+    def step_ranged(self, t_ms: float, ranged: dict[str, tuple[float, float]], acc_mag: float) -> np.ndarray:
+        """One row as ``{ap: (rtt_m, rtt_std_m)}`` (APs the site does not know are ignored)."""
+        rtt, std = np.zeros(len(self.index)), np.zeros(len(self.index))
+        for a, (d, sd) in ranged.items():
+            k = self.index.get(a)
+            if k is not None:
+                rtt[k], std[k] = d, sd
+        return self.step(t_ms, rtt, std, acc_mag)
+
+    def step(self, t_ms: float, rtt: np.ndarray, std: np.ndarray, acc_mag: float) -> np.ndarray:
+        """One row: RTT ranges and their std in ``ap_ids`` order (0: not ranged) and the |acc| of the row's
+        IMU reading; returns the filtered position after it."""
+        p = self.p
+        moving = self.gate.update(t_ms, acc_mag)
+        if not self.started:
+            fix = self.tracker.update_row(rtt)
+            if self.tracker.fixed:
+                self.x = np.array([fix[0], fix[1], 0.0, 0.0])
+                self.cov = np.diag([4.0, 4.0, 1.0, 1.0])
+                self.started = True
+                self.t_prev = t_ms
+            self.est = fix.copy()
+            return self.est
+        x, cov = self.x, self.cov
+        dt = min(max((t_ms - self.t_prev) / 1000.0, 0.0), 2.0)
+        self.t_prev = t_ms
+        sig = p.accel_sigma if moving else p.still_accel_sigma
         f = np.eye(4)
         f[0, 2] = f[1, 3] = dt
         x = f @ x
-        if not moving[i]:
+        if not moving:
             x[2:] *= p.still_damping**dt
         q1 = sig**2 * np.array([[dt**4 / 4, dt**3 / 2], [dt**3 / 2, dt**2]])
         q = np.zeros((4, 4))
         q[np.ix_([0, 2], [0, 2])] = q1
         q[np.ix_([1, 3], [1, 3])] = q1
         cov = f @ cov @ f.T + q
-        ks = np.flatnonzero(ok)
+        ks = np.flatnonzero((rtt > 0) & self.known)
         if len(ks):  # one joint update of the row's ranges, linearised at the prediction: AP order is moot
-            diff = x[:2] - aps[ks]
+            diff = x[:2] - self.aps[ks]
             rng = np.maximum(np.hypot(diff[:, 0], diff[:, 1]), 1e-3)
             h = np.zeros((len(ks), 4))
             h[:, :2] = diff / rng[:, None]
-            r_var = p.range_sigma_m**2 + walk.std[i, ks] ** 2
-            innov = walk.rtt[i, ks] - p.bias_m - rng
+            r_var = p.range_sigma_m**2 + std[ks] ** 2
+            innov = rtt[ks] - p.bias_m - rng
             hp = h @ cov
             z = np.abs(innov) / np.sqrt(np.einsum("ij,ij->i", hp, h) + r_var)
             r_var = np.where(z > p.gate, r_var * (z / p.gate) ** 2, r_var)
@@ -107,7 +152,18 @@ def kalman_track(walk: Walk, geo: SiteGeometry, params: FilterParams | None = No
             x = x + gain @ innov
             ikh = np.eye(4) - gain @ h  # Joseph form: the covariance stays symmetric positive definite
             cov = ikh @ cov @ ikh.T + (gain * r_var) @ gain.T
-        out[i] = x[:2]
+        self.x, self.cov = x, cov
+        self.est = x[:2].copy()
+        return self.est
+
+
+def kalman_track(walk: Walk, geo: SiteGeometry, params: FilterParams | None = None) -> np.ndarray:
+    """Filtered position per row of ``walk`` (``(n, 2)``), causal: each row sees only rows up to itself."""
+    filt = RangeFilter(geo, walk.ap_ids, params)
+    mag = np.linalg.norm(walk.imu[:, :3], axis=1)
+    out = np.zeros((len(walk), 2))
+    for i in range(len(walk)):
+        out[i] = filt.step(float(walk.t_ms[i]), walk.rtt[i], walk.std[i], float(mag[i]))
     return out
 
 

@@ -24,6 +24,7 @@ import torch
 from ingest.errors import InputError
 from twin_store.adapters.lineproto import point
 from twin_store.federation.utt_data import Data, UttConfig, prepare
+from twin_store.federation.utt_positioning import PositioningConfig
 from twin_store.federation.utt_training import FedConfig, Upload, fed_train
 from twin_store.models.multimodal import Windows
 from twin_store.models.utt import (
@@ -228,3 +229,65 @@ def update_lines(uploads: list[tuple[str, Upload]]) -> list[str]:
         )
         for twin_id, u in uploads
     ]
+
+
+def train_locator(
+    data_paths: list[Path],
+    state_dir: Path,
+    seed: int = 1,
+    pcfg: PositioningConfig | None = None,
+) -> dict[str, Any]:
+    """``nettwin twin position``: the generalising merged (FTM + IMU) positioning twin, made by the bench's
+    protocol for one seed (select fuser, rounds and the shrink alpha on the held-out validation walks, refit
+    on every training walk, score on the test walks), stored as a :class:`Locator` under
+    ``<state_dir>/utt`` for the live windows. Returns its record: figures beside trilateration and the filter."""
+    from twin_store.federation.positioning_study import PositioningStudy
+
+    torch.set_num_threads(1)
+    cfg = UttConfig(seed=seed)
+    t0 = time.perf_counter()
+    study = PositioningStudy(prepare(data_paths, cfg), cfg, pcfg)
+    run = study.run_seed(seed)
+    loc = study.locators[seed]
+    prep = study.prep
+    loc.metrics = {
+        "seed": seed,
+        "data": sorted(map(str, data_paths)),
+        "fit_walks": prep.fit,
+        "validation_walks": prep.val,
+        "test_walks": prep.test,
+        "chosen_fuser": run["chosen_fuser"],
+        "rounds_kept": run["rounds_kept"],
+        "alpha": run["alpha"],
+        "val_median_m": run["val_median_m"],
+        "test_median_m": run["test_median_m"],
+        "baselines_val_median_m": study.baselines(prep.val) if prep.val else {},
+        "baselines_test_median_m": study.baselines(prep.test),
+        "train_s": round(time.perf_counter() - t0, 1),
+    }
+    path = loc.save(TwinStore(state_dir).root)
+    return {**asdict(loc.twin.lineage), "twin_id": "positioning", "metrics": loc.metrics, "stored": str(path)}
+
+
+def locator_line(record: dict[str, Any], time_s: int) -> str:
+    """The ``twin`` row (level ``utt``, twin_id ``positioning``) of a stored positioning twin: ``loss`` = its
+    median error (m) over the test walks of every scene, with the filter's beside it (``kalman``)."""
+    m = record["metrics"]
+    merged = m["test_median_m"]["merged"]
+    kalman = {s: v["kalman"] for s, v in m["baselines_test_median_m"].items()}
+    return point(
+        "twin",
+        {"level": "utt", "twin_id": record["twin_id"]},
+        {
+            "version": int(record["version"]),
+            "loss": float(max(merged.values())) if merged else math.nan,
+            "kalman": float(max(kalman.values())) if kalman else math.nan,
+            "alpha": float(m["alpha"]),
+            "model": record["model"],
+            "operation": "position",
+            "sources": ",".join(record["sources"]),
+            "fuser": record["fuser"] or "",
+            "task": record["task"],
+        },
+        time_s,
+    )
