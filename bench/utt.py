@@ -101,7 +101,11 @@ class UttRun:
         self.data = Data(self.prep)
         self.timings: dict[str, float] = dict(self.prep.timings, windows_s=round(time.perf_counter() - t, 2))
         self.fed = FedConfig(
-            rounds=cfg.rounds, local_epochs=cfg.local_epochs, seed=cfg.seed, defense=cfg.defense
+            rounds=cfg.rounds,
+            local_epochs=cfg.local_epochs,
+            seed=cfg.seed,
+            defense=cfg.defense,
+            patience=cfg.patience,
         )
         self.test_all = Windows.concat(list(self.data.test_grid.values()))
         self.training: dict[str, Any] = {}

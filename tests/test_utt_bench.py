@@ -92,6 +92,12 @@ def test_bench_utt_cli_writes_positioning_csv_for_unseen_walks(tmp_path: Path) -
         assert 0 < t["kalman"] < t["trilateration"] < 10, scene  # the filter beats raw trilateration
         assert len(t["merged twin"]["values"]) == len(t["position twin"]["values"]) == 2  # two seeds
         assert len(v["val_median_m"]["merged twin"]["values"]) == 2
+        # the shrink alpha is chosen on the validation walks: there the shrunk twin is never worse than the
+        # filter (alpha 0 is the filter itself)
+        assert all(
+            m <= v["val_median_m"]["kalman"] + 1e-3 for m in v["val_median_m"]["merged twin"]["values"]
+        )
+        assert all(a in (0.0, 0.25, 0.5, 0.75, 1.0) for a in v["alpha"])
         assert isinstance(v["target_met"], bool)
     assert [r["seed"] for r in report["positioning"]["seeds"]] == [1, 1001]
     assert all(r["chosen_fuser"] in ("gating", "concatenation") for r in report["positioning"]["seeds"])
@@ -102,13 +108,14 @@ def test_bench_utt_cli_writes_positioning_csv_for_unseen_walks(tmp_path: Path) -
     with open(out, newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["walk", "t_ms", "true_x", "true_y", "pred_x", "pred_y", "method"]
-    assert {r[6] for r in rows[1:]} == {"trilateration", "kalman", "position", "merged", "matrix_merged"}
+    methods = {"trilateration", "kalman", "position", "merged", "merged_unshrunk", "matrix_merged"}
+    assert {r[6] for r in rows[1:]} == methods
     assert {r[0] for r in rows[1:]} == set(sp["test_walks"])
     first = next(r for r in rows[1:] if r[0] == "CarPark__6__624")
     with open(RAW / "CarPark__6__624.csv", newline="") as fh:
         raw_times = {r[0] for r in list(csv.reader(fh))[1:]}
     assert first[1] in raw_times  # t_ms is the walk's own timestamp text
-    assert len(rows) - 1 == 5 * pos["merged"]["n"]
+    assert len(rows) - 1 == 6 * pos["merged"]["n"]
 
 
 def test_bench_utt_rejects_a_folder_without_walks(tmp_path: Path) -> None:

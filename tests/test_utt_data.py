@@ -385,3 +385,20 @@ def test_a_stored_twin_is_reused_only_if_trained_with_the_same_settings(tmp_path
     again = new_twin("position", "position", ["ftm"], ch, lengths, d=8)
     assert store.load_into(again, {"rounds": 5, "seed": 1, "defense": "mean", "data": ["d"]})
     assert not store.load_into(again, {"rounds": 20, "seed": 1, "defense": "mean", "data": ["d"]})
+
+
+def test_early_stopping_ends_training_once_validation_stops_improving() -> None:
+    """A validation client the training clients contradict (its targets are theirs negated): the validation
+    loss gets worse from the start, so with patience 2 training stops after round 3 and keeps round 1."""
+    ch = {"ftm": 6, "imu": 13, "vision": 7}
+    lengths = {"position": 20, "trajectory": 10, "tracking": 20}
+    a = _area("a", 1, 5.0)
+    val = Client("val", a.inputs, {"position": -a.targets["position"]})
+    full = fed_train(
+        new_twin("p", "position", ["ftm"], ch, lengths, d=8), [a], val, FedConfig(rounds=8, seed=0)
+    )
+    assert len(full.val_curve) == 8 and full.best_round == 1
+    twin = new_twin("p", "position", ["ftm"], ch, lengths, d=8)
+    res = fed_train(twin, [a], val, FedConfig(rounds=8, seed=0, patience=2))
+    assert len(res.val_curve) == 3 and res.best_round == 1 and res.val_curve == full.val_curve[:3]
+    assert len(res.uploads) == 3  # rounds 4 to 8 were never trained: the saving

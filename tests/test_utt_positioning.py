@@ -196,3 +196,25 @@ def test_leave_one_walk_out_folds_hold_out_each_training_walk_once(scene: Path) 
     assert study.filter.bias_m == pytest.approx(range_bias([prep.walks[n] for n in prep.train]), abs=1e-3)
     base = study.baselines(prep.test)["Laboratory"]
     assert 0 < base["kalman"] < base["trilateration"]
+
+
+def test_the_shrink_is_chosen_for_the_worst_scene_and_falls_back_to_the_filter() -> None:
+    from twin_store.federation.positioning_study import choose_shrink
+
+    rng = np.random.default_rng(0)
+    truth = {n: rng.normal(size=(200, 2)) * 5 for n in ("a1", "b1")}
+    anchor = {n: t + rng.normal(size=t.shape) for n, t in truth.items()}  # the filter: ~1 m off
+    scene_of = {"a1": "A", "b1": "B"}
+    perfect = {n: truth[n] - anchor[n] for n in truth}
+    alpha, curve = choose_shrink(anchor, perfect, truth, scene_of)
+    assert alpha == 1.0 and curve["1.0"] == {"A": 0.0, "B": 0.0}
+    noise = {n: rng.normal(size=(200, 2)) * 3 for n in truth}
+    alpha, curve = choose_shrink(anchor, noise, truth, scene_of)
+    assert alpha == 0.0  # the correction only hurts: the filter itself
+    # right on scene A, three times too large on scene B (error x |1 - 3 alpha| there, |1 - alpha| on A):
+    # the worst scene is best at alpha 0.5
+    mixed = {"a1": perfect["a1"], "b1": 3 * perfect["b1"]}
+    alpha, curve = choose_shrink(anchor, mixed, truth, scene_of)
+    ratio = {a: max(v[s] / curve["0.0"][s] for s in v) for a, v in curve.items()}
+    assert alpha == float(min(ratio, key=lambda a: ratio[a])) and ratio[str(alpha)] <= 1.0
+    assert alpha == 0.5

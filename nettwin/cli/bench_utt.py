@@ -61,6 +61,11 @@ def utt(
         "walk",
         help="positioning twins' selection: walk (the held-out walk per scene) or lowo (leave-one-walk-out)",
     ),
+    patience: int = typer.Option(
+        4,
+        min=0,
+        help="early stopping: a twin stops after this many rounds without a better validation loss (0: off)",
+    ),
     ablation: bool = typer.Option(
         False, "--ablation", help="also refit the merged positioning twin with each input group left out"
     ),
@@ -68,7 +73,7 @@ def utt(
         False,
         "--quick",
         help="a smoke run for tests: 2 rounds, fusers gating+concatenation, one unified model, 2 seeds, "
-        "1 AP-dropout copy (overrides those options)",
+        "1 AP-dropout copy, patience 1 (overrides those options)",
     ),
     plot: Path | None = typer.Option(None, "--plot", help="also write the figure (PNG) into this folder"),
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
@@ -84,7 +89,7 @@ def utt(
         if not d.exists():
             raise InputError(f"{d}: no such file or folder")
     if quick:
-        rounds, position_rounds, seed_repeats, augment = 2, 2, 2, 1
+        rounds, position_rounds, seed_repeats, augment, patience = 2, 2, 2, 1, 1
         fusers = position_fusers = "gating,concatenation"
         unified_fusers = "gating"
     chosen = tuple(f.strip() for f in fusers.split(",") if f.strip())
@@ -109,10 +114,13 @@ def utt(
         unified_fusers=unified,
         seed_repeats=seed_repeats,
         ablation=ablation,
+        patience=patience,
     )
     if selection not in ("walk", "lowo"):
         raise InputError(f"--selection {selection!r}: one of walk, lowo")
-    pcfg = PositioningConfig(rounds=position_rounds, fusers=pos_fusers, augment=augment, selection=selection)
+    pcfg = PositioningConfig(
+        rounds=position_rounds, fusers=pos_fusers, augment=augment, selection=selection, patience=patience
+    )
     with console.status("training the twins (a few minutes on 2 cores)"):
         report, rows = run(list(data), cfg, pcfg)
     if predictions is not None:

@@ -48,6 +48,7 @@ class UttConfig:
     seed_fusers: tuple[str, ...] = ("gating", "concatenation")
     ablation: bool = False  # bench utt: also refit the merged positioning twin with inputs left out
     validation: str = "walk"  # "walk": held-out walks per scene; "blocks": blocks 2 and 5 of 8 of each walk
+    patience: int = 0  # early stopping: rounds without a better validation loss before a twin stops (0: off)
 
 
 @dataclass
