@@ -335,7 +335,7 @@ class MultimodalWindower:
                 "y": round(float(pos[j, 1]), 4),
                 "kf_x": round(float(anchor[j, 0]), 4),
                 "kf_y": round(float(anchor[j, 1]), 4),
-                "twin": loc.twin.lineage.twin_id,
+                "twin": loc.twin_id,
                 "alpha": loc.alpha,
             }
         return out

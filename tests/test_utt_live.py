@@ -132,10 +132,16 @@ def _untrained_locator() -> Locator:
         {"ftm": 13, "imu": 13, "vision": 1},
         {"position": 20, "trajectory": 10, "tracking": 20},
     )
-    _, _, twin = build_merged("gating", in_channels, lengths, 32, seed=3)
+    twins = build_merged(["gating", "concatenation"], in_channels, lengths, 32, seed=3)  # an ensemble
     ident = {k: Scaler(np.zeros(c), np.ones(c)) for k, c in (("ftm", 13), ("imu", 13), ("position", 2))}
-    arch = {"fuser": "gating", "in_channels": in_channels, "lengths": lengths, "d": 32, "seed": 3}
-    return Locator(twin, ident, FilterParams(bias_m=0.9, range_sigma_m=0.75), ALL_GROUPS, 0.5, arch)
+    arch = {
+        "fusers": ["gating", "concatenation"],
+        "in_channels": in_channels,
+        "lengths": lengths,
+        "d": 32,
+        "seed": 3,
+    }
+    return Locator(twins, ident, FilterParams(bias_m=0.9, range_sigma_m=0.75), ALL_GROUPS, 0.5, arch)
 
 
 @needs_data
@@ -309,7 +315,7 @@ def test_worker_positions_live_windows_with_the_twin_nettwin_twin_position_store
     assert windows, pipeline.logs()
     placed = [w for w in windows if w["position"] is not None]
     assert len(placed) == len(windows) > 50  # CarPark__5__524 is ranged from its first row
-    assert {w["position"]["twin"] for w in placed} == {loc.twin.lineage.twin_id}
+    assert {w["position"]["twin"] for w in placed} == {loc.twin_id}
     pos = np.array([[w["position"]["x"], w["position"]["y"]] for w in placed])
     assert np.isfinite(pos).all()
     assert walk.gt is not None

@@ -186,7 +186,8 @@ def position_cmd(
         for scene, base in m["baselines_test_median_m"].items()
     ]
     print_table(
-        f"positioning twin ({m['chosen_fuser']}, alpha {m['alpha']}; stored {record['stored']}): "
+        f"positioning twin ({m['deployed']}, fusers {','.join(record['fusers'])}, alpha {m['alpha']}; "
+        f"stored {record['stored']}): "
         "median error (m) on the test walks, validation walks beside",
         rows,
     )

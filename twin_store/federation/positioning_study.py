@@ -249,31 +249,40 @@ class PositioningStudy:
         val_nmse = {k: round(float(np.mean([f[k] for f in val_nmse_folds])), 4) for k in val_nmse_folds[0]}
         merged_val = {fz: val_nmse[f"merged {fz}"] for fz in fusers}
         chosen = min(merged_val, key=lambda k: (math.isnan(merged_val[k]), merged_val[k]))
-        anchor_val, corr_val = _fold_mean(val_corr[f"merged {chosen}"]) if val_corr else ({}, {})
-        alpha, shrink_curve = (
-            choose_shrink(
+        # the deployed correction: the chosen fuser's twin, or the mean of every fuser's twin (an ensemble:
+        # less variance), whichever the validation walks prefer once shrunk; never the test walks
+        options = {"single": [chosen]} | ({"ensemble": list(fusers)} if len(fusers) > 1 else {})
+        shrink: dict[str, tuple[float, dict[str, dict[str, float]], float]] = {}
+        for option, fzs in options.items() if val_corr else ():
+            parts = [_fold_mean(val_corr[f"merged {fz}"]) for fz in fzs]
+            anchor_val = parts[0][0]
+            corr_val = {n: np.mean([c[n] for _a, c in parts], axis=0) for n in anchor_val}
+            a, curve = choose_shrink(
                 anchor_val,
                 corr_val,
                 {n: self._truth([n]) for n in anchor_val},
                 {n: prep.walks[n].scene for n in anchor_val},
             )
-            if anchor_val
-            else (1.0, {})
-        )
+            worst = max(v / curve["0.0"][s] if curve["0.0"][s] > 0 else v for s, v in curve[str(a)].items())
+            shrink[option] = (a, curve, worst)
+        option = min(shrink, key=lambda k: (shrink[k][2], k != "single")) if shrink else "single"
+        alpha, shrink_curve = (shrink[option][0], shrink[option][1]) if shrink else (1.0, {})
+        deployed = options[option]
         val_median: dict[str, dict[str, float]] = {}
         for k in ("position", f"merged {chosen}"):
             if k in val_corr:
                 anc, rel = _fold_mean(val_corr[k])
                 val_median[k.split(" ")[0]] = self._medians({n: anc[n] + rel[n] for n in anc})
-        if anchor_val:
-            val_median["merged (shrunk)"] = self._medians(
-                {n: anchor_val[n] + alpha * corr_val[n] for n in anchor_val}
-            )
+        if shrink:
+            val_median["merged (shrunk)"] = {s: round(v, 3) for s, v in shrink_curve[str(alpha)].items()}
         t_sel = time.perf_counter() - t0
         full = PositionData(self.tracks, prep.geometry, self.filter, prep.train, [], pcfg, seed)
-        refit, _ = self._twins(full, seed, (chosen,), kept, pcfg)
-        merged = refit[f"merged {chosen}"]
-        test_corr = {n: full.corrections(merged, n) for n in prep.test}
+        refit, _ = self._twins(full, seed, tuple(deployed), kept, pcfg)
+        merged = [refit[f"merged {fz}"] for fz in deployed]
+        test_corr: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for n in prep.test:
+            parts_t = [full.corrections(t, n) for t in merged]
+            test_corr[n] = (parts_t[0][0], np.mean([rel for _a, rel in parts_t], axis=0))
         self.predictions.setdefault(
             seed,
             {
@@ -285,27 +294,19 @@ class PositioningStudy:
                 for n in prep.test
             },
         )
-        self.locators.setdefault(
-            seed,
-            Locator(
-                merged,
-                {
-                    "ftm": full.in_scalers["ftm"],
-                    "imu": full.in_scalers["imu"],
-                    "position": full.out_scalers["position"],
-                },
-                self.filter,
-                pcfg.groups,
-                alpha,
-                {
-                    "fuser": chosen,
-                    "in_channels": full.in_channels,
-                    "lengths": full.lengths,
-                    "d": self.cfg.d,
-                    "seed": seed,
-                },
-            ),
-        )
+        scalers = {
+            "ftm": full.in_scalers["ftm"],
+            "imu": full.in_scalers["imu"],
+            "position": full.out_scalers["position"],
+        }
+        arch = {
+            "fusers": deployed,
+            "in_channels": full.in_channels,
+            "lengths": full.lengths,
+            "d": self.cfg.d,
+            "seed": seed,
+        }
+        self.locators.setdefault(seed, Locator(merged, scalers, self.filter, pcfg.groups, alpha, arch))
         test_windows = {n: full.windows_of(n) for n in prep.test}
         test_nmse = {
             k: round(float(np.mean([full.nmse(t, w) for w in test_windows.values()])), 4)
@@ -317,6 +318,11 @@ class PositioningStudy:
             "chosen_fuser": chosen,
             "rounds_kept": kept,
             "alpha": alpha,
+            "deployed": option if option == "single" else "ensemble of " + ", ".join(deployed),
+            "val_median_m_by_option (shrunk)": {
+                k: {s: round(m, 3) for s, m in v[1][str(v[0])].items()} | {"alpha": v[0]}
+                for k, v in shrink.items()
+            },
             "shrink_val_median_m": shrink_curve,
             "val_nmse": val_nmse,
             "test_nmse_refit": test_nmse,

@@ -1,8 +1,9 @@
 """The generalising merged (FTM + IMU) positioning twin, packed to run anywhere: ``nettwin twin position``
 stores it, the live windows (``stream_processors/multimodal_live.py``) load it.
 
-A :class:`Locator` holds what positioning a window needs besides the window: the merged twin (its frozen
-Position and tracking encoders included), the scalers fitted on the training walks, the feature groups, the
+A :class:`Locator` holds what positioning a window needs besides the window: the merged twin, or the
+ensemble of merged twins (one per fuser, sharing the frozen Position and tracking encoders) whose mean
+correction is used when the validation walks preferred it, the scalers fitted on the training walks, the feature groups, the
 range Kalman filter's constants (the live windower runs the filter with them) and the shrink ``alpha`` chosen
 on the validation walks. A window's position is ``anchor + alpha * correction``: the anchor is the filter's
 position at the window's last step, so ``alpha = 0`` is the filter itself.
@@ -28,23 +29,26 @@ STEM = "positioning"  # <state_dir>/utt/positioning.{pt,json}
 
 
 def build_merged(
-    fuser: str, in_channels: dict[str, int], lengths: dict[str, int], d: int, seed: int
-) -> tuple[TaskTwin, TaskTwin, TaskTwin]:
-    """The Position twin (FTM features), the tracking twin (IMU) and their merge, untrained."""
+    fusers: list[str], in_channels: dict[str, int], lengths: dict[str, int], d: int, seed: int
+) -> list[TaskTwin]:
+    """One merge per fuser of the same Position twin (FTM features) and tracking twin (IMU), untrained."""
     pos = new_twin("position/ftm", "position", ["ftm"], in_channels, lengths, d, seed=seed)
     trk = new_twin("tracking/imu", "tracking", ["imu"], in_channels, lengths, d, seed=seed)
-    merged = merge([pos, trk], f"position<-position+tracking/{fuser}", "position", fuser, lengths, seed)
-    return pos, trk, merged
+    return [
+        merge([pos, trk], f"position<-position+tracking/{fz}", "position", fz, lengths, seed) for fz in fusers
+    ]
 
 
 @dataclass
 class Locator:
-    twin: TaskTwin
+    twins: list[TaskTwin]  # one merged twin, or an ensemble (their corrections are averaged)
     scalers: dict[str, Scaler]  # "ftm", "imu" (inputs) and "position" (output), fitted on training walks
     filter: FilterParams
     groups: tuple[str, ...]
     alpha: float
-    arch: dict[str, Any]  # fuser, in_channels, lengths, d, seed: what rebuilds the twin to load its weights
+    arch: dict[
+        str, Any
+    ]  # fusers, in_channels, lengths, d, seed: what rebuilds the twins to load their weights
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def locate(
@@ -61,14 +65,18 @@ class Locator:
             "vision": torch.zeros(len(ftm), ftm.shape[1], 1),
             "mask": torch.tensor(np.asarray(mask, dtype=bool)),
         }
-        rel = self.scalers["position"].invert(self.twin.predict(inputs).numpy())[:, -1]
-        return anchor + self.alpha * rel, anchor
+        rels = [self.scalers["position"].invert(t.predict(inputs).numpy())[:, -1] for t in self.twins]
+        return anchor + self.alpha * np.mean(rels, axis=0), anchor
+
+    @property
+    def twin_id(self) -> str:
+        return "+".join(t.lineage.twin_id for t in self.twins)
 
     def save(self, root: Path) -> Path:
         root.mkdir(parents=True, exist_ok=True)
-        torch.save(self.twin.state_dict(), root / f"{STEM}.pt")
+        torch.save([t.state_dict() for t in self.twins], root / f"{STEM}.pt")
         meta = {
-            "lineage": asdict(self.twin.lineage),
+            "lineage": [asdict(t.lineage) for t in self.twins],
             "scalers": {k: v.as_dict() for k, v in self.scalers.items()},
             "filter": asdict(self.filter),
             "groups": list(self.groups),
@@ -85,14 +93,14 @@ class Locator:
         """The locator stored under ``root``; OSError/ValueError/KeyError/RuntimeError if absent or unusable."""
         meta = json.loads((root / f"{STEM}.json").read_text())
         arch = meta["arch"]
-        _, _, twin = build_merged(
-            arch["fuser"], arch["in_channels"], arch["lengths"], arch["d"], arch["seed"]
-        )
-        twin.load_state_dict(torch.load(root / f"{STEM}.pt", weights_only=True))
-        twin.lineage = Lineage(**meta["lineage"])
+        twins = build_merged(arch["fusers"], arch["in_channels"], arch["lengths"], arch["d"], arch["seed"])
+        states = torch.load(root / f"{STEM}.pt", weights_only=True)
+        for twin, state, lineage in zip(twins, states, meta["lineage"], strict=True):
+            twin.load_state_dict(state)
+            twin.lineage = Lineage(**lineage)
         scalers = {k: Scaler(np.asarray(v["mean"]), np.asarray(v["std"])) for k, v in meta["scalers"].items()}
         return cls(
-            twin,
+            twins,
             scalers,
             FilterParams(**meta["filter"]),
             tuple(meta["groups"]),

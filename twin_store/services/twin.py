@@ -265,8 +265,16 @@ def train_locator(
         "baselines_test_median_m": study.baselines(prep.test),
         "train_s": round(time.perf_counter() - t0, 1),
     }
+    loc.metrics["deployed"] = run["deployed"]
     path = loc.save(TwinStore(state_dir).root)
-    return {**asdict(loc.twin.lineage), "twin_id": "positioning", "metrics": loc.metrics, "stored": str(path)}
+    return {
+        "twin_id": "positioning",
+        "twins": loc.twin_id,
+        "version": max(t.lineage.version for t in loc.twins),
+        "fusers": loc.arch["fusers"],
+        "metrics": loc.metrics,
+        "stored": str(path),
+    }
 
 
 def locator_line(record: dict[str, Any], time_s: int) -> str:
@@ -283,11 +291,11 @@ def locator_line(record: dict[str, Any], time_s: int) -> str:
             "loss": float(max(merged.values())) if merged else math.nan,
             "kalman": float(max(kalman.values())) if kalman else math.nan,
             "alpha": float(m["alpha"]),
-            "model": record["model"],
+            "model": record["twins"],
             "operation": "position",
-            "sources": ",".join(record["sources"]),
-            "fuser": record["fuser"] or "",
-            "task": record["task"],
+            "sources": "position,tracking",
+            "fuser": ",".join(record["fusers"]),
+            "task": "position",
         },
         time_s,
     )
