@@ -184,3 +184,10 @@ def test_attack_mpaf_without_cluster_twins_is_one_line(isolated: NettwinSettings
         producer.close()
     res = run_cli(isolated, "attack", "mpaf", "--bs", "9001")
     assert_one_line_error(res, "no cluster twin")  # was a ZeroDivisionError traceback
+
+
+def test_twin_position_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    assert_one_line_error(nettwin("twin", "position", "--data", "/no/such/folder"), "/no/such/folder")
+    assert_one_line_error(
+        nettwin("twin", "position", "--data", str(tmp_path), "--fusers", "nope"), "--fusers", "gating"
+    )

@@ -223,6 +223,24 @@ def _print_positioning(report: dict[str, Any]) -> None:
         )
     print_table("median positioning error (m) on unseen walks, per scene; twins: mean ± std over seeds", rows)
     print_table(
+        "per seed and scene: median error (m), validation walks (selection twins) beside test walks (refit)",
+        [
+            {
+                "seed": r["seed"],
+                "scene": scene,
+                "deployed": f"{r['deployed']} ({r['chosen_fuser']})",
+                "alpha": r["alpha"],
+                "val: kalman": v["val_median_m"]["kalman"],
+                "val: merged": r["val_median_m"].get("merged (shrunk)", {}).get(scene, "-"),
+                "test: kalman": v["test_median_m"]["kalman"],
+                "test: merged": r["test_median_m"]["merged"][scene],
+                "test: alpha 1": r["test_median_m"]["merged (unshrunk, alpha 1)"][scene],
+            }
+            for r in pz["seeds"]
+            for scene, v in pz["per_scene"].items()
+        ],
+    )
+    print_table(
         "per seed: fuser chosen on validation, validation NMSE (selection) beside test NMSE (refit)",
         [
             {

@@ -143,7 +143,7 @@ def position_cmd(
     fusers: str = typer.Option("gating,concatenation,average", help="fusers chosen from on validation"),
     augment: int = typer.Option(2, min=0, help="AP-dropout copies of every training walk"),
     patience: int = typer.Option(
-        3,
+        4,
         min=0,
         help="selection stops a twin after this many rounds without a better validation loss (0: off)",
     ),

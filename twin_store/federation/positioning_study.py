@@ -353,7 +353,10 @@ class PositioningStudy:
             r = self.run_seed(seed, replace(pc, fusers=(fuser,)))
             out[label] = {
                 "merged test median_m": r["test_median_m"]["merged"],
-                "merged val median_m": r["val_median_m"].get("merged", {}),
+                "merged val median_m": r["val_median_m"].get("merged (shrunk)", {}),
+                "alpha": r["alpha"],
+                "merged unshrunk test median_m": r["test_median_m"]["merged (unshrunk, alpha 1)"],
+                "merged unshrunk val median_m": r["val_median_m"].get("merged", {}),
                 "position (FTM only) test median_m": r["test_median_m"]["position"],
             }
         return out
