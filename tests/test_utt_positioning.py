@@ -16,9 +16,10 @@ from bench.ftm_synthetic import APS, NEVER, write_scene
 from bench.utt_positioning import PositioningStudy
 from ingest.readers.ftm import SiteGeometry, Walk, discover, read_walk, recover_ap_positions, trilaterate
 from twin_store.federation.utt_data import Data, UttConfig, prepare, validation_walks
-from twin_store.federation.utt_positioning import PositionData, PositioningConfig, tracks_of
+from twin_store.federation.utt_positioning import PositionData, PositioningConfig, eval_ends, tracks_of
 from twin_store.models.ftm_features import drop_aps, feature_names, row_features
 from twin_store.models.ftm_filter import FilterParams, kalman_track, motion_flags, range_bias, tune_filter
+from twin_store.models.multimodal import build_windows, hold
 
 SQUARE = {"A": (0.0, 0.0), "B": (20.0, 0.0), "C": (20.0, 15.0), "D": (0.0, 15.0)}
 
@@ -218,3 +219,32 @@ def test_the_shrink_is_chosen_for_the_worst_scene_and_falls_back_to_the_filter()
     ratio = {a: max(v[s] / curve["0.0"][s] for s in v) for a, v in curve.items()}
     assert alpha == float(min(ratio, key=lambda a: ratio[a])) and ratio[str(alpha)] <= 1.0
     assert alpha == 0.5
+
+
+@pytest.mark.slow
+def test_every_run_of_a_seed_is_scored_on_its_own_twins_and_the_locator_positions_like_the_study(
+    scene: Path, tmp_path: Path
+) -> None:
+    """The ablation runs a seed again with other inputs: its test figures must be its own twins' (they once
+    came from the seed's first run). The stored locator positions the test rows as the study scored them."""
+    from twin_store.federation.utt_locator import Locator
+
+    prep = prepare([scene], UttConfig())
+    pcfg = PositioningConfig(rounds=1, augment=0, fusers=("gating",))
+    study = PositioningStudy(prep, UttConfig(), pcfg)
+    first = study.run_seed(1)
+    other = study.run_seed(1, replace(pcfg, groups=("kf", "quality")))
+    key = "merged (unshrunk, alpha 1)"
+    assert first["test_median_m"][key] != other["test_median_m"][key]
+    assert first["test_median_m"]["position"] != other["test_median_m"]["position"]
+    loc = study.locators[1]
+    assert loc.alpha == first["alpha"] and loc.groups == pcfg.groups  # the first run's twin is the one kept
+    loc.save(tmp_path)
+    back = Locator.load(tmp_path)
+    n = prep.test[0]
+    walk = prep.walks[n]
+    ends = eval_ends(walk)[:40]
+    feats, ok = hold(walk.t_ms, study.tracks[n].feats, ends[:, None] + (np.arange(20) - 19) * 100.0, 1000.0)
+    win = build_windows(walk, walk.ap_ids, ends, None, None)
+    pos, _ = back.locate(feats, ok, win.imu, win.mask)
+    assert_allclose(pos, study.predictions[1][n]["merged"][:40], atol=1e-5)

@@ -283,17 +283,15 @@ class PositioningStudy:
         for n in prep.test:
             parts_t = [full.corrections(t, n) for t in merged]
             test_corr[n] = (parts_t[0][0], np.mean([rel for _a, rel in parts_t], axis=0))
-        self.predictions.setdefault(
-            seed,
-            {
-                n: {
-                    "position": full.positions(refit["position"], n),
-                    "merged": test_corr[n][0] + alpha * test_corr[n][1],
-                    "merged_unshrunk": test_corr[n][0] + test_corr[n][1],
-                }
-                for n in prep.test
-            },
-        )
+        predictions = {
+            n: {
+                "position": full.positions(refit["position"], n),
+                "merged": test_corr[n][0] + alpha * test_corr[n][1],
+                "merged_unshrunk": test_corr[n][0] + test_corr[n][1],
+            }
+            for n in prep.test
+        }
+        self.predictions.setdefault(seed, predictions)  # the seed's first run (an ablation run is not kept)
         scalers = {
             "ftm": full.in_scalers["ftm"],
             "imu": full.in_scalers["imu"],
@@ -330,9 +328,9 @@ class PositioningStudy:
             "selection": pcfg.selection,
             "test_median_m": {
                 "position": self._errors(full, refit["position"], prep.test),
-                "merged": self._medians({n: v["merged"] for n, v in self.predictions[seed].items()}),
+                "merged": self._medians({n: v["merged"] for n, v in predictions.items()}),
                 "merged (unshrunk, alpha 1)": self._medians(
-                    {n: v["merged_unshrunk"] for n, v in self.predictions[seed].items()}
+                    {n: v["merged_unshrunk"] for n, v in predictions.items()}
                 ),
             },
             "select_s": round(t_sel, 1),
