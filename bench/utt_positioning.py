@@ -1,18 +1,11 @@
 """Positioning on unseen walks, per scene: trilateration and a range Kalman filter beside the Position (FTM)
 and merged (FTM + IMU) twins of :mod:`twin_store.federation.utt_positioning`, over several seeds.
 
-Protocol per seed (nothing is ever chosen on a test walk):
-
-1. **select**: fit the Position twin (FTM features), the tracking twin (IMU) and one merged twin per fuser on
-   the fitting walks; early-stop each on the held-out validation walks; choose the fuser with the lowest
-   validation NMSE;
-2. **refit**: train the three twins again on every training walk (fitting + validation walks) for the rounds
-   each kept in step 1, with the chosen fuser;
-3. **test**: position every row of the test walks (the window ending at that row, its last step), per scene.
-
-The Kalman filter's constants are tuned on the training walks (grid search, :func:`tune_filter`). The
-ablation refits the merged twin with one input group left out at a time (and without AP-dropout augmentation)
-to show which inputs carry the gain.
+The protocol (select fuser, rounds, ensemble and the shrink alpha on held-out walks; refit on every training
+walk; test on unseen walks) is :class:`twin_store.federation.positioning_study.PositioningStudy`; here are the
+per-scene summary over seeds (:func:`summarise`, the target check included) and the command line
+(:func:`main`). The ablation refits the merged twin with one input group left out at a time (and without
+AP-dropout augmentation) to show which inputs carry the gain.
 """
 
 from __future__ import annotations
