@@ -161,6 +161,7 @@ class UttRun:
                 "rounds": cfg.rounds,
                 "local_epochs": self.fed.local_epochs,
                 "defense": cfg.defense,
+                "patience": cfg.patience,
             },
         )
 

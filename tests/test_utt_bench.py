@@ -42,6 +42,7 @@ def test_bench_utt_cli_writes_positioning_csv_for_unseen_walks(tmp_path: Path) -
     )  # fmt: skip  # in process: one torch import (the error case below goes through the real CLI)
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
+    assert report["federation"]["patience"] == 1  # --quick early-stops the matrix too (default: off)
     sp = report["split"]
     assert sp["test_walks"] == [
         "CarPark__6__613",

