@@ -22,13 +22,39 @@ import os
 from typing import Any
 
 import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from ingest.kafka import STREAM_FETCH_MAX_WAIT_MS
 from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from stream_processors.agents import bs_twins, multimodal, sensors, twin_windows, windows
 from stream_processors.agents.context import WorkerContext
 
 log = logging.getLogger("nettwin.worker")
+
+
+class _LowLatencyConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: faust_aiokafka.Transport) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # Faust fixes 1,500 ms; aiokafka hands this attribute to its fetcher in start(), which comes later
+        consumer._fetch_max_wait_ms = STREAM_FETCH_MAX_WAIT_MS
+        return consumer
+
+
+class _LowLatencyConsumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _LowLatencyConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _LowLatencyTransport(faust_aiokafka.Transport):
+    Consumer = _LowLatencyConsumer
+
+
+class _WorkerApp(faust.App):
+    """The Faust app with a consumer that waits at most STREAM_FETCH_MAX_WAIT_MS for new data."""
+
+    def _new_transport(self) -> Any:
+        return _LowLatencyTransport(self.conf.broker_consumer, self)
 
 
 def make_faust_app(settings: NettwinSettings) -> faust.App:
@@ -44,7 +70,7 @@ def make_faust_app(settings: NettwinSettings) -> faust.App:
             password=kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
             mechanism=kafka.sasl_mechanism,
         )
-    return faust.App(
+    return _WorkerApp(
         app_id,
         broker=[f"kafka://{s.strip()}" for s in kafka.bootstrap_servers.split(",")],
         broker_credentials=broker_credentials,

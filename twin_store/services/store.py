@@ -21,7 +21,7 @@ from kafka.structs import OffsetAndMetadata
 
 from ingest.deadletter import DeadLetter, DeadLetterSink
 from ingest.errors import InputError, ServiceError
-from ingest.kafka import make_consumer, make_producer
+from ingest.kafka import STREAM_FETCH_MAX_WAIT_MS, make_consumer, make_producer
 from ingest.schema import MalformedMessage, decode
 from ingest.settings import NettwinSettings
 from ingest.topics import Topics
@@ -40,7 +40,7 @@ WRITERS = 1
 
 @dataclass
 class _InFlight:
-    futures: list[Future[None]]
+    futures: list[Future[float]]  # each gives the wall time (s) InfluxDB acknowledged its write
     items: list[tuple[Any, Points]]
     offsets: dict[Any, OffsetAndMetadata]
 
@@ -79,6 +79,7 @@ class TwinStore:
             self.topics.features_twins,
             group_id=f"{settings.kafka.topic_prefix}nettwin-store",
             max_poll_records=2000,
+            fetch_max_wait_ms=STREAM_FETCH_MAX_WAIT_MS,
         )
         self.counters = StoreCounters()
         # writer threads: building the next payload overlaps InfluxDB parsing the previous ones
@@ -125,7 +126,7 @@ class TwinStore:
         items: list[tuple[Any, Points]] = []
         pending: dict[str, list[str]] = {"s": [], "ms": []}  # lines (or blocks of lines) by time precision
         pending_points = {"s": 0, "ms": 0}
-        futures: list[Future[None]] = []
+        futures: list[Future[float]] = []
         step = self.settings.influx.batch_points
         now_ms = int(time.time() * 1000)
         for tp, messages in polled.items():
@@ -190,8 +191,8 @@ class TwinStore:
                 return
             self.inflight.popleft()
             try:
-                for f in head.futures:
-                    f.result()
+                # the data is in InfluxDB from its last acknowledgement on: the lag ends there, not here
+                acked_s = max((f.result() for f in head.futures), default=time.time())
             except InputError:
                 # some point was refused (e.g. a field type conflict in a shared database): isolate it.
                 # Rewriting the accepted ones is harmless: same series and timestamps overwrite.
@@ -202,7 +203,8 @@ class TwinStore:
                         self._write(p.lines, p.precision)
                     except InputError as exc:
                         self._deadletter(m, f"InfluxDB rejected points: {exc}")
-            acked_ms = int(time.time() * 1000)
+                acked_s = time.time()
+            acked_ms = int(acked_s * 1000)
             progress = [line for _, p in head.items for line in p.progress_lines(acked_ms)]
             self._write(progress, "ms")
             self.counters.records += sum(p.records for _, p in head.items)
@@ -214,8 +216,10 @@ class TwinStore:
                 # partitions moved to another store during a rebalance: it re-writes them (idempotent)
                 log.warning("commit after rebalance refused (%s); the new owner re-processes", exc)
 
-    def _write(self, lines: list[str], precision: str) -> None:
+    def _write(self, lines: list[str], precision: str) -> float:
+        """Write; return the wall time of the acknowledgement."""
         self.influx.write_lines(lines, precision, lambda: self.stopping, self._on_retry)
+        return time.time()
 
     def _on_retry(self, exc: ServiceError, delay: float) -> None:
         self.counters.write_retries += 1
