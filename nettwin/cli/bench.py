@@ -11,7 +11,11 @@ from nettwin.cli.bench_poisoning import check_hourly, poisoning, save_report, wr
 from nettwin.cli.bench_utt import utt
 from nettwin.cli.common import console, print_json, print_table
 
-app = typer.Typer(help="Evaluate the twin methods offline (figures beside baselines).", no_args_is_help=True)
+app = typer.Typer(
+    rich_markup_mode=None,
+    help="Evaluate the twin methods offline (figures beside baselines).",
+    no_args_is_help=True,
+)
 app.command("utt")(utt)
 app.command("poisoning")(poisoning)
 app.command("diten")(diten)

@@ -9,8 +9,8 @@ import typer
 
 from nettwin.cli.common import console, print_json
 
-app = typer.Typer(help="Download public data sets.", no_args_is_help=True)
-fetch_app = typer.Typer(help="Download a data set.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None, help="Download public data sets.", no_args_is_help=True)
+fetch_app = typer.Typer(rich_markup_mode=None, help="Download a data set.", no_args_is_help=True)
 app.add_typer(fetch_app, name="fetch")
 
 

@@ -6,7 +6,9 @@ import typer
 
 from nettwin.cli.common import console, print_json, settings_of
 
-app = typer.Typer(help="Initialise Kafka topics and the InfluxDB database.", no_args_is_help=True)
+app = typer.Typer(
+    rich_markup_mode=None, help="Initialise Kafka topics and the InfluxDB database.", no_args_is_help=True
+)
 
 
 @app.command()

@@ -30,7 +30,10 @@ from nettwin.cli import (
 )
 from nettwin.cli import run as run_cmd
 
+# plain help text in every command group (rich_markup_mode=None): Typer's rich help pulls in rich's
+# markdown, traceback and pretty-printing modules, about 40% of `nettwin --help`'s CPU time (issue 16)
 app = typer.Typer(
+    rich_markup_mode=None,
     name="nettwin",
     help="Keep network digital twins current while telemetry flows (Kafka -> Faust -> twin store -> InfluxDB).",
     no_args_is_help=True,
@@ -107,7 +110,8 @@ def run(args: list[str] | None = None) -> None:
     except usage_errors as exc:
         ctx = getattr(exc, "ctx", None)
         if type(exc).__name__ == "NoArgsIsHelpError":
-            sys.exit(0)  # a bare command group: Typer has printed its help already; not an error
+            print(getattr(exc, "format_message", exc.__str__)())  # a bare group: its help, not an error
+            sys.exit(0)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         fail(getattr(exc, "format_message", exc.__str__)() + hint)
     except click_errors as exc:

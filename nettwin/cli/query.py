@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from ingest.deadletter import DeadLetter
     from twin_store.adapters.influx import InfluxClient
 
-app = typer.Typer(help="Query twin state, traffic and dead letters.", no_args_is_help=True)
+app = typer.Typer(
+    rich_markup_mode=None, help="Query twin state, traffic and dead letters.", no_args_is_help=True
+)
 
 RESOLUTIONS = {"10m": 600, "1h": 3600}
 

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 
 FORMATS = ("raw", "hourly")
 
-app = typer.Typer(help="Replay data sets into Kafka as live streams.", no_args_is_help=True)
+app = typer.Typer(
+    rich_markup_mode=None, help="Replay data sets into Kafka as live streams.", no_args_is_help=True
+)
 
 
 def replay_progress(unit: str, quiet: bool) -> Progress:

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 # numpy, torch (via producers.attacks and the twin store) and kafka are imported inside the commands: every
 # other `nettwin` command would start seconds slower
 
-keys_app = typer.Typer(help="BS identities and keys for authenticated updates.", no_args_is_help=True)
+keys_app = typer.Typer(
+    rich_markup_mode=None, help="BS identities and keys for authenticated updates.", no_args_is_help=True
+)
 
 
 def register(app: typer.Typer) -> None:

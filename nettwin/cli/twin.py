@@ -10,6 +10,7 @@ import typer
 from nettwin.cli.common import console, print_json, print_table, settings_of
 
 app = typer.Typer(
+    rich_markup_mode=None,
     help="Make task twins (position, trajectory, tracking) by transfer, merge or split of stored twins.",
     no_args_is_help=True,
 )
