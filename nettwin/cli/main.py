@@ -39,6 +39,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # click's plain help fits commands' summaries to the terminal, but never wider than 80 columns by default
+    context_settings={"max_content_width": 120},
 )
 app.add_typer(infra.app, name="infra")
 app.add_typer(replay.app, name="replay")

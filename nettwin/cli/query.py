@@ -136,7 +136,7 @@ def edge(
     limit: int = typer.Option(60, min=1, help="rows, newest first (one per site, kind and slot)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """The edge energy ledger (DITEN eqs. 13-15): energy and bytes per site, kind and slot."""
+    """The edge energy ledger (DITEN equations 13-15): energy and bytes per site, kind and slot."""
     from twin_store.adapters.influx import InfluxClient
 
     settings = settings_of(ctx)
