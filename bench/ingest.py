@@ -5,6 +5,8 @@ days, written in the official format. Prints one JSON line:
 - throughput (records/s) of each stage with the stages running concurrently as a stream (--max replay),
 - ceilings measured in the same run on the same records: a plain kafka-python consume-and-count of the
   telemetry topic, and a bare line-protocol write of the same points to InfluxDB (prebuilt, 10k per POST),
+- end to end against the bare write twice: records/s (the issue's figure) and points/s (the pipeline also
+  writes the hourly rows, which the bare write does not),
 - end-to-end lag (source closes an interval -> its row written to InfluxDB) at --speed 600,
 - peak RSS of every process.
 
@@ -192,6 +194,14 @@ def run_pipeline(
                         "max_ms": mx,
                         "messages": cnt,
                     }
+            # the points the pipeline wrote: traffic plus the hourly rows the data model adds, so that its
+            # rate can be set beside the bare write of points (like with like) as well as per record
+            field = ACTIVITY_COLUMNS[0]
+            points = sum(
+                int(s.values[0][1])
+                for m in ("traffic", "traffic_hourly")
+                for s in influx.query(f'SELECT count("{field}") FROM "{m}"')
+            )
         cpu = {k: round(cpu_seconds(v) - cpu0[k], 2) for k, v in pids.items()}
         worker_end = features_end(settings)
         rss = {"worker": peak_rss_mb(worker.pid), "store": peak_rss_mb(store.pid)}
@@ -204,6 +214,8 @@ def run_pipeline(
         "produce_records_per_s": round(n / (t_produced - t0)),
         "worker_records_per_s": round(n / (worker_end - t0)),
         "end_to_end_records_per_s": round(n / (t_done - t0)),
+        "points_written": points,
+        "end_to_end_points_per_s": round(points / (t_done - t0)),
         "seconds": round(t_done - t0, 2),
         "received": sum(int(r["received"]) for r in rows),
         "lag": lag,
@@ -276,6 +288,10 @@ def main() -> None:
         out["ceiling_influx_bare_write_points_per_s"] = int(np.median(bares))
         out["ceiling_influx_bare_write_points_per_s_all"] = bares
         out["end_to_end_vs_bare_write"] = round(float(np.median(e2e_all)) / float(np.median(bares)), 3)
+        e2e_points = [r["end_to_end_points_per_s"] for r in streams]
+        out["end_to_end_points_vs_bare_write"] = round(
+            float(np.median(e2e_points)) / float(np.median(bares)), 3
+        )
 
         if args.lag_hours > 0:
             first = tables[0]
