@@ -25,6 +25,24 @@ class Output:
     safe_offset: int | None = None
 
 
+def decode_batch(value: bytes | None, kind: str) -> RecordBatch:
+    """The record batch of one input message, or MalformedMessage saying why it is none."""
+    if value is None:
+        raise MalformedMessage("empty message value")
+    batch = decode(value)
+    if batch.kind != kind:
+        raise MalformedMessage(f"expected kind {kind!r}, got {batch.kind!r}")
+    return batch
+
+
+def late_deadletter(
+    late: RecordBatch, window: str, watermark_ms: int | None, topic: str, where: str
+) -> DeadLetter:
+    """The records of a message that arrived after their window (``window``, e.g. "600 s windows") closed."""
+    reason = f"late: {len(late)} records for {window} already closed (watermark {watermark_ms})"
+    return DeadLetter(reason, topic, where, late.encode(), "worker")
+
+
 class PartitionProcessor:
     """Windows of one input partition. State: open windows per window length, watermark, run counters."""
 
@@ -59,11 +77,7 @@ class PartitionProcessor:
         self.counters["messages"] += 1
         where = f"{self.topic}[{self.partition}]@{offset}"
         try:
-            if value is None:
-                raise MalformedMessage("empty message value")
-            batch = decode(value)
-            if batch.kind != "traffic":
-                raise MalformedMessage(f"expected kind 'traffic', got {batch.kind!r}")
+            batch = decode_batch(value, "traffic")
             windows = self._windows_for(batch)
         except MalformedMessage as exc:
             out.deadletters.append(DeadLetter(str(exc), self.topic, where, value or b"", "worker"))
@@ -79,14 +93,7 @@ class PartitionProcessor:
             if late is not None:
                 self.counters["late"] += len(late)
                 out.deadletters.append(
-                    DeadLetter(
-                        f"late: {len(late)} records for {win.window_s} s windows already closed "
-                        f"(watermark {self.watermark_ms})",
-                        self.topic,
-                        where,
-                        late.encode(),
-                        "worker",
-                    )
+                    late_deadletter(late, f"{win.window_s} s windows", self.watermark_ms, self.topic, where)
                 )
         if len(batch):
             newest = int(batch.starts_ms.max())

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ingest.deadletter import DeadLetter
-from ingest.schema import TELEMETRY_KIND, MalformedMessage, RecordBatch, decode
-from stream_processors.processor import Output
+from ingest.schema import TELEMETRY_KIND, MalformedMessage, RecordBatch
+from stream_processors.processor import Output, decode_batch, late_deadletter
 from twin_store.federation.series import aggregate_step
 
 N_VALUES = "n_values"  # raw values folded into the step
@@ -66,11 +66,7 @@ class TwinWindows:
         self.counters["messages"] += 1
         where = f"{self.topic}[{self.partition}]@{offset}"
         try:
-            if value is None:
-                raise MalformedMessage("empty message value")
-            batch = decode(value)
-            if batch.kind != TELEMETRY_KIND:
-                raise MalformedMessage(f"expected kind {TELEMETRY_KIND!r}, got {batch.kind!r}")
+            batch = decode_batch(value, TELEMETRY_KIND)
         except MalformedMessage as exc:
             out.deadletters.append(DeadLetter(str(exc), self.topic, where, value or b"", "worker"))
             self.counters["deadletters"] += 1
@@ -82,13 +78,8 @@ class TwinWindows:
             if late is not None:
                 self.counters["late"] += len(late)
                 out.deadletters.append(
-                    DeadLetter(
-                        f"late: {len(late)} records for {self.step_ms // 1000} s steps already closed "
-                        f"(watermark {self.watermark_ms})",
-                        self.topic,
-                        where,
-                        late.encode(),
-                        "worker",
+                    late_deadletter(
+                        late, f"{self.step_ms // 1000} s steps", self.watermark_ms, self.topic, where
                     )
                 )
         else:
