@@ -60,16 +60,16 @@ def seqs(latest: dict[bytes, TwinMessage]) -> dict[int, int]:
     return {int(m.twin_id): int(m.meta["seq"]) for m in latest.values() if m.level == "bs"}
 
 
-def test_sites_hand_clusters_over_on_kill_restart_and_sigterm(
-    isolated: NettwinSettings, procs: Processes
-) -> None:
-    latest = bootstrap(isolated)  # 6 squares, 2 clusters
+def two_sites(
+    isolated: NettwinSettings, latest: dict[bytes, TwinMessage]
+) -> tuple[NettwinSettings, dict[int, list[int]], list[int]]:
+    """Settings with site "a" where cluster 0's BSs are and "b" where cluster 1's (the nearest policy splits
+    them), the clusters' members and all their squares."""
     members = {int(m.twin_id): list(m.meta["members"]) for m in latest.values() if m.level == "cluster"}
-    assert sorted(members) == [0, 1]
     squares = sorted(s for ms in members.values() for s in ms)
     attrs = dcs.SquareAttributes.load(SHARED_MILAN, squares)
     where = dict(zip(squares, zip(attrs.bs_lat.tolist(), attrs.bs_lon.tolist(), strict=True), strict=True))
-    sites = [  # site "a" where cluster 0's BSs are, "b" where cluster 1's: the nearest policy splits them
+    sites = [
         SiteSettings(
             name=name,
             lat=float(np.mean([where[s][0] for s in members[c]])),
@@ -87,6 +87,15 @@ def test_sites_hand_clusters_over_on_kill_restart_and_sigterm(
             "security": security,
         }
     )
+    return settings, members, squares
+
+
+def test_sites_hand_clusters_over_on_kill_restart_and_sigterm(
+    isolated: NettwinSettings, procs: Processes
+) -> None:
+    latest = bootstrap(isolated)  # 6 squares, 2 clusters
+    settings, members, squares = two_sites(isolated, latest)
+    assert sorted(members) == [0, 1]
     procs.settings = settings
     global_before = latest[b"global:0"].version
     updates = local_updates(latest, rounds=4)
@@ -181,28 +190,7 @@ def test_reclusterings_hand_twins_over_between_sites_through_the_topics(
     isolated: NettwinSettings, procs: Processes
 ) -> None:
     latest = bootstrap(isolated)
-    members = {int(m.twin_id): list(m.meta["members"]) for m in latest.values() if m.level == "cluster"}
-    squares = sorted(s for ms in members.values() for s in ms)
-    attrs = dcs.SquareAttributes.load(SHARED_MILAN, squares)
-    where = dict(zip(squares, zip(attrs.bs_lat.tolist(), attrs.bs_lon.tolist(), strict=True), strict=True))
-    sites = [
-        SiteSettings(
-            name=name,
-            lat=float(np.mean([where[s][0] for s in members[c]])),
-            lon=float(np.mean([where[s][1] for s in members[c]])),
-            capacity=1e6,
-        )
-        for name, c in (("a", 0), ("b", 1))
-    ]
-    # no screening: what is accepted must not depend on which site's screen memory saw what (the
-    # temporal screen warms up again on a site that takes a cluster over)
-    security = isolated.security.model_copy(update={"defense": "mean"})
-    settings = isolated.model_copy(
-        update={
-            "edge": EdgeSettings(sites=tuple(sites), policy="nearest", milan_dir=SHARED_MILAN),
-            "security": security,
-        }
-    )
+    settings, _, squares = two_sites(isolated, latest)
     procs.settings = settings
     rounds = 4  # then one more after a membership that moves a BS to the other site's cluster
     updates = local_updates(latest, rounds=rounds + 1)
