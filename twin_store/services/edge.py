@@ -17,6 +17,7 @@ migrations, also for a slot it reads again because it stopped between writing it
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.lineproto import point
 from twin_store.federation import dcs
 from twin_store.federation.edge.deployed import LearnedAssociation
-from twin_store.federation.edge.ledger import EdgeLedger, Site, SlotLedger
+from twin_store.federation.edge.ledger import EdgeLedger, Migration, Site, SlotLedger
 from twin_store.federation.local_updates import StreamPlan
 from twin_store.federation.models_topic import decode_twin
 
@@ -63,10 +64,13 @@ def ledger_from_settings(settings: NettwinSettings) -> EdgeLedger:
         raise InputError(f"edge settings: {exc}") from None
 
 
-def slot_lines(ledger: SlotLedger, time_ms: int) -> list[str]:
+def cost_lines(
+    costs: Iterable[tuple[str, str, float, int]], migrations: Iterable[Migration], time_ms: int
+) -> list[str]:
+    """A slot's ``edge_cost`` rows (site, kind, energy, bytes) and its ``edge_migration`` rows."""
     lines = [
         point("edge_cost", {"site": site, "kind": kind}, {"energy": e, "bytes": b}, time_ms)
-        for site, kind, e, b in ledger.rows()
+        for site, kind, e, b in costs
     ]
     lines += [
         point(
@@ -75,8 +79,13 @@ def slot_lines(ledger: SlotLedger, time_ms: int) -> list[str]:
             {"energy": m.energy, "bytes": m.bytes},
             time_ms,
         )
-        for m in ledger.migrations
+        for m in migrations
     ]
+    return lines
+
+
+def slot_lines(ledger: SlotLedger, time_ms: int) -> list[str]:
+    lines = cost_lines(ledger.rows(), ledger.migrations, time_ms)
     lines += [point("edge_host", {"bs": bs}, {"site": site}, time_ms) for bs, site in ledger.hosts.items()]
     return lines
 

@@ -61,13 +61,12 @@ from ingest.kafka import make_consumer
 from ingest.schema import MalformedMessage
 from ingest.settings import NettwinSettings
 from ingest.topics import Topics
-from twin_store.adapters.lineproto import point
 from twin_store.federation import dcs
 from twin_store.federation.edge.ledger import KINDS, EdgeLedger, Migration
 from twin_store.federation.edge.placement import place_clusters
 from twin_store.federation.local_updates import StreamPlan
 from twin_store.federation.models_topic import TwinMessage, decode_twin
-from twin_store.services.edge import HOUR_MS, ledger_from_settings
+from twin_store.services.edge import HOUR_MS, cost_lines, ledger_from_settings
 from twin_store.services.htwin import LOW_LATENCY_FETCH_MS, Outcome, TwinService, read_latest_twins
 
 log = logging.getLogger("nettwin.edge")
@@ -493,19 +492,8 @@ class SiteService(TwinService):
             totals["migration"][1] += sum(mv.bytes for mv in moves)
             self.counters["migrations"] += len(moves)
             when = self.start_ms + slot * self.settings.edge.slot_s * 1000
-            lines += [
-                point("edge_cost", {"site": self.site, "kind": k}, {"energy": e, "bytes": int(b)}, when)
-                for k, (e, b) in sorted(totals.items())
-            ]
-            lines += [
-                point(
-                    "edge_migration",
-                    {"bs": mv.bs, "source": mv.source, "target": mv.target},
-                    {"energy": mv.energy, "bytes": mv.bytes},
-                    when,
-                )
-                for mv in moves
-            ]
+            costs = [(self.site, k, e, int(b)) for k, (e, b) in sorted(totals.items())]
+            lines += cost_lines(costs, moves, when)
         for slot in sorted(self.booked)[:-4]:  # a late update rewrites its slot's totals; keep a few
             del self.booked[slot]
         if lines:
