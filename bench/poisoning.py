@@ -35,7 +35,7 @@ from bench.vhtwin import VTwinned, as_tensor, metrics, prediction_rows, v_twinne
 from producers import attacks
 from producers.attacks import ATTACKS, FAKE_BS_ATTACKS, AttackConfig
 from twin_store.federation import dcs
-from twin_store.federation.local_updates import Reclusterer, due_updates, profile_upto
+from twin_store.federation.local_updates import MilanGrouping, Reclusterer, due_updates, profile_upto
 from twin_store.federation.plan import TEST_HOURS, VAL_HOURS, VhTwinConfig, stream_plan
 from twin_store.federation.samples import inputs_at
 from twin_store.federation.screening import DEFENSES, Candidate, make_defense
@@ -161,7 +161,7 @@ def _stream(
             train_z[i, flags] = np.nan
 
     reclusterer = Reclusterer(
-        dcs.SquareAttributes.load(begun.milan_dir, sq_list),
+        MilanGrouping(dcs.SquareAttributes.load(begun.milan_dir, sq_list)),
         cfg.base.clusters,
         seed,
         plan.recluster_every,

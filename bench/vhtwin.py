@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from twin_store.federation import dcs
-from twin_store.federation.local_updates import Reclusterer, due_updates, profile_upto
+from twin_store.federation.local_updates import MilanGrouping, Reclusterer, due_updates, profile_upto
 from twin_store.federation.plan import (
     PSI_BEYOND,
     PSI_QUANTILES,
@@ -188,7 +188,7 @@ def run(
         inputs_at(z, stream_hours)
     )  # [S, hours, 10], each row only uses hours before its target
     reclusterer = Reclusterer(
-        dcs.SquareAttributes.load(milan_dir, squares.tolist()),
+        MilanGrouping(dcs.SquareAttributes.load(milan_dir, squares.tolist())),
         cfg.clusters,
         cfg.seed,
         plan.recluster_every,

@@ -257,6 +257,9 @@ class TwinsSettings(BaseModel):
     # DCS clusters (at most one per entity); 0: as many as Louvain finds (fast at thousands of entities, where
     # Girvan-Newman to a fixed count takes minutes)
     clusters: int = Field(default=4, ge=0)
+    # accepted local updates between DCS re-clusterings during the stream; None: 10 per bootstrapped entity
+    # (each BS has reported about ten profiles since the last clustering); 0: never
+    recluster_every: int | None = Field(default=None, ge=0)
 
     @field_validator("cadence")
     @classmethod

@@ -10,6 +10,7 @@ import torch
 
 from twin_store.federation import dcs
 from twin_store.federation.local_updates import (
+    MilanGrouping,
     Reclusterer,
     StreamPlan,
     local_updates,
@@ -91,7 +92,7 @@ def test_reclusterer_runs_after_k_updates_at_a_later_hour_and_moves_twins() -> N
     twins = ClusterTwins(labels=dict(start), twins={0: torch.zeros(4), 1: torch.ones(4)})
     for s in squares:
         twins.latest[s] = (torch.full((4,), float(s >= 5000)), 10)
-    r = Reclusterer(attrs, 2, 0, every=3, membership=dcs.Membership(dict(start), 0))
+    r = Reclusterer(MilanGrouping(attrs), 2, 0, every=3, membership=dcs.Membership(dict(start), 0))
     morning = [1.0] * 12 + [0.0] * 12
     evening = [0.0] * 12 + [1.0] * 12
     for s in squares[:5]:  # 5002 never reports: it stays where it is

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -179,6 +179,35 @@ def profile_upto(z: np.ndarray, hour: int, steps_per_day: int = DAY) -> list[flo
     return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).round(6).tolist()
 
 
+class Grouping(Protocol):
+    """What re-clustering needs to know about the BSs besides their profiles: which of them it can place,
+    and DCS labels for them. Milan's grid attributes (:class:`MilanGrouping`) and a ``[twins]`` deployment's
+    sites file or profiles alone (``sites.EntityGrouping``) are the two kinds."""
+
+    def placeable(self, squares: list[int]) -> list[int]: ...
+
+    def labels(
+        self, squares: list[int], profiles: np.ndarray, n_clusters: int | None, seed: int
+    ) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class MilanGrouping:
+    """DCS on Milan's grid squares: positions, backhaul and coverage from the grid and OpenCellID files."""
+
+    attrs: dcs.SquareAttributes
+
+    def placeable(self, squares: list[int]) -> list[int]:
+        known = set(self.attrs.squares.tolist())
+        return [s for s in squares if s in known]
+
+    def labels(
+        self, squares: list[int], profiles: np.ndarray, n_clusters: int | None, seed: int
+    ) -> np.ndarray:
+        affinity = dcs.relationship_matrix(self.attrs.subset(squares), profiles, dcs.DcsWeights())
+        return dcs.cluster(affinity, n_clusters, seed=seed)
+
+
 @dataclass
 class Reclusterer:
     """Periodic DCS re-clustering of a running deployment.
@@ -186,11 +215,11 @@ class Reclusterer:
     After every ``plan.recluster_every`` accepted updates, the first update of a later hour triggers a
     re-clustering before it is applied. So the new clusters depend only on updates of earlier hours, in
     the live store and in the benchmark alike. The traffic attribute is each BS's latest reported
-    profile. A BS that has not reported yet keeps its cluster. Members move with their latest update
-    (``ClusterTwins.move``).
+    profile. A BS that has not reported yet, or that ``grouping`` cannot place, keeps its cluster. Members
+    move with their latest update (``ClusterTwins.move``).
     """
 
-    attrs: dcs.SquareAttributes
+    grouping: Grouping
     n_clusters: int | None
     seed: int
     every: int
@@ -208,17 +237,19 @@ class Reclusterer:
         if profile is not None:
             self.profiles[square] = profile
 
+    def joined(self, square: int, cluster: int) -> None:
+        """A BS admitted after the last clustering: a member of ``cluster`` in the current epoch."""
+        self.membership.labels[square] = cluster
+
     def run(self, clusters: ClusterTwins, fallback: torch.Tensor) -> list[tuple[int, int | None, int]]:
         """Re-cluster the reporting BSs and move them; return the moves (square, old, new)."""
         self.since = 0
-        known = set(self.attrs.squares.tolist())
-        squares = sorted(s for s in self.profiles if s in known and s in clusters.labels)
+        squares = self.grouping.placeable(sorted(s for s in self.profiles if s in clusters.labels))
         if len(squares) < 2:
             return []
         profiles = np.array([self.profiles[s] for s in squares])
-        affinity = dcs.relationship_matrix(self.attrs.subset(squares), profiles, dcs.DcsWeights())
         k = None if self.n_clusters is None else min(self.n_clusters, len(squares))
-        labels = dcs.cluster(affinity, k, seed=self.seed)
+        labels = self.grouping.labels(squares, profiles, k, self.seed)
         epoch, moves = dcs.recluster(self.membership, squares, labels)
         # squares left out of this clustering keep their cluster
         self.membership = dcs.Membership(self.membership.labels | epoch.labels, epoch.epoch)
@@ -316,6 +347,8 @@ def snapshot_problem(msg: TwinMessage) -> str | None:
             return f"bs twin {msg.twin_id}: {key} must be an integer >= {low}, got {meta.get(key)!r}"
     if "sig" in meta and not isinstance(meta["sig"], str):
         return f"bs twin {msg.twin_id}: sig must be a string"
+    if "entity" in meta and not (isinstance(meta["entity"], str) and 0 < len(meta["entity"]) <= 512):
+        return f"bs twin {msg.twin_id}: entity must be a name of 1..512 characters"
     problem = profile_problem(meta.get("profile"))
     return None if problem is None else f"bs twin {msg.twin_id}: {problem}"
 

@@ -381,3 +381,26 @@ def nearest_profile(profiles: np.ndarray, labels: np.ndarray, joiner_profiles: n
     both = np.concatenate([centres, np.asarray(joiner_profiles)], axis=0)
     corr = dcs.traffic_similarity(both)[len(ids) :, : len(ids)]
     return np.asarray(ids[np.argmax(corr, axis=1)])
+
+
+@dataclass(frozen=True)
+class EntityGrouping:
+    """Re-clustering DCS of a ``[twins]`` deployment (``local_updates.Reclusterer``), by the bootstrap's rule:
+    positions from the sites file when it has every BS being clustered, their traffic profiles alone when it
+    does not. ``names`` (registry key -> entity name) is the store's own map: late joiners appear in it as
+    they join."""
+
+    sites: Sites | None
+    names: dict[int, str]
+
+    def placeable(self, squares: list[int]) -> list[int]:
+        return list(squares)
+
+    def labels(
+        self, squares: list[int], profiles: np.ndarray, n_clusters: int | None, seed: int
+    ) -> np.ndarray:
+        named = [self.names.get(s, str(s)) for s in squares]
+        where = None
+        if self.sites is not None and all(self.sites.has(n) for n in named):
+            where = self.sites.subset(named)
+        return cluster_entities(where, profiles, n_clusters, seed)

@@ -38,7 +38,13 @@ from ingest.topics import Topics
 from twin_store.adapters.influx import InfluxClient
 from twin_store.federation.local_updates import snapshot_problem
 from twin_store.federation.models_topic import TwinMessage, decode_twin, is_int
-from twin_store.services.htwin import LOW_LATENCY_FETCH_MS, TwinState, read_latest_twins, received_ns
+from twin_store.services.htwin import (
+    LOW_LATENCY_FETCH_MS,
+    TwinState,
+    deployment_sites,
+    read_latest_twins,
+    received_ns,
+)
 
 log = logging.getLogger("nettwin.cloud")
 
@@ -68,7 +74,9 @@ class CloudService:
         self.producer = make_producer(settings)
         self.deadletters = DeadLetterSink(self.producer, self.topics.deadletter)
         latest = read_latest_twins(settings, self.deadletters)
-        self.state = TwinState.from_messages(latest, psi, milan_dir, gamma, recluster_every=recluster_every)
+        self.state = TwinState.from_messages(
+            latest, psi, milan_dir, gamma, recluster_every=recluster_every, sites=deployment_sites(settings)
+        )
         if self.state.reclusterer is not None:
             self.state.reclusterer.since = 0  # counted from this start (the sites count their own)
         self.seen_seq = {int(m.twin_id): int(m.meta["seq"]) for m in latest.values() if m.level == "bs"}

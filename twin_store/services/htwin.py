@@ -39,10 +39,18 @@ from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.lineproto import point
 from twin_store.federation import dcs
 from twin_store.federation.keys import KeyRegistry
-from twin_store.federation.local_updates import Reclusterer, StreamPlan, snapshot_problem, update_problem
+from twin_store.federation.local_updates import (
+    Grouping,
+    MilanGrouping,
+    Reclusterer,
+    StreamPlan,
+    snapshot_problem,
+    update_problem,
+)
 from twin_store.federation.models_topic import TwinMessage, cluster_membership, decode_twin
 from twin_store.federation.screening import Candidate, Defense, make_defense
 from twin_store.federation.screening.temporal import TemporalScreen
+from twin_store.federation.sites import EntityGrouping, Sites, load_sites
 from twin_store.federation.twinning import ClusterTwins, GlobalTwin
 
 log = logging.getLogger("nettwin.twins")
@@ -63,6 +71,8 @@ class TwinState:
     seq: dict[int, int] = field(default_factory=dict)  # square -> last accepted sequence number
     bs_versions: dict[int, int] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # the global's meta (scaler, plan, ...)
+    # registry key -> entity name of a [twins] deployment (bootstrapped ones and late joiners); Milan: none
+    names: dict[int, str] = field(default_factory=dict)
     accepted: int = 0  # accepted updates since V-twinning (kept on twin.models with the cluster twins)
     fixed_gamma: float | None = None  # H-twinning step; None: each cluster's share of the BSs
     keys: KeyRegistry | None = None  # None: updates are not authenticated
@@ -105,8 +115,11 @@ class TwinState:
         defense: Defense | None = None,
         max_staleness: int = 500,
         recluster_every: int | None = None,
+        sites: Sites | None = None,
     ) -> TwinState:
-        """The state on ``latest``; ``recluster_every`` overrides the stream plan's interval (0: never)."""
+        """The state on ``latest``; ``recluster_every`` overrides the stream plan's interval (0: never).
+        Re-clustering places Milan squares by the grid files (``milan_dir``), a ``[twins]`` deployment's
+        entities by ``sites`` (its sites file) or, without it, by their traffic profiles alone."""
         glob = latest.get(b"global:0")
         if glob is None:
             raise InputError("twin.models has no global twin yet: run `nettwin vtwin` first")
@@ -148,11 +161,17 @@ class TwinState:
             and state.defense.max_samples is None
         ):
             state.defense.max_samples = plan.window  # no honest update trains on more samples than that
+        state.names = {int(k): str(v) for k, v in glob.meta.get("entities", {}).items()}
         every = recluster_every if recluster_every is not None else plan.recluster_every if plan else 0
         if every > 0:
-            where = milan_dir or Path(glob.meta.get("milan_dir", ""))
+            grouping: Grouping
+            if milan_dir is not None or "milan_dir" in glob.meta:
+                where = milan_dir or Path(glob.meta["milan_dir"])
+                grouping = MilanGrouping(dcs.SquareAttributes.load(where, sorted(clusters.labels)))
+            else:
+                grouping = EntityGrouping(sites, state.names)
             state.reclusterer = Reclusterer(
-                dcs.SquareAttributes.load(where, sorted(clusters.labels)),
+                grouping,
                 glob.meta.get("clusters"),
                 plan.seed if plan else 1,
                 every,
@@ -176,6 +195,8 @@ class TwinState:
         self.decided[square] = int(msg.meta.get("decided_seq", self.seq[square]))
         if "sig" in msg.meta:
             self.sigs[square] = msg.meta["sig"]
+        if "entity" in msg.meta:  # a late joiner's name (bootstrapped entities are named by the global)
+            self.names[square] = msg.meta["entity"]
         self.bs_versions[square] = msg.version
         if self.reclusterer is not None:
             r = self.reclusterer
@@ -222,7 +243,12 @@ class TwinState:
         log.info("re-clustered (epoch %d) before hour %d: %d BSs moved", r.membership.epoch, hour, len(moves))
         changed = sorted({c for _, old, new in moves for c in (old, new) if c is not None})
         lines = [
-            point("membership", {"entity": str(s)}, {"cluster": c, "epoch": r.membership.epoch}, None)
+            point(
+                "membership",
+                {"entity": self.names.get(s, str(s))},
+                {"cluster": c, "epoch": r.membership.epoch},
+                None,
+            )
             + f" {now}"
             for s, c in sorted(self.clusters.labels.items())
         ]
@@ -258,6 +284,9 @@ class TwinState:
         if not isinstance(claimed, int) or claimed not in self.clusters.twins:
             return False
         self.clusters.labels[square] = claimed
+        self.names[square] = str(update.meta.get("entity", square))
+        if self.reclusterer is not None:
+            self.reclusterer.joined(square, claimed)
         return True
 
     def apply(self, update: TwinMessage, now: int | None = None) -> Outcome | None:
@@ -300,6 +329,8 @@ class TwinState:
         if problem is not None:
             if joining:  # refused: it does not join
                 del self.clusters.labels[square]
+                if self.reclusterer is not None:
+                    self.reclusterer.membership.labels.pop(square, None)
             self.counters["rejected"] += 1
             return self._refused(update, "rejected", problem, float("nan"), now)
         n_samples = int(update.meta["n_samples"])
@@ -307,12 +338,11 @@ class TwinState:
         out, lines = self.recluster(hour, now)
         if joining:
             self.counters["joined"] += 1
-            name = str(update.meta.get("entity", square))
             epoch = self.reclusterer.membership.epoch if self.reclusterer else 0
             lines.append(
                 point(
                     "membership",
-                    {"entity": name},
+                    {"entity": self.names[square]},
                     {"cluster": self.clusters.labels[square], "epoch": epoch},
                     None,
                 )
@@ -431,6 +461,7 @@ class TwinState:
                 "loss": loss,
                 "cluster": self.clusters.labels.get(square, -1),
                 "profile": meta.get("profile"),
+                **({"entity": self.names[square]} if square in self.names else {}),
                 **({"sig": self.sigs[square]} if square in self.sigs else {}),
                 **({"evicted": True} if square not in self.clusters.latest else {}),
                 **({"host": self.host} if self.host is not None else {}),  # the edge site that decided it
@@ -559,6 +590,11 @@ def _read_snapshot_message(
         deadletters.send(DeadLetter.for_message(m, problem, "twins"))
 
 
+def deployment_sites(settings: NettwinSettings) -> Sites | None:
+    """The ``[twins] sites`` file's positions, for re-clustering; None without one."""
+    return load_sites(settings.twins.sites) if settings.twins.sites is not None else None
+
+
 class TwinService:
     def __init__(
         self,
@@ -607,7 +643,14 @@ class TwinService:
     def _load_state(self, latest: dict[bytes, TwinMessage]) -> None:
         sec = self.settings.security
         self.state = TwinState.from_messages(
-            latest, self.psi, self.milan_dir, self.fixed_gamma, self.keys, self.defense, sec.max_staleness
+            latest,
+            self.psi,
+            self.milan_dir,
+            self.fixed_gamma,
+            self.keys,
+            self.defense,
+            sec.max_staleness,
+            sites=deployment_sites(self.settings),
         )
         if self.state.defense.remembers:
             saved = load_screen(

@@ -377,7 +377,7 @@ def run_vtwin_from_influx(
         update_every=job.update_every,
         window=job.window,
         fit=job.stream,
-        recluster_every=0,  # re-clustering needs Milan's attributes today; late joiners pick a cluster
+        recluster_every=(10 * len(grid.keys) if twins.recluster_every is None else twins.recluster_every),
         column=twins.target,
         step_ms=grid.step_ms,
         lags=tuple(int(v) for v in prep.plan.lags),
