@@ -21,6 +21,12 @@ the scene's site is known the windows are held back like an unseen modality (``g
 window's ``mask["fix"]`` is False. It is True from the first row ranged by >= 3 known APs on. A site that
 arrives after a key's first window starts that key's fix from the APs' centroid at its next window.
 
+Range Kalman filter and positioning twin: the same final rows go through a
+:class:`~twin_store.models.ftm_filter.RangeFilter` with the stored twin's constants (defaults without one).
+When a twin appears (or changes constants) after a key's filter started, the key's filter is restarted with
+the twin's constants at its next window, over the key's final rows still held (the last window and
+``max_age_ms``), so the key gets positions from the twin at once instead of only as a new key.
+
 Grid: window ends start at the key's first event time + ``(window - 1)`` steps and advance by ``stride``
 steps, as ``grid_ends`` does offline. Each window is computed by :func:`twin_store.models.multimodal.align`
 on the buffered readings, so it equals the offline ``build_windows`` on the same rows (``Readings``).
@@ -105,6 +111,11 @@ class KeyState:
     feats: Series = field(default_factory=lambda: Series(12))  # row features (fix, filter, quality)
     first_kf_t: float = math.inf  # event time the filter started (its first fix)
     last_acc: float = 9.81  # |acc| of the newest IMU row (a row without one reuses it)
+    # the final walk rows still held (t, {ap: [rtt, std, rss]}, |acc|, least-squares fix): what a restarted
+    # filter runs over, so a stored twin positions a key whose filter started with other constants
+    walked: list[tuple[float, dict[str, list[float]], float, list[float]]] = field(default_factory=list)
+    filter_from: float = math.inf  # event time of the first row the current filter saw
+    restarts: int = 0  # times the key's filter was restarted with a stored twin's constants
 
 
 def parse(kind: str, rec: dict[str, Any]) -> tuple[float, Any]:
@@ -148,7 +159,8 @@ class MultimodalWindower:
     ) -> None:
         """``sites``: scene -> AP positions, shared with (and filled by) the caller; None: no fix channel.
         ``locator``: the stored positioning twin (``nettwin twin position``), or None; the caller may set
-        :attr:`locator` later (a key's filter keeps the constants it started with)."""
+        :attr:`locator` later: a key whose filter runs other constants than the twin's is restarted with the
+        twin's at its next window (:meth:`_restart_filter`)."""
         self.cfg = cfg or LiveWindowConfig()
         self.keys: dict[str, KeyState] = {}
         self.sites = sites
@@ -217,6 +229,7 @@ class MultimodalWindower:
         keep_from = st.next_end - (cfg.window - 1) * STEP_MS - cfg.max_age_ms
         for s in [*st.ftm.values(), st.imu, st.vision, st.fix, st.feats]:
             s.trim(keep_from)
+        del st.walked[: bisect.bisect_left(st.walked, keep_from, key=lambda r: r[0])]
         return out
 
     def _advance_fix(self, st: KeyState, upto: float) -> None:
@@ -227,10 +240,12 @@ class MultimodalWindower:
             st.tracker = FixTracker(self.sites[st.scene])
             params = self.locator.filter if self.locator is not None else FilterParams()
             st.filter = RangeFilter(self.sites[st.scene], None, params)
+        elif st.filter is not None and self.locator is not None and st.filter.p != self.locator.filter:
+            self._restart_filter(st, self.locator.filter)
         k = bisect.bisect_right(st.rows, (upto, math.inf), key=lambda r: (r[0], r[1]))
         done, st.rows = st.rows[:k], st.rows[k:]
-        tracker, filt = st.tracker, st.filter
-        if tracker is None or filt is None:
+        tracker = st.tracker
+        if tracker is None or st.filter is None:
             return
         ranged: dict[str, list[float]] = {}
         acc: float | None = None
@@ -243,12 +258,38 @@ class MultimodalWindower:
             if mag is not None:
                 acc = st.last_acc = mag
             if i + 1 == len(done) or done[i + 1][0] != t:  # after the last row at this time: one walk row
-                st.fix.insert(t, tracker.est.tolist())
-                kf = filt.step_ranged(t, {a: (v[0], v[1]) for a, v in ranged.items()}, acc or st.last_acc)
-                if filt.started and st.first_kf_t == math.inf:
-                    st.first_kf_t = t
-                st.feats.insert(t, self._row_features(filt, ranged, tracker.est, kf).tolist())
+                fix = tracker.est.tolist()
+                st.fix.insert(t, fix)
+                row = (t, ranged, acc or st.last_acc, fix)
+                st.walked.append(row)
+                self._filter_row(st, *row)
                 ranged, acc = {}, None
+
+    def _filter_row(
+        self, st: KeyState, t: float, ranged: dict[str, list[float]], acc: float, fix: list[float]
+    ) -> None:
+        """One walk row through the key's filter: its position and the row's features (held by windows)."""
+        filt = st.filter
+        assert filt is not None
+        st.filter_from = min(st.filter_from, t)
+        kf = filt.step_ranged(t, {a: (v[0], v[1]) for a, v in ranged.items()}, acc)
+        if filt.started and st.first_kf_t == math.inf:
+            st.first_kf_t = t
+        st.feats.insert(t, self._row_features(filt, ranged, np.asarray(fix), kf).tolist())
+
+    def _restart_filter(self, st: KeyState, params: FilterParams) -> None:
+        """A new filter with ``params`` (a stored twin's constants), run over the key's held final rows.
+
+        Those rows are all at or before the last emitted window's end, so the restarted filter is as causal as
+        the first: a window's filter value comes from rows up to its end only, now from ``filter_from`` on
+        (at most one window and ``max_age_ms`` back) instead of from the walk's first row."""
+        assert self.sites is not None and st.scene is not None
+        st.filter = RangeFilter(self.sites[st.scene], None, params)
+        st.feats = Series(12)
+        st.first_kf_t = st.filter_from = math.inf
+        st.restarts += 1
+        for row in st.walked:
+            self._filter_row(st, *row)
 
     @staticmethod
     def _row_features(
@@ -321,8 +362,8 @@ class MultimodalWindower:
         mask: np.ndarray,
         kf_on: np.ndarray,
     ) -> list[dict[str, Any] | None]:
-        """The stored positioning twin's position at each window's end: None without a twin, before the
-        key's filter started, or if the key's filter runs other constants than the twin was trained with."""
+        """The stored positioning twin's position at each window's end: None without a twin or before the
+        key's filter started (a filter with other constants is restarted before: :meth:`_restart_filter`)."""
         loc = self.locator
         out: list[dict[str, Any] | None] = [None] * len(kf_on)
         if loc is None or st.filter is None or st.filter.p != loc.filter or not kf_on.any():
@@ -336,6 +377,7 @@ class MultimodalWindower:
                 "kf_x": round(float(anchor[j, 0]), 4),
                 "kf_y": round(float(anchor[j, 1]), 4),
                 "twin": loc.twin_id,
+                "version": loc.version,
                 "alpha": loc.alpha,
             }
         return out

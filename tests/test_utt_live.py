@@ -5,6 +5,7 @@ checked against the offline ``build_windows`` on the same rows, fix channel incl
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import replace
@@ -26,7 +27,7 @@ from stream_processors.multimodal_live import LiveWindowConfig, MultimodalWindow
 from twin_store.federation.utt_locator import Locator, build_merged
 from twin_store.federation.utt_positioning import TASK_FIELDS, tracks_of
 from twin_store.models.ftm_features import ALL_GROUPS
-from twin_store.models.ftm_filter import FilterParams, kalman_track
+from twin_store.models.ftm_filter import FilterParams, RangeFilter, kalman_track
 from twin_store.models.multimodal import build_windows, grid_ends, hold
 from twin_store.models.utt import Scaler
 
@@ -205,6 +206,72 @@ def test_without_a_stored_twin_windows_carry_the_filter_but_no_position() -> Non
     assert got and all(w["position"] is None for w in got)
     assert all(w["mask"]["kf"] for w in got)
     assert_allclose(got[-1]["kf"][-1], [3.0 + 0.05 * 59, 4.0], atol=0.5)  # standing still per the IMU: lags
+
+
+def _synthetic_rows(geo: SiteGeometry, n: int) -> list[tuple[str, dict[str, Any]]]:
+    """A device walking along x past three APs, ranged by all three every 100 ms, with its IMU rows."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for k in range(n):
+        t = 1000.0 + 100.0 * k
+        p = np.array([3.0 + 0.05 * k, 4.0])
+        aps = {
+            a: [round(float(np.linalg.norm(p - geo.positions[j])) + 0.3 * math.sin(k), 4), 0.1, -60.0]
+            for j, a in enumerate(geo.ap_ids)
+        }
+        acc = [0.0, 0.3 * math.sin(k / 2), 9.81]  # walking: |acc| varies
+        out.append(("ftm", {"t_ms": t, "scene": "S", "aps": aps}))
+        out.append(("imu", {"t_ms": t, "acc": acc, "gyro": [0, 0, 0], "mag": [0, 0, 0],
+                            "azimuth": 0.0, "pitch": 0.0, "roll": 0.0}))  # fmt: skip
+    return out
+
+
+def _square_site() -> SiteGeometry:
+    return SiteGeometry(
+        "S", ["A", "B", "C"], np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]), {}, {}, "test"
+    )
+
+
+def test_a_twin_stored_after_a_key_started_positions_that_key_from_its_next_window() -> None:
+    """The key's filter started with the default constants; the twin's differ. Once the twin is there, the
+    key's filter restarts with the twin's constants over the key's held final rows, so the next window has a
+    position, and its filter value is causal: the filter over rows from the restart's first row up to the
+    window's end, none after."""
+    geo = _square_site()
+    loc = _untrained_locator()
+    assert loc.filter != FilterParams()  # the key's filter runs other constants than the twin's
+    rows = _synthetic_rows(geo, 120)
+    win = MultimodalWindower(LiveWindowConfig(), sites={"S": geo})
+    before: list[dict[str, Any]] = []
+    for kind, rec in rows[:120]:  # 6 s of the walk, no twin yet
+        before.extend(win.on_record("d/w", kind, rec, now=rec["t_ms"] / 1000)[0])  # replayed in real time
+    assert before and all(w["position"] is None and w["mask"]["kf"] for w in before)
+    win.locator = loc  # the worker's timer does this once positioning.json appears
+    after: list[dict[str, Any]] = []
+    for kind, rec in rows[120:]:
+        after.extend(win.on_record("d/w", kind, rec, now=rec["t_ms"] / 1000)[0])
+    after.extend(win.flush(now=30.0))
+    st = win.keys["d/w"]
+    assert after and all(w["position"] is not None for w in after)  # from the first window on
+    assert st.restarts == 1 and st.filter is not None and st.filter.p == loc.filter
+    assert after[0]["end_ms"] == before[-1]["end_ms"] + 500
+    assert {w["position"]["twin"] for w in after} == {loc.twin_id}
+    assert st.filter_from <= after[0]["end_ms"] - 19 * 100.0  # the restarted filter covers the window
+    ftm = [r for k, r in rows if k == "ftm"]
+    imu = {r["t_ms"]: float(np.linalg.norm(r["acc"])) for k, r in rows if k == "imu"}
+    for w in after[::3]:
+        filt = RangeFilter(geo, None, loc.filter)  # the restart's rows up to the window's end, no later
+        for r in ftm:
+            if st.filter_from <= r["t_ms"] <= w["end_ms"]:
+                kf = filt.step_ranged(
+                    r["t_ms"], {a: (v[0], v[1]) for a, v in r["aps"].items()}, imu[r["t_ms"]]
+                )
+        assert_allclose(w["kf"][-1], kf, atol=1e-6)
+        assert_allclose([w["position"]["kf_x"], w["position"]["kf_y"]], kf, atol=1e-4)
+    # a twin retrained with the same constants does not restart the filter again
+    win.locator = _untrained_locator()
+    win.on_record("d/w", "ftm", {**rows[-2][1], "t_ms": 30_000.0}, now=31.0)
+    win.flush(now=40.0)
+    assert st.restarts == 1
 
 
 def _read_all(settings: NettwinSettings, topic: str, expected: int, timeout: float) -> list[Any]:

@@ -72,6 +72,11 @@ class Locator:
     def twin_id(self) -> str:
         return "+".join(t.lineage.twin_id for t in self.twins)
 
+    @property
+    def version(self) -> int:
+        """The stored twin's version (``nettwin twin position`` writes it in its ``twin`` row)."""
+        return max((t.lineage.version for t in self.twins), default=0)
+
     def save(self, root: Path) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         torch.save([t.state_dict() for t in self.twins], root / f"{STEM}.pt")

@@ -270,7 +270,7 @@ def train_locator(
     return {
         "twin_id": "positioning",
         "twins": loc.twin_id,
-        "version": max(t.lineage.version for t in loc.twins),
+        "version": loc.version,
         "fusers": loc.arch["fusers"],
         "metrics": loc.metrics,
         "stored": str(path),
