@@ -1,4 +1,5 @@
-"""``nettwin store``: consume feature, forecast, screened sensor and attached-source (telemetry) batches, write them to InfluxDB, then
+"""``nettwin store``: consume feature, forecast, screened sensor and attached-source (telemetry) batches and the
+live multimodal windows' positions (``features.multimodal`` -> ``position``), write them to InfluxDB, then
 commit offsets.
 
 Offsets are committed only after InfluxDB acknowledged the write, so a crash re-delivers and rewrites
@@ -26,6 +27,7 @@ from ingest.schema import MalformedMessage, decode
 from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from twin_store.adapters.influx import InfluxClient
+from twin_store.adapters.positions import position_lines
 from twin_store.adapters.sensors import sensor_points
 from twin_store.adapters.telemetry import telemetry_lines
 from twin_store.adapters.traffic import Points, TwinRegistry, batch_points
@@ -77,6 +79,7 @@ class TwinStore:
             self.topics.features_sensors,
             self.topics.telemetry_records,
             self.topics.features_twins,
+            self.topics.features_multimodal,
             group_id=f"{settings.kafka.topic_prefix}nettwin-store",
             max_poll_records=2000,
             fetch_max_wait_ms=STREAM_FETCH_MAX_WAIT_MS,
@@ -129,9 +132,28 @@ class TwinStore:
         futures: list[Future[float]] = []
         step = self.settings.influx.batch_points
         now_ms = int(time.time() * 1000)
+
+        def add(m: Any, points: Points) -> None:
+            """Queue a message's lines; submit its precision's payload once it holds a batch of points."""
+            items.append((m, points))
+            lines = pending[points.precision]
+            lines += points.lines
+            pending_points[points.precision] += points.n_points
+            if pending_points[points.precision] >= step:
+                futures.append(self.writer.submit(self._write, lines, points.precision))
+                pending[points.precision], pending_points[points.precision] = [], 0
+
         for tp, messages in polled.items():
             for m in messages:
                 self.counters.messages += 1
+                if m.topic == self.topics.features_multimodal:
+                    try:
+                        lines = position_lines(m.value or b"")
+                    except Exception as exc:  # a bad window (or a defect it reveals) costs this message only
+                        self._deadletter(m, f"multimodal window cannot be written: {exc}"[:300])
+                        continue
+                    add(m, Points(lines=lines, precision="ms", records=len(lines), partition=tp.partition))
+                    continue
                 try:
                     batch = decode(m.value or b"")
                     if batch.kind not in ("features", "forecast", "screened", "telemetry"):
@@ -157,13 +179,7 @@ class TwinStore:
                 except Exception as exc:  # a defect the decoder let through costs this message only
                     self._deadletter(m, f"cannot be written: {exc!r}"[:300])
                     continue
-                items.append((m, points))
-                lines = pending[points.precision]
-                lines += points.lines
-                pending_points[points.precision] += points.n_points
-                if pending_points[points.precision] >= step:
-                    futures.append(self.writer.submit(self._write, lines, points.precision))
-                    pending[points.precision], pending_points[points.precision] = [], 0
+                add(m, points)
                 if batch.final:
                     self.counters.finals.append(
                         {
