@@ -346,9 +346,13 @@ def test_worker_positions_live_windows_with_the_twin_nettwin_twin_position_store
     """``nettwin twin position`` trains and stores the generalising merged twin (a short run); the worker's
     multimodal agent loads it, runs the range Kalman filter row by row and adds the twin's position to every
     window. The filter value of each window is the causal one: the offline filter over the rows up to that
-    window's end only."""
+    window's end only. The store writes every window's position to InfluxDB (``position``), where
+    ``nettwin query positions`` finds exactly what the windows carried; a bad window is a dead letter."""
+    from ingest.deadletter import DeadLetter
+    from ingest.kafka import make_producer
     from nettwin.cli.replay_ftm import ftm
-    from tests.conftest import Pipeline, run_cli
+    from tests.conftest import Pipeline, run_cli, wait_until
+    from twin_store.adapters.influx import InfluxClient
 
     settings = isolated
     res = run_cli(
@@ -359,8 +363,14 @@ def test_worker_positions_live_windows_with_the_twin_nettwin_twin_position_store
     record = json.loads(res.stdout)
     assert Path(record["stored"]).is_file() and record["metrics"]["test_walks"]
     loc = Locator.load(Path(settings.state_dir) / "utt")
+    topics = Topics.from_settings(settings)
+    producer = make_producer(settings)
+    producer.send(topics.features_multimodal, key=b"M9/bad", value=b'{"key": "M9/bad", "end_ms": "soon"}')
+    producer.flush()
+    producer.close()
     pipeline = Pipeline(settings, tmp_path)
     pipeline.start("worker")
+    pipeline.start("store")
     try:
         app = typer.Typer()
         app.command()(ftm)
@@ -372,13 +382,43 @@ def test_worker_positions_live_windows_with_the_twin_nettwin_twin_position_store
         walk = walks[0]
         sent = [t for t, *_ in _events(walks, vision)][:900]
         grid = grid_ends(walk, 20, 5)
-        msgs = _read_all(
-            settings, Topics.from_settings(settings).features_multimodal, len(grid[grid <= sent[-1]]), 90.0
-        )
+        msgs = _read_all(settings, topics.features_multimodal, len(grid[grid <= sent[-1]]) + 1, 90.0)
+        msgs = [m for m in msgs if m.key != b"M9/bad"]
+        with InfluxClient(settings.influx) as influx:
+            q = 'SELECT count("kf_x") FROM "position"'
+            wait_until(
+                lambda: sum(r["count"] for s in influx.query(q) for r in s.rows()) >= len(msgs),
+                60.0,
+                "every window's position in InfluxDB",
+            )
         pipeline.assert_running()
     finally:
         pipeline.stop("worker", kill=True)
+        pipeline.stop("store")
     windows = sorted((json.loads(m.value) for m in msgs), key=lambda w: w["end_ms"])
+    res = run_cli(settings, "query", "positions", "--entity", f"M2/{WALK}", "--json")
+    assert res.returncode == 0, res.stderr
+    stored = {r["end_ms"]: r for r in json.loads(res.stdout)}
+    assert sorted(stored) == [round(w["end_ms"]) for w in windows]  # each window once, at its end (ms)
+    for w in windows:
+        row, pos = stored[round(w["end_ms"])], w["position"]
+        assert (row["entity"], row["device"], row["walk"]) == (f"M2/{WALK}", "M2", WALK)
+        assert {k: row[k] for k in ("x", "y", "kf_x", "kf_y", "alpha")} == {
+            k: pos[k] for k in ("x", "y", "kf_x", "kf_y", "alpha")
+        }  # exactly: the store writes shortest round-trip floats
+        assert (
+            (row["twin"], row["twin_version"]) == (pos["twin"], pos["version"]) == (loc.twin_id, loc.version)
+        )
+        assert [row["fix_x"], row["fix_y"]] == w["fix"][-1]
+    letters = [
+        DeadLetter.from_kafka(m.value, m.headers) for m in _read_all(settings, topics.deadletter, 1, 10.0)
+    ]
+    (bad,) = [d for d in letters if d.stage == "store"]
+    assert (
+        "end_ms must be a finite number" in bad.reason
+        and bad.original == b'{"key": "M9/bad", "end_ms": "soon"}'
+    )
+    assert bad.position.startswith(f"{topics.features_multimodal}[")
     assert windows, pipeline.logs()
     placed = [w for w in windows if w["position"] is not None]
     assert len(placed) == len(windows) > 50  # CarPark__5__524 is ranged from its first row

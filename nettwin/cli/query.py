@@ -148,6 +148,75 @@ def edge(
         print_table(f"edge ledger ({site or 'all sites'})", rows, ["time", "site", "kind", "energy", "bytes"])
 
 
+POSITION_COLUMNS = [
+    "time",
+    "entity",
+    "x",
+    "y",
+    "kf_x",
+    "kf_y",
+    "fix_x",
+    "fix_y",
+    "alpha",
+    "twin",
+    "twin_version",
+]
+
+
+def position_rows(
+    influx: InfluxClient,
+    entity: str | None,
+    device: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` positions of the live windows (``position``), oldest first."""
+    where = []
+    if entity is not None:
+        where.append(f"\"entity\" = '{_quote(entity)}'")
+    if device is not None:
+        where.append(f"\"device\" = '{_quote(device)}'")
+    if since:
+        where.append(f"time >= '{_time_literal(since, '--since')}'")
+    if until:
+        where.append(f"time < '{_time_literal(until, '--until')}'")
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    q = f'SELECT * FROM "position"{clause} ORDER BY time DESC LIMIT {int(limit)}'
+    # a window without a twin (or a fix) has no such fields: leave them out rather than null
+    rows = [{k: v for k, v in r.items() if v is not None} for s in influx.query(q) for r in s.rows()]
+    rows.reverse()
+    for r in rows:
+        r["end_ms"] = int(r["time"])  # the window's end: the walk's event time, ms
+        r["time"] = datetime.fromtimestamp(r["end_ms"] / 1000, UTC).isoformat(timespec="milliseconds")
+        r["time"] = r["time"].replace("+00:00", "Z")
+    return rows
+
+
+@app.command()
+def positions(
+    ctx: typer.Context,
+    entity: str | None = typer.Option(None, "--entity", help="one device's walk: its key, DEVICE/WALK"),
+    device: str | None = typer.Option(None, "--device", help="every walk of this device"),
+    since: str | None = typer.Option(None, help="ISO time, inclusive (the walk's event time)"),
+    until: str | None = typer.Option(None, help="ISO time, exclusive"),
+    limit: int = typer.Option(1000, min=1, help="the newest N windows, printed oldest first"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Positions of the live multimodal windows: the positioning twin's (x, y), the range Kalman filter's
+    (kf_x, kf_y) and the least-squares fix (fix_x, fix_y), at each window's end."""
+    from twin_store.adapters.influx import InfluxClient
+
+    settings = settings_of(ctx)
+    with InfluxClient(settings.influx) as influx:
+        rows = position_rows(influx, entity, device, since, until, limit)
+    if json_out:
+        print_json(rows)
+    else:
+        title = f"positions ({entity or device or 'all devices'})"
+        print_table(title, rows, [c for c in POSITION_COLUMNS if any(c in r for r in rows)])
+
+
 DECISIONS = ("accepted", "quarantined", "rejected")
 
 
