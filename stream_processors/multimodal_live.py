@@ -240,7 +240,13 @@ class MultimodalWindower:
             st.tracker = FixTracker(self.sites[st.scene])
             params = self.locator.filter if self.locator is not None else FilterParams()
             st.filter = RangeFilter(self.sites[st.scene], None, params)
-        elif st.filter is not None and self.locator is not None and st.filter.p != self.locator.filter:
+        elif (
+            st.filter is not None
+            and self.locator is not None
+            and st.filter.p != self.locator.filter
+            and self.sites is not None
+            and st.scene in self.sites  # a withdrawn site keeps the running filter
+        ):
             self._restart_filter(st, self.locator.filter)
         k = bisect.bisect_right(st.rows, (upto, math.inf), key=lambda r: (r[0], r[1]))
         done, st.rows = st.rows[:k], st.rows[k:]
@@ -283,7 +289,7 @@ class MultimodalWindower:
         Those rows are all at or before the last emitted window's end, so the restarted filter is as causal as
         the first: a window's filter value comes from rows up to its end only, now from ``filter_from`` on
         (at most one window and ``max_age_ms`` back) instead of from the walk's first row."""
-        assert self.sites is not None and st.scene is not None
+        assert self.sites is not None and st.scene is not None  # the caller checked the scene's site
         st.filter = RangeFilter(self.sites[st.scene], None, params)
         st.feats = Series(12)
         st.first_kf_t = st.filter_from = math.inf

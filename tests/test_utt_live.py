@@ -272,6 +272,11 @@ def test_a_twin_stored_after_a_key_started_positions_that_key_from_its_next_wind
     win.on_record("d/w", "ftm", {**rows[-2][1], "t_ms": 30_000.0}, now=31.0)
     win.flush(now=40.0)
     assert st.restarts == 1
+    # a site withdrawn from sites.ftm: the running filter goes on, whatever the twin's constants
+    del win.sites["S"]  # type: ignore[index]
+    win.locator = replace(loc, filter=FilterParams(bias_m=0.1))
+    win.on_record("d/w", "ftm", {**rows[-2][1], "t_ms": 31_000.0}, now=41.0)
+    assert win.flush(now=60.0) and st.restarts == 1
 
 
 def _read_all(settings: NettwinSettings, topic: str, expected: int, timeout: float) -> list[Any]:
