@@ -720,6 +720,17 @@ def store_refuses(value: bytes | None) -> bool:
     return False
 
 
+def window_refuses(value: bytes | None) -> bool:
+    """The store's check of a live multimodal window (``features.multimodal`` -> ``position``)."""
+    from twin_store.adapters.positions import position_lines
+
+    try:
+        position_lines(value or b"")
+    except Exception:
+        return True
+    return False
+
+
 def multimodal_refuses(kind: str) -> Callable[[bytes | None], bool]:
     from stream_processors.multimodal_live import MultimodalWindower
 
@@ -861,6 +872,12 @@ def fuzz_topics(settings: NettwinSettings) -> list[FuzzTopic]:
         "residual_m": {"AP1": 0.1}, "n_obs": {"AP1": 30}, "source": "recovered", "site_file": None,
         "ambiguous": [], "mirror_resolved": [], "site_file_diff_m": {}, "walks": ["w"],
     }  # fmt: skip
+    window = {
+        "key": "d/w", "device": "d", "walk": "w", "end_ms": 2900.0, "step_ms": 100.0, "window": 2,
+        "mask": {"ftm": True, "imu": True, "vision": False, "fix": True, "kf": True},
+        "fix": [[1.0, 2.0], [1.1, 2.0]], "kf": [[1.0, 2.1], [1.05, 2.1]],
+        "position": {"x": 1.2, "y": 2.2, "kf_x": 1.05, "kf_y": 2.1, "twin": "t", "version": 1, "alpha": 0.5},
+    }  # fmt: skip
     twins = read_latest_twins(settings)
     if b"global:0" not in twins:
         raise RuntimeError("twin.models has no global twin: run `nettwin vtwin` before fuzzing")
@@ -892,6 +909,9 @@ def fuzz_topics(settings: NettwinSettings) -> list[FuzzTopic]:
         FuzzTopic(t.telemetry_imu, [(b"d/w", _dumps(imu))], multimodal_refuses("imu"), True, ("t_ms",)),
         FuzzTopic(
             t.telemetry_vision_sim, [(b"d/w", _dumps(vision))], multimodal_refuses("vision"), True, ("t_ms",)
+        ),
+        FuzzTopic(
+            t.features_multimodal, [(b"d/w", _dumps(window))], window_refuses, True, ("key", "end_ms", "mask")
         ),
         FuzzTopic(t.sites_ftm, [(b"fuzz", _dumps(site))], site_refuses, True, ("scene",), snapshot=True),
         FuzzTopic(t.twin_models, models, twin_refuses, known=twin_known, snapshot=True),

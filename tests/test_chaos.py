@@ -51,6 +51,7 @@ def consumed_topics(settings: NettwinSettings) -> set[str]:
         t.forecasts,  # store
         t.features_sensors,  # store
         t.telemetry_records,  # store: records of attached sources
+        t.features_multimodal,  # store: the live windows' positions
         t.updates_local,  # htwin
     }
 
@@ -63,7 +64,7 @@ def failure(report: dict[str, Any]) -> str:
 def test_fuzz_of_every_consumed_topic_dead_letters_each_bad_message_and_the_day_arrives(
     services: NettwinSettings, tmp_path: Path
 ) -> None:
-    """>= 10,000 bad messages (1,000 per topic, 12 topics) while worker, store and htwin run, then the real
+    """>= 10,000 bad messages (1,000 per topic, 13 topics) while worker, store and htwin run, then the real
     day."""
     report = run_fuzz(services, FuzzConfig(per_topic=1000), tmp_path)
     why = failure(dict(report))
