@@ -290,12 +290,17 @@ class MultimodalWindower:
         the first: a window's filter value comes from rows up to its end only, now from ``filter_from`` on
         (at most one window and ``max_age_ms`` back) instead of from the walk's first row."""
         assert self.sites is not None and st.scene is not None  # the caller checked the scene's site
-        st.filter = RangeFilter(self.sites[st.scene], None, params)
+        old, st.filter = st.filter, RangeFilter(self.sites[st.scene], None, params)
         st.feats = Series(12)
         st.first_kf_t = st.filter_from = math.inf
         st.restarts += 1
         for row in st.walked:
             self._filter_row(st, *row)
+        if old is not None and old.started and not st.filter.started:
+            # no held row was ranged by >= 3 APs (sparse ranging): go on from the old filter's state instead of
+            # losing the filter until such a row comes
+            st.filter.resume_from(old)
+            st.first_kf_t = st.last_emitted
 
     @staticmethod
     def _row_features(

@@ -208,8 +208,11 @@ def test_without_a_stored_twin_windows_carry_the_filter_but_no_position() -> Non
     assert_allclose(got[-1]["kf"][-1], [3.0 + 0.05 * 59, 4.0], atol=0.5)  # standing still per the IMU: lags
 
 
-def _synthetic_rows(geo: SiteGeometry, n: int) -> list[tuple[str, dict[str, Any]]]:
-    """A device walking along x past three APs, ranged by all three every 100 ms, with its IMU rows."""
+def _synthetic_rows(
+    geo: SiteGeometry, n: int, three_aps: int | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """A device walking along x past three APs, ranged by all three every 100 ms (by two only after the
+    first ``three_aps`` rows, if given), with its IMU rows."""
     out: list[tuple[str, dict[str, Any]]] = []
     for k in range(n):
         t = 1000.0 + 100.0 * k
@@ -217,6 +220,7 @@ def _synthetic_rows(geo: SiteGeometry, n: int) -> list[tuple[str, dict[str, Any]
         aps = {
             a: [round(float(np.linalg.norm(p - geo.positions[j])) + 0.3 * math.sin(k), 4), 0.1, -60.0]
             for j, a in enumerate(geo.ap_ids)
+            if three_aps is None or k < three_aps or j < 2
         }
         acc = [0.0, 0.3 * math.sin(k / 2), 9.81]  # walking: |acc| varies
         out.append(("ftm", {"t_ms": t, "scene": "S", "aps": aps}))
@@ -277,6 +281,31 @@ def test_a_twin_stored_after_a_key_started_positions_that_key_from_its_next_wind
     win.locator = replace(loc, filter=FilterParams(bias_m=0.1))
     win.on_record("d/w", "ftm", {**rows[-2][1], "t_ms": 31_000.0}, now=41.0)
     assert win.flush(now=60.0) and st.restarts == 1
+
+
+def test_a_restart_over_held_rows_never_ranged_by_three_aps_goes_on_from_the_running_filter() -> None:
+    """Sparse ranging: after the first second only two APs range the device, so the held rows cannot start a
+    filter. The restarted filter takes the running one's state and the key still gets positions."""
+    geo = _square_site()
+    loc = _untrained_locator()
+    rows = _synthetic_rows(geo, 120, three_aps=10)
+    win = MultimodalWindower(LiveWindowConfig(), sites={"S": geo})
+    before: list[dict[str, Any]] = []
+    for kind, rec in rows[:120]:
+        before.extend(win.on_record("d/w", kind, rec, now=rec["t_ms"] / 1000)[0])
+    assert before and all(w["mask"]["kf"] for w in before)
+    st = win.keys["d/w"]
+    running = st.filter
+    assert running is not None
+    win.locator = loc
+    after: list[dict[str, Any]] = []
+    for kind, rec in rows[120:]:
+        after.extend(win.on_record("d/w", kind, rec, now=rec["t_ms"] / 1000)[0])
+    after.extend(win.flush(now=30.0))
+    assert st.restarts == 1 and st.filter is not running and st.filter is not None
+    assert st.filter.p == loc.filter and st.filter.started
+    assert after and all(w["mask"]["kf"] and w["position"] is not None for w in after)
+    assert np.linalg.norm(np.array(after[0]["kf"][-1]) - before[-1]["kf"][-1]) < 1.0  # no jump to a fix
 
 
 def _read_all(settings: NettwinSettings, topic: str, expected: int, timeout: float) -> list[Any]:

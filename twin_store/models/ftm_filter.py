@@ -99,6 +99,13 @@ class RangeFilter:
         self.t_prev = 0.0
         self.est = self.tracker.est.copy()  # the position after the last row
 
+    def resume_from(self, other: RangeFilter) -> None:
+        """Carry on from ``other``'s state (position, velocity, covariance, last row time, motion gate's rows)
+        with this filter's constants: a restart that needs no row ranged by >= 3 APs."""
+        self.x, self.cov, self.est = other.x.copy(), other.cov.copy(), other.est.copy()
+        self.started, self.t_prev = other.started, other.t_prev
+        self.gate.t, self.gate.mag = deque(other.gate.t), deque(other.gate.mag)
+
     def step_ranged(self, t_ms: float, ranged: dict[str, tuple[float, float]], acc_mag: float) -> np.ndarray:
         """One row as ``{ap: (rtt_m, rtt_std_m)}`` (APs the site does not know are ignored)."""
         rtt, std = np.zeros(len(self.index)), np.zeros(len(self.index))
