@@ -468,3 +468,74 @@ def test_worker_positions_live_windows_with_the_twin_nettwin_twin_position_store
         cut = replace(walk, t_ms=walk.t_ms[upto], rtt=walk.rtt[upto], std=walk.std[upto], imu=walk.imu[upto])
         causal = kalman_track(cut, geo, loc.filter)[-1]
         assert_allclose([w["position"]["kf_x"], w["position"]["kf_y"]], causal, atol=2e-3)
+
+
+@pytest.mark.integration
+@needs_data
+def test_a_twin_stored_while_a_walk_streams_positions_that_walk_and_influxdb_has_the_filter_before_it(
+    isolated: NettwinSettings, tmp_path: Path
+) -> None:
+    """Worker and store run, a walk streams at twice real time with no twin stored: its windows carry the
+    filter and no position, and InfluxDB has the filter's position. A twin is stored mid-walk: the same key
+    (not a new one) gets the twin's positions within the worker's look at the file (5 s) and a window, and
+    every window after that has one."""
+    import subprocess
+    import sys
+
+    from tests.conftest import Pipeline, wait_until
+    from twin_store.adapters.influx import InfluxClient
+    from twin_store.services.processes import settings_env
+
+    settings = isolated
+    pipeline = Pipeline(settings, tmp_path)
+    pipeline.start("worker")
+    pipeline.start("store")
+    replay = subprocess.Popen(
+        [sys.executable, "-m", "nettwin.cli.main", "replay", "ftm", str(RAW / f"{WALK}.csv"),
+         "--speed", "2", "--limit", "1200", "--json"],
+        env=settings_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        with InfluxClient(settings.influx) as influx:
+
+            def count(field: str) -> int:
+                q = f'SELECT count("{field}") FROM "position"'
+                return sum(r["count"] for s in influx.query(q) for r in s.rows())
+
+            wait_until(lambda: count("kf_x") >= 8, 60.0, "the filter's positions without a twin")
+            assert count("x") == 0
+            _untrained_locator().save(Path(settings.state_dir) / "utt")  # what `nettwin twin position` stores
+            last = influx.query('SELECT last("kf_x") FROM "position"')
+            stored_at = max(r["time"] for s in last for r in s.rows())  # the newest window in InfluxDB then
+            _out, err = replay.communicate(timeout=90)
+            assert replay.returncode == 0, err
+            walks, vision, _ = load_walks([RAW / f"{WALK}.csv"], seed=1)
+            sent = [t for t, *_ in _events(walks, vision)][:1200]
+            grid = grid_ends(walks[0], 20, 5)
+            expected = len(grid[grid <= sent[-1]])
+            wait_until(lambda: count("kf_x") >= expected, 60.0, "every window's position in InfluxDB")
+        pipeline.assert_running()
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+        pipeline.stop("worker", kill=True)
+        pipeline.stop("store")
+    res = run_cli_json(settings, "query", "positions", "--entity", f"M2/{WALK}", "--json")
+    assert len(res) == expected and {r["entity"] for r in res} == {f"M2/{WALK}"}  # one key throughout
+    placed = [i for i, r in enumerate(res) if "x" in r]
+    assert placed and placed == list(range(placed[0], len(res)))  # from the first positioned window on
+    assert 0 < placed[0] < len(res) - 10
+    assert all("kf_x" in r and "twin" not in r for r in res[: placed[0]])  # the filter alone before the twin
+    # twice real time: the worker looks at the file every 5 s (10 s of walk), loads the twin (torch) and
+    # releases a window 1 s of lateness after its end; the store writes it. Generous on shared cores.
+    delay = res[placed[0]]["end_ms"] - stored_at
+    print(f"first positioned window ends {delay} ms of walk after the twin was stored")
+    assert 0 < delay <= 20_000
+
+
+def run_cli_json(settings: NettwinSettings, *args: str) -> Any:
+    from tests.conftest import run_cli
+
+    res = run_cli(settings, *args)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
