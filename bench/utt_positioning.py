@@ -109,6 +109,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--augment", type=int, default=PositioningConfig.augment)
     ap.add_argument("--selection", choices=("walk", "lowo"), default="walk")
     ap.add_argument("--patience", type=int, default=PositioningConfig.patience)
+    ap.add_argument(
+        "--members", type=int, default=PositioningConfig.members, help="seed-ensemble members per seed"
+    )
+    ap.add_argument(
+        "--val-copies",
+        type=int,
+        default=PositioningConfig.val_copies,
+        help="AP-dropout copies of each validation walk the shrink alpha is also chosen on",
+    )
     ap.add_argument("--ablation", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -118,7 +127,12 @@ def main(argv: list[str] | None = None) -> None:
         prepare(args.data, cfg),
         cfg,
         PositioningConfig(
-            rounds=args.rounds, augment=args.augment, selection=args.selection, patience=args.patience
+            rounds=args.rounds,
+            augment=args.augment,
+            selection=args.selection,
+            patience=args.patience,
+            members=args.members,
+            val_copies=args.val_copies,
         ),
     )
     runs = [study.run_seed(args.seed + 1000 * k) for k in range(args.seeds)]

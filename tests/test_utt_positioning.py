@@ -199,6 +199,25 @@ def test_leave_one_walk_out_folds_hold_out_each_training_walk_once(scene: Path) 
     assert 0 < base["kalman"] < base["trilateration"]
 
 
+@pytest.mark.slow
+def test_sparse_copies_of_the_validation_walks_are_sparser_seeded_and_scored_like_their_walk(
+    scene: Path,
+) -> None:
+    prep = prepare([scene], UttConfig())
+    study = PositioningStudy(prep, UttConfig())
+    names = study.sparse_copies(prep.val, seed=1, k=2)
+    assert len(names) == 2 * len(prep.val) and not set(names) & set(prep.walks)
+    assert study.sparse_copies(prep.val, seed=1, k=2) == names  # cached: the same copies every call
+    for key in names:
+        walk, base = study.tracks[key].walk, prep.walks[key.split("~")[0]]
+        assert 0 < (walk.rtt > 0).sum() < (base.rtt > 0).sum()  # sparser, never empty
+        assert_allclose(study._truth([key]), study._truth([base.name]))  # the same rows and ground truth
+    other = study.sparse_copies(prep.val, seed=2, k=1)
+    assert not np.array_equal(study.tracks[other[0]].walk.rtt, study.tracks[names[0]].walk.rtt)
+    base = study.baselines(prep.val)["Laboratory"]["kalman"]
+    assert study.baselines(names)["Laboratory"]["kalman"] > base  # sparser ranging: the filter is worse
+
+
 def test_the_shrink_is_chosen_for_the_worst_scene_and_falls_back_to_the_filter() -> None:
     from twin_store.federation.positioning_study import choose_shrink
 
@@ -226,19 +245,22 @@ def test_every_run_of_a_seed_is_scored_on_its_own_twins_and_the_locator_position
     scene: Path, tmp_path: Path
 ) -> None:
     """The ablation runs a seed again with other inputs: its test figures must be its own twins' (they once
-    came from the seed's first run). The stored locator positions the test rows as the study scored them."""
+    came from the seed's first run). The stored locator positions the test rows as the study scored them,
+    a seed ensemble (two members, each with its own encoders) included."""
     from twin_store.federation.utt_locator import Locator
 
     prep = prepare([scene], UttConfig())
-    pcfg = PositioningConfig(rounds=1, augment=0, fusers=("gating",))
+    pcfg = PositioningConfig(rounds=1, augment=0, fusers=("gating",), members=2)
     study = PositioningStudy(prep, UttConfig(), pcfg)
     first = study.run_seed(1)
+    assert first["members"] == [1, 2]
     other = study.run_seed(1, replace(pcfg, groups=("kf", "quality")))
     key = "merged (unshrunk, alpha 1)"
     assert first["test_median_m"][key] != other["test_median_m"][key]
     assert first["test_median_m"]["position"] != other["test_median_m"]["position"]
     loc = study.locators[1]
     assert loc.alpha == first["alpha"] and loc.groups == pcfg.groups  # the first run's twin is the one kept
+    assert len(loc.twins) == 2 and loc.arch["members"] == 2  # one merged twin per member
     loc.save(tmp_path)
     back = Locator.load(tmp_path)
     n = prep.test[0]
@@ -248,3 +270,6 @@ def test_every_run_of_a_seed_is_scored_on_its_own_twins_and_the_locator_position
     win = build_windows(walk, walk.ap_ids, ends, None, None)
     pos, _ = back.locate(feats, ok, win.imu, win.mask)
     assert_allclose(pos, study.predictions[1][n]["merged"][:40], atol=1e-5)
+    back.alpha = 1.0  # the whole correction: the members' mean, whatever alpha validation chose
+    pos, _ = back.locate(feats, ok, win.imu, win.mask)
+    assert_allclose(pos, study.predictions[1][n]["merged_unshrunk"][:40], atol=1e-5)

@@ -67,6 +67,11 @@ def utt(
         help="early stopping of the positioning twins: a twin stops after this many rounds without a better "
         "validation loss (0: off)",
     ),
+    members: int = typer.Option(
+        1,
+        min=1,
+        help="seed ensemble of the positioning twins: each trained with this many seeds, corrections averaged",
+    ),
     matrix_patience: int = typer.Option(
         0,
         min=0,
@@ -80,7 +85,7 @@ def utt(
         False,
         "--quick",
         help="a smoke run for tests: 2 rounds, fusers gating+concatenation, one unified model, 2 seeds, "
-        "1 AP-dropout copy, patience 1 for both (overrides those options)",
+        "1 AP-dropout copy, patience 1 for both, 1 seed-ensemble member (overrides those options)",
     ),
     plot: Path | None = typer.Option(None, "--plot", help="also write the figure (PNG) into this folder"),
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
@@ -97,6 +102,7 @@ def utt(
             raise InputError(f"{d}: no such file or folder")
     if quick:
         rounds, position_rounds, seed_repeats, augment, patience, matrix_patience = 2, 2, 2, 1, 1, 1
+        members = 1
         fusers = position_fusers = "gating,concatenation"
         unified_fusers = "gating"
     chosen = tuple(f.strip() for f in fusers.split(",") if f.strip())
@@ -126,7 +132,12 @@ def utt(
     if selection not in ("walk", "lowo"):
         raise InputError(f"--selection {selection!r}: one of walk, lowo")
     pcfg = PositioningConfig(
-        rounds=position_rounds, fusers=pos_fusers, augment=augment, selection=selection, patience=patience
+        rounds=position_rounds,
+        fusers=pos_fusers,
+        augment=augment,
+        selection=selection,
+        patience=patience,
+        members=members,
     )
     with console.status("training the twins (a few minutes on 2 cores)"):
         report, rows = run(list(data), cfg, pcfg)

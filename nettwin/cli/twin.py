@@ -148,6 +148,7 @@ def position_cmd(
         min=0,
         help="selection stops a twin after this many rounds without a better validation loss (0: off)",
     ),
+    members: int = typer.Option(1, min=1, help="seed ensemble: every twin trained with this many seeds"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """The generalising merged (FTM + IMU) positioning twin: chosen on held-out walks, stored for the live
@@ -165,7 +166,9 @@ def position_cmd(
     if not chosen or [f for f in chosen if f not in FUSERS]:
         raise InputError(f"--fusers {fusers!r}: choose from {', '.join(FUSERS)}")
     settings = settings_of(ctx)
-    pcfg = PositioningConfig(rounds=rounds, fusers=chosen, augment=augment, patience=patience)
+    pcfg = PositioningConfig(
+        rounds=rounds, fusers=chosen, augment=augment, patience=patience, members=members
+    )
     with console.status("position: selecting on held-out walks, refitting, testing"):
         record = train_locator(list(data), Path(settings.state_dir), seed, pcfg)
     with InfluxClient(settings.influx) as influx:

@@ -29,6 +29,7 @@ import numpy as np
 from twin_store.federation.utt_data import Prepared, UttConfig
 from twin_store.federation.utt_locator import Locator
 from twin_store.federation.utt_positioning import (
+    SHRINK_GRID,
     PositionData,
     PositioningConfig,
     Tracks,
@@ -36,10 +37,9 @@ from twin_store.federation.utt_positioning import (
     tracks_of,
 )
 from twin_store.federation.utt_training import FedConfig, fed_train
+from twin_store.models.ftm_features import drop_aps
 from twin_store.models.ftm_filter import tune_filter
 from twin_store.models.utt import TaskTwin, merge, new_twin
-
-SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # alpha: 0 = the filter alone, 1 = the twin's full correction
 
 
 def _median(pred: np.ndarray, true: np.ndarray) -> float:
@@ -121,21 +121,36 @@ class PositioningStudy:
         self.locators: dict[int, Locator] = {}  # seed -> the refit merged twin, packed
 
     def _rows(self, name: str) -> np.ndarray:
-        walk = self.prep.walks[name]
+        walk = self.tracks[name].walk
         return np.searchsorted(walk.t_ms, eval_ends(walk))
 
     def _truth(self, names: list[str]) -> np.ndarray:
         gts = []
         for n in names:
-            gt = self.prep.walks[n].gt
+            gt = self.tracks[n].walk.gt
             assert gt is not None
             gts.append(gt[self._rows(n)])
         return np.concatenate(gts)
 
+    def sparse_copies(self, names: list[str], seed: int, k: int) -> list[str]:
+        """``k`` AP-dropout copies of each walk in ``names`` (what a sparser, unseen walk looks like), their
+        tracks added under ``<walk>~sparse<seed>.<i>``; the names of the copies. Only ever called with
+        validation walks: the shrink is chosen on them and their copies."""
+        out = []
+        for n in names:
+            rng = np.random.default_rng([seed, 15, sum(map(ord, n))])
+            for i in range(k):
+                key = f"{n}~sparse{seed}.{i}"
+                if key not in self.tracks:
+                    copy = drop_aps(self.tracks[n].walk, rng, self.pcfg.p_ap, self.pcfg.p_reading)
+                    self.tracks[key] = tracks_of(copy, self.prep.geometry[copy.scene], self.filter)
+                out.append(key)
+        return out
+
     def scene_walks(self, names: list[str]) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for n in names:
-            out.setdefault(self.prep.walks[n].scene, []).append(n)
+            out.setdefault(self.tracks[n].walk.scene, []).append(n)
         return out
 
     def baselines(self, names: list[str]) -> dict[str, dict[str, float]]:
@@ -215,37 +230,37 @@ class PositioningStudy:
             for scene, ns in self.scene_walks(list(preds)).items()
         }
 
-    def _errors(self, data: PositionData, twin: TaskTwin, names: list[str]) -> dict[str, float]:
-        out = {}
-        for scene, ns in self.scene_walks(names).items():
-            pred = np.concatenate([data.positions(twin, n) for n in ns])
-            out[scene] = round(_median(pred, self._truth(ns)), 3)
-        return out
-
     def run_seed(self, seed: int, pcfg: PositioningConfig | None = None) -> dict[str, Any]:
-        """Select on the validation walks, refit on all training walks, test; one seed."""
+        """Select on the validation walks, refit on all training walks, test; one seed. With
+        ``pcfg.members`` above 1 every twin is trained once per member seed (``seed``, ``seed + 1``, ...: other
+        initial weights and minibatches, the same data and scalers) and the members' corrections are averaged
+        (a seed ensemble): the fuser, the rounds and alpha are chosen for that average."""
         prep, pcfg = self.prep, pcfg or self.pcfg
         fusers = pcfg.fusers
+        members = [seed + k for k in range(max(1, pcfg.members))]
         t0 = time.perf_counter()
         folds = self.folds() if pcfg.selection == "lowo" else [(prep.fit, prep.val)]
         val_nmse_folds: list[dict[str, float]] = []
-        curves: dict[str, list[list[float]]] = {}
+        curves: dict[int, dict[str, list[list[float]]]] = {m: {} for m in members}
         val_corr: dict[
             str, dict[str, list[tuple[np.ndarray, np.ndarray]]]
-        ] = {}  # twin -> walk -> (anchor, rel)
+        ] = {}  # twin -> walk -> (anchor, rel), one per member (and fold holding the walk out)
         for fit, val in folds:
+            # the data (AP-dropout copies, scalers) is the seed's; only the twins differ between members
             sel = PositionData(self.tracks, prep.geometry, self.filter, fit, val, pcfg, seed)
-            twins, _ = self._twins(sel, seed, fusers, None, pcfg)
-            val_nmse_folds.append(
-                {k: sel.nmse(t, sel.val_windows) for k, t in twins.items() if k != "tracking"}
-            )
-            for k, t in twins.items():
-                curves.setdefault(k, []).append(self.curves[t.lineage.twin_id])
-                for n in val if k != "tracking" else []:
-                    val_corr.setdefault(k, {}).setdefault(n, []).append(sel.corrections(t, n))
-        # rounds: the lowest mean validation loss over the folds (a fold stopped early counts as no better);
-        # fuser: the lowest mean validation NMSE
-        kept = {k: _best_round(c, pcfg.rounds) for k, c in curves.items()}
+            for m in members:
+                twins, _ = self._twins(sel, m, fusers, None, pcfg)
+                val_nmse_folds.append(
+                    {k: sel.nmse(t, sel.val_windows) for k, t in twins.items() if k != "tracking"}
+                )
+                for k, t in twins.items():
+                    curves[m].setdefault(k, []).append(self.curves[t.lineage.twin_id])
+                    for n in val + self.sparse_copies(val, seed, pcfg.val_copies) if k != "tracking" else []:
+                        val_corr.setdefault(k, {}).setdefault(n, []).append(sel.corrections(t, n))
+        # rounds (per member): the lowest mean validation loss over the folds (a fold stopped early counts as
+        # no better); fuser: the lowest mean validation NMSE over folds and members
+        kept_by = {m: {k: _best_round(c, pcfg.rounds) for k, c in curves[m].items()} for m in members}
+        kept = kept_by[seed]
         val_nmse = {k: round(float(np.mean([f[k] for f in val_nmse_folds])), 4) for k in val_nmse_folds[0]}
         merged_val = {fz: val_nmse[f"merged {fz}"] for fz in fusers}
         chosen = min(merged_val, key=lambda k: (math.isnan(merged_val[k]), merged_val[k]))
@@ -261,7 +276,8 @@ class PositioningStudy:
                 anchor_val,
                 corr_val,
                 {n: self._truth([n]) for n in anchor_val},
-                {n: prep.walks[n].scene for n in anchor_val},
+                {n: self.tracks[n].walk.scene for n in anchor_val},
+                pcfg.shrink_grid,
             )
             worst = max(v / curve["0.0"][s] if curve["0.0"][s] > 0 else v for s, v in curve[str(a)].items())
             shrink[option] = (a, curve, worst)
@@ -272,20 +288,31 @@ class PositioningStudy:
         for k in ("position", f"merged {chosen}"):
             if k in val_corr:
                 anc, rel = _fold_mean(val_corr[k])
-                val_median[k.split(" ")[0]] = self._medians({n: anc[n] + rel[n] for n in anc})
+                val_median[k.split(" ")[0]] = self._medians(
+                    {n: anc[n] + rel[n] for n in anc if n in prep.walks}
+                )
         if shrink:
-            val_median["merged (shrunk)"] = {s: round(v, 3) for s, v in shrink_curve[str(alpha)].items()}
+            # the walks themselves (the curve also counts their sparse copies when pcfg.val_copies > 0)
+            parts = [_fold_mean(val_corr[f"merged {fz}"]) for fz in deployed]
+            val_median["merged (shrunk)"] = self._medians(
+                {
+                    n: parts[0][0][n] + alpha * np.mean([c[n] for _a, c in parts], axis=0)
+                    for n in parts[0][0]
+                    if n in prep.walks
+                }
+            )
         t_sel = time.perf_counter() - t0
         full = PositionData(self.tracks, prep.geometry, self.filter, prep.train, [], pcfg, seed)
-        refit, _ = self._twins(full, seed, tuple(deployed), kept, pcfg)
-        merged = [refit[f"merged {fz}"] for fz in deployed]
+        refits = [self._twins(full, m, tuple(deployed), kept_by[m], pcfg)[0] for m in members]
+        refit = refits[0]
+        merged = [r[f"merged {fz}"] for r in refits for fz in deployed]  # member-major, as the Locator loads
         test_corr: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for n in prep.test:
             parts_t = [full.corrections(t, n) for t in merged]
             test_corr[n] = (parts_t[0][0], np.mean([rel for _a, rel in parts_t], axis=0))
         predictions = {
             n: {
-                "position": full.positions(refit["position"], n),
+                "position": np.mean([full.positions(r["position"], n) for r in refits], axis=0),
                 "merged": test_corr[n][0] + alpha * test_corr[n][1],
                 "merged_unshrunk": test_corr[n][0] + test_corr[n][1],
             }
@@ -303,6 +330,7 @@ class PositioningStudy:
             "lengths": full.lengths,
             "d": self.cfg.d,
             "seed": seed,
+            "members": len(members),
         }
         self.locators.setdefault(seed, Locator(merged, scalers, self.filter, pcfg.groups, alpha, arch))
         test_windows = {n: full.windows_of(n) for n in prep.test}
@@ -315,6 +343,7 @@ class PositioningStudy:
             "seed": seed,
             "chosen_fuser": chosen,
             "rounds_kept": kept,
+            "members": members,
             "alpha": alpha,
             "deployed": option if option == "single" else "ensemble of " + ", ".join(deployed),
             "val_median_m_by_option (shrunk)": {
@@ -327,7 +356,7 @@ class PositioningStudy:
             "val_median_m": val_median,
             "selection": pcfg.selection,
             "test_median_m": {
-                "position": self._errors(full, refit["position"], prep.test),
+                "position": self._medians({n: v["position"] for n, v in predictions.items()}),
                 "merged": self._medians({n: v["merged"] for n, v in predictions.items()}),
                 "merged (unshrunk, alpha 1)": self._medians(
                     {n: v["merged_unshrunk"] for n, v in predictions.items()}

@@ -3,7 +3,8 @@ stores it, the live windows (``stream_processors/multimodal_live.py``) load it.
 
 A :class:`Locator` holds what positioning a window needs besides the window: the merged twin, or the
 ensemble of merged twins (one per fuser, sharing the frozen Position and tracking encoders) whose mean
-correction is used when the validation walks preferred it, the scalers fitted on the training walks, the feature groups, the
+correction is used when the validation walks preferred it, times ``arch["members"]`` seed-ensemble members
+(each with its own encoders; the mean correction over all of them), the scalers fitted on the training walks, the feature groups, the
 range Kalman filter's constants (the live windower runs the filter with them) and the shrink ``alpha`` chosen
 on the validation walks. A window's position is ``anchor + alpha * correction``: the anchor is the filter's
 position at the window's last step, so ``alpha = 0`` is the filter itself.
@@ -98,7 +99,13 @@ class Locator:
         """The locator stored under ``root``; OSError/ValueError/KeyError/RuntimeError if absent or unusable."""
         meta = json.loads((root / f"{STEM}.json").read_text())
         arch = meta["arch"]
-        twins = build_merged(arch["fusers"], arch["in_channels"], arch["lengths"], arch["d"], arch["seed"])
+        twins = [  # a seed ensemble: each member its own Position and tracking encoders (member-major order)
+            twin
+            for k in range(int(arch.get("members", 1)))
+            for twin in build_merged(
+                arch["fusers"], arch["in_channels"], arch["lengths"], arch["d"], arch["seed"] + k
+            )
+        ]
         states = torch.load(root / f"{STEM}.pt", weights_only=True)
         for twin, state, lineage in zip(twins, states, meta["lineage"], strict=True):
             twin.load_state_dict(state)

@@ -30,6 +30,7 @@ from twin_store.models.multimodal import STEP_MS, build_windows, grid_ends, hold
 from twin_store.models.utt import Client, Scaler, TaskTwin, nmse
 
 TASK_FIELDS = {"position": "pos", "tracking": "track"}
+SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # alpha: 0 = the filter alone, 1 = the twin's full correction
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class PositioningConfig:
     weight_decay: float = 1e-4  # Adam weight decay (regularisation)
     fusers: tuple[str, ...] = ("gating", "concatenation", "average")  # merged twin fusers to choose from
     selection: str = "walk"  # "walk": the held-out walk per scene; "lowo": leave-one-walk-out over the folds
+    members: int = 1  # seed ensemble: every twin trained with this many seeds, their corrections averaged
+    shrink_grid: tuple[float, ...] = SHRINK_GRID  # the alphas chosen from on validation
+    val_copies: int = 0  # AP-dropout copies of each validation walk the shrink alpha is also chosen on
 
 
 @dataclass
