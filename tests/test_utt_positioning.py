@@ -254,6 +254,7 @@ def test_every_run_of_a_seed_is_scored_on_its_own_twins_and_the_locator_position
     study = PositioningStudy(prep, UttConfig(), pcfg)
     first = study.run_seed(1)
     assert first["members"] == [1, 2]
+    assert any("~sparse1." in n for n in study.tracks)  # alpha was also chosen on sparse validation copies
     other = study.run_seed(1, replace(pcfg, groups=("kf", "quality")))
     key = "merged (unshrunk, alpha 1)"
     assert first["test_median_m"][key] != other["test_median_m"][key]

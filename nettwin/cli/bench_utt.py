@@ -67,6 +67,12 @@ def utt(
         help="early stopping of the positioning twins: a twin stops after this many rounds without a better "
         "validation loss (0: off)",
     ),
+    val_copies: int = typer.Option(
+        2,
+        min=0,
+        help="sparser AP-dropout copies of each validation walk the shrink alpha is also chosen on "
+        "(what an unseen, sparser walk looks like; 0: the validation walks alone)",
+    ),
     members: int = typer.Option(
         1,
         min=1,
@@ -138,6 +144,7 @@ def utt(
         selection=selection,
         patience=patience,
         members=members,
+        val_copies=val_copies,
     )
     with console.status("training the twins (a few minutes on 2 cores)"):
         report, rows = run(list(data), cfg, pcfg)

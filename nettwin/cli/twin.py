@@ -148,6 +148,11 @@ def position_cmd(
         min=0,
         help="selection stops a twin after this many rounds without a better validation loss (0: off)",
     ),
+    val_copies: int = typer.Option(
+        2,
+        min=0,
+        help="sparser AP-dropout copies of each validation walk the shrink alpha is also chosen on (0: none)",
+    ),
     members: int = typer.Option(1, min=1, help="seed ensemble: every twin trained with this many seeds"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -167,7 +172,12 @@ def position_cmd(
         raise InputError(f"--fusers {fusers!r}: choose from {', '.join(FUSERS)}")
     settings = settings_of(ctx)
     pcfg = PositioningConfig(
-        rounds=rounds, fusers=chosen, augment=augment, patience=patience, members=members
+        rounds=rounds,
+        fusers=chosen,
+        augment=augment,
+        patience=patience,
+        members=members,
+        val_copies=val_copies,
     )
     with console.status("position: selecting on held-out walks, refitting, testing"):
         record = train_locator(list(data), Path(settings.state_dir), seed, pcfg)

@@ -5,8 +5,10 @@ Per seed (nothing is ever chosen on a test walk):
 1. **select**: fit the Position twin (FTM features), the tracking twin (IMU) and one merged twin per fuser on
    the fitting walks; early-stop each on the held-out validation walks; choose the fuser with the lowest
    validation NMSE; then choose the **shrink** ``alpha`` of the merged twin's correction on the same
-   validation walks (:func:`choose_shrink`): the deployed position is ``anchor + alpha * correction``, where
-   the anchor is the range Kalman filter's position, so ``alpha = 0`` is the filter itself (the fallback);
+   validation walks and ``pcfg.val_copies`` sparser AP-dropout copies of each (:func:`choose_shrink`;
+   a sparser walk is what an unseen walk looks like): the deployed position is ``anchor + alpha *
+   correction``, where the anchor is the range Kalman filter's position, so ``alpha = 0`` is the filter
+   itself (the fallback); with ``pcfg.members`` above 1, every twin is a seed ensemble (corrections averaged);
 2. **refit**: train the three twins again on every training walk (fitting + validation walks) for the rounds
    each kept in step 1, with the chosen fuser and ``alpha``;
 3. **test**: position every row of the test walks (the window ending at that row, its last step), per scene.

@@ -50,7 +50,7 @@ class PositioningConfig:
     selection: str = "walk"  # "walk": the held-out walk per scene; "lowo": leave-one-walk-out over the folds
     members: int = 1  # seed ensemble: every twin trained with this many seeds, their corrections averaged
     shrink_grid: tuple[float, ...] = SHRINK_GRID  # the alphas chosen from on validation
-    val_copies: int = 0  # AP-dropout copies of each validation walk the shrink alpha is also chosen on
+    val_copies: int = 2  # AP-dropout copies of each validation walk the shrink alpha is also chosen on
 
 
 @dataclass
