@@ -93,14 +93,15 @@ def test_bench_utt_cli_writes_positioning_csv_for_unseen_walks(tmp_path: Path) -
         assert 0 < t["kalman"] < t["trilateration"] < 10, scene  # the filter beats raw trilateration
         assert len(t["merged twin"]["values"]) == len(t["position twin"]["values"]) == 2  # two seeds
         assert len(v["val_median_m"]["merged twin"]["values"]) == 2
-        # the shrink alpha is chosen on the validation walks: there the shrunk twin is never worse than the
-        # filter (alpha 0 is the filter itself)
-        assert all(
-            m <= v["val_median_m"]["kalman"] + 1e-3 for m in v["val_median_m"]["merged twin"]["values"]
-        )
         assert all(a in (0.0, 0.25, 0.5, 0.75, 1.0) for a in v["alpha"])
         assert isinstance(v["target_met"], bool)
     assert [r["seed"] for r in report["positioning"]["seeds"]] == [1, 1001]
+    for r in report["positioning"]["seeds"]:
+        # the shrink alpha is chosen on the validation walks and their sparser copies: there the shrunk twin
+        # is never worse than the filter in any scene (alpha 0 is the filter itself)
+        curve = r["shrink_val_median_m"]
+        assert curve["0.0"].keys() == per_scene.keys()
+        assert all(curve[str(r["alpha"])][s] <= curve["0.0"][s] + 1e-9 for s in per_scene)
     assert all(r["chosen_fuser"] in ("gating", "concatenation") for r in report["positioning"]["seeds"])
     assert report["positioning"]["filter"]["tuned_on"] == sp["train_walks"]
     pos = report["positioning_test_rows"]
