@@ -76,8 +76,9 @@ def summarise(study: PositioningStudy, runs: list[dict[str, Any]]) -> dict[str, 
             ),
         }
     return {
-        "protocol": "select fuser, rounds and the shrink alpha on held-out walks, refit on all training walks, "
-        "test on unseen walks; merged = filter + alpha * the twin's correction",
+        "protocol": "select fuser, rounds and the shrink alpha on held-out walks (alpha also on "
+        f"{study.pcfg.val_copies} sparser copies of each), refit on all training walks, test on unseen walks; "
+        f"merged = filter + alpha * the twin's correction (mean over {study.pcfg.members} seed member(s))",
         "filter": {"params": study.filter.as_dict(), "tuned_on": study.prep.train, "grid": study.filter_grid},
         "inputs": {"ftm": list(study.pcfg.groups), "augment": study.pcfg.augment},
         "per_scene": per_scene,
