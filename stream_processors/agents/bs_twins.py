@@ -45,12 +45,21 @@ def hourly_batch(value: bytes | None, step_s: int = HOUR_S) -> RecordBatch | Non
 
 
 def warm_up() -> None:
-    """Import torch and the twin models: ~3 s under load, which the first step after the bootstrap paid
-    (its forecasts took 4-9 s against 1-2.6 s for later steps at 1,000 entities)."""
-    import torch  # noqa: F401
+    """Import what acting on the twins needs and run one tiny local update, so the first step after the
+    bootstrap imports nothing. Importing torch and the models took ~3 s under load; the first optimizer then
+    imported ``torch._dynamo`` (torch.optim does on its first ``Adam``: 3.3 s of a py-spy profile of the first
+    step at 1,000 entities, load ~11) and the first ``plan()`` the local-update module (0.5 s). The agent
+    trains partition by partition, so each second of that held back the next partitions' forecasts."""
+    import torch
 
-    import twin_store.models.forecaster
+    import twin_store.federation.local_updates
     import twin_store.models.telemetry_screen  # noqa: F401
+    from twin_store.models.forecaster import FitConfig, TwinModel
+
+    model = TwinModel(2, 2)
+    x, y = torch.zeros(1, 4, 2), torch.zeros(1, 4)
+    model.fit(model.init(1, 0), x, y, FitConfig(1, 1e-3, 2), torch.Generator().manual_seed(0))
+    model.predict(model.init(1, 0), x)
 
 
 def register(ctx: WorkerContext) -> Any:
