@@ -46,12 +46,18 @@ def test_the_current_point_is_stamped_with_the_key_in_the_writes_precision() -> 
     for precision, unit in (("s", 1), ("ms", 1_000), ("ns", 1_000_000_000)):
         history, current = twin_state_lines("bs", "42", fields, 1_700_000_000 * unit, precision, "cell-42")
         assert history == f"twin,level=bs,twin_id=42 version=2i,loss=0.25 {1_700_000_000 * unit}"
-        assert current.startswith("twin_current,level=bs version=2i,loss=0.25,")
-        assert (
-            current.endswith(f" {42 * unit}") and 'twin_id="42"' in current and 'entity="cell-42"' in current
-        )
-        # ``updated`` is the row's time in ms, ``written`` the fields this write carried (not epsilon)
-        assert "updated=1700000000000i" in current and 'written="loss,version"' in current
+        head, _, stamp = current.rpartition(" ")
+        assert head.startswith("twin_current,level=bs state=") and stamp == str(42 * unit)
+        state = json.loads(json.loads(head.partition("state=")[2]))  # the field's string, then its JSON
+        # the whole state in one field: a later write replaces it whole (no epsilon here)
+        assert state == {
+            "level": "bs",
+            "twin_id": "42",
+            "entity": "cell-42",
+            "version": 2,
+            "loss": 0.25,
+            "time": "2023-11-14T22:13:20Z",
+        }
 
 
 @pytest.fixture
@@ -84,7 +90,7 @@ def _update(square: int, seq: int) -> TwinMessage:
 
 
 def _count_points(influx: InfluxClient) -> dict[str, int]:
-    series = influx.query(f'SELECT count("version") FROM "{TWIN_CURRENT}" GROUP BY "level"')
+    series = influx.query(f'SELECT count("state") FROM "{TWIN_CURRENT}" GROUP BY "level"')
     return {s.tags["level"]: int(s.values[0][1]) for s in series}
 
 

@@ -3,6 +3,7 @@ so no request can change a query's shape."""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any
 
@@ -224,14 +225,15 @@ def entity(influx: InfluxClient, square: int) -> dict[str, Any]:
     decisions.sort(key=lambda d: d["time"], reverse=True)
     twin = run(
         influx,
-        f'SELECT "version" FROM "{TWIN_CURRENT}" WHERE "level" = \'bs\' AND time = {twin_key(str(sq))}s',
+        f'SELECT "state" FROM "{TWIN_CURRENT}" WHERE "level" = \'bs\' AND time = {twin_key(str(sq))}s',
     )
+    state = json.loads(twin[0].values[0][1]) if twin and twin[0].values else {}
     last = run(influx, f'SELECT {TRAFFIC_FIELDS} FROM "traffic_hourly" WHERE "entity" = \'{sq}\'')
     traffic = _traffic_value(last[0].values[0]) if last and last[0].values else None
     n = len(model_err)
     return {
         "square": sq,
-        "bs_version": _scalar(twin),
+        "bs_version": state.get("version"),
         "traffic": traffic,
         "series": series,  # [time, actual, predicted, persistence, flagged]
         "mae": sum(model_err) / n if n else None,

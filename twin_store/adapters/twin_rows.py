@@ -7,13 +7,14 @@ holds exactly one point per twin, overwritten in place, in one series per level:
 - tag ``level``; time = the twin's key (``twin_key``): its integer id as seconds after the epoch (ids from
   2^31 on, and names, hashed into a 2^24 s range above that), so the points of a level sit in one or two
   shards of 1970 and each write replaces the twin's point (InfluxDB identifies a point by series and time);
-- fields: the history row's fields, ``twin_id``, ``entity`` (the BS's name, when the writer knows it),
-  ``updated`` (int, ms: the history row's time, the twin's last update) and ``written`` (the fields this write
-  carried, comma-separated). InfluxDB merges the fields of a rewritten point, so a field a later write leaves
-  out keeps an older value: readers keep only the fields named in ``written``.
+- one string field ``state``: a JSON object with the history row's fields, ``level``, ``twin_id``, ``entity``
+  (the BS's name, when the writer knows it) and ``time`` (the history row's time, the twin's last update,
+  ISO to the second as listed). One field, because InfluxDB merges the fields of a rewritten point (a field the latest row left
+  out would keep an older value), and because InfluxDB serialises one column of 10,000 rows several times
+  faster than a dozen (measured: ``bench/twins_query.py``, docs/twins.md).
 
-Reading every twin is then one scan of a few series (docs/twins.md has the figures). Last write wins: each
-twin's rows come from one writer in update order (the store's first BS row comes before any update of it).
+Reading every twin is then one scan of a few series. Last write wins: each twin's rows come from one writer
+in update order (the store's first BS row comes before any update of it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from twin_store.adapters.lineproto import point
 
 if TYPE_CHECKING:
@@ -30,10 +33,11 @@ if TYPE_CHECKING:
 
 TWIN = "twin"
 TWIN_CURRENT = "twin_current"
+# the keys of every listed twin (a twin without one has None), as the ``twin`` schema names them
+KEYS = ("level", "twin_id", "entity", "version", "epsilon", "loss", "n_updates", "n_members", "n_offers")
 UNITS = {"s": 1, "ms": 1_000, "u": 1_000_000, "ns": 1_000_000_000}  # per second, by write precision
 INT_KEYS = 1 << 31  # integer ids below this are their own key, in seconds
 HASHED_KEYS = 1 << 24  # the range the other ids are hashed into, above INT_KEYS
-BOOKKEEPING = ("updated", "written")  # fields of twin_current that are not the twin's
 
 
 def twin_key(twin_id: str) -> int:
@@ -56,22 +60,22 @@ def twin_state_lines(
 ) -> list[str]:
     """The ``twin`` row at ``time`` and the twin's ``twin_current`` point, both in ``precision`` (the write's)."""
     unit = UNITS[precision]
-    written = sorted(k for k, v in fields.items() if v is not None)
-    current = {
-        **fields,
-        "twin_id": twin_id,
-        "entity": entity,
-        "updated": time * 1_000 // unit,
-        "written": ",".join(written),
-    }
+    head = {"level": level, "twin_id": twin_id} | ({"entity": entity} if entity is not None else {})
+    state = head | {k: v for k, v in fields.items() if v is not None} | {"time": _iso_s(time // unit)}
     return [
         point(TWIN, {"level": level, "twin_id": twin_id}, fields, time),
-        point(TWIN_CURRENT, {"level": level}, current, twin_key(twin_id) * unit),
+        point(
+            TWIN_CURRENT, {"level": level}, {"state": orjson.dumps(state).decode()}, twin_key(twin_id) * unit
+        ),
     ]
 
 
+def _iso_s(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _iso(ms: Any) -> str:
-    return datetime.fromtimestamp(int(ms) / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _iso_s(int(ms) // 1000)
 
 
 def _sort_key(row: dict[str, Any]) -> tuple[str, int, str]:
@@ -80,21 +84,20 @@ def _sort_key(row: dict[str, Any]) -> tuple[str, int, str]:
 
 
 def current_twins(influx: InfluxClient, level: str | None = None) -> list[dict[str, Any]]:
-    """Every twin's latest state (of one level): level, twin_id, entity, its fields, time = its last update
-    (ISO), sorted by level and id. A database written before ``twin_current`` existed is read from ``twin``."""
+    """Every twin's latest state (of one level): level, twin_id, entity, its fields (None where its latest row
+    has none, as the ``twin`` listing gives them), time = its last update (ISO), sorted by level and id. A
+    database written before ``twin_current`` existed is read from ``twin``."""
     where = f" WHERE \"level\" = '{level}'" if level else ""
-    rows = [r for s in influx.query(f'SELECT * FROM "{TWIN_CURRENT}"{where}') for r in s.rows()]
-    if not rows and not influx.query(f'SELECT count("version") FROM "{TWIN_CURRENT}"'):
+    series = influx.query(f'SELECT "state" FROM "{TWIN_CURRENT}"{where}')
+    texts = [v[1] for s in series for v in s.values]
+    if not texts and not influx.query(f'SELECT count("state") FROM "{TWIN_CURRENT}"'):
         return latest_history_rows(influx, level)
+    states: list[dict[str, Any]] = orjson.loads("[" + ",".join(texts) + "]")  # one parse, not one per twin
+    keys = sorted(set().union(KEYS, *states))
     out = []
-    for r in rows:
-        kept = set(str(r.get("written") or "").split(","))
-        row = {
-            k: (v if k in ("level", "twin_id", "entity") or k in kept else None)
-            for k, v in r.items()
-            if k not in BOOKKEEPING and k != "time"
-        }
-        row["time"] = _iso(r["updated"])
+    for st in states:  # every key in every row, None where the twin has none (as the ``twin`` listing)
+        row = dict.fromkeys(keys)
+        row.update(st)
         out.append(row)
     out.sort(key=_sort_key)
     return out
