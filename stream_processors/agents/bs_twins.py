@@ -160,25 +160,52 @@ def register(ctx: WorkerContext) -> Any:
             await ctx.dead_letter(letter)
             return None
 
+    # partition -> (newest step start it trains on, its training): a step's training overlaps the next
+    # partitions' steps, so their forecasts do not wait for it
+    training: dict[int, tuple[int, asyncio.Future[None]]] = {}
+
+    async def settle_training(partition: int, batch: RecordBatch | None) -> None:
+        """Before a message: its partition's training (its agents and its offsets come in order), and, for a
+        batch, every training of an earlier step (the store must decide on those updates before the twins
+        of this step are acted on, as when one partition's training ended before the next was read)."""
+        first = int(batch.starts_ms.min()) if batch is not None and len(batch) else None
+        for p, (step_ms, fut) in list(training.items()):
+            if p == partition or (first is not None and step_ms < first):
+                await fut
+                if training.get(p, (0, None))[1] is fut:
+                    del training[p]
+
+    async def train_then_ack(agents: BsAgents, out: AgentOutput, event: Any, stream: Any) -> None:
+        msg = event.message
+        if await guarded(agents.train_only, out, event) is not None:
+            agents.expect(out.updates)
+            await send_updates(out, msg.partition)
+        states.advance(msg.topic, msg.partition, msg.offset)
+        await stream.ack(event)
+
     @ctx.app.agent(source, name="bs-twins")
     async def bs_twins(stream: Any) -> None:
         ctx.start_thread(follower)
         async for event in stream.noack().events():
             msg = event.message
-            agents = await agents_for(msg)
             try:
                 batch = hourly_batch(event.value, step_s)
             except MalformedMessage:
                 batch = None  # the store dead-letters what it cannot read from this topic
                 skipped["unreadable"] += 1
+            await settle_training(msg.partition, batch)
+            agents = await agents_for(msg)
             if batch is not None:
                 await wait_for_store(agents, batch)
                 # before the first global twin an hour is only kept: no thread, no torch
                 out = await guarded(agents.observe, batch, event) if agents.ready else agents.observe(batch)
                 if out is not None:
                     await send_rows(out, msg.partition)  # forecasts first: they do not wait for training
-                    if out.due and await guarded(agents.train, out, event) is not None:
-                        await send_updates(out, msg.partition)
+                    if out.due:  # acknowledged once its updates are sent
+                        step_ms = int(batch.starts_ms.max())
+                        task = asyncio.ensure_future(train_then_ack(agents, out, event, stream))
+                        training[msg.partition] = (step_ms, task)
+                        continue
             states.advance(msg.topic, msg.partition, msg.offset)
             await stream.ack(event)
 
