@@ -35,6 +35,7 @@ TWIN = "twin"
 TWIN_CURRENT = "twin_current"
 # the keys of every listed twin (a twin without one has None), as the ``twin`` schema names them
 KEYS = ("level", "twin_id", "entity", "version", "epsilon", "loss", "n_updates", "n_members", "n_offers")
+_NULLS = "{" + ",".join(f'"{k}":null' for k in KEYS) + ","  # a state's keys override these (last wins)
 UNITS = {"s": 1, "ms": 1_000, "u": 1_000_000, "ns": 1_000_000_000}  # per second, by write precision
 INT_KEYS = 1 << 31  # integer ids below this are their own key, in seconds
 HASHED_KEYS = 1 << 24  # the range the other ids are hashed into, above INT_KEYS
@@ -88,18 +89,25 @@ def current_twins(influx: InfluxClient, level: str | None = None) -> list[dict[s
     has none, as the ``twin`` listing gives them), time = its last update (ISO), sorted by level and id. A
     database written before ``twin_current`` existed is read from ``twin``."""
     where = f" WHERE \"level\" = '{level}'" if level else ""
-    series = influx.query(f'SELECT "state" FROM "{TWIN_CURRENT}"{where}')
-    texts = [v[1] for s in series for v in s.values]
-    if not texts and not influx.query(f'SELECT count("state") FROM "{TWIN_CURRENT}"'):
+    # one series per level, in tag order, each in key order (integer ids: id order): sorted as listed
+    series = influx.query(f'SELECT "state" FROM "{TWIN_CURRENT}"{where} GROUP BY "level"')
+    if not series and not influx.query(f'SELECT count("state") FROM "{TWIN_CURRENT}"'):
         return latest_history_rows(influx, level)
-    states: list[dict[str, Any]] = orjson.loads("[" + ",".join(texts) + "]")  # one parse, not one per twin
-    keys = sorted(set().union(KEYS, *states))
-    out = []
-    for st in states:  # every key in every row, None where the twin has none (as the ``twin`` listing)
-        row = dict.fromkeys(keys)
-        row.update(st)
-        out.append(row)
-    out.sort(key=_sort_key)
+    out: list[dict[str, Any]] = []
+    for s in series:
+        # one parse for the level, every state behind the KEYS as nulls: a key the state has overrides its null
+        texts = [_NULLS + v[1][1:] for v in s.values]
+        rows: list[dict[str, Any]] = orjson.loads("[" + ",".join(texts) + "]")
+        ids = [r["twin_id"] for r in rows]
+        # integer ids below 10^9 (< INT_KEYS) are in id order already; named twins are in hashed-key order
+        if ids and not ("".join(ids).isdigit() and max(map(len, ids)) <= 9):
+            rows.sort(key=_sort_key)
+        out += rows
+    extra = set().union(*out).difference(KEYS, ("time",)) if out else set()
+    if extra:  # fields some twins have (UTT twins' lineage): None on the others, as the ``twin`` listing
+        for r in out:
+            for k in extra:
+                r.setdefault(k, None)
     return out
 
 
