@@ -259,6 +259,13 @@ class BsAgents:
             self._close_hour(hour, by_hour[hour], plan, scaler, model, out)
         return out
 
+    def catch_up(self) -> AgentOutput | None:
+        """``observe`` of the steps kept while there was no global twin, once it is here (the worker calls it
+        when the twin arrives, not at the next step's batch); None if there is no twin yet or nothing kept."""
+        if not self.ready or not self.backlog:
+            return None
+        return self.observe(self.backlog.pop())
+
     def _rows(self, batch: RecordBatch, plan: StreamPlan) -> list[tuple[int, int, float]]:
         if plan.column not in batch.columns:  # e.g. 10-minute activity windows of a raw replay
             self.counters["other_batches"] += 1

@@ -283,3 +283,23 @@ def test_after_the_warm_up_the_first_steps_import_nothing() -> None:
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "[]"
+
+
+def test_steps_kept_before_the_first_global_twin_are_acted_on_when_it_arrives() -> None:
+    """The worker calls ``catch_up`` as soon as the first global twin arrives: the kept steps' forecasts go out
+    then, not with the next step's batch a whole step later."""
+    agents = BsAgents()
+    data = {s: series(s, 131) for s in SQUARES}
+    for h in range(130):
+        assert not agents.on_hour(hour_batch(h, {s: data[s][h] for s in SQUARES})).forecasts
+    assert agents.catch_up() is None  # no twin yet: kept
+    for t in twins(MODEL.init(1, 0)[0]):
+        agents.on_twin(t)
+    out = agents.catch_up()
+    assert out is not None and not agents.backlog
+    [fc] = out.forecasts  # hour 129, the newest kept, closed: the forecast of hour 130
+    assert (fc.starts_ms == START_MS + 130 * 3_600_000).all() and set(fc.squares.tolist()) == set(SQUARES)
+    assert agents.catch_up() is None
+    # the next step goes on from there: its outcome scores that forecast
+    [oc] = agents.on_hour(hour_batch(130, {s: data[s][130] for s in SQUARES})).outcomes
+    assert set(oc.squares.tolist()) == set(SQUARES)

@@ -32,6 +32,8 @@ T = TypeVar("T")
 
 # how long a BS agent waits for the twin store to publish its previous hour's updates before acting anyway
 ACK_WAIT_S = 5.0
+# how often the agent looks for the first global twin while it keeps steps (``catch_up_loop``)
+CATCH_UP_POLL_S = 0.1
 HOUR_S = 3600
 
 
@@ -183,30 +185,64 @@ def register(ctx: WorkerContext) -> Any:
         states.advance(msg.topic, msg.partition, msg.offset)
         await stream.ack(event)
 
+    acting = asyncio.Lock()  # one message, or one catch-up, at a time on the agents
+
+    async def catch_up_loop() -> None:
+        """Act on the steps kept while there was no global twin as soon as it arrives, not when the next step's
+        batch comes: a whole step later (the first live step's forecasts came 5 s late at the scale bench's
+        5-second steps, and would come a cadence late in a deployment)."""
+        while True:
+            await asyncio.sleep(CATCH_UP_POLL_S)
+            if not any(a.backlog for a in states.states()):
+                continue
+            async with acting:
+                follower.drain_into(twins)
+                for (topic, partition), agents in states.items():
+                    if not (agents.backlog and agents.ready):
+                        continue
+                    try:
+                        out = await in_thread(agents.catch_up)
+                        if out is not None:
+                            await send_rows(out, partition)
+                            if out.due:
+                                agents.expect(await in_thread(agents.train_only, out))
+                                await send_updates(out, partition)
+                    except Exception:  # the steps were kept, not received now: nothing to dead-letter
+                        log.exception("bs-twins: acting on the kept steps of %s[%d] failed", topic, partition)
+
+    async def on_event(event: Any, stream: Any) -> None:
+        """One message of the twins' step topic (the agent holds ``acting``)."""
+        msg = event.message
+        try:
+            batch = hourly_batch(event.value, step_s)
+        except MalformedMessage:
+            batch = None  # the store dead-letters what it cannot read from this topic
+            skipped["unreadable"] += 1
+        await settle_training(msg.partition, batch)
+        agents = await agents_for(msg)
+        if batch is not None:
+            await wait_for_store(agents, batch)
+            # before the first global twin an hour is only kept: no thread, no torch
+            out = await guarded(agents.observe, batch, event) if agents.ready else agents.observe(batch)
+            if out is not None:
+                await send_rows(out, msg.partition)  # forecasts first: they do not wait for training
+                if out.due:  # acknowledged once its updates are sent
+                    step_ms = int(batch.starts_ms.max())
+                    task = asyncio.ensure_future(train_then_ack(agents, out, event, stream))
+                    training[msg.partition] = (step_ms, task)
+                    return
+        states.advance(msg.topic, msg.partition, msg.offset)
+        await stream.ack(event)
+
     @ctx.app.agent(source, name="bs-twins")
     async def bs_twins(stream: Any) -> None:
         ctx.start_thread(follower)
-        async for event in stream.noack().events():
-            msg = event.message
-            try:
-                batch = hourly_batch(event.value, step_s)
-            except MalformedMessage:
-                batch = None  # the store dead-letters what it cannot read from this topic
-                skipped["unreadable"] += 1
-            await settle_training(msg.partition, batch)
-            agents = await agents_for(msg)
-            if batch is not None:
-                await wait_for_store(agents, batch)
-                # before the first global twin an hour is only kept: no thread, no torch
-                out = await guarded(agents.observe, batch, event) if agents.ready else agents.observe(batch)
-                if out is not None:
-                    await send_rows(out, msg.partition)  # forecasts first: they do not wait for training
-                    if out.due:  # acknowledged once its updates are sent
-                        step_ms = int(batch.starts_ms.max())
-                        task = asyncio.ensure_future(train_then_ack(agents, out, event, stream))
-                        training[msg.partition] = (step_ms, task)
-                        continue
-            states.advance(msg.topic, msg.partition, msg.offset)
-            await stream.ack(event)
+        catching_up = asyncio.ensure_future(catch_up_loop())
+        try:
+            async for event in stream.noack().events():
+                async with acting:
+                    await on_event(event, stream)
+        finally:
+            catching_up.cancel()
 
     return bs_twins
