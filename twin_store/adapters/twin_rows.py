@@ -90,7 +90,7 @@ def current_twins(influx: InfluxClient, level: str | None = None) -> list[dict[s
     database written before ``twin_current`` existed is read from ``twin``."""
     where = f" WHERE \"level\" = '{level}'" if level else ""
     # one series per level, in tag order, each in key order (integer ids: id order): sorted as listed
-    series = influx.query(f'SELECT "state" FROM "{TWIN_CURRENT}"{where} GROUP BY "level"')
+    series = influx.query(f'SELECT "state" FROM "{TWIN_CURRENT}"{where} GROUP BY "level"', packed=True)
     if not series and not influx.query(f'SELECT count("state") FROM "{TWIN_CURRENT}"'):
         return latest_history_rows(influx, level)
     out: list[dict[str, Any]] = []
