@@ -9,9 +9,10 @@ flushed) and stops when the forecast the closing made is queryable in InfluxDB. 
 - ``close_to_forecast_s``: p50/p99 over every (entity, step) at the poll resolution ``--poll-s``;
 - ``bootstrap_s``: from the history being written to the global twin being queryable;
 - ``peak_rss_mb``: per process (attach, store, worker, htwin) and in all;
-- ``query_twins_ms``: the current-state query of ``nettwin query twins`` (p50/p99 over 50 runs, in process)
-  and the whole command's wall time once (CLI start-up included); ``global_and_clusters_*`` the same query
-  for the network's twins only (one series per BS makes the full listing grow with the entities).
+- ``query_twins_ms``: the current-state query of ``nettwin query twins`` (``twin_current``; p50/p99 over 50
+  runs, in process) and the whole command's wall time once (CLI start-up included); ``old_history_limit_1_*``
+  the listing it replaced (``twin`` rows, a per-series ``LIMIT 1``) in the same runs; ``global_and_clusters_*``
+  the network's twins only (``--level global`` and ``--level cluster``).
 
 Targets (issue 12): p99 under 2 s, under 2 GB RSS in all, the query under 50 ms.
 
@@ -38,17 +39,11 @@ from bench.live_scale import Watcher
 from ingest.settings import NettwinSettings, TwinsSettings, load_settings
 from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.provision import deprovision, provision
+from twin_store.adapters.twin_rows import current_twins, latest_history_rows
 from twin_store.services.processes import settings_env, spawn_cli, stop_process
 
 STEP_MS = 60_000
 T0_MS = 1_700_000_000_000 - 1_700_000_000_000 % 86_400_000  # a UTC midnight
-TWINS_QUERY = 'SELECT * FROM "twin" GROUP BY "level", "twin_id" ORDER BY time DESC LIMIT 1'
-# the network's twins only (global and clusters: `nettwin query twins --level global|cluster`), without one
-# series per BS
-NETWORK_QUERY = (
-    'SELECT * FROM "twin" WHERE "level" = \'global\' OR "level" = \'cluster\' '
-    'GROUP BY "level", "twin_id" ORDER BY time DESC LIMIT 1'
-)
 
 
 def step_lines(k: int, n: int, rng: np.random.Generator) -> str:
@@ -170,13 +165,17 @@ def main() -> None:
                     per_step.append([round(seen[0][0] - t_close, 2), round(seen[-1][0] - t_close, 2)])
             expected = n * len(closed)
             with InfluxClient(settings.influx) as influx:
-                q_ms, net_ms = [], []
-                for _ in range(50):
+                q_ms, old_ms, net_ms = [], [], []
+                for _ in range(50):  # interleaved: the three see the same load
                     q0 = time.perf_counter()
-                    influx.query(TWINS_QUERY)
+                    current_twins(influx)
                     q_ms.append((time.perf_counter() - q0) * 1000)
                     q0 = time.perf_counter()
-                    influx.query(NETWORK_QUERY)
+                    latest_history_rows(influx)
+                    old_ms.append((time.perf_counter() - q0) * 1000)
+                    q0 = time.perf_counter()
+                    current_twins(influx, "global")
+                    current_twins(influx, "cluster")
                     net_ms.append((time.perf_counter() - q0) * 1000)
             c0 = time.perf_counter()
             cli = subprocess.run(
@@ -206,6 +205,8 @@ def main() -> None:
                     "p99": round(float(np.percentile(q_ms, 99)), 2),
                     "cli_wall_ms": round(cli_ms),
                     "cli_ok": cli.returncode == 0,
+                    "old_history_limit_1_p50": round(float(np.percentile(old_ms, 50)), 2),
+                    "old_history_limit_1_p99": round(float(np.percentile(old_ms, 99)), 2),
                     "global_and_clusters_p50": round(float(np.percentile(net_ms, 50)), 2),
                     "global_and_clusters_p99": round(float(np.percentile(net_ms, 99)), 2),
                 },

@@ -259,6 +259,13 @@ class BsAgents:
             self._close_hour(hour, by_hour[hour], plan, scaler, model, out)
         return out
 
+    def catch_up(self) -> AgentOutput | None:
+        """``observe`` of the steps kept while there was no global twin, once it is here (the worker calls it
+        when the twin arrives, not at the next step's batch); None if there is no twin yet or nothing kept."""
+        if not self.ready or not self.backlog:
+            return None
+        return self.observe(self.backlog.pop())
+
     def _rows(self, batch: RecordBatch, plan: StreamPlan) -> list[tuple[int, int, float]]:
         if plan.column not in batch.columns:  # e.g. 10-minute activity windows of a raw replay
             self.counters["other_batches"] += 1
@@ -357,13 +364,23 @@ class BsAgents:
             out.due.append(DueHour(hour, fresh, {s: clusters[s] for s in fresh}))
 
     def train(self, out: AgentOutput) -> list[TwinMessage]:
-        """The local updates ``observe`` left due, hour by hour, into ``out.updates`` (returned). Training
-        reads only the history up to its hour and the twins as of the hour before, so hours observed since
-        do not change it."""
+        """The local updates ``observe`` left due, hour by hour, into ``out.updates`` (returned), each then
+        awaited from the store (``expect``). Training reads only the history up to its hour and the twins as
+        of the hour before, so hours observed since do not change it."""
+        self.expect(self.train_only(out))
+        return out.updates
+
+    def train_only(self, out: AgentOutput) -> list[TwinMessage]:
+        """``train`` without ``expect``: the worker trains in a thread while its event loop reads
+        ``awaiting`` (other partitions' steps), so it registers the updates itself, in the loop."""
         for due in out.due:
             self._train_hour(due, out)
         out.due.clear()
         return out.updates
+
+    def expect(self, updates: list[TwinMessage]) -> None:
+        """The store has yet to decide on these updates (sent or about to be)."""
+        self.awaiting.update({int(u.twin_id): int(u.meta["seq"]) for u in updates})
 
     def _train_hour(self, due: DueHour, out: AgentOutput) -> None:
         import torch
@@ -410,7 +427,6 @@ class BsAgents:
                 else:  # sent unsigned: the store rejects it and says so in an `update` row
                     self.counters["unsigned_updates"] += 1
         self.counters["updates"] += len(updates)
-        self.awaiting.update({int(u.twin_id): hour for u in updates})
         out.updates += updates
 
     def _z(

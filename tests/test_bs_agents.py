@@ -238,3 +238,68 @@ def test_an_hour_waits_for_the_updates_other_partitions_agents_sent() -> None:
     for s in sent:
         right.on_twin(TwinMessage("bs", str(s), 2, 8, np.zeros(MODEL.n_params, np.float32), {"seq": 200}))
     assert right.unacknowledged_before(hour_batch(139, {9: 1.0})) == 0
+
+
+FIRST_STEP_AFTER_WARM_UP = """
+import sys
+
+import numpy as np
+
+from ingest.schema import RecordBatch
+from stream_processors.agents.bs_twins import warm_up
+from stream_processors.bs_agents import BsAgents
+from twin_store.federation.models_topic import TwinMessage
+
+warm_up()
+before = set(sys.modules)
+plan = {"seed": 1, "start_hour": 130, "start_ms": 0, "update_every": 1, "window": 24,
+        "fit": {"steps": 2, "lr": 0.01, "batch": 8}}
+params = np.random.default_rng(0).normal(0, 0.1, 339).astype(np.float32)  # hidden 8, 10 inputs
+agents = BsAgents()
+agents.on_twin(TwinMessage("global", "0", 1, 8, params, {"plan": plan, "scaler": {"3": [1.0, 1.0]}}))
+agents.on_twin(TwinMessage("cluster", "0", 1, 8, params, {"members": [3], "epoch": 0}))
+for h in range(132):
+    batch = RecordBatch("features", ("activity", "n_intervals"), 3600, np.array([3], np.uint32),
+                        np.array([h * 3_600_000], np.int64), np.array([[np.sin(h / 4), 1.0]]))
+    out = agents.on_hour(batch)
+assert agents.counters["forecasts"] == 3 and agents.counters["updates"] == 2, agents.counters
+print(sorted(set(sys.modules) - before))
+"""
+
+
+def test_after_the_warm_up_the_first_steps_import_nothing() -> None:
+    """The worker's warm-up (a thread at start) leaves nothing for the first live step to import: the first
+    ``Adam`` imported ``torch._dynamo`` there (3.3 s of the first step's profile at 1,000 entities, load ~11)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    res = subprocess.run(
+        [sys.executable, "-c", FIRST_STEP_AFTER_WARM_UP],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"
+
+
+def test_steps_kept_before_the_first_global_twin_are_acted_on_when_it_arrives() -> None:
+    """The worker calls ``catch_up`` as soon as the first global twin arrives: the kept steps' forecasts go out
+    then, not with the next step's batch a whole step later."""
+    agents = BsAgents()
+    data = {s: series(s, 131) for s in SQUARES}
+    for h in range(130):
+        assert not agents.on_hour(hour_batch(h, {s: data[s][h] for s in SQUARES})).forecasts
+    assert agents.catch_up() is None  # no twin yet: kept
+    for t in twins(MODEL.init(1, 0)[0]):
+        agents.on_twin(t)
+    out = agents.catch_up()
+    assert out is not None and not agents.backlog
+    [fc] = out.forecasts  # hour 129, the newest kept, closed: the forecast of hour 130
+    assert (fc.starts_ms == START_MS + 130 * 3_600_000).all() and set(fc.squares.tolist()) == set(SQUARES)
+    assert agents.catch_up() is None
+    # the next step goes on from there: its outcome scores that forecast
+    [oc] = agents.on_hour(hour_batch(130, {s: data[s][130] for s in SQUARES})).outcomes
+    assert set(oc.squares.tolist()) == set(SQUARES)

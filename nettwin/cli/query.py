@@ -62,13 +62,10 @@ def traffic_rows(
 
 
 def twin_rows(influx: InfluxClient, level: str | None) -> list[dict[str, Any]]:
-    where = f" WHERE \"level\" = '{level}'" if level else ""
-    q = f'SELECT * FROM "twin"{where} GROUP BY "level", "twin_id" ORDER BY time DESC LIMIT 1'
-    rows = [r for s in influx.query(q) for r in s.rows()]
-    for r in rows:
-        r["time"] = _iso(r["time"])
-    rows.sort(key=lambda r: (r["level"], int(r["twin_id"]) if str(r["twin_id"]).isdigit() else r["twin_id"]))
-    return rows
+    """Each twin's latest state, from ``twin_current`` (one point per twin: no per-series scan)."""
+    from twin_store.adapters.twin_rows import current_twins
+
+    return current_twins(influx, level)
 
 
 @app.command()
@@ -101,7 +98,7 @@ def twins(
     level: str | None = typer.Option(None, help="bs, cluster or global"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """The current state of every twin (its latest row)."""
+    """The current state of every twin (its latest row, read from ``twin_current``)."""
     if level not in (None, "bs", "cluster", "global"):
         raise InputError(f"--level {level!r}: choose bs, cluster or global")
     from twin_store.adapters.influx import InfluxClient
@@ -112,7 +109,7 @@ def twins(
     if json_out:
         print_json(rows)
     else:
-        cols = ["level", "twin_id", "version", "epsilon", "loss", "n_updates", "n_members", "time"]
+        cols = ["level", "twin_id", "entity", "version", "epsilon", "loss", "n_updates", "n_members", "time"]
         print_table("twins", rows, [c for c in cols if rows and c in rows[0]])
 
 

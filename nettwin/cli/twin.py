@@ -162,7 +162,7 @@ def position_cmd(
     from twin_store.adapters.influx import InfluxClient
     from twin_store.federation.utt_positioning import PositioningConfig
     from twin_store.models.utt import FUSERS
-    from twin_store.services.twin import locator_line, train_locator
+    from twin_store.services.twin import locator_lines, train_locator
 
     for d in data:
         if not d.exists():
@@ -182,7 +182,7 @@ def position_cmd(
     with console.status("position: selecting on held-out walks, refitting, testing"):
         record = train_locator(list(data), Path(settings.state_dir), seed, pcfg)
     with InfluxClient(settings.influx) as influx:
-        influx.write(locator_line(record, int(time.time())).encode(), precision="s")
+        influx.write("\n".join(locator_lines(record, int(time.time()))).encode(), precision="s")
     if json_out:
         print_json(record)
         return

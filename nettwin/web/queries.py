@@ -3,11 +3,13 @@ so no request can change a query's shape."""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any
 
 from ingest.errors import InputError
 from twin_store.adapters.influx import InfluxClient, Series
+from twin_store.adapters.twin_rows import TWIN_CURRENT, current_twins, twin_key
 
 # map layers: name -> (label, unit)
 LAYERS = {
@@ -47,6 +49,17 @@ def _newest_per_square(influx: InfluxClient, measurement: str, fields: tuple[str
             if value is not None and row[-1] is not None:
                 out[str(row[-1])] = value
     return out
+
+
+def current(influx: InfluxClient, level: str) -> list[dict[str, Any]]:
+    """The twins of ``level`` as ``nettwin query twins`` lists them (``twin_current``); none before a database
+    exists."""
+    try:
+        return current_twins(influx, level)
+    except InputError as exc:
+        if "database not found" in str(exc):
+            return []
+        raise
 
 
 def run(influx: InfluxClient, q: str) -> list[Series]:
@@ -96,11 +109,8 @@ def layer(influx: InfluxClient, name: str) -> dict[str, Any]:
 
 def twin_summary(influx: InfluxClient) -> dict[str, Any]:
     """Versions, H-twinning syncs against offers, re-clusterings and update decisions."""
-    glob = _scalar(run(influx, 'SELECT last("version") FROM "twin" WHERE "level" = \'global\''))
-    clusters = _by_tag(
-        run(influx, 'SELECT last("version") FROM "twin" WHERE "level" = \'cluster\' GROUP BY "twin_id"'),
-        "twin_id",
-    )
+    glob = next((t["version"] for t in current(influx, "global")), None)
+    clusters = {t["twin_id"]: t["version"] for t in current(influx, "cluster")}
     syncs = _scalar(run(influx, 'SELECT count("version") FROM "twin" WHERE "level" = \'global\''))
     offers = _scalar(run(influx, 'SELECT max("n_offers") FROM "twin"'))
     epoch = _scalar(run(influx, 'SELECT max("epoch") FROM "membership"'))
@@ -215,14 +225,15 @@ def entity(influx: InfluxClient, square: int) -> dict[str, Any]:
     decisions.sort(key=lambda d: d["time"], reverse=True)
     twin = run(
         influx,
-        f'SELECT last("version") FROM "twin" WHERE "level" = \'bs\' AND "twin_id" = \'{sq}\'',
+        f'SELECT "state" FROM "{TWIN_CURRENT}" WHERE "level" = \'bs\' AND time = {twin_key(str(sq))}s',
     )
+    state = json.loads(twin[0].values[0][1]) if twin and twin[0].values else {}
     last = run(influx, f'SELECT {TRAFFIC_FIELDS} FROM "traffic_hourly" WHERE "entity" = \'{sq}\'')
     traffic = _traffic_value(last[0].values[0]) if last and last[0].values else None
     n = len(model_err)
     return {
         "square": sq,
-        "bs_version": _scalar(twin),
+        "bs_version": state.get("version"),
         "traffic": traffic,
         "series": series,  # [time, actual, predicted, persistence, flagged]
         "mae": sum(model_err) / n if n else None,

@@ -32,6 +32,8 @@ T = TypeVar("T")
 
 # how long a BS agent waits for the twin store to publish its previous hour's updates before acting anyway
 ACK_WAIT_S = 5.0
+# how often the agent looks for the first global twin while it keeps steps (``catch_up_loop``)
+CATCH_UP_POLL_S = 0.1
 HOUR_S = 3600
 
 
@@ -45,12 +47,21 @@ def hourly_batch(value: bytes | None, step_s: int = HOUR_S) -> RecordBatch | Non
 
 
 def warm_up() -> None:
-    """Import torch and the twin models: ~3 s under load, which the first step after the bootstrap paid
-    (its forecasts took 4-9 s against 1-2.6 s for later steps at 1,000 entities)."""
-    import torch  # noqa: F401
+    """Import what acting on the twins needs and run one tiny local update, so the first step after the
+    bootstrap imports nothing. Importing torch and the models took ~3 s under load; the first optimizer then
+    imported ``torch._dynamo`` (torch.optim does on its first ``Adam``: 3.3 s of a py-spy profile of the first
+    step at 1,000 entities, load ~11) and the first ``plan()`` the local-update module (0.5 s). The agent
+    trains partition by partition, so each second of that held back the next partitions' forecasts."""
+    import torch
 
-    import twin_store.models.forecaster
+    import twin_store.federation.local_updates
     import twin_store.models.telemetry_screen  # noqa: F401
+    from twin_store.models.forecaster import FitConfig, TwinModel
+
+    model = TwinModel(2, 2)
+    x, y = torch.zeros(1, 4, 2), torch.zeros(1, 4)
+    model.fit(model.init(1, 0), x, y, FitConfig(1, 1e-3, 2), torch.Generator().manual_seed(0))
+    model.predict(model.init(1, 0), x)
 
 
 def register(ctx: WorkerContext) -> Any:
@@ -151,26 +162,87 @@ def register(ctx: WorkerContext) -> Any:
             await ctx.dead_letter(letter)
             return None
 
+    # partition -> (newest step start it trains on, its training): a step's training overlaps the next
+    # partitions' steps, so their forecasts do not wait for it
+    training: dict[int, tuple[int, asyncio.Future[None]]] = {}
+
+    async def settle_training(partition: int, batch: RecordBatch | None) -> None:
+        """Before a message: its partition's training (its agents and its offsets come in order), and, for a
+        batch, every training of an earlier step (the store must decide on those updates before the twins
+        of this step are acted on, as when one partition's training ended before the next was read)."""
+        first = int(batch.starts_ms.min()) if batch is not None and len(batch) else None
+        for p, (step_ms, fut) in list(training.items()):
+            if p == partition or (first is not None and step_ms < first):
+                await fut
+                if training.get(p, (0, None))[1] is fut:
+                    del training[p]
+
+    async def train_then_ack(agents: BsAgents, out: AgentOutput, event: Any, stream: Any) -> None:
+        msg = event.message
+        if await guarded(agents.train_only, out, event) is not None:
+            agents.expect(out.updates)
+            await send_updates(out, msg.partition)
+        states.advance(msg.topic, msg.partition, msg.offset)
+        await stream.ack(event)
+
+    acting = asyncio.Lock()  # one message, or one catch-up, at a time on the agents
+
+    async def catch_up_loop() -> None:
+        """Act on the steps kept while there was no global twin as soon as it arrives, not when the next step's
+        batch comes: a whole step later (the first live step's forecasts came 5 s late at the scale bench's
+        5-second steps, and would come a cadence late in a deployment)."""
+        while True:
+            await asyncio.sleep(CATCH_UP_POLL_S)
+            if not any(a.backlog for a in states.states()):
+                continue
+            async with acting:
+                follower.drain_into(twins)
+                for (topic, partition), agents in states.items():
+                    if not (agents.backlog and agents.ready):
+                        continue
+                    try:
+                        out = await in_thread(agents.catch_up)
+                        if out is not None:
+                            await send_rows(out, partition)
+                            if out.due:
+                                agents.expect(await in_thread(agents.train_only, out))
+                                await send_updates(out, partition)
+                    except Exception:  # the steps were kept, not received now: nothing to dead-letter
+                        log.exception("bs-twins: acting on the kept steps of %s[%d] failed", topic, partition)
+
+    async def on_event(event: Any, stream: Any) -> None:
+        """One message of the twins' step topic (the agent holds ``acting``)."""
+        msg = event.message
+        try:
+            batch = hourly_batch(event.value, step_s)
+        except MalformedMessage:
+            batch = None  # the store dead-letters what it cannot read from this topic
+            skipped["unreadable"] += 1
+        await settle_training(msg.partition, batch)
+        agents = await agents_for(msg)
+        if batch is not None:
+            await wait_for_store(agents, batch)
+            # before the first global twin an hour is only kept: no thread, no torch
+            out = await guarded(agents.observe, batch, event) if agents.ready else agents.observe(batch)
+            if out is not None:
+                await send_rows(out, msg.partition)  # forecasts first: they do not wait for training
+                if out.due:  # acknowledged once its updates are sent
+                    step_ms = int(batch.starts_ms.max())
+                    task = asyncio.ensure_future(train_then_ack(agents, out, event, stream))
+                    training[msg.partition] = (step_ms, task)
+                    return
+        states.advance(msg.topic, msg.partition, msg.offset)
+        await stream.ack(event)
+
     @ctx.app.agent(source, name="bs-twins")
     async def bs_twins(stream: Any) -> None:
         ctx.start_thread(follower)
-        async for event in stream.noack().events():
-            msg = event.message
-            agents = await agents_for(msg)
-            try:
-                batch = hourly_batch(event.value, step_s)
-            except MalformedMessage:
-                batch = None  # the store dead-letters what it cannot read from this topic
-                skipped["unreadable"] += 1
-            if batch is not None:
-                await wait_for_store(agents, batch)
-                # before the first global twin an hour is only kept: no thread, no torch
-                out = await guarded(agents.observe, batch, event) if agents.ready else agents.observe(batch)
-                if out is not None:
-                    await send_rows(out, msg.partition)  # forecasts first: they do not wait for training
-                    if out.due and await guarded(agents.train, out, event) is not None:
-                        await send_updates(out, msg.partition)
-            states.advance(msg.topic, msg.partition, msg.offset)
-            await stream.ack(event)
+        catching_up = asyncio.ensure_future(catch_up_loop())
+        try:
+            async for event in stream.noack().events():
+                async with acting:
+                    await on_event(event, stream)
+        finally:
+            catching_up.cancel()
 
     return bs_twins

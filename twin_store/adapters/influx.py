@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+import orjson
 import requests
 
 from ingest.errors import ConfigError, InputError, ServiceError
@@ -139,23 +141,35 @@ class InfluxClient:
                     delay = min(delay * 2, 10.0)
 
     def query(
-        self, q: str, *, database: str | None = "", method: str = "GET", epoch: str = "ms"
+        self,
+        q: str,
+        *,
+        database: str | None = "",
+        method: str = "GET",
+        epoch: str = "ms",
+        packed: bool = False,
     ) -> list[Series]:
+        """``packed``: the answer as MessagePack, uncompressed, for large answers on a near server: at 10,000
+        rows InfluxDB 1.6 sent it in 16 ms against 100-140 ms as gzipped JSON (bench/twins_query.py)."""
         params: dict[str, str] = {"q": q, "epoch": epoch}
         db = self.settings.database if database == "" else database
         if db:
             params["db"] = db
+        headers = {"Accept": "application/x-msgpack", "Accept-Encoding": "identity"} if packed else None
         if method == "POST":
-            resp = self._request("POST", "/query", data=params)
+            resp = self._request("POST", "/query", data=params, headers=headers)
         else:
-            resp = self._request("GET", "/query", params=params)
+            resp = self._request("GET", "/query", params=params, headers=headers)
         if resp.status_code >= 500:
             raise ServiceError(f"InfluxDB query failed: HTTP {resp.status_code} {_error_text(resp)}")
         if resp.status_code in (401, 403):
             raise self._refused(resp, "a query")
         try:
-            body = resp.json()
-        except ValueError as exc:
+            if "msgpack" in resp.headers.get("Content-Type", ""):
+                body = msgpack.unpackb(resp.content)
+            else:  # orjson: 3x faster than the stdlib on 10,000 rows (bench/twins_query.py)
+                body = orjson.loads(resp.content)
+        except (ValueError, msgpack.UnpackException) as exc:
             raise ServiceError(f"InfluxDB query returned non-JSON (HTTP {resp.status_code})") from exc
         if "error" in body:
             raise _query_error(body["error"], q)

@@ -2,7 +2,8 @@
 
 - 10-minute windows -> ``traffic`` (tag ``square``; fields the activity sums), time = interval start.
 - 1-hour windows -> ``traffic_hourly`` (same fields + ``n_intervals``), time = hour start.
-- the first time a square is seen -> a ``twin`` row (level=bs, twin_id=square, version 0).
+- the first time a square is seen -> a ``twin`` row (level=bs, twin_id=square, version 0) and its
+  ``twin_current`` point (``twin_rows``).
 - each feature message -> a ``pipeline`` row: lag from the source closing the interval to the write
   being acknowledged.
 - the ``[twins]`` metric per entity and closed step -> ``twin_input`` (``twin_step_lines``).
@@ -20,6 +21,7 @@ import numpy as np
 
 from ingest.schema import N_INTERVALS, RecordBatch
 from twin_store.adapters.lineproto import columns_to_text, escape_tag, point, texts
+from twin_store.adapters.twin_rows import twin_state_lines
 
 MEASUREMENT_BY_WINDOW = {600: "traffic", 3600: "traffic_hourly"}
 TWIN_INPUT = "twin_input"  # the [twins] metric per entity and step, as the twins learn it
@@ -106,15 +108,8 @@ class TwinRegistry:
     def first_rows(self, squares: np.ndarray, now_s: int) -> list[str]:
         new = sorted(set(squares.tolist()) - self.known)  # a set difference: no per-batch sort of all squares
         self.known.update(new)
-        return [
-            point(
-                "twin",
-                {"level": "bs", "twin_id": str(s)},
-                {"version": 0, "epsilon": 0.0, "n_updates": 0, "n_members": 1},
-                now_s,
-            )
-            for s in new
-        ]
+        fields = {"version": 0, "epsilon": 0.0, "n_updates": 0, "n_members": 1}
+        return [line for s in new for line in twin_state_lines("bs", str(s), fields, now_s, "s", str(s))]
 
 
 def forecast_lines(batch: RecordBatch) -> list[str]:

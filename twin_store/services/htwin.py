@@ -37,6 +37,7 @@ from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.lineproto import point
+from twin_store.adapters.twin_rows import twin_state_lines
 from twin_store.federation import dcs
 from twin_store.federation.keys import KeyRegistry
 from twin_store.federation.local_updates import (
@@ -254,25 +255,19 @@ class TwinState:
         ]
         # every cluster is republished: its members list carries the new epoch for the BS agents
         return [self._cluster_message(c, hour - 1) for c in sorted(self.clusters.twins)], lines + [
-            self._twin_row("cluster", c, now) for c in changed
+            line for c in changed for line in self._twin_rows("cluster", c, now)
         ]
 
-    def _twin_row(self, level: str, cid: int, now: int, eps: float | None = None) -> str:
-        return (
-            point(
-                "twin",
-                {"level": level, "twin_id": str(cid)},
-                {
-                    "version": self.clusters.versions.get(cid, 0),
-                    "epsilon": eps,
-                    "n_updates": self.accepted,
-                    "n_members": len(self.clusters.members(cid)),
-                    "n_offers": self.global_twin.offers,  # H-twinning offers so far: merges against offers
-                },
-                None,
-            )
-            + f" {now}"
-        )
+    def _twin_rows(self, level: str, cid: int, now: int, eps: float | None = None) -> list[str]:
+        """The cluster twin's ``twin`` row and ``twin_current`` point (``now``: ns)."""
+        fields = {
+            "version": self.clusters.versions.get(cid, 0),
+            "epsilon": eps,
+            "n_updates": self.accepted,
+            "n_members": len(self.clusters.members(cid)),
+            "n_offers": self.global_twin.offers,  # H-twinning offers so far: merges against offers
+        }
+        return twin_state_lines(level, str(cid), fields, now, "ns")
 
     def _admit(self, square: int, update: TwinMessage) -> bool:
         """A BS that joined after V-twinning: it names the cluster its agent chose (nearest by position or
@@ -373,7 +368,7 @@ class TwinState:
                 self.counters["evictions"] += 1
                 out.append(self._cluster_message(cid, hour))
                 glob = self._offer_global(cid, hour, now)
-                lines.append(self._twin_row("cluster", cid, now, self.global_twin.last_epsilon))
+                lines += self._twin_rows("cluster", cid, now, self.global_twin.last_epsilon)
                 out += glob.twins
                 lines += glob.lines
             return Outcome(out, lines, "quarantined", verdict.reason)
@@ -397,20 +392,18 @@ class TwinState:
             *glob.twins,
             self._bs_message(square, update.params, hour, n_samples, loss, update.meta),
         ]
+        bs_fields = {
+            "version": self.bs_versions[square],
+            "loss": loss,
+            "n_updates": self.bs_versions[square],
+            "n_members": 1,
+        }
+        # a [twins] entity's name; a Milan square's entity is its number
+        entity = update.meta.get("entity")
+        entity = entity if isinstance(entity, str) else str(square)
         lines += [
-            point(
-                "twin",
-                {"level": "bs", "twin_id": str(square)},
-                {
-                    "version": self.bs_versions[square],
-                    "loss": loss,
-                    "n_updates": self.bs_versions[square],
-                    "n_members": 1,
-                },
-                None,
-            )
-            + f" {now}",
-            self._twin_row("cluster", cid, now, self.global_twin.last_epsilon),
+            *twin_state_lines("bs", str(square), bs_fields, now, "ns", entity),
+            *self._twin_rows("cluster", cid, now, self.global_twin.last_epsilon),
             self._update_row(update, "accepted", "", verdict.score, verdict.norm, now),
             *glob.lines,
         ]
@@ -429,19 +422,14 @@ class TwinState:
             self.global_twin.params.numpy(),
             self.meta | {"as_of": hour},
         )
-        row = point(
-            "twin",
-            {"level": "global", "twin_id": "0"},
-            {
-                "version": self.global_twin.version,
-                "epsilon": self.global_twin.last_epsilon,
-                "n_updates": self.global_twin.syncs,
-                "n_members": len(self.clusters.labels),
-                "n_offers": self.global_twin.offers,
-            },
-            None,
-        )
-        return Outcome([msg], [row + f" {now}"], "")
+        fields = {
+            "version": self.global_twin.version,
+            "epsilon": self.global_twin.last_epsilon,
+            "n_updates": self.global_twin.syncs,
+            "n_members": len(self.clusters.labels),
+            "n_offers": self.global_twin.offers,
+        }
+        return Outcome([msg], twin_state_lines("global", "0", fields, now, "ns"), "")
 
     def _bs_message(
         self, square: int, params: np.ndarray, hour: int, n_samples: int, loss: float, meta: dict[str, Any]

@@ -23,6 +23,7 @@ import torch
 
 from ingest.errors import InputError
 from twin_store.adapters.lineproto import point
+from twin_store.adapters.twin_rows import twin_state_lines
 from twin_store.federation.utt_data import Data, UttConfig, prepare
 from twin_store.federation.utt_positioning import PositioningConfig
 from twin_store.federation.utt_training import FedConfig, Upload, fed_train
@@ -184,12 +185,14 @@ def run_operation(
 
 
 def twin_lines(records: list[dict[str, Any]], time_s: int) -> list[str]:
-    """``twin`` rows (level ``utt``) with the lineage as string fields; ``n_updates`` = client updates the
-    defense accepted, ``quarantined`` = the ones it refused."""
+    """``twin`` rows (level ``utt``) with the lineage as string fields, and their ``twin_current`` points;
+    ``n_updates`` = client updates the defense accepted, ``quarantined`` = the ones it refused."""
     return [
-        point(
-            "twin",
-            {"level": "utt", "twin_id": r["twin_id"]},
+        line
+        for r in records
+        for line in twin_state_lines(
+            "utt",
+            r["twin_id"],
             {
                 "version": int(r["version"]),
                 "loss": float(r["metrics"]["test_nmse"]),
@@ -206,7 +209,6 @@ def twin_lines(records: list[dict[str, Any]], time_s: int) -> list[str]:
             },
             time_s,
         )
-        for r in records
     ]
 
 
@@ -277,15 +279,16 @@ def train_locator(
     }
 
 
-def locator_line(record: dict[str, Any], time_s: int) -> str:
-    """The ``twin`` row (level ``utt``, twin_id ``positioning``) of a stored positioning twin: ``loss`` = its
-    median error (m) over the test walks of every scene, with the filter's beside it (``kalman``)."""
+def locator_lines(record: dict[str, Any], time_s: int) -> list[str]:
+    """The ``twin`` row (level ``utt``, twin_id ``positioning``) of a stored positioning twin and its
+    ``twin_current`` point: ``loss`` = its median error (m) over the test walks of every scene, with the
+    filter's beside it (``kalman``)."""
     m = record["metrics"]
     merged = m["test_median_m"]["merged"]
     kalman = {s: v["kalman"] for s, v in m["baselines_test_median_m"].items()}
-    return point(
-        "twin",
-        {"level": "utt", "twin_id": record["twin_id"]},
+    return twin_state_lines(
+        "utt",
+        record["twin_id"],
         {
             "version": int(record["version"]),
             "loss": float(max(merged.values())) if merged else math.nan,

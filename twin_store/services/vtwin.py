@@ -24,6 +24,7 @@ from ingest.settings import NettwinSettings
 from ingest.topics import Topics
 from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.lineproto import point
+from twin_store.adapters.twin_rows import twin_state_lines
 from twin_store.federation.bootstrap import (
     Grid,
     build_grid,
@@ -82,14 +83,15 @@ def send_to_twin_models(settings: NettwinSettings, messages: list[TwinMessage]) 
 def first_twin_rows(
     loss: float, n_updates: int, clusters: dict[int, int], labels: dict[str, int]
 ) -> list[str]:
-    """The rows of freshly V-twinned twins: the global and cluster ``twin`` rows (version 1) and every
-    entity's ``membership`` (epoch 0). ``clusters``: cluster id -> members; ``labels``: entity -> cluster."""
+    """The rows of freshly V-twinned twins: the global and cluster ``twin`` rows (version 1) with their
+    ``twin_current`` points, and every entity's ``membership`` (epoch 0). ``clusters``: cluster id -> members; ``labels``: entity -> cluster."""
     now = int(time.time())
     fields = {"version": 1, "epsilon": 0.0, "loss": loss, "n_updates": n_updates}
-    lines = [point("twin", {"level": "global", "twin_id": "0"}, fields | {"n_members": len(labels)}, now)]
+    lines = twin_state_lines("global", "0", fields | {"n_members": len(labels)}, now)
     lines += [
-        point("twin", {"level": "cluster", "twin_id": str(c)}, fields | {"n_members": n}, now)
+        line
         for c, n in clusters.items()
+        for line in twin_state_lines("cluster", str(c), fields | {"n_members": n}, now)
     ]
     lines += [point("membership", {"entity": e}, {"cluster": c, "epoch": 0}, now) for e, c in labels.items()]
     return lines
