@@ -15,20 +15,21 @@ hour's forecasts are not held back by its training.
 
 Twins come from ``twin.models`` through ``on_twin``. ``TwinVersions`` keeps a few versions per twin with
 the hour they reflect (``as_of``), so an agent acts on twins up to the previous hour whatever the arrival
-order (the protocol in ``twin_store/federation/local_updates.py``). The plan, scaling statistics and model size come
-with the global twin. Until it arrives, hours are only recorded.
+order (the protocol in ``twin_store/federation/local_updates.py``). The plan and model size come with the global
+twin, the scaling statistics with the roster (``roster:0``, published once, not with every global merge). Until
+both have arrived, in either order, hours are only recorded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ingest.schema import RecordBatch
-from twin_store.federation.models_topic import TwinMessage, cluster_membership
+from twin_store.federation.models_topic import TwinMessage, cluster_membership, roster_meta
 
 if TYPE_CHECKING:  # torch, the models and the screen are imported once there is a twin to act on (seconds
     # of start-up and memory that a worker without published twins does not pay)
@@ -51,8 +52,13 @@ class TwinVersions:
     def __init__(self) -> None:
         self.versions: dict[bytes, list[TwinMessage]] = {}
         self.decided: dict[int, int] = {}  # square -> newest update (seq) the store has decided on
+        # the latest roster that decoded (a malformed one never gets here: the last good one is kept)
+        self.roster: TwinMessage | None = None
 
     def add(self, msg: TwinMessage) -> None:
+        if msg.level == "roster":
+            self.roster = msg
+            return
         if msg.level == "bs":  # the store decided on this BS's update: a restarted agent need not redo it
             seq = max(int(msg.meta.get("seq", -1)), int(msg.meta.get("decided_seq", -1)))
             square = int(msg.twin_id)
@@ -75,6 +81,12 @@ class TwinVersions:
         agent re-reading old hours after a restart must not forecast them with twins from their future)."""
         fit = [m for m in self.versions.get(key, []) if as_of(m) <= hour]
         return fit[-1] if fit else None
+
+    def roster_meta(self) -> dict[str, Any] | None:
+        """Members, scaling statistics, names and cluster profiles (``models_topic.roster_meta``); None until
+        the roster has arrived."""
+        kept = self.versions.get(b"global:0")
+        return roster_meta(kept[-1] if kept else None, self.roster)
 
     def cluster_of(self, hour: int) -> dict[int, int]:
         """square -> cluster, from the cluster versions as of ``hour`` (the latest epoch wins)."""
@@ -174,6 +186,8 @@ class BsAgents:
         self.sites = sites  # positions of a [twins] deployment's entities (late joiners' nearest cluster)
         # entities that joined after V-twinning: key -> (mean, std, cluster chosen at joining)
         self.joined: dict[int, tuple[float, float, int]] = {}
+        # the roster's scaler with the joined entities', rebuilt only when either changes (not every step)
+        self._scaler: tuple[dict[str, list[float]], int, dict[str, list[float]]] | None = None
 
     # ---- twins
     def on_twin(self, msg: TwinMessage) -> None:
@@ -207,7 +221,7 @@ class BsAgents:
 
     @property
     def ready(self) -> bool:
-        return b"global:0" in self.twins.versions
+        return b"global:0" in self.twins.versions and self.twins.roster_meta() is not None
 
     def _newest_global(self) -> TwinMessage:
         return self.twins.versions[b"global:0"][-1]
@@ -228,10 +242,14 @@ class BsAgents:
 
     def scaler(self) -> dict[str, list[float]]:
         """Scaling statistics of every entity: V-twinning's, and the joined entities' first-stretch ones."""
-        scaler: dict[str, list[float]] = self._newest_global().meta["scaler"]
+        scaler: dict[str, list[float]] = (self.twins.roster_meta() or {}).get("scaler", {})
         if not self.joined:
             return scaler
-        return scaler | {str(s): [m, d] for s, (m, d, _) in self.joined.items()}
+        cached = self._scaler
+        if cached is None or cached[0] is not scaler or cached[1] != len(self.joined):
+            merged = scaler | {str(s): [m, d] for s, (m, d, _) in self.joined.items()}
+            cached = self._scaler = (scaler, len(self.joined), merged)
+        return cached[2]
 
     # ---- hours
     def on_hour(self, batch: RecordBatch) -> AgentOutput:
@@ -246,7 +264,7 @@ class BsAgents:
         waits for. The local updates due are left in ``out.due`` for ``train``, so the adapter can send the
         forecasts before the (much longer) training."""
         out = AgentOutput()
-        if not self.ready:  # hours before the first global twin wait for it (they carry its plan)
+        if not self.ready:  # hours before the first global twin and roster wait for them (plan, scaler)
             self.backlog.append(batch)
             return out
         plan, scaler, model = self.plan(), self.scaler(), self.model()
@@ -483,7 +501,7 @@ class BsAgents:
         from twin_store.federation.sites import nearest_cluster, nearest_profile
 
         labels = self.twins.cluster_of(hour - 1)
-        meta = self._newest_global().meta
+        meta: dict[str, Any] = self.twins.roster_meta() or {}
         if not labels:
             return 0
         members = sorted(labels)

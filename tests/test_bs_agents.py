@@ -9,7 +9,7 @@ from ingest.schema import RecordBatch, decode
 from stream_processors.bs_agents import JOIN_STEPS, BsAgents, TwinVersions
 from twin_store.adapters.traffic import forecast_lines
 from twin_store.federation.local_updates import StreamPlan
-from twin_store.federation.models_topic import TwinMessage
+from twin_store.federation.models_topic import TwinMessage, roster_message
 from twin_store.federation.samples import LAGS
 from twin_store.models.forecaster import FitConfig, TwinModel
 
@@ -23,8 +23,9 @@ SCALER = {"3": [100.0, 10.0], "7": [50.0, 5.0]}
 
 
 def twins(global_params: torch.Tensor, as_of: int = -1, version: int = 1) -> list[TwinMessage]:
-    meta = {"plan": PLAN.to_meta(), "scaler": SCALER, "as_of": as_of}
+    meta = {"plan": PLAN.to_meta(), "as_of": as_of, "roster": 1}
     return [
+        roster_message(1, {"members": SQUARES, "scaler": SCALER}),
         TwinMessage("global", "0", version, 8, global_params.numpy(), meta),
         TwinMessage(
             "cluster",

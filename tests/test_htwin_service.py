@@ -14,7 +14,7 @@ from ingest.topics import Topics
 from tests.conftest import run_cli, small_vtwin
 from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.provision import deprovision, provision
-from twin_store.federation.models_topic import TwinMessage
+from twin_store.federation.models_topic import ROSTER_KEY, TwinMessage
 from twin_store.federation.samples import Scaler, samples
 from twin_store.models.forecaster import FitConfig, TwinModel
 from twin_store.services.htwin import TwinService, read_latest_twins
@@ -31,7 +31,7 @@ def bootstrap(settings: NettwinSettings) -> dict[bytes, TwinMessage]:
 def local_updates(latest: dict[bytes, TwinMessage], rounds: int) -> list[TwinMessage]:
     """Real local updates: each BS fine-tunes its cluster twin on its own recent hours."""
     glob = latest[b"global:0"]
-    squares = sorted(int(s) for s in glob.meta["scaler"])
+    squares = sorted(int(s) for s in latest[ROSTER_KEY].meta["scaler"])
     cluster_of = {s: k for k, t in latest.items() if t.level == "cluster" for s in t.meta["members"]}
     table = np.loadtxt(HOURLY, delimiter=",", skiprows=1)
     rows = {int(r[0]): r[1:] for r in table}

@@ -16,6 +16,7 @@ from ingest.topics import Topics
 from tests.conftest import run_cli
 from tests.test_htwin_service import bootstrap, local_updates, publish
 from twin_store.federation.keys import KeyRegistry
+from twin_store.federation.models_topic import ROSTER_KEY
 from twin_store.services.htwin import TwinService, read_latest_twins
 
 HOURLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan" / "hourly_150squares_62days.csv"
@@ -33,7 +34,7 @@ def test_fake_and_compromised_bs_updates_are_refused_and_listed(
         update={"security": isolated.security.model_copy(update={"keys_file": keys_file})}
     )
     keys = KeyRegistry.load(keys_file)
-    squares = sorted(int(s) for s in latest[b"global:0"].meta["scaler"])
+    squares = sorted(int(s) for s in latest[ROSTER_KEY].meta["scaler"])
     assert sorted(int(k) for k in keys.keys) == squares
 
     honest = local_updates(latest, rounds=2)  # 12 real updates: past the screen's warm-up

@@ -13,7 +13,7 @@ from ingest.schema import MalformedMessage
 from ingest.settings import NettwinSettings
 from tests.conftest import run_cli, small_vtwin
 from twin_store.adapters.influx import InfluxClient
-from twin_store.federation.models_topic import TwinMessage, decode_twin
+from twin_store.federation.models_topic import ROSTER_KEY, TwinMessage, decode_twin
 from twin_store.models.forecaster import TwinModel
 from twin_store.services.htwin import read_latest_twins
 
@@ -45,14 +45,18 @@ def test_vtwin_publishes_twins_and_writes_rows(isolated: NettwinSettings) -> Non
     assert summary["squares"] == 6 and summary["rounds"] == 2 and sum(summary["clusters"].values()) == 6
 
     latest = read_latest_twins(isolated)
-    glob = latest[b"global:0"]
-    squares = sorted(int(s) for s in glob.meta["scaler"])
-    assert set(latest) == {b"global:0"} | {f"cluster:{c}".encode() for c in summary["clusters"]} | {
-        f"bs:{s}".encode() for s in squares
-    }
+    glob, roster = latest[b"global:0"], latest[ROSTER_KEY]
+    squares = sorted(int(s) for s in roster.meta["scaler"])
+    assert set(latest) == {b"global:0", ROSTER_KEY} | {
+        f"cluster:{c}".encode() for c in summary["clusters"]
+    } | {f"bs:{s}".encode() for s in squares}
     n_params = TwinModel(32).n_params
-    assert all(t.params.shape == (n_params,) and np.isfinite(t.params).all() for t in latest.values())
-    assert len(squares) == 6 and all(std > 0 for _, std in glob.meta["scaler"].values())
+    twins = [t for t in latest.values() if t.level != "roster"]
+    assert all(t.params.shape == (n_params,) and np.isfinite(t.params).all() for t in twins)
+    assert len(squares) == 6 and all(std > 0 for _, std in roster.meta["scaler"].values())
+    # the global names its roster and carries none of its per-entity fields
+    assert roster.meta["members"] == squares and glob.meta["roster"] == roster.version
+    assert not set(glob.meta) & {"members", "scaler", "entities", "cluster_profiles"}
     assert glob.meta["plan"]["start_hour"] == summary["train_hours"] and glob.meta["as_of"] == -1
     members = sorted(s for t in latest.values() if t.level == "cluster" for s in t.meta["members"])
     assert members == squares

@@ -49,12 +49,14 @@ def create_keys(
         if not names or not all(n.isdigit() for n in names):
             raise InputError(f"--ids {ids!r}: give BS ids as comma-separated integers")
     else:
+        from twin_store.federation.models_topic import ROSTER_KEY, roster_meta
         from twin_store.services.htwin import read_latest_twins
 
-        glob = read_latest_twins(settings_of(ctx)).get(b"global:0")
-        if glob is None:
-            raise InputError("twin.models has no global twin yet: run `nettwin vtwin` first")
-        names = sorted(glob.meta["scaler"], key=int)
+        latest = read_latest_twins(settings_of(ctx))
+        roster = roster_meta(latest.get(b"global:0"), latest.get(ROSTER_KEY))
+        if roster is None:
+            raise InputError("twin.models has no global twin and roster yet: run `nettwin vtwin` first")
+        names = sorted(roster["scaler"], key=int)
     from twin_store.federation.keys import KeyRegistry
 
     KeyRegistry.create(names).save(out)

@@ -320,7 +320,11 @@ def snapshot_problem(msg: TwinMessage) -> str | None:
         return f"{msg.level} twin id {msg.twin_id!r} is not a number"
     if not _params_in_range(msg.params):
         return f"{msg.level} twin {msg.twin_id}: parameters must be finite and within +-{MAX_PARAM:g}"
+    if msg.level == "roster":
+        return None  # decode_twin checked it (models_topic.roster_problem)
     if msg.level == "global":
+        if "roster" in meta and not is_int(meta["roster"], 0):
+            return f"global twin: roster must be a version (an integer >= 0), got {meta['roster']!r}"
         if meta.get("clusters") is not None and not is_int(meta["clusters"], 1):
             return f"global twin: clusters must be an integer >= 1, got {meta['clusters']!r}"
         if "milan_dir" in meta and not isinstance(meta["milan_dir"], str):

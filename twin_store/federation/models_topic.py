@@ -1,16 +1,25 @@
 """Twin parameters on the compacted ``twin.models`` topic: the latest message per key is each twin's state.
 
-Key ``{level}:{twin_id}`` (``global:0``, ``cluster:3``, ``bs:1042``). Value::
+Key ``{level}:{twin_id}`` (``global:0``, ``cluster:3``, ``bs:1042``, ``roster:0``). Value::
 
     b"NTM1" | u32 header_len | header JSON | float32[n_params]
 
-The header names the level, id, version, model size and whatever the followers need with it (members,
-per-square scaling statistics).
+The header names the level, id, version, model size and whatever the followers need with it.
+
+The **roster** (key ``roster:0``, no parameters) holds what is per entity and static between V-twinnings:
+``members`` (every entity key), ``scaler`` (key -> [mean, std]), and optionally ``entities`` (key -> name)
+and ``cluster_profiles`` (cluster id -> mean profile). It is published once with the twins it belongs to,
+before them, and again only when it changes. The global twin's meta stays small (plan, inputs, loss, ...)
+and names the roster it goes with (``roster``: its version), so a global merge costs the parameters and a
+few hundred bytes at any number of entities, not every entity's statistics. A reader keeps the last roster
+that decoded (a malformed one is refused by ``decode_twin``); a global published before this protocol still
+carries the roster's fields itself, and ``roster_meta`` reads either.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Iterable
@@ -23,7 +32,11 @@ from ingest.schema import MalformedMessage
 
 MAGIC = b"NTM1"
 _U32 = struct.Struct("<I")
-LEVELS = ("bs", "cluster", "global")
+LEVELS = ("bs", "cluster", "global", "roster")
+ROSTER_KEY = b"roster:0"
+ROSTER_VERSION = 1  # V-twinning's roster; a later change of the entities publishes the next version
+# the global's meta fields that moved to the roster (per entity: O(entities) bytes)
+ROSTER_FIELDS = ("members", "scaler", "entities", "cluster_profiles")
 # integers in headers and meta stay exact in JSON readers and fit InfluxDB's int64 fields
 MAX_INT = 2**53
 _TWIN_ID = re.compile(r"[0-9A-Za-z_.-]{1,64}")
@@ -99,6 +112,10 @@ def decode_twin(data: bytes) -> TwinMessage:
     n = h["n_params"]
     if len(body) != 4 * n:
         raise MalformedMessage(f"twin body has {len(body)} bytes, header says {n} float32 parameters")
+    if h["level"] == "roster":
+        problem = roster_problem(meta) if n == 0 else f"a roster has no parameters, this one has {n}"
+        if problem is not None:
+            raise MalformedMessage(f"roster: {problem}")
     return TwinMessage(
         h["level"], twin_id, h["version"], h["hidden"], np.frombuffer(body, "<f4").copy(), meta
     )
@@ -107,3 +124,55 @@ def decode_twin(data: bytes) -> TwinMessage:
 def is_int(value: object, low: int = -MAX_INT) -> bool:
     """A JSON integer (not a bool) in ``[low, MAX_INT)``."""
     return isinstance(value, int) and not isinstance(value, bool) and low <= value < MAX_INT
+
+
+def split_roster(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A global meta as V-twinning builds it -> (the global's own small meta, the roster's meta)."""
+    small = {k: v for k, v in meta.items() if k not in ROSTER_FIELDS}
+    return small, {k: meta[k] for k in ROSTER_FIELDS if k in meta}
+
+
+def roster_message(version: int, meta: dict[str, Any]) -> TwinMessage:
+    return TwinMessage("roster", "0", version, 0, np.zeros(0, np.float32), meta)
+
+
+def roster_meta(glob: TwinMessage | None, roster: TwinMessage | None) -> dict[str, Any] | None:
+    """The roster fields that go with ``glob``: the roster's, or those a global of the former protocol carried
+    itself; None while there is none yet (the roster has not arrived)."""
+    if roster is not None:
+        return roster.meta
+    if glob is not None and "scaler" in glob.meta:
+        return glob.meta
+    return None
+
+
+def roster_problem(meta: dict[str, Any]) -> str | None:
+    """Why a roster's meta is unusable (types, every member scaled), or None."""
+    members = meta.get("members")
+    if not isinstance(members, list) or not all(is_int(m, 0) for m in members):
+        return "members must be a list of entity keys (integers >= 0)"
+    scaler = meta.get("scaler")
+    if not isinstance(scaler, dict):
+        return "scaler must be an object of key -> [mean, std]"
+    for key, stats in scaler.items():
+        if not (
+            isinstance(stats, list) and len(stats) == 2 and all(_finite(v) for v in stats) and stats[1] > 0
+        ):
+            return f"scaler of {key}: must be [mean, std] finite with std > 0, got {str(stats)[:60]}"
+    missing = [m for m in members if str(m) not in scaler]
+    if missing:
+        return f"{len(missing)} members have no scaler (first: {missing[0]})"
+    entities = meta.get("entities", {})
+    if not isinstance(entities, dict) or not all(isinstance(v, str) for v in entities.values()):
+        return "entities must be an object of key -> name"
+    profiles = meta.get("cluster_profiles", {})
+    if not isinstance(profiles, dict) or not all(
+        k.isascii() and k.isdecimal() and isinstance(p, list) and all(_finite(v) for v in p)
+        for k, p in profiles.items()
+    ):
+        return "cluster_profiles must be an object of cluster id -> list of finite numbers"
+    return None
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -197,7 +197,8 @@ class CloudService:
             self.influx.write_lines(
                 lines, "ns", lambda: self.stopping, lambda exc, d: log.warning("InfluxDB: %s", exc)
             )
-        for t in twins[-1:]:  # only the newest global matters (compacted topic, one key)
+        # only the newest global matters (compacted topic, one key), after a roster split off a former one
+        for t in [t for t in twins if t.level == "roster"] + twins[-1:]:
             self.producer.send(self.topics.twin_models, key=t.key, value=t.encode())
         self.producer.flush()
         self.consumer.commit()

@@ -48,7 +48,17 @@ from twin_store.federation.local_updates import (
     snapshot_problem,
     update_problem,
 )
-from twin_store.federation.models_topic import TwinMessage, cluster_membership, decode_twin
+from twin_store.federation.models_topic import (
+    ROSTER_KEY,
+    ROSTER_VERSION,
+    TwinMessage,
+    cluster_membership,
+    decode_twin,
+    roster_message,
+    roster_meta,
+    roster_problem,
+    split_roster,
+)
 from twin_store.federation.screening import Candidate, Defense, make_defense
 from twin_store.federation.screening.temporal import TemporalScreen
 from twin_store.federation.sites import EntityGrouping, Sites, load_sites
@@ -71,7 +81,9 @@ class TwinState:
     reclusterer: Reclusterer | None = None  # None: re-clustering off
     seq: dict[int, int] = field(default_factory=dict)  # square -> last accepted sequence number
     bs_versions: dict[int, int] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)  # the global's meta (scaler, plan, ...)
+    meta: dict[str, Any] = field(default_factory=dict)  # the global's small meta (plan, roster version, ...)
+    # a roster to publish before the next global: the one split off a global of the former protocol
+    roster_out: list[TwinMessage] = field(default_factory=list)
     # registry key -> entity name of a [twins] deployment (bootstrapped ones and late joiners); Milan: none
     names: dict[int, str] = field(default_factory=dict)
     accepted: int = 0  # accepted updates since V-twinning (kept on twin.models with the cluster twins)
@@ -124,8 +136,11 @@ class TwinState:
         glob = latest.get(b"global:0")
         if glob is None:
             raise InputError("twin.models has no global twin yet: run `nettwin vtwin` first")
-        fits = {k: m for k, m in latest.items() if m.params.shape == glob.params.shape}
-        for key in sorted(latest.keys() - fits.keys()):
+        roster = latest.get(ROSTER_KEY)
+        fits = {
+            k: m for k, m in latest.items() if m.level != "roster" and m.params.shape == glob.params.shape
+        }
+        for key in sorted(latest.keys() - fits.keys() - {ROSTER_KEY}):
             log.warning(
                 "twin.models %s: %d parameters, the global has %d; left out",
                 key,
@@ -142,11 +157,18 @@ class TwinState:
         epoch = max((int(m.meta.get("epoch", 0)) for m in cluster_msgs), default=0)
         accepted = max((int(m.meta.get("accepted", 0)) for m in cluster_msgs), default=0)
         last_recluster = max((int(m.meta.get("reclustered_at", 0)) for m in cluster_msgs), default=0)
+        # the global's per-entity fields live on the roster; a global of the former protocol still has them
+        small, legacy = split_roster(glob.meta)
+        roster_out = []
+        if legacy and roster is None and roster_problem(legacy) is None:
+            roster_out.append(roster_message(ROSTER_VERSION, legacy))
+            small["roster"] = ROSTER_VERSION
         state = cls(
             hidden=glob.hidden,
             clusters=clusters,
             global_twin=GlobalTwin(torch.as_tensor(glob.params), psi, version=glob.version),
-            meta=glob.meta,
+            meta=small,
+            roster_out=roster_out,
             accepted=accepted,
             fixed_gamma=gamma,
             keys=keys,
@@ -162,7 +184,8 @@ class TwinState:
             and state.defense.max_samples is None
         ):
             state.defense.max_samples = plan.window  # no honest update trains on more samples than that
-        state.names = {int(k): str(v) for k, v in glob.meta.get("entities", {}).items()}
+        entities = (roster_meta(glob, roster) or {}).get("entities", {})
+        state.names = {int(k): str(v) for k, v in entities.items()}
         every = recluster_every if recluster_every is not None else plan.recluster_every if plan else 0
         if every > 0:
             grouping: Grouping
@@ -414,6 +437,7 @@ class TwinState:
         Nothing on an edge site: there the cloud offers what the site publishes (``merge_global``)."""
         if not self.merge_global or not self.global_twin.offer(self.clusters.twins[cid], self.gamma(cid)):
             return Outcome([], [], "")
+        # the meta is small (no per-entity fields: those are on the roster), so a merge costs the parameters
         msg = TwinMessage(
             "global",
             "0",
@@ -429,7 +453,8 @@ class TwinState:
             "n_members": len(self.clusters.labels),
             "n_offers": self.global_twin.offers,
         }
-        return Outcome([msg], twin_state_lines("global", "0", fields, now, "ns"), "")
+        first, self.roster_out = self.roster_out, []
+        return Outcome([*first, msg], twin_state_lines("global", "0", fields, now, "ns"), "")
 
     def _bs_message(
         self, square: int, params: np.ndarray, hour: int, n_samples: int, loss: float, meta: dict[str, Any]

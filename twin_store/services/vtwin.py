@@ -36,7 +36,7 @@ from twin_store.federation.bootstrap import (
 )
 from twin_store.federation.inputs import daily_profiles
 from twin_store.federation.local_updates import StreamPlan
-from twin_store.federation.models_topic import TwinMessage
+from twin_store.federation.models_topic import ROSTER_VERSION, TwinMessage, roster_message, split_roster
 from twin_store.federation.plan import dcs_labels, load_matrix, split_hours, stream_plan
 from twin_store.federation.samples import Scaler, samples
 from twin_store.federation.sites import cluster_entities, load_sites
@@ -131,54 +131,21 @@ def run_vtwin(settings: NettwinSettings, job: VTwinJob) -> dict[str, Any]:
     cluster_ids = sorted(set(ct.labels.values()))
     loss = result.losses[-1] if result.losses else float("nan")
     members = {c: ct.members(c) for c in cluster_ids}
-    messages = [
-        TwinMessage(
-            "global",
-            "0",
-            1,
-            job.hidden,
-            result.global_params.numpy(),
-            {
-                "members": squares.tolist(),
-                "loss": loss,
-                "rounds": result.rounds,
-                "train_hours": train_hours,
-                # how BS agents and the store run the stream (local_updates.py), and the DCS inputs
-                "plan": stream_plan(job, train_hours).to_meta(),
-                "clusters": job.clusters,
-                "milan_dir": str(milan_dir),
-                "as_of": -1,
-                "scaler": {
-                    str(s): [float(m), float(d)]
-                    for s, m, d in zip(squares, scaler.mean, scaler.std, strict=True)
-                },
-            },
-        ),
-        *(
-            TwinMessage(
-                "cluster",
-                str(c),
-                1,
-                job.hidden,
-                ct.twins[c].numpy(),
-                {"members": members[c], "epoch": 0, "as_of": -1},
-            )
-            for c in cluster_ids
-        ),
-        # each BS's last V-twinning update: the cluster twins' FedAvg keeps counting it until the BS
-        # sends a newer one (seq -1: any stream update is newer)
-        *(
-            TwinMessage(
-                "bs",
-                str(s),
-                1,
-                job.hidden,
-                params.numpy(),
-                {"seq": -1, "hour": -1, "n_samples": n, "loss": loss, "cluster": ct.labels[s]},
-            )
-            for s, (params, n) in sorted(ct.latest.items())
-        ),
-    ]
+    meta: dict[str, Any] = {
+        "members": squares.tolist(),
+        "loss": loss,
+        "rounds": result.rounds,
+        "train_hours": train_hours,
+        # how BS agents and the store run the stream (local_updates.py), and the DCS inputs
+        "plan": stream_plan(job, train_hours).to_meta(),
+        "clusters": job.clusters,
+        "milan_dir": str(milan_dir),
+        "as_of": -1,
+        "scaler": {
+            str(s): [float(m), float(d)] for s, m, d in zip(squares, scaler.mean, scaler.std, strict=True)
+        },
+    }
+    messages = twin_messages(result, job.hidden, meta)
     topics = send_to_twin_models(settings, messages)
 
     clusters = {c: len(members[c]) for c in cluster_ids}
@@ -433,12 +400,18 @@ def run_vtwin_from_influx(
 
 
 def twin_messages(result: Any, hidden: int, global_meta: dict[str, Any]) -> list[TwinMessage]:
-    """The global, cluster and per-BS twins V-twinning ended with (as ``run_vtwin`` publishes them)."""
+    """The roster, global, cluster and per-BS twins V-twinning ended with. ``global_meta`` has the roster's
+    per-entity fields too: they go on the roster (first, so a reader has it when the global arrives), the
+    rest on the global, which names the roster's version (``models_topic``)."""
     ct = result.clusters
     cluster_ids = sorted(set(ct.labels.values()))
     loss = global_meta["loss"]
+    small, roster = split_roster(global_meta)
     return [
-        TwinMessage("global", "0", 1, hidden, result.global_params.numpy(), global_meta),
+        roster_message(ROSTER_VERSION, roster),
+        TwinMessage(
+            "global", "0", 1, hidden, result.global_params.numpy(), small | {"roster": ROSTER_VERSION}
+        ),
         *(
             TwinMessage(
                 "cluster",
