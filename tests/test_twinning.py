@@ -213,3 +213,22 @@ def test_fit_memory_is_bounded_by_the_chunk_not_the_stack() -> None:
     )
     grown_mb = int(out.stdout.strip())
     assert grown_mb < 450, f"fit grew the process by {grown_mb} MB"
+
+
+def test_members_follow_every_change_of_the_labels() -> None:
+    """The member lists are kept per change of the membership (not scanned per update): each way of
+    changing the labels is seen."""
+    twins = ClusterTwins({1: 0, 2: 0, 3: 1}, {0: torch.zeros(2), 1: torch.zeros(2)})
+    assert (twins.members(0), twins.members(1)) == ([1, 2], [3])
+    twins.labels[4] = 1
+    assert twins.members(1) == [3, 4]
+    twins.move(2, 1, fallback=torch.zeros(2))
+    assert (twins.members(0), twins.members(1)) == ([1], [2, 3, 4])
+    del twins.labels[3]
+    twins.labels.update({5: 0})
+    twins.labels.pop(4)
+    assert (twins.members(0), twins.members(1)) == ([1, 5], [2])
+    twins.members(0).append(99)  # a caller's list is its own
+    assert twins.members(0) == [1, 5]
+    twins.labels.clear()
+    assert twins.members(0) == []

@@ -27,6 +27,49 @@ def epsilon(a_cluster: torch.Tensor, a_global: torch.Tensor) -> float:
     return float(((a_cluster - a_global) ** 2).mean())
 
 
+class Labels(dict[int, int]):
+    """square -> cluster id, counting its changes so that each cluster's member list is sorted once per
+    change of the membership instead of by a scan of every square at every update (10,000 squares: ~20 ms of
+    the store's time per update)."""
+
+    changes = 0
+
+    def _changed(self) -> None:
+        self.changes += 1
+
+    def __setitem__(self, key: int, value: int) -> None:
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key: int) -> None:
+        super().__delitem__(key)
+        self._changed()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def pop(self, *args: Any) -> Any:
+        self._changed()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[int, int]:
+        self._changed()
+        return super().popitem()
+
+    def setdefault(self, key: int, default: int = 0) -> int:
+        self._changed()
+        return super().setdefault(key, default)
+
+    def clear(self) -> None:
+        super().clear()
+        self._changed()
+
+    def __ior__(self, other: Any) -> Labels:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+
 @dataclass
 class ClusterTwins:
     """Cluster twins = sample-weighted FedAvg of the latest accepted local update of each member.
@@ -47,9 +90,28 @@ class ClusterTwins:
     _stacks: dict[int, tuple[list[int], list[Any], torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    # cid -> sorted members, as of ``labels`` at (its identity, its change count)
+    _members: tuple[Labels | None, int, dict[int, list[int]]] = field(
+        default=(None, -1, {}), repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.labels, Labels):
+            self.labels = Labels(self.labels)
 
     def members(self, cid: int) -> list[int]:
-        return sorted(s for s, c in self.labels.items() if c == cid)
+        labels = self.labels
+        if not isinstance(labels, Labels):  # replaced by a plain dict: no change count to trust
+            return sorted(s for s, c in labels.items() if c == cid)
+        seen, changes, index = self._members
+        if seen is not labels or changes != labels.changes:
+            index = {}
+            for s, c in labels.items():
+                index.setdefault(c, []).append(s)
+            for group in index.values():
+                group.sort()
+            self._members = (labels, labels.changes, index)
+        return list(index.get(cid, ()))
 
     def samples(self, cid: int) -> int:
         return sum(self.latest[s][1] for s in self.members(cid) if s in self.latest)
