@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from twin_store.federation.local_updates import profile_upto, snapshot_problem, 
 from twin_store.federation.models_topic import MAGIC, TwinMessage, decode_twin
 from twin_store.federation.screening.base import Candidate
 from twin_store.federation.screening.temporal import EwMean, RiseDetector, TemporalScreen
-from twin_store.services.htwin import load_screen, save_screen
+from twin_store.services.htwin import SCREEN_SAVE_S, TwinService, load_screen, save_screen
 
 
 def update(**meta: object) -> TwinMessage:
@@ -209,6 +210,28 @@ def test_screen_memory_survives_a_restart_as_plain_arrays(tmp_path: Path) -> Non
     assert isinstance(restored, TemporalScreen)
     assert screened(restored, 4, start=4) == expected
     assert any(not accepted for accepted, _ in expected)  # the memory mattered: something was quarantined
+
+
+def test_the_screen_memory_is_saved_at_most_every_few_seconds_and_at_stop(tmp_path: Path) -> None:
+    """Writing every BS's last change after every poll held the store back at thousands of BSs."""
+    from types import SimpleNamespace
+
+    service = object.__new__(TwinService)  # only what keep_screen uses: no services needed
+    screen = TemporalScreen()
+    service.state = SimpleNamespace(defense=screen)  # type: ignore[assignment]
+    service.screen_file = tmp_path / "screen.npz"
+    service.screen_saved, service.screen_unsaved = time.monotonic(), True
+    service.keep_screen()
+    assert not service.screen_file.exists()  # saved less than SCREEN_SAVE_S ago: later
+    service.keep_screen(now=True)  # at stop
+    assert service.screen_file.exists() and not service.screen_unsaved
+    service.screen_file.unlink()
+    service.screen_saved -= SCREEN_SAVE_S
+    service.keep_screen()
+    assert not service.screen_file.exists()  # nothing decided since
+    service.screen_unsaved = True
+    service.keep_screen()
+    assert service.screen_file.exists()
 
 
 def test_unusable_screen_memory_means_warming_up_again(tmp_path: Path) -> None:

@@ -522,6 +522,7 @@ class SiteService(TwinService):
                 elif idle_exit_s is not None and time.monotonic() - last >= idle_exit_s:
                     break
         finally:
+            self.keep_screen(now=True)
             self._leave()
         return self.state.counters | self.counters | {"clusters": len(self.owned)}
 

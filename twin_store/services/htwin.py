@@ -69,6 +69,9 @@ log = logging.getLogger("nettwin.twins")
 # updates and twins are small and rare: answer fetches within 20 ms instead of the 500 ms default, so the
 # round trip BS agent -> store -> BS agent fits well inside one streamed hour
 LOW_LATENCY_FETCH_MS = 20
+# the screen's memory (every BS's last delta: ~70 MB at 4,000 BSs of 4,390 parameters, 2-3 s to write) is
+# saved at most this often while updates flow, and at stop; a crash loses at most this much of it
+SCREEN_SAVE_S = 10.0
 
 
 @dataclass
@@ -630,8 +633,10 @@ class TwinService:
         self.keys, self.defense = keys, defense
         self.stopping = False
         # the screen's memory (peer deltas, per-BS detectors) is not on twin.models: it is kept beside the
-        # committed offsets, so a restarted store screens at once instead of warming up again
+        # committed offsets (at most SCREEN_SAVE_S behind them), so a restarted store screens at once
         self.screen_file = self._screen_file()
+        self.screen_saved = time.monotonic()  # when the screen's memory was last saved
+        self.screen_unsaved = False  # decisions since then
         latest = read_latest_twins(settings, self.deadletters)
         # a [twins] deployment without twins yet bootstraps them from its stream's history (``run``)
         self.bootstrapping = b"global:0" not in latest and settings.twins.target is not None
@@ -727,6 +732,7 @@ class TwinService:
                 if max_messages is not None and handled >= max_messages:
                     break
         finally:
+            self.keep_screen(now=True)
             self.consumer.close(autocommit=False)
             self.producer.close()
             self.influx.close()
@@ -779,9 +785,16 @@ class TwinService:
                 self.producer.send(self.topics.updates_quarantine, key=m.key, value=m.value, headers=headers)
         self.producer.flush()  # the snapshot and the dead letters are durable before the offsets move
         if n and self.state.defense.remembers:
-            save_screen(self.screen_file, self.state.defense)
+            self.screen_unsaved = True
+            self.keep_screen()
         self.consumer.commit()
         return n
+
+    def keep_screen(self, now: bool = False) -> None:
+        """Save the screen's memory if it changed and ``SCREEN_SAVE_S`` have passed (or ``now``: at stop)."""
+        if self.screen_unsaved and (now or time.monotonic() - self.screen_saved >= SCREEN_SAVE_S):
+            save_screen(self.screen_file, self.state.defense)
+            self.screen_saved, self.screen_unsaved = time.monotonic(), False
 
     def _write(self, written: list[tuple[Any, list[str]]]) -> None:
         """Write the rows; if InfluxDB refuses some (HTTP 400), write message by message and dead-letter
