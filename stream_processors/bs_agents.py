@@ -64,9 +64,7 @@ class TwinVersions:
             square = int(msg.twin_id)
             self.decided[square] = max(seq, self.decided.get(square, -1))
             return
-        kept = self.versions.setdefault(msg.key, [])
-        kept.append(msg)
-        kept.sort(key=lambda m: (as_of(m), m.version))
+        kept = sorted([*self.versions.get(msg.key, []), msg], key=lambda m: (as_of(m), m.version))
         # only the newest version of each hour can be acted on: a twin republished many times in one hour
         # (a global merge per accepted update) must not push the previous hours' versions out
         newest = [
@@ -74,7 +72,9 @@ class TwinVersions:
             for m, after in zip(kept, [*kept[1:], None], strict=True)
             if after is None or as_of(after) != as_of(m)
         ]
-        kept[:] = newest[-KEEP_VERSIONS:]
+        # a new list, swapped in whole: the worker trains in a thread that reads these lists while its event
+        # loop adds versions (an in-place sort shows readers an empty list while it runs)
+        self.versions[msg.key] = newest[-KEEP_VERSIONS:]
 
     def at(self, key: bytes, hour: int) -> TwinMessage | None:
         """The newest version reflecting updates up to ``hour``; None if every known one is newer (an
@@ -90,7 +90,8 @@ class TwinVersions:
 
     def cluster_of(self, hour: int) -> dict[int, int]:
         """square -> cluster, from the cluster versions as of ``hour`` (the latest epoch wins)."""
-        as_then = (self.at(key, hour) for key in self.versions if key.startswith(b"cluster:"))
+        # a snapshot of the keys: a training thread asks while the event loop may add a new cluster's key
+        as_then = (self.at(key, hour) for key in list(self.versions) if key.startswith(b"cluster:"))
         return cluster_membership(m for m in as_then if m is not None)
 
 
