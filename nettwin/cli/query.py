@@ -31,10 +31,6 @@ def _time_literal(value: str, option: str) -> str:
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _iso(ms: Any) -> str:
-    return datetime.fromtimestamp(int(ms) / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def traffic_rows(
     influx: InfluxClient,
     square: int,
@@ -44,6 +40,7 @@ def traffic_rows(
     limit: int | None,
 ) -> list[dict[str, Any]]:
     from twin_store.adapters.traffic import measurement_for
+    from twin_store.adapters.twin_rows import iso_ms
 
     measurement = measurement_for(RESOLUTIONS[resolution])
     q = f'SELECT * FROM "{measurement}" WHERE "entity" = \'{int(square)}\''
@@ -56,7 +53,7 @@ def traffic_rows(
         q += f" LIMIT {int(limit)}"
     rows = [r for s in influx.query(q) for r in s.rows()]
     for r in rows:
-        r["time"] = _iso(r["time"])
+        r["time"] = iso_ms(r["time"])
         r["entity"] = str(r.get("entity", square))
     return rows
 
@@ -114,11 +111,13 @@ def twins(
 
 
 def edge_rows(influx: InfluxClient, site: str | None, limit: int) -> list[dict[str, Any]]:
+    from twin_store.adapters.twin_rows import iso_ms
+
     where = f" WHERE \"site\" = '{_quote(site)}'" if site else ""
     q = f'SELECT * FROM "edge_cost"{where} ORDER BY time DESC LIMIT {int(limit)}'
     rows = [r for s in influx.query(q) for r in s.rows()]
     for r in rows:
-        r["time"] = _iso(r["time"])
+        r["time"] = iso_ms(r["time"])
     return rows
 
 
@@ -220,6 +219,8 @@ DECISIONS = ("accepted", "quarantined", "rejected")
 def update_rows(
     influx: InfluxClient, decision: str | None, square: int | str | None, limit: int
 ) -> list[dict[str, Any]]:
+    from twin_store.adapters.twin_rows import iso_ms
+
     where = []
     if decision:
         where.append(f"\"decision\" = '{decision}'")
@@ -230,7 +231,7 @@ def update_rows(
     q = f'SELECT * FROM "update"{clause} ORDER BY time DESC LIMIT {limit}'
     rows = [r for s in influx.query(q) for r in s.rows()]
     for r in rows:
-        r["time"] = _iso(r["time"])
+        r["time"] = iso_ms(r["time"])
     return rows
 
 

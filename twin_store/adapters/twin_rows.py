@@ -75,7 +75,8 @@ def _iso_s(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _iso(ms: Any) -> str:
+def iso_ms(ms: Any) -> str:
+    """Epoch milliseconds as the listings print times (UTC, to the second)."""
     return _iso_s(int(ms) // 1000)
 
 
@@ -118,6 +119,6 @@ def latest_history_rows(influx: InfluxClient, level: str | None = None) -> list[
     q = f'SELECT * FROM "{TWIN}"{where} GROUP BY "level", "twin_id" ORDER BY time DESC LIMIT 1'
     rows = [r for s in influx.query(q) for r in s.rows()]
     for r in rows:
-        r["time"] = _iso(r["time"])
+        r["time"] = iso_ms(r["time"])
     rows.sort(key=_sort_key)
     return rows
