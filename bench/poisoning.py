@@ -38,7 +38,7 @@ from twin_store.federation import dcs
 from twin_store.federation.local_updates import MilanGrouping, Reclusterer, due_updates, profile_upto
 from twin_store.federation.plan import TEST_HOURS, VAL_HOURS, VhTwinConfig, stream_plan
 from twin_store.federation.samples import inputs_at
-from twin_store.federation.screening import DEFENSES, Candidate, make_defense
+from twin_store.federation.screening import DEFENSES, Candidate, cluster_aggregator, make_defense
 from twin_store.federation.twinning import ClusterTwins, GlobalTwin
 
 DEFENSE_CHOICES = (*DEFENSES, "auth", "default")
@@ -131,7 +131,7 @@ def _stream(
         twins={c: p.clone() for c, p in vt.clusters.twins.items()},
         latest=dict(vt.clusters.latest),
         versions=dict(vt.clusters.versions),
-        aggregator=defense.aggregate,
+        aggregator=cluster_aggregator(defense),
     )
     n_bad = round(cfg.malicious * n_sq) if attack != "none" else 0
     fakes: list[int] = []

@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
 from ingest.errors import Stopped
@@ -232,3 +234,54 @@ def test_members_follow_every_change_of_the_labels() -> None:
     assert twins.members(0) == [1, 5]
     twins.labels.clear()
     assert twins.members(0) == []
+
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["accept", "write", "evict", "pop", "move", "join", "replace"]),
+        st.integers(0, 7),  # square
+        st.integers(0, 2),  # cluster (move, join)
+        st.integers(0, 50),  # samples
+        st.floats(-100, 100, allow_nan=False, width=32),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_OPS)
+def test_fedavg_running_sums_equal_averaging_every_member_again(
+    ops: list[tuple[str, int, int, int, float]],
+) -> None:
+    """Every cluster twin the running sums give equals the sample-weighted mean of its members' latest
+    updates computed from scratch, after any mix of accepts, direct writes, evictions, moves and joins."""
+    gen = torch.Generator().manual_seed(0)
+    labels = {s: s % 3 for s in range(6)}
+    ct = ClusterTwins(dict(labels), {c: torch.zeros(3) for c in range(3)})
+    for op, square, cid, n, value in ops:
+        params = torch.randn(3, generator=gen) * value
+        if op in ("accept", "write") and square not in ct.labels:
+            continue
+        if op == "accept":
+            ct.accept(square, params, n + 1)
+        elif op == "write":  # what V-twinning and a restart do: write, aggregate later
+            ct.latest[square] = (params, n + 1)
+        elif op == "evict" and square in ct.labels:
+            ct.evict(square, torch.zeros(3))
+        elif op == "pop":
+            ct.latest.pop(square, None)
+        elif op == "move" and square in ct.labels:
+            ct.move(square, cid, torch.zeros(3))
+        elif op == "join":
+            ct.labels[square] = cid
+        elif op == "replace":  # a caller hands over a plain dict
+            ct.latest = dict(ct.latest)
+        for c in sorted(set(ct.labels.values())):
+            have = [s for s in ct.members(c) if s in ct.latest]
+            if not have:
+                continue
+            ct.aggregate(c)
+            stack = torch.stack([ct.latest[s][0] for s in have]).double()
+            weights = torch.tensor([ct.latest[s][1] for s in have], dtype=torch.float64)
+            expected = (weights / weights.sum()) @ stack
+            assert_allclose(ct.twins[c].numpy(), expected.float().numpy(), rtol=1e-5, atol=1e-4)

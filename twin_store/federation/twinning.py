@@ -70,12 +70,76 @@ class Labels(dict[int, int]):
         return self
 
 
+class Latest(dict[int, tuple[torch.Tensor, int]]):
+    """square -> (params, samples) of its latest accepted update, noting which squares were written since the
+    cluster sums last looked, so that a FedAvg cluster twin follows a write in O(params) instead of averaging
+    every member again (a cluster of 2,000 members: ~3 ms of the store's time per update)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.touched: set[int] = set(self)
+
+    def __setitem__(self, key: int, value: tuple[torch.Tensor, int]) -> None:
+        super().__setitem__(key, value)
+        self.touched.add(key)
+
+    def __delitem__(self, key: int) -> None:
+        super().__delitem__(key)
+        self.touched.add(key)
+
+    def pop(self, key: int, *default: Any) -> Any:
+        self.touched.add(key)
+        return super().pop(key, *default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        other = dict(*args, **kwargs)
+        super().update(other)
+        self.touched.update(other)
+
+    def setdefault(self, key: int, default: Any = None) -> Any:
+        self.touched.add(key)
+        return super().setdefault(key, default)
+
+    def popitem(self) -> tuple[int, tuple[torch.Tensor, int]]:
+        item = super().popitem()
+        self.touched.add(item[0])
+        return item
+
+    def clear(self) -> None:
+        self.touched.update(self)
+        super().clear()
+
+
+@dataclass
+class _ClusterSum:
+    """A cluster's running FedAvg: the sample-weighted sum (float64) of the entries it holds."""
+
+    total: torch.Tensor  # [P] float64
+    weight: float
+    rows: dict[int, tuple[torch.Tensor, int]]  # square -> the entry of ``latest`` in the sum
+
+    def put(self, square: int, entry: tuple[torch.Tensor, int] | None) -> None:
+        old = self.rows.pop(square, None)
+        if old is not None:
+            self.total -= old[0].to(torch.float64) * old[1]
+            self.weight -= old[1]
+        if entry is not None:
+            self.total += entry[0].to(torch.float64) * entry[1]
+            self.weight += entry[1]
+            self.rows[square] = entry
+
+
 @dataclass
 class ClusterTwins:
     """Cluster twins = sample-weighted FedAvg of the latest accepted local update of each member.
 
     A member without an accepted update yet does not count. When a BS moves cluster its latest update
     moves with it and both clusters are re-aggregated (the reference code left it behind).
+
+    FedAvg (``aggregator`` None) keeps each cluster's weighted sum and follows every write of ``latest`` by
+    subtracting the member's old entry and adding its new one, in float64: one accepted update costs
+    O(params) at any cluster size. A membership change rebuilds the sums. A robust ``aggregator`` needs
+    every member's update at once and stacks them.
     """
 
     labels: dict[int, int]  # square -> cluster id
@@ -94,10 +158,16 @@ class ClusterTwins:
     _members: tuple[Labels | None, int, dict[int, list[int]]] = field(
         default=(None, -1, {}), repr=False, compare=False
     )
+    # FedAvg's running sums, valid for (``labels``, its change count, ``latest``) as they were when built
+    _sums: tuple[Labels | None, int, Latest | None, dict[int, _ClusterSum]] = field(
+        default=(None, -1, None, {}), repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.labels, Labels):
             self.labels = Labels(self.labels)
+        if not isinstance(self.latest, Latest):
+            self.latest = Latest(self.latest)
 
     def members(self, cid: int) -> list[int]:
         labels = self.labels
@@ -138,15 +208,55 @@ class ClusterTwins:
         return cid
 
     def aggregate(self, cid: int) -> None:
-        have = [s for s in self.members(cid) if s in self.latest]
-        if not have:
-            return
-        stack, weights = self._stack(cid, have)
-        if self.aggregator is None or cid not in self.twins:
-            self.twins[cid] = fedavg(stack, weights)
+        if self.aggregator is None:
+            total = self._sum(cid)
+            if total is None:
+                return
+            self.twins[cid] = (total.total / total.weight).to(torch.float32)
         else:
-            self.twins[cid] = self.aggregator(stack, weights, self.twins[cid])
+            have = [s for s in self.members(cid) if s in self.latest]
+            if not have:
+                return
+            stack, weights = self._stack(cid, have)
+            if cid not in self.twins:
+                self.twins[cid] = fedavg(stack, weights)
+            else:
+                self.twins[cid] = self.aggregator(stack, weights, self.twins[cid])
         self.versions[cid] = self.versions.get(cid, 0) + 1
+
+    def _sum(self, cid: int) -> _ClusterSum | None:
+        """The cluster's running sum brought up to date with ``latest``; None if no member has an update."""
+        labels, latest = self.labels, self.latest
+        if not isinstance(latest, Latest):  # replaced by a plain dict: track it from now on
+            latest = self.latest = Latest(latest)
+        seen, changes, seen_latest, sums = self._sums
+        if (
+            not isinstance(labels, Labels)
+            or seen is not labels
+            or changes != labels.changes
+            or seen_latest is not latest
+        ):
+            sums = {}
+            if isinstance(labels, Labels):  # a plain dict has no change count: rebuilt every time
+                self._sums = (labels, labels.changes, latest, sums)
+            latest.touched.clear()
+        for square in latest.touched:  # writes since the sums last looked, in whichever cluster
+            held = sums.get(labels.get(square, -1))
+            if held is not None:
+                held.put(square, latest.get(square))
+        latest.touched.clear()
+        held = sums.get(cid)
+        if held is None:
+            have = [s for s in self.members(cid) if s in latest]
+            if not have:
+                return None
+            first = latest[have[0]][0]
+            held = sums[cid] = _ClusterSum(torch.zeros(first.shape, dtype=torch.float64), 0.0, {})
+            for s in have:
+                held.put(s, latest[s])
+        if not held.rows or held.weight <= 0:
+            return None
+        return held
 
     def _stack(self, cid: int, have: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The members' latest params ``[k, P]`` and sample counts ``[k]``, rows in ``have``'s order."""

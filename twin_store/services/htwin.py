@@ -59,7 +59,7 @@ from twin_store.federation.models_topic import (
     roster_problem,
     split_roster,
 )
-from twin_store.federation.screening import Candidate, Defense, make_defense
+from twin_store.federation.screening import Candidate, Defense, cluster_aggregator, make_defense
 from twin_store.federation.screening.temporal import TemporalScreen
 from twin_store.federation.sites import EntityGrouping, Sites, load_sites
 from twin_store.federation.twinning import ClusterTwins, GlobalTwin
@@ -179,7 +179,7 @@ class TwinState:
             defense=defense or Defense(),
             epoch=epoch,
         )
-        state.clusters.aggregator = state.defense.aggregate
+        state.clusters.aggregator = cluster_aggregator(state.defense)
         plan = StreamPlan.from_meta(glob.meta["plan"]) if "plan" in glob.meta else None
         if (
             plan is not None
@@ -619,6 +619,9 @@ class TwinService:
         milan_dir: Path | None = None,
         gamma: float | None = None,
     ) -> None:
+        # one torch thread, as in the worker: the processes of a deployment share the cores, and the store's
+        # tensors (one update's screen and sums, ~4,400 parameters) are too small to gain from more
+        torch.set_num_threads(1)
         self.settings = settings
         self.topics = Topics.from_settings(settings)
         sec = settings.security
@@ -676,7 +679,7 @@ class TwinService:
             )
             if saved is not None:
                 self.state.defense = saved
-                self.state.clusters.aggregator = saved.aggregate
+                self.state.clusters.aggregator = cluster_aggregator(saved)
 
     def bootstrap(self, poll_s: float = 5.0) -> dict[str, Any] | None:
         """Wait until the stream's history is enough (``[twins]`` bootstrap thresholds), V-twin on it, and

@@ -4,6 +4,13 @@
 poisoning`` drive the same objects.
 """
 
-from twin_store.federation.screening.base import DEFENSES, Candidate, Defense, Verdict, make_defense
+from twin_store.federation.screening.base import (
+    DEFENSES,
+    Candidate,
+    Defense,
+    Verdict,
+    cluster_aggregator,
+    make_defense,
+)
 
-__all__ = ["DEFENSES", "Candidate", "Defense", "Verdict", "make_defense"]
+__all__ = ["DEFENSES", "Candidate", "Defense", "Verdict", "cluster_aggregator", "make_defense"]

@@ -10,6 +10,7 @@ influence instead.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,14 @@ class Defense:
     def from_state(cls, doc: dict[str, Any], tensors: dict[int, torch.Tensor]) -> Defense:
         """The inverse of ``state``; raises ValueError, TypeError or KeyError on a document it did not write."""
         return cls()
+
+
+def cluster_aggregator(
+    defense: Defense,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """What ``ClusterTwins.aggregator`` takes: None for a defense that averages (FedAvg), so the cluster
+    twins keep running sums; the defense's own ``aggregate`` for a robust one."""
+    return None if type(defense).aggregate is Defense.aggregate else defense.aggregate
 
 
 def delta_norm(update: Candidate) -> float:
