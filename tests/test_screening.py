@@ -4,6 +4,8 @@ test shows the attack that would get through if the defense did not work."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from producers import attacks
 from twin_store.federation.keys import KeyRegistry
 from twin_store.federation.models_topic import TwinMessage
 from twin_store.federation.screening import DEFENSES, Candidate, make_defense
-from twin_store.federation.screening.temporal import TemporalScreen
+from twin_store.federation.screening.temporal import TemporalScreen, lower_median
 from twin_store.services.htwin import TwinState
 
 P = 50
@@ -224,3 +226,37 @@ def test_an_update_the_store_cannot_read_is_a_dead_letter_not_a_crash() -> None:
         state.apply(TwinMessage("bs", "evil", 1, 8, np.zeros(6, np.float32), {"seq": 1}))
     with pytest.raises(MalformedMessage, match="seq must be an integer"):
         state.apply(TwinMessage("bs", "1", 1, 8, np.zeros(6, np.float32), {"seq": "1; drop"}))
+
+
+def test_the_lower_median_by_selection_equals_torchs_median() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for n in (3, 4, 5, 64, 127, 128):
+        rows = torch.randn(n, 97, generator=gen)
+        expected = rows.median(dim=0).values
+        assert torch.equal(lower_median(rows), expected)
+        assert torch.equal(lower_median(rows, torch.empty_like(rows)), expected)
+
+
+SCREEN_MEMORY = """
+import torch
+from twin_store.federation.screening import Candidate, make_defense
+def rss_mb():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+screen, ref = make_defense("temporal"), torch.zeros(4390)
+members = tuple(range(0, 10000, 7))
+gen = torch.Generator().manual_seed(0)
+before = rss_mb()
+for s in members:
+    screen.screen(Candidate(s, 0, torch.randn(4390, generator=gen) * 0.01, ref, members, 50, 0.1, 1))
+print(rss_mb() - before)
+"""
+
+
+@pytest.mark.slow
+def test_screening_a_large_cluster_keeps_its_deltas_not_a_fragmented_heap() -> None:
+    """1,429 BSs of one cluster screened against 128 peers each: the screen keeps 25 MB of deltas. With a
+    fresh megabyte-sized peer matrix per update the heap grew ~200 MB (freed matrices pinned by the deltas
+    allocated between them)."""
+    res = subprocess.run([sys.executable, "-c", SCREEN_MEMORY], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout) < 110, f"grew {res.stdout.strip()} MB"

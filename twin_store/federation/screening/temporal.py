@@ -83,11 +83,16 @@ class RiseDetector:
             self.drift_detected = self.sum_increase - self.min_increase > self.threshold
 
 
-def lower_median(rows: torch.Tensor) -> torch.Tensor:
+def lower_median(rows: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """``rows.median(dim=0).values`` (the lower of the two middle values for an even count), by numpy's
-    selection instead of torch's sort: the same numbers, 3x faster at 128 peers of 4,390 parameters."""
+    selection instead of torch's sort: the same numbers, 3x faster at 128 peers of 4,390 parameters.
+    ``scratch`` (optional, ``rows``' shape): selected in place there instead of in a new copy."""
     k = (rows.shape[0] - 1) // 2
-    return torch.from_numpy(np.partition(rows.numpy(), k, axis=0)[k])
+    if scratch is None:
+        return torch.from_numpy(np.partition(rows.numpy(), k, axis=0)[k])
+    scratch.copy_(rows)
+    scratch.numpy().partition(k, axis=0)
+    return scratch[k].clone()
 
 
 class TemporalScreen(Defense):
@@ -114,6 +119,7 @@ class TemporalScreen(Defense):
         # square -> delta of its latest accepted update, oldest first (insertion order = recency)
         self.deltas: dict[int, torch.Tensor] = {}
         self.norms: dict[int, torch.Tensor] = {}  # square -> |its delta|, filled when first read
+        self._work: torch.Tensor | None = None  # ``_scratch``'s matrices
         self.recent: deque[int] = deque(maxlen=pool)  # squares of the latest accepted updates
         self.level: dict[int, EwMean] = {}
         self.rise: dict[int, RiseDetector] = {}
@@ -133,15 +139,24 @@ class TemporalScreen(Defense):
             ]
         if len(peers) < 3:
             return {}, delta
-        d = torch.stack([self.deltas[s] for s in peers])
-        centre = lower_median(d)
+        d, scratch = self._scratch(len(peers), delta.numel())
+        torch.stack([self.deltas[s] for s in peers], out=d)
+        centre = lower_median(d, scratch)
         typical_norm = torch.stack([self._norm(s) for s in peers]).median().clamp_min(1e-12)
-        typical_distance = (d - centre).norm(dim=1).median().clamp_min(1e-12)
+        typical_distance = torch.sub(d, centre, out=scratch).norm(dim=1).median().clamp_min(1e-12)
         feats = {
             "norm": float(delta.norm() / typical_norm),
             "distance": float((delta - centre).norm() / typical_distance),
         }
         return feats, delta
+
+    def _scratch(self, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two ``[rows, width]`` work matrices, kept between updates. Allocating megabytes per update
+        between the small deltas that stay fragmented the heap: the store grew ~140 KB per screened update
+        (measured at 10,000 BSs) although it keeps 17.5 KB."""
+        if self._work is None or self._work.shape[2] != width or self._work.shape[1] < rows:
+            self._work = torch.empty(2, max(rows, self.max_peers), width)
+        return self._work[0, :rows], self._work[1, :rows]
 
     def _norm(self, square: int) -> torch.Tensor:
         """|delta| of a peer, computed once: peers are re-read on up to ``max_peers`` later updates."""
