@@ -176,6 +176,17 @@ def test_a_twin_republished_often_in_one_hour_keeps_the_previous_hours_version()
     assert versions.at(b"global:0", 11).version == 41  # type: ignore[union-attr]
 
 
+def test_versions_of_an_unchanged_membership_share_one_member_list() -> None:
+    versions = TwinVersions()
+    p = np.zeros(3, np.float32)
+    for version, members in ((1, [1, 2, 3]), (2, [1, 2, 3]), (3, [1, 2]), (4, [1, 2])):
+        versions.add(TwinMessage("cluster", "0", version, 8, p, {"members": list(members), "as_of": version}))
+    kept = [m.meta["members"] for m in versions.versions[b"cluster:0"]]
+    assert kept == [[1, 2, 3], [1, 2, 3], [1, 2], [1, 2]]
+    assert kept[0] is kept[1] and kept[2] is kept[3] and kept[1] is not kept[2]
+    assert [versions.cluster_of(h) for h in (2, 4)] == [{1: 0, 2: 0, 3: 0}, {1: 0, 2: 0}]
+
+
 def test_screened_traffic_is_kept_and_flagged_but_left_out_of_local_training() -> None:
     agents = BsAgents(screen_traffic=True)
     for t in twins(MODEL.init(1, 0)[0]):
