@@ -4,8 +4,17 @@ the readiness rule, and the packed training samples."""
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from twin_store.federation.bootstrap import VALIDATION_MIN, build_grid, default_need, prepare, ready
+from twin_store.federation.bootstrap import (
+    VALIDATION_MIN,
+    build_grid,
+    default_need,
+    grid_of,
+    prepare,
+    ready,
+)
 from twin_store.federation.series import DAY_MS
 
 
@@ -56,3 +65,39 @@ def test_prepare_twins_the_ready_entities_and_packs_valid_samples_first() -> Non
     assert k <= len(valid) and set(np.round(prep.y[1, :k], 9)) <= set(np.round(z1[valid], 9))
     # the scaler comes from the training steps only
     assert np.allclose(prep.scaler.mean[0], np.mean(values[0, : prep.train]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(1, 6), st.integers(0, 3 * 48), st.floats(-1e6, 1e6, allow_nan=False)),
+        max_size=80,
+    )
+)
+def test_grid_from_columns_is_the_row_by_row_grid(rows: list[tuple[int, int, float]]) -> None:
+    """The columns the bootstrap reads (``grid_of``, vectorised) give the grid a row-by-row fill gives,
+    duplicates included: the last row of a step wins, the last name of a key."""
+    step = 1_800_000
+    t0 = 2 * DAY_MS + 7 * step
+    full = [(k, f"n{k}-{i % 2}", t0 + s * step, v) for i, (k, s, v) in enumerate(rows)]
+    names = {k: n for k, n, _, _ in full}
+    g = grid_of(
+        np.array([r[0] for r in full], dtype=np.int64),
+        np.array([r[2] for r in full], dtype=np.int64),
+        np.array([r[3] for r in full]),
+        names,
+        step,
+    )
+    if not full:
+        assert g.values.size == 0 and g.names == []
+        return
+    keys = sorted(names)
+    first = min(r[2] for r in full)
+    start = first - first % DAY_MS
+    expected = np.full((len(keys), (max(r[2] for r in full) - start) // step + 1), np.nan)
+    for k, _, t, v in full:
+        expected[keys.index(k), (t - start) // step] = v
+    assert g.keys.tolist() == keys and g.names == [names[k] for k in keys] and g.start_ms == start
+    np.testing.assert_array_equal(g.values, expected)
+    assert build_grid(full, step).names == g.names
+    np.testing.assert_array_equal(build_grid(full, step).values, expected)

@@ -84,3 +84,57 @@ def test_vtwin_bad_input_is_one_line(isolated: NettwinSettings, tmp_path: Path) 
     res = run_cli(isolated, "vtwin", "--data", str(bad))
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip().count("\n") == 0 and "not an hourly file" in res.stderr
+
+
+@pytest.mark.integration
+def test_bootstrap_reads_the_history_in_pieces(isolated: NettwinSettings) -> None:
+    """The bootstrap reads twin_input as InfluxDB's chunked MessagePack answer, piece by piece into columns:
+    the pieces (a series split over several) hold exactly the one-shot answer's rows, and the grid has every
+    step, without the row that has no key."""
+    from twin_store.services.vtwin import read_twin_steps
+
+    t0 = 1_700_000_000 - 1_700_000_000 % 86_400
+    lines = [
+        f"twin_input,entity=e{i},metric=v value={i * 100 + k}.5,n_values=1i,key={i + 1}i {t0 + 60 * k}"
+        for i in range(3)
+        for k in range(7)
+    ]
+    lines.append(f"twin_input,entity=x,metric=v value=1.0,n_values=1i {t0}")  # no key: not a stream row
+    lines.append(f"twin_input,entity=e0,metric=w value=9.0,n_values=1i,key=1i {t0}")  # another metric
+    with InfluxClient(isolated.influx) as influx:
+        influx.write("\n".join(lines).encode(), precision="s")
+        q = 'SELECT "value", "key" FROM "twin_input" WHERE "metric" = \'v\' GROUP BY "entity"'
+        whole = influx.query(q)
+        pieces = list(influx.query_chunks(q, chunk_size=3))
+        grid = read_twin_steps(influx, "v", 60)
+    assert len(pieces) > len(whole)  # a series came in several pieces
+    for s in whole:
+        rows = [r for p in pieces if p.tags == s.tags for r in p.values]
+        assert rows == s.values
+    assert grid.names == ["e0", "e1", "e2"] and grid.keys.tolist() == [1, 2, 3] and grid.steps == 7
+    np.testing.assert_array_equal(grid.values, np.arange(3)[:, None] * 100 + np.arange(7)[None, :] + 0.5)
+
+
+def test_compacted_v_twinning_publishes_the_same_twins() -> None:
+    """``compact`` keeps what publishing needs (every twin, every BS's last update, the labels) in one tensor
+    and drops V-twinning's working state: the messages are the same, float for float."""
+    import torch
+
+    from twin_store.federation.twinning import v_twinning
+    from twin_store.models.forecaster import FitConfig
+    from twin_store.services.vtwin import compact, twin_messages
+
+    model = TwinModel(hidden=8, n_inputs=5)
+    squares = np.arange(1, 41)
+    labels = squares % 3
+    x, y = torch.randn(40, 30, 5), torch.randn(40, 30)
+    result = v_twinning(model, squares, labels, x, y, model.init(1, 0)[0], 4, 0.3, FitConfig(steps=3),
+                        torch.Generator().manual_seed(0), np.random.default_rng(0))  # fmt: skip
+    small = compact(result)
+    assert 0 < len(small.clusters.latest) < 40  # partial participation: some BSs never trained
+    assert not small.clusters._stacks
+    meta = {"loss": 0.5, "members": squares.tolist(), "entities": {str(s): f"e{s}" for s in squares}}
+    before, after = twin_messages(result, 8, meta), twin_messages(small, 8, meta)
+    assert [(m.key, m.meta) for m in after] == [(m.key, m.meta) for m in before]
+    for a, b in zip(after, before, strict=True):
+        np.testing.assert_array_equal(a.params, b.params)

@@ -9,7 +9,7 @@ build line protocol in bulk (twin_store.adapters.lineproto) and post bytes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,15 +171,54 @@ class InfluxClient:
                 body = orjson.loads(resp.content)
         except (ValueError, msgpack.UnpackException) as exc:
             raise ServiceError(f"InfluxDB query returned non-JSON (HTTP {resp.status_code})") from exc
+        return list(self._series(body, q))
+
+    def query_chunks(self, q: str, chunk_size: int = 10_000, epoch: str = "ms") -> Iterator[Series]:
+        """The answer to ``q`` a piece at a time: InfluxDB's chunked answer (at most ``chunk_size`` points a
+        piece, MessagePack), read from the socket as it comes. A series longer than a piece comes in several
+        ``Series`` of the same name and tags. For answers too large to hold as Python lists at once: the
+        bootstrap's 500,000 history points at 10,000 entities took ~150 MB parsed whole."""
+        params = {"q": q, "epoch": epoch, "chunked": "true", "chunk_size": str(chunk_size)}
+        params["db"] = self.settings.database
+        headers = {"Accept": "application/x-msgpack", "Accept-Encoding": "identity"}
+        resp = self._request("POST", "/query", data=params, headers=headers, stream=True)
+        with resp:
+            if resp.status_code >= 500:
+                raise ServiceError(f"InfluxDB query failed: HTTP {resp.status_code} {_error_text(resp)}")
+            if resp.status_code in (401, 403):
+                raise self._refused(resp, "a query")
+            if "msgpack" not in resp.headers.get("Content-Type", ""):  # an error before the first piece
+                yield from self._series(_json_body(resp), q)
+                return
+            unpacker = msgpack.Unpacker()
+            try:
+                for data in resp.iter_content(1 << 16):
+                    unpacker.feed(data)
+                    for body in unpacker:
+                        yield from self._series(body, q)
+            except (ValueError, msgpack.UnpackException) as exc:
+                raise ServiceError(f"InfluxDB query returned a broken MessagePack answer: {exc}") from exc
+            except requests.RequestException as exc:
+                raise ServiceError(
+                    f"InfluxDB at {self.base} broke off its answer ({type(exc).__name__})"
+                ) from exc
+
+    @staticmethod
+    def _series(body: Any, q: str) -> Iterator[Series]:
         if "error" in body:
             raise _query_error(body["error"], q)
-        out: list[Series] = []
         for result in body.get("results", []):
             if "error" in result:
                 raise _query_error(result["error"], q)
             for s in result.get("series", []):
-                out.append(Series(s["name"], s.get("tags") or {}, s["columns"], s.get("values") or []))
-        return out
+                yield Series(s["name"], s.get("tags") or {}, s["columns"], s.get("values") or [])
+
+
+def _json_body(resp: requests.Response) -> Any:
+    try:
+        return orjson.loads(resp.content)
+    except ValueError as exc:
+        raise ServiceError(f"InfluxDB query returned non-JSON (HTTP {resp.status_code})") from exc
 
 
 def _query_error(message: str, q: str) -> Exception:

@@ -59,19 +59,36 @@ class Grid:
 
 def build_grid(rows: list[tuple[int, str, int, float]], step_ms: int) -> Grid:
     """(key, name, step start ms, value) rows -> the grid up to the newest step. A step given twice keeps the
-    last row."""
-    if not rows:
-        return Grid(np.zeros(0, np.int64), [], 0, step_ms, np.zeros((0, 0)))
-    keys = sorted({r[0] for r in rows})
+    last row; a key named twice, its last name."""
     names = {r[0]: r[1] for r in rows}
-    first = min(r[2] for r in rows)
+    return grid_of(
+        np.array([r[0] for r in rows], dtype=np.int64),
+        np.array([r[2] for r in rows], dtype=np.int64),
+        np.array([r[3] for r in rows], dtype=np.float64),
+        names,
+        step_ms,
+    )
+
+
+def grid_of(
+    keys: np.ndarray, times_ms: np.ndarray, values: np.ndarray, names: dict[int, str], step_ms: int
+) -> Grid:
+    """:func:`build_grid` from columns (row ``i``: ``keys[i]``, step start ``times_ms[i]``, ``values[i]``) and
+    each key's name: the history of 10,000 entities is 500,000 rows, ~24 bytes each here instead of a Python
+    tuple of four objects (~150 bytes)."""
+    if not len(keys):
+        return Grid(np.zeros(0, np.int64), [], 0, step_ms, np.zeros((0, 0)))
+    uniq, row = np.unique(keys, return_inverse=True)
+    first = int(times_ms.min())
     start = first - first % DAY_MS
-    steps = int((max(r[2] for r in rows) - start) // step_ms) + 1
-    values = np.full((len(keys), steps), np.nan)
-    row_of = {k: i for i, k in enumerate(keys)}
-    for key, _, t, v in rows:
-        values[row_of[key], (t - start) // step_ms] = v
-    return Grid(np.asarray(keys, np.int64), [names[k] for k in keys], int(start), step_ms, values)
+    steps = int((int(times_ms.max()) - start) // step_ms) + 1
+    cell = row.astype(np.int64) * steps + (times_ms - start) // step_ms
+    # the last row of a cell wins: the first occurrence in the reversed rows
+    cells, last = np.unique(cell[::-1], return_index=True)
+    grid = np.full((len(uniq), steps), np.nan)
+    grid.flat[cells] = values[::-1][last]
+    keys_out = uniq.astype(np.int64)
+    return Grid(keys_out, [names[int(k)] for k in keys_out.tolist()], int(start), step_ms, grid)
 
 
 def ready(grid: Grid, need_steps: int, need_entities: int) -> bool:

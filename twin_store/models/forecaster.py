@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ingest.errors import Stopped
@@ -22,6 +23,7 @@ N_STEPS = (
 
 
 FIT_CHUNK = 64  # twins trained together in ``fit``: memory grows with it, the result does not change
+PREDICT_CHUNK = 1024  # entities forecast together by ``predict_in_chunks``
 
 
 @dataclass(frozen=True)
@@ -134,3 +136,20 @@ class TwinModel:
                 losses[c] += per_twin.detach()
         out = torch.cat([w.detach() for w in works]) if works else params.detach().clone()
         return out, losses / cfg.steps
+
+
+def predict_in_chunks(
+    model: TwinModel, params: torch.Tensor, x: torch.Tensor, chunk: int = PREDICT_CHUNK
+) -> np.ndarray:
+    """One twin ``params [P]`` on every entity's inputs ``x [E, N, n_inputs]`` -> predictions ``[E, N]``,
+    ``chunk`` entities at a time. The whole stack at once keeps ``E x N x 4 hidden`` floats per gate and
+    step alive (and a broadcast copy of the twin per entity in ``bmm``); the bootstrap's validation of 10,000
+    entities is thus bounded by one chunk. Each entity's forecast does not depend on the others in its
+    chunk."""
+    out = np.empty(tuple(x.shape[:2]), dtype=np.float32)
+    one = params.reshape(1, -1)
+    with torch.no_grad():
+        for lo in range(0, x.shape[0], chunk):
+            part = x[lo : lo + chunk]
+            out[lo : lo + part.shape[0]] = model.forward(one.expand(part.shape[0], -1), part).numpy()
+    return out
