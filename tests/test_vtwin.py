@@ -122,7 +122,7 @@ def test_compacted_v_twinning_publishes_the_same_twins() -> None:
 
     from twin_store.federation.twinning import v_twinning
     from twin_store.models.forecaster import FitConfig
-    from twin_store.services.vtwin import compact, twin_messages
+    from twin_store.services.vtwin import compact, pack_latest, twin_messages
 
     model = TwinModel(hidden=8, n_inputs=5)
     squares = np.arange(1, 41)
@@ -131,8 +131,10 @@ def test_compacted_v_twinning_publishes_the_same_twins() -> None:
     result = v_twinning(model, squares, labels, x, y, model.init(1, 0)[0], 4, 0.3, FitConfig(steps=3),
                         torch.Generator().manual_seed(0), np.random.default_rng(0))  # fmt: skip
     small = compact(result)
+    pack_latest(small.clusters)
     assert 0 < len(small.clusters.latest) < 40  # partial participation: some BSs never trained
     assert not small.clusters._stacks
+    assert len({p.untyped_storage().data_ptr() for p, _ in small.clusters.latest.values()}) == 1
     meta = {"loss": 0.5, "members": squares.tolist(), "entities": {str(s): f"e{s}" for s in squares}}
     before, after = twin_messages(result, 8, meta), twin_messages(small, 8, meta)
     assert [(m.key, m.meta) for m in after] == [(m.key, m.meta) for m in before]
