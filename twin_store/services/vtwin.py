@@ -364,7 +364,6 @@ def vtwin_from_influx(
                 stop=stop,
             )
         )
-        pack_latest(result.clusters)
         release_freed_memory()
         return result
 
@@ -377,14 +376,21 @@ def vtwin_from_influx(
         pred = predict_in_chunks(model, params, xv_t)
         return float(np.mean((pred[ok] - yv[ok]) ** 2)) if ok.any() else float("nan")
 
-    # each candidate is scored as soon as it is trained, and only the better one is kept
+    # each candidate is scored as soon as it is trained, and only the better one is kept: the first packed
+    # while the second trains, the second packed only if it wins, once the first is gone
     result = v_twin(random_init)
+    pack_latest(result.clusters)
+    release_freed_memory()
     kept, val_mse_twins = "v-twinning", val_mse(result.global_params)
     other = v_twin(init)
     other_mse = val_mse(other.global_params)
     if other_mse < val_mse_twins:  # a tie or NaN keeps the first, as min() over both did
         kept, val_mse_twins, result = "v-twinning from persistence", other_mse, other
-    del other
+        del other
+        pack_latest(result.clusters)
+    else:
+        del other
+    release_freed_memory()
     pers_mse = val_mse(init)
     if not pers_mse * (1 + VAL_TIE) >= val_mse_twins:  # NaN (nothing held out) keeps persistence too
         kept = "persistence"
