@@ -260,9 +260,10 @@ def run_vtwin_from_influx(
 
 
 def compact(result: VTwinResult) -> VTwinResult:
-    """The same twins without V-twinning's working state (the clusters' stacked members, its aggregation
-    cache: ~110 MB at 10,000 entities). Pass the result itself (not a name that keeps it alive), then
-    :func:`pack_latest` the returned one: the cache is gone before the packed copy is made."""
+    """The same twins without V-twinning's working state (its aggregation caches: before FedAvg kept running
+    sums, every cluster's stacked members, ~110 MB at 10,000 entities). Pass the result itself (not a name
+    that keeps it alive), then :func:`pack_latest` the returned one: the caches are gone before the packed
+    copy is made."""
     ct = result.clusters
     clusters = ClusterTwins(dict(ct.labels), dict(ct.twins), dict(ct.latest), dict(ct.versions))
     return VTwinResult(
@@ -277,7 +278,8 @@ def pack_latest(clusters: ClusterTwins) -> None:
     squares = sorted(clusters.latest)
     if squares:
         stack = torch.stack([clusters.latest[s][0] for s in squares])
-        clusters.latest = {s: (stack[k], clusters.latest[s][1]) for k, s in enumerate(squares)}
+        for k, s in enumerate(squares):  # in place: ``latest`` keeps its type (twinning.Latest)
+            clusters.latest[s] = (stack[k], clusters.latest[s][1])
 
 
 def vtwin_from_influx(
