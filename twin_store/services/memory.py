@@ -12,6 +12,13 @@ def release_freed_memory() -> bool:
     the heap's top is free; after the bootstrap's V-twinning that was most of ``nettwin htwin``'s resident
     memory. False where the C library has no ``malloc_trim`` (not glibc) or nothing was returned."""
     gc.collect()
+    return trim_heap()
+
+
+def trim_heap() -> bool:
+    """``malloc_trim(0)`` alone, without a garbage collection (which would hold the GIL for the whole heap's
+    walk): for a long-running process that frees much of what it allocates, e.g. the worker after a training.
+    False where the C library has no ``malloc_trim`` or nothing was returned."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError):
