@@ -139,7 +139,7 @@ class TemporalScreen(Defense):
             ]
         if len(peers) < 3:
             return {}, delta
-        d, scratch = self._scratch(len(peers), delta.numel())
+        d, scratch = self._scratch(len(peers), delta)
         torch.stack([self.deltas[s] for s in peers], out=d)
         centre = lower_median(d, scratch)
         typical_norm = torch.stack([self._norm(s) for s in peers]).median().clamp_min(1e-12)
@@ -150,13 +150,14 @@ class TemporalScreen(Defense):
         }
         return feats, delta
 
-    def _scratch(self, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two ``[rows, width]`` work matrices, kept between updates. Allocating megabytes per update
-        between the small deltas that stay fragmented the heap: the store grew ~140 KB per screened update
-        (measured at 10,000 BSs) although it keeps 17.5 KB."""
-        if self._work is None or self._work.shape[2] != width or self._work.shape[1] < rows:
-            self._work = torch.empty(2, max(rows, self.max_peers), width)
-        return self._work[0, :rows], self._work[1, :rows]
+    def _scratch(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two ``[rows, like.numel()]`` work matrices of ``like``'s dtype, kept between updates. Allocating
+        megabytes per update between the small deltas that stay fragmented the heap: the store grew ~140 KB
+        per screened update (measured at 10,000 BSs) although it keeps 17.5 KB."""
+        work, width = self._work, like.numel()
+        if work is None or work.shape[2] != width or work.shape[1] < rows or work.dtype != like.dtype:
+            work = self._work = torch.empty(2, max(rows, self.max_peers), width, dtype=like.dtype)
+        return work[0, :rows], work[1, :rows]
 
     def _norm(self, square: int) -> torch.Tensor:
         """|delta| of a peer, computed once: peers are re-read on up to ``max_peers`` later updates."""
