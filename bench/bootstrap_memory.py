@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.checkouts import REPO, run_in_checkout, worktree
 from ingest.schema import RecordBatch
 from ingest.settings import TwinsSettings, load_settings
 from twin_store.adapters.influx import InfluxClient
@@ -44,7 +43,6 @@ from twin_store.services.processes import settings_env
 
 STEP_MS = 60_000
 T0_MS = 1_700_000_000_000 - 1_700_000_000_000 % 86_400_000  # a UTC midnight
-REPO = Path(__file__).resolve().parents[1]
 
 # Run in the child, with the checkout under test first on sys.path: only the public entry point is used, so
 # the same code measures older versions too.
@@ -119,21 +117,6 @@ def history_lines(n: int, steps: int, seed: int = 1) -> list[str]:
     return lines
 
 
-def bootstrap_in_child(checkout: Path, env: dict[str, str]) -> dict[str, Any]:
-    child_env = env | {"PYTHONPATH": str(checkout)}
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD],
-        cwd=checkout,
-        env=child_env,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"the bootstrap in {checkout} failed:\n{out.stderr[-3000:]}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--entities", type=int, default=10_000)
@@ -162,7 +145,6 @@ def main() -> None:
             }
         )
         provision(settings)
-        worktree = tmp / "baseline"
         try:
             lines = history_lines(n, args.history)
             with InfluxClient(settings.influx) as influx:
@@ -172,24 +154,15 @@ def main() -> None:
             env = settings_env(settings)
             out: dict[str, Any] = {"entities": n, "history_steps": args.history, "cadence": "1m"}
             if args.baseline:
-                subprocess.run(
-                    ["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), args.baseline],
-                    check=True,
-                    capture_output=True,
-                )
-                out["baseline_ref"] = args.baseline
-                out["baseline"] = bootstrap_in_child(worktree, env)
-            out["this"] = bootstrap_in_child(REPO, env)
+                with worktree(args.baseline, tmp / "baseline") as checkout:
+                    out["baseline_ref"] = args.baseline
+                    out["baseline"] = run_in_checkout(CHILD, checkout, env)
+            out["this"] = run_in_checkout(CHILD, REPO, env)
             if args.baseline:
                 out["same_twins"] = out["this"]["messages_sha256"] == out["baseline"]["messages_sha256"]
             out["load_1m"] = round(os.getloadavg()[0], 1)
             print(json.dumps(out))
         finally:
-            if worktree.exists():
-                subprocess.run(
-                    ["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)],
-                    capture_output=True,
-                )
             deprovision(settings)
 
 
