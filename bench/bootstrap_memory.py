@@ -27,15 +27,15 @@ import argparse
 import json
 import os
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.checkouts import REPO, run_in_checkout, worktree
+from bench.live_scale import isolated_settings
+from bench.twins_live import synthetic_twins
 from ingest.schema import RecordBatch
-from ingest.settings import TwinsSettings, load_settings
 from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.provision import deprovision, provision
 from twin_store.adapters.traffic import twin_step_lines
@@ -124,26 +124,9 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="a git ref to measure beside this checkout")
     args = ap.parse_args()
     n = args.entities
-    tag = uuid.uuid4().hex[:8]
-    base = load_settings()
-    twins = TwinsSettings(
-        target="v",
-        cadence="1m",
-        aggregate="mean",
-        bootstrap_entities=n,
-        bootstrap_steps=args.history - 5,
-        clusters=0,
-    )
     with tempfile.TemporaryDirectory(prefix="nettwin-bootstrap-memory-") as tmp_s:
         tmp = Path(tmp_s)
-        settings = base.model_copy(
-            update={
-                "kafka": base.kafka.model_copy(update={"topic_prefix": f"bench{tag}."}),
-                "influx": base.influx.model_copy(update={"database": f"nettwin_bench{tag}"}),
-                "state_dir": tmp / "state",
-                "twins": twins,
-            }
-        )
+        settings = isolated_settings(tmp / "state", twins=synthetic_twins(n, args.history))
         provision(settings)
         try:
             lines = history_lines(n, args.history)

@@ -53,6 +53,21 @@ from twin_store.services.vtwin import run_vtwin
 MILAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "milan"
 
 
+def isolated_settings(state_dir: Path, **update: Any) -> NettwinSettings:
+    """The configured settings with the run's own topic prefix and database (a random tag), so a bench touches
+    nothing else and ``deprovision`` removes all it made; ``update`` sets further fields."""
+    base = load_settings()
+    tag = uuid.uuid4().hex[:8]
+    return base.model_copy(
+        update={
+            "kafka": base.kafka.model_copy(update={"topic_prefix": f"bench{tag}."}),
+            "influx": base.influx.model_copy(update={"database": f"nettwin_bench{tag}"}),
+            "state_dir": state_dir,
+            **update,
+        }
+    )
+
+
 def _rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -133,17 +148,9 @@ def main() -> None:
     args = ap.parse_args()
     train_hours = FIRST_TARGET + 24 * 7 * 2 + 24  # two weeks of training samples after the period inputs
     hours = train_hours + VAL_HOURS + TEST_HOURS
-    tag = uuid.uuid4().hex[:8]
-    base = load_settings()
     with tempfile.TemporaryDirectory(prefix="nettwin-live-scale-") as tmp_s:
         tmp = Path(tmp_s)
-        settings = base.model_copy(
-            update={
-                "kafka": base.kafka.model_copy(update={"topic_prefix": f"bench{tag}."}),
-                "influx": base.influx.model_copy(update={"database": f"nettwin_bench{tag}"}),
-                "state_dir": tmp / "state",
-            }
-        )
+        settings = isolated_settings(tmp / "state")
         data = synthetic_hourly(tmp / f"synthetic-hourly-{args.bss}.csv", args.bss, hours)
         provision(settings)
         procs: dict[str, Any] = {}

@@ -31,14 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.live_scale import Watcher
-from ingest.settings import NettwinSettings, TwinsSettings, load_settings
+from bench.live_scale import Watcher, isolated_settings
+from ingest.settings import NettwinSettings, TwinsSettings
 from twin_store.adapters.influx import InfluxClient
 from twin_store.adapters.provision import deprovision, provision
 from twin_store.adapters.twin_rows import current_twins, latest_history_rows
@@ -57,6 +56,19 @@ def step_lines(k: int, n: int, rng: np.random.Generator) -> str:
     for i, v in enumerate((base + rng.normal(0, 2, n)).tolist()):
         out.append(f'{{"entity":"e{i}","time":{t + 5_000},"metrics":{{"v":{v:.3f}}}}}')
     return "\n".join(out) + "\n"
+
+
+def synthetic_twins(entities: int, history: int) -> TwinsSettings:
+    """The ``[twins]`` table of the synthetic deployment: metric ``v`` at 1-minute steps, bootstrapped once
+    every entity has the history's steps but the last 5."""
+    return TwinsSettings(
+        target="v",
+        cadence="1m",
+        aggregate="mean",
+        bootstrap_entities=entities,
+        bootstrap_steps=history - 5,
+        clusters=0,  # Louvain: Girvan-Newman to a fixed count takes minutes at thousands of entities
+    )
 
 
 def global_twin_rows(settings: NettwinSettings) -> int:
@@ -84,26 +96,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     n = args.entities
     rng = np.random.default_rng(1)
-    tag = uuid.uuid4().hex[:8]
-    base = load_settings()
     with tempfile.TemporaryDirectory(prefix="nettwin-twins-live-") as tmp_s:
         tmp = Path(tmp_s)
-        twins = TwinsSettings(
-            target="v",
-            cadence="1m",
-            aggregate="mean",
-            bootstrap_entities=n,
-            bootstrap_steps=args.history - 5,
-            clusters=0,  # Louvain: Girvan-Newman to a fixed count takes minutes at thousands of entities
-        )
-        settings = base.model_copy(
-            update={
-                "kafka": base.kafka.model_copy(update={"topic_prefix": f"bench{tag}."}),
-                "influx": base.influx.model_copy(update={"database": f"nettwin_bench{tag}"}),
-                "state_dir": tmp / "state",
-                "twins": twins,
-            }
-        )
+        twins = synthetic_twins(n, args.history)
+        settings = isolated_settings(tmp / "state", twins=twins)
         data = tmp / "readings.jsonl"
         config = tmp / "deploy.toml"
         config.write_text(
