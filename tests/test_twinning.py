@@ -196,6 +196,15 @@ def test_fit_stops_when_asked() -> None:
     assert len(asked) == 4  # asked before every chunk's step: it left at the fourth
 
 
+def peak_growth_mb(code: str) -> int:
+    """Run ``code`` in a fresh Python; how many MB its peak RSS grew after ``code`` set ``base`` (ru_maxrss)."""
+    code += "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    return int(out.stdout.strip())
+
+
 @pytest.mark.slow
 def test_fit_memory_is_bounded_by_the_chunk_not_the_stack() -> None:
     """1,000 stacked twins: the whole stack's autograd peaked ~950 MB above the imports (htwin's bootstrap
@@ -208,12 +217,8 @@ def test_fit_memory_is_bounded_by_the_chunk_not_the_stack() -> None:
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "m.fit(m.init(1000, 1), torch.randn(1000, 43, 5), torch.randn(1000, 43), FitConfig(steps=2),\n"
         "      torch.Generator().manual_seed(1))\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
-    )
-    grown_mb = int(out.stdout.strip())
+    grown_mb = peak_growth_mb(code)
     assert grown_mb < 450, f"fit grew the process by {grown_mb} MB"
 
 
@@ -312,10 +317,6 @@ def test_validation_memory_is_bounded_by_the_chunk_not_the_entities() -> None:
         "p, x = m.init(1, 1)[0], torch.randn(10000, 10, 5)\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "predict_in_chunks(m, p, x)\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
-    )
-    grown_mb = int(out.stdout.strip())
+    grown_mb = peak_growth_mb(code)
     assert grown_mb < 150, f"validation grew the process by {grown_mb} MB"
