@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twin_store.models.telemetry_screen import ScreenBank, SourceScreen
+from twin_store.models.telemetry_screen import RollingQuantile, ScreenBank, SourceScreen
 
 
 @settings(max_examples=40, deadline=None)
@@ -66,3 +66,36 @@ def test_screen_bank_refuses_hst_and_mismatched_lengths() -> None:
         ScreenBank("hst")
     with pytest.raises(ValueError, match="2 keys but 1 values"):
         ScreenBank().update(["a", "b"], np.array([1.0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    q=st.floats(0.0, 1.0),
+    window=st.integers(1, 40),
+    values=st.lists(st.floats(-1e6, 1e6), max_size=120),
+)
+def test_rolling_quantile_equals_rivers(q: float, window: int, values: list[float]) -> None:
+    """The gate's quantile (ours: it grows with the scores instead of reserving the window) gives river's
+    ``RollingQuantile`` values after every update, to within rounding."""
+    from river import stats
+
+    ours, theirs = RollingQuantile(q, window), stats.RollingQuantile(q, window_size=window)
+    assert ours.get() is None
+    for x in values:
+        ours.update(x)
+        theirs.update(x)
+        got, want = ours.get(), theirs.get()
+        assert got is not None and want is not None
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-9)
+    assert ours.ring.shape[0] <= max(16, 2 * min(len(values), window))
+
+
+def test_rolling_quantile_holds_what_it_has_seen_not_the_whole_window() -> None:
+    gate = RollingQuantile(0.995, 1000)
+    for x in range(40):
+        gate.update(float(x))
+    assert gate.ring.nbytes == 64 * 8  # 40 scores: a 64-slot ring, not 1,000 slots
+    for x in range(5000):
+        gate.update(float(x))
+    assert gate.ring.nbytes == 1000 * 8
+    assert gate.get() == pytest.approx(np.quantile(np.arange(4000, 5000, dtype=float), 0.995))

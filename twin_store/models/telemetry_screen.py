@@ -132,6 +132,44 @@ def _centre_scale(rows: np.ndarray, counts: np.ndarray, robust: bool) -> tuple[n
     return centre, np.maximum(scale, floor)
 
 
+class RollingQuantile:
+    """The ``q``-quantile (linear interpolation, numpy's default and river's ``stats.RollingQuantile``) of the
+    last ``window`` values.
+
+    Written here instead of river's because of memory: river's reserves its whole window up front (two
+    ``window``-slot buffers, 16 KB per source at the gate's 1,000), and the BS agents keep one gate per entity:
+    160 MB at 10,000 entities before any score exists. This one grows with the values it has seen (one
+    float64 ring, at most 8 KB) and sorts only when asked, which the gate does only for an over-threshold
+    point. Same values as river's to the last bit or one ulp (``tests/test_screen_bank.py``).
+    """
+
+    __slots__ = ("oldest", "q", "ring", "size", "window")
+
+    def __init__(self, q: float, window: int) -> None:
+        if not 0.0 <= q <= 1.0 or window < 1:
+            raise ValueError(f"RollingQuantile: q must be in [0, 1] and window >= 1 (got {q}, {window})")
+        self.q, self.window = q, window
+        self.ring = np.empty(0)
+        self.size = 0  # values in the ring (at most window)
+        self.oldest = 0  # once full: where the next value overwrites the oldest
+
+    def update(self, x: float) -> None:
+        if self.size < self.window:
+            if self.size == self.ring.shape[0]:  # doubling: amortised O(1), never beyond the window
+                grown = np.empty(min(self.window, max(16, 2 * self.size)))
+                grown[: self.size] = self.ring
+                self.ring = grown
+            self.ring[self.size] = x
+            self.size += 1
+        else:
+            self.ring[self.oldest] = x
+            self.oldest = (self.oldest + 1) % self.window
+
+    def get(self) -> float | None:
+        """None before the first value."""
+        return float(np.quantile(self.ring[: self.size], self.q)) if self.size else None
+
+
 class _RarityGate:
     """Lets a flag through only if its score is also above the ``q``-quantile of the recent scores.
 
@@ -140,24 +178,28 @@ class _RarityGate:
     crossing the threshold (heavy tails, quantised levels) raises the quantile and is flagged only rarely.
     """
 
+    __slots__ = ("in_run", "params", "quantile", "seen")
+
     def __init__(self, params: RobustParams) -> None:
         self.params = params
-        self.quantile = (
-            stats.RollingQuantile(params.q, window_size=params.gate_window) if 0.0 < params.q < 1.0 else None
-        )
+        self.quantile = RollingQuantile(params.q, params.gate_window) if 0.0 < params.q < 1.0 else None
         self.seen = 0
         self.in_run = False
 
     def __call__(self, score: float, over: bool) -> bool:
         if self.quantile is None:
             return over
-        bound = self.quantile.get()
-        rare = self.seen >= self.params.min_scored and bound is not None and score > bound
+        rare = False
+        if (
+            over and self.seen >= self.params.min_scored
+        ):  # the bound matters only for a point over the threshold
+            bound = self.quantile.get()
+            rare = bound is not None and score > bound
         if not (over and self.in_run):
             self.quantile.update(score)
             self.seen += 1
         self.in_run = over
-        return over and rare
+        return rare
 
 
 class _WindowZ:
