@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.optim.adam import adam
 
 from ingest.errors import Stopped
 
@@ -130,7 +131,7 @@ class TwinModel:
         for lo in range(0, bsz, FIT_CHUNK):
             c = slice(lo, min(lo + FIT_CHUNK, bsz))
             work = params[c].detach().clone().requires_grad_(True)
-            opt = torch.optim.Adam([work], lr=cfg.lr)
+            moments = (torch.zeros_like(work), torch.zeros_like(work), torch.tensor(0.0))
             rows = torch.arange(c.stop - c.start).unsqueeze(1)
             xc, yc = x[c], y[c]
             for step in range(cfg.steps):
@@ -138,12 +139,47 @@ class TwinModel:
                     raise Stopped("training stopped")
                 xb, yb = xc[rows, idx[step][c]], yc[rows, idx[step][c]]
                 per_twin = ((self.forward(work, xb) - yb) ** 2).mean(dim=1)
-                opt.zero_grad(set_to_none=True)
+                work.grad = None
                 per_twin.sum().backward()
-                opt.step()
+                adam_step(work, moments, cfg.lr)
                 losses[c] += per_twin.detach()
             out[c] = work.detach()
         return out, losses / cfg.steps
+
+
+def adam_step(
+    work: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor, torch.Tensor], lr: float
+) -> None:
+    """One step of ``torch.optim.Adam(lr=lr)`` (its defaults otherwise) on ``work`` from its gradient: the
+    functional update the class runs on CPU, with the moments and step count kept by the caller. The same
+    floats as the class (``tests/test_forecaster.py``). Not the class because constructing it imports
+    ``torch._dynamo``: 68 MB resident and ~3 s in every process that trains, the worker included."""
+    exp_avg, exp_avg_sq, step = moments
+    if work.grad is None:
+        raise ValueError("adam_step: the parameters have no gradient (backward first)")
+    with torch.no_grad():
+        adam(
+            [work],
+            [work.grad],
+            [exp_avg],
+            [exp_avg_sq],
+            [],
+            [step],
+            foreach=False,
+            capturable=False,
+            differentiable=False,
+            fused=None,
+            grad_scale=None,
+            found_inf=None,
+            has_complex=False,
+            amsgrad=False,
+            beta1=0.9,
+            beta2=0.999,
+            lr=lr,
+            weight_decay=0.0,
+            eps=1e-8,
+            maximize=False,
+        )
 
 
 def predict_in_chunks(
