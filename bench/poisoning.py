@@ -35,8 +35,9 @@ from bench.vhtwin import VTwinned, as_tensor, metrics, prediction_rows, v_twinne
 from producers import attacks
 from producers.attacks import ATTACKS, FAKE_BS_ATTACKS, AttackConfig
 from twin_store.federation import dcs
-from twin_store.federation.local_updates import MilanGrouping, Reclusterer, due_updates, profile_upto
+from twin_store.federation.local_updates import due_updates, profile_upto
 from twin_store.federation.plan import TEST_HOURS, VAL_HOURS, VhTwinConfig, stream_plan
+from twin_store.federation.reclustering import MilanGrouping, Reclusterer
 from twin_store.federation.samples import inputs_at
 from twin_store.federation.screening import DEFENSES, Candidate, cluster_aggregator, make_defense
 from twin_store.federation.twinning import ClusterTwins, GlobalTwin

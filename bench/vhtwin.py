@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from twin_store.federation import dcs
-from twin_store.federation.local_updates import MilanGrouping, Reclusterer, due_updates, profile_upto
+from twin_store.federation.local_updates import due_updates, profile_upto
 from twin_store.federation.plan import (
     PSI_BEYOND,
     PSI_QUANTILES,
@@ -44,6 +44,7 @@ from twin_store.federation.plan import (
     split_hours,
     stream_plan,
 )
+from twin_store.federation.reclustering import MilanGrouping, Reclusterer
 from twin_store.federation.samples import Scaler, inputs_at, samples
 from twin_store.federation.twinning import GlobalTwin, VTwinResult, fedavg, v_twinning
 from twin_store.models.forecaster import FitConfig, TwinModel

@@ -10,14 +10,13 @@ import torch
 
 from twin_store.federation import dcs
 from twin_store.federation.local_updates import (
-    MilanGrouping,
-    Reclusterer,
     StreamPlan,
     local_updates,
     minibatch_generators,
     profile_upto,
     window_samples,
 )
+from twin_store.federation.reclustering import MilanGrouping, Reclusterer
 from twin_store.federation.samples import FIRST_TARGET, samples
 from twin_store.federation.twinning import ClusterTwins
 from twin_store.models.forecaster import FitConfig, TwinModel

@@ -407,7 +407,7 @@ def nearest_profile(profiles: np.ndarray, labels: np.ndarray, joiner_profiles: n
 
 @dataclass(frozen=True)
 class EntityGrouping:
-    """Re-clustering DCS of a ``[twins]`` deployment (``local_updates.Reclusterer``), by the bootstrap's rule:
+    """Re-clustering DCS of a ``[twins]`` deployment (``reclustering.Reclusterer``), by the bootstrap's rule:
     positions from the sites file when it has every BS being clustered, their traffic profiles alone when it
     does not. ``names`` (registry key -> entity name) is the store's own map: late joiners appear in it as
     they join."""

@@ -40,14 +40,7 @@ from twin_store.adapters.lineproto import point
 from twin_store.adapters.twin_rows import twin_state_lines
 from twin_store.federation import dcs
 from twin_store.federation.keys import KeyRegistry
-from twin_store.federation.local_updates import (
-    Grouping,
-    MilanGrouping,
-    Reclusterer,
-    StreamPlan,
-    snapshot_problem,
-    update_problem,
-)
+from twin_store.federation.local_updates import StreamPlan, snapshot_problem, update_problem
 from twin_store.federation.models_topic import (
     ROSTER_KEY,
     ROSTER_VERSION,
@@ -59,6 +52,7 @@ from twin_store.federation.models_topic import (
     roster_problem,
     split_roster,
 )
+from twin_store.federation.reclustering import Grouping, MilanGrouping, Reclusterer
 from twin_store.federation.screening import Candidate, Defense, cluster_aggregator, make_defense
 from twin_store.federation.screening.temporal import TemporalScreen
 from twin_store.federation.sites import EntityGrouping, Sites, load_sites
