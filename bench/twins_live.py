@@ -91,6 +91,9 @@ def main() -> None:
     ap.add_argument("--poll-s", type=float, default=0.1)
     ap.add_argument("--timeout-s", type=float, default=900.0)
     ap.add_argument("--logs", type=Path, default=None, help="keep the parts' logs in this directory")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the run's topics and database (named on stderr) to inspect"
+    )
     args = ap.parse_args()
     # SIGTERM as Ctrl-C: the finally below stops the parts and deletes the topics and database
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -217,7 +220,12 @@ def main() -> None:
         finally:
             for p in procs.values():
                 stop_process(p)
-            if "--keep" not in sys.argv:
+            if args.keep:
+                print(
+                    f"kept topics {settings.kafka.topic_prefix}* and database {settings.influx.database}",
+                    file=sys.stderr,
+                )
+            else:
                 deprovision(settings)
 
 
