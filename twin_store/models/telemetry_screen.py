@@ -202,6 +202,60 @@ class _RarityGate:
         return rare
 
 
+class _GateBank:
+    """The rarity gates of many sources as arrays: ``_RarityGate``'s rule (and its quantile's ring, growing to
+    ``gate_window``) for a whole batch of distinct sources in a few numpy calls. ``ScreenBank`` screens every
+    entity every step, and one ``_RarityGate`` call per scored point was a third of its time."""
+
+    def __init__(self, params: RobustParams) -> None:
+        self.params = params
+        self.on = 0.0 < params.q < 1.0
+        self.seen = np.zeros(0, np.int64)
+        self.in_run = np.zeros(0, bool)
+        self.size = np.zeros(0, np.int64)  # scores in each source's ring
+        self.oldest = np.zeros(0, np.int64)  # once full: where its next score overwrites the oldest
+        self.ring = np.empty((0, 0))  # one row per source; as many slots as the fullest source needs
+
+    def grow(self, sources: int) -> None:
+        more = sources - self.seen.shape[0]
+        if more > 0:
+            self.seen = np.concatenate([self.seen, np.zeros(more, np.int64)])
+            self.in_run = np.concatenate([self.in_run, np.zeros(more, bool)])
+            self.size = np.concatenate([self.size, np.zeros(more, np.int64)])
+            self.oldest = np.concatenate([self.oldest, np.zeros(more, np.int64)])
+            self.ring = np.concatenate([self.ring, np.empty((more, self.ring.shape[1]))])
+
+    def __call__(self, rows: np.ndarray, scores: np.ndarray, over: np.ndarray) -> np.ndarray:
+        """The gated flags of distinct sources ``rows`` given their scores and over-threshold verdicts."""
+        if not self.on:
+            return over
+        p = self.params
+        flags = np.zeros(rows.shape[0], bool)
+        # the bound matters only for a point over the threshold, once the source has min_scored scores
+        ask = np.flatnonzero(over & (self.seen[rows] >= p.min_scored) & (self.size[rows] > 0))
+        for i in ask.tolist():
+            r = rows[i]
+            flags[i] = scores[i] > float(np.quantile(self.ring[r, : self.size[r]], p.q))
+        enter = ~(over & self.in_run[rows])  # a run of over-threshold points enters once
+        r, sc = rows[enter], scores[enter]
+        k = self.size[r]
+        cap = self.ring.shape[1]
+        need = int(k.max()) + 1 if k.shape[0] else 0
+        if need > cap and cap < p.gate_window:  # doubling: amortised O(1), never beyond the window
+            ring = np.empty((self.ring.shape[0], min(p.gate_window, max(16, 2 * cap, need))))
+            ring[:, :cap] = self.ring
+            self.ring = ring
+        filling = k < p.gate_window
+        self.ring[r[filling], k[filling]] = sc[filling]
+        full = r[~filling]
+        self.ring[full, self.oldest[full]] = sc[~filling]
+        self.oldest[full] = (self.oldest[full] + 1) % p.gate_window
+        self.size[r] = np.minimum(k + 1, p.gate_window)
+        self.seen[r] += 1
+        self.in_run[rows] = over
+        return flags
+
+
 class _WindowZ:
     """Robust (median/MAD + ADWIN re-baselining) or plain (mean/std) z-score over a rolling window."""
 
@@ -409,8 +463,8 @@ class ScreenBank:
 
     Scores and flags equal those of one ``SourceScreen`` per source fed the same points in the same order
     (a property test holds them equal). The BS agents screen every square each hour: here the windows of all
-    of them are scored in one vectorised pass instead of several numpy calls per point. Only ADWIN and the
-    rarity gate (cheap, sequential by nature) remain a per-source step.
+    of them are scored in one vectorised pass instead of several numpy calls per point, and their rarity
+    gates too (``_GateBank``). Only ADWIN remains a per-source step.
     """
 
     def __init__(self, method: str = "robust", **params: Any) -> None:
@@ -423,7 +477,7 @@ class ScreenBank:
         self.buf = np.full((0, p.window), np.nan)  # row = a source's window, oldest first, NaN after
         self.count = np.zeros(0, np.int64)
         self.adwins: list[drift.ADWIN] = []
-        self.gates: list[_RarityGate] = []
+        self.gates = _GateBank(p) if isinstance(p, RobustParams) else None
         self.points = 0
         self.flagged = 0
 
@@ -434,15 +488,15 @@ class ScreenBank:
         for key in keys:
             if key not in self.index:
                 self.index[key] = len(self.index)
-                if isinstance(self.params, RobustParams):
-                    self.gates.append(_RarityGate(self.params))
-                    if self.params.rebaseline:
-                        self.adwins.append(drift.ADWIN(delta=self.params.delta))
+                if isinstance(self.params, RobustParams) and self.params.rebaseline:
+                    self.adwins.append(drift.ADWIN(delta=self.params.delta))
         grow = len(self.index) - self.buf.shape[0]
         if grow > 0:
             size = max(grow, self.buf.shape[0])  # doubling: amortised O(1) per new source
             self.buf = np.concatenate([self.buf, np.full((size, self.params.window), np.nan)])
             self.count = np.concatenate([self.count, np.zeros(size, np.int64)])
+            if self.gates is not None:
+                self.gates.grow(self.buf.shape[0])
         return np.fromiter((self.index[key] for key in keys), np.int64, len(keys))
 
     def update(self, keys: Sequence[Hashable], values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -455,10 +509,11 @@ class ScreenBank:
         scores = np.zeros(x.shape[0])
         flags = np.zeros(x.shape[0], bool)
         # one pass per occurrence: a source's second point must see its first
-        seen: dict[int, int] = {}
         occurrence = np.zeros(len(rows), np.int64)
-        for i, r in enumerate(rows.tolist()):
-            occurrence[i] = seen[r] = seen.get(r, -1) + 1
+        if np.unique(rows).shape[0] < rows.shape[0]:  # (usually every source once: one pass)
+            seen: dict[int, int] = {}
+            for i, r in enumerate(rows.tolist()):
+                occurrence[i] = seen[r] = seen.get(r, -1) + 1
         for n in range(int(occurrence.max()) + 1 if len(rows) else 0):
             at = np.flatnonzero(occurrence == n)
             scores[at], flags[at] = self._update_distinct(rows[at], x[at])
@@ -476,9 +531,8 @@ class ScreenBank:
             centre, scale = _centre_scale(self.buf[rows[scored]], k[scored], self.robust)
             scores[scored] = np.abs(x[scored] - centre) / scale
             flags[scored] = scores[scored] > p.threshold
-            if self.gates:
-                for i in scored.tolist():
-                    flags[i] = self.gates[rows[i]](float(scores[i]), bool(flags[i]))
+            if self.gates is not None:
+                flags[scored] = self.gates(rows[scored], scores[scored], flags[scored])
         full = k >= p.window
         if full.any():  # the oldest point leaves the window
             r = rows[full]
