@@ -15,10 +15,12 @@ heartbeats and windowing go on meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 from ingest.deadletter import DeadLetter
@@ -37,6 +39,10 @@ ACK_WAIT_S = 5.0
 # how often the agent looks for the first global twin while it keeps steps (``catch_up_loop``)
 CATCH_UP_POLL_S = 0.1
 HEAP_TRIM_S = 30.0  # the worker's heap is trimmed at most this often, after a training
+# a step's training starts once every partition of the worker has sent that step's forecasts, or after this long:
+# a training thread beside the event loop slowed the other partitions' steps (10,000 entities in 4 partitions:
+# ~250 ms between the partitions' forecasts of a step against ~80 ms of work each)
+TRAIN_HOLD_S = 1.0
 HOUR_S = 3600
 
 
@@ -51,10 +57,10 @@ def hourly_batch(value: bytes | None, step_s: int = HOUR_S) -> RecordBatch | Non
 
 def warm_up() -> None:
     """Import what acting on the twins needs and run one tiny local update, so the first step after the
-    bootstrap imports nothing. Importing torch and the models took ~3 s under load; the first optimizer then
-    imported ``torch._dynamo`` (torch.optim does on its first ``Adam``: 3.3 s of a py-spy profile of the first
-    step at 1,000 entities, load ~11) and the first ``plan()`` the local-update module (0.5 s). The agent
-    trains partition by partition, so each second of that held back the next partitions' forecasts."""
+    bootstrap imports nothing. Importing torch and the models took ~3 s under load, and the first ``plan()``
+    the local-update module (0.5 s). The agent trains partition by partition, so each second of that held back
+    the next partitions' forecasts. (The first ``torch.optim.Adam`` imported ``torch._dynamo``: 3.3 s and
+    68 MB; the model now steps Adam's functional form, ``forecaster.adam_step``, which does not.)"""
     import torch
 
     import twin_store.federation.local_updates
@@ -144,7 +150,8 @@ def register(ctx: WorkerContext) -> Any:
             follower.drain_into(twins)
 
     async def send_rows(out: AgentOutput, partition: int) -> None:
-        for rows in [*out.outcomes, *out.forecasts]:
+        # forecasts first: what a step's reader waits for (an outcome completes an earlier step's row)
+        for rows in [*out.forecasts, *out.outcomes]:
             await forecasts.send(value=rows.encode(), partition=partition)
 
     async def send_updates(out: AgentOutput, partition: int) -> None:
@@ -165,25 +172,50 @@ def register(ctx: WorkerContext) -> Any:
             await ctx.dead_letter(letter)
             return None
 
-    # partition -> (newest step start it trains on, its training): a step's training overlaps the next
-    # partitions' steps, so their forecasts do not wait for it
-    training: dict[int, tuple[int, asyncio.Future[None]]] = {}
+    # partition -> (newest step start it trains on, its training, its start signal): a step's training
+    # overlaps the next partitions' steps, so their forecasts do not wait for it
+    training: dict[int, tuple[int, asyncio.Future[None], asyncio.Event]] = {}
+    observed: dict[int, int] = {}  # partition -> start of the newest step its agents observed
+
+    def release_trainings() -> None:
+        """Start the trainings of every step that all of this worker's partitions have observed: their
+        forecasts are out, and a training thread beside the event loop no longer slows them."""
+        parts = [partition for (_, partition), _ in states.items()]
+        done = min((observed.get(partition, -1) for partition in parts), default=-1)
+        for step_ms, _, go in training.values():
+            if step_ms <= done:
+                go.set()
+
+    def start_training(partition: int, step_ms: int, work: Callable[[asyncio.Event], Any]) -> None:
+        go = asyncio.Event()
+        training[partition] = (step_ms, asyncio.ensure_future(work(go)), go)
+        release_trainings()
 
     async def settle_training(partition: int, batch: RecordBatch | None) -> None:
         """Before a message: its partition's training (its agents and its offsets come in order), and, for a
         batch, every training of an earlier step (the store must decide on those updates before the twins
         of this step are acted on, as when one partition's training ended before the next was read)."""
         first = int(batch.starts_ms.min()) if batch is not None and len(batch) else None
-        for p, (step_ms, fut) in list(training.items()):
+        for p, (step_ms, fut, go) in list(training.items()):
             if p == partition or (first is not None and step_ms < first):
+                go.set()  # waited for: no longer held back
                 await fut
-                if training.get(p, (0, None))[1] is fut:
+                if p in training and training[p][1] is fut:
                     del training[p]
+
+    async def held(go: asyncio.Event) -> None:
+        """A training waits until the other partitions have sent its step's forecasts, at most TRAIN_HOLD_S
+        (a partition without data for the step)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(go.wait(), TRAIN_HOLD_S)
 
     trimmed = [time.monotonic()]  # when the heap was last trimmed
 
-    async def train_then_ack(agents: BsAgents, out: AgentOutput, event: Any, stream: Any) -> None:
+    async def train_then_ack(
+        agents: BsAgents, out: AgentOutput, event: Any, stream: Any, go: asyncio.Event
+    ) -> None:
         msg = event.message
+        await held(go)
         if await guarded(agents.train_only, out, event) is not None:
             agents.expect(out.updates)
             await send_updates(out, msg.partition)
@@ -198,10 +230,23 @@ def register(ctx: WorkerContext) -> Any:
 
     acting = asyncio.Lock()  # one message, or one catch-up, at a time on the agents
 
+    async def train_kept(
+        agents: BsAgents, out: AgentOutput, where: str, partition: int, go: asyncio.Event
+    ) -> None:
+        await held(go)
+        try:
+            agents.expect(await in_thread(agents.train_only, out))
+            await send_updates(out, partition)
+        except Exception:  # the steps were kept, not received now: nothing to dead-letter
+            log.exception("bs-twins: training on the kept steps of %s failed", where)
+
     async def catch_up_loop() -> None:
         """Act on the steps kept while there was no global twin as soon as it arrives, not when the next step's
         batch comes: a whole step later (the first live step's forecasts came 5 s late at the scale bench's
-        5-second steps, and would come a cadence late in a deployment)."""
+        5-second steps, and would come a cadence late in a deployment). Every partition's forecasts first, then
+        the trainings, each as a partition's training of its newest kept step (``training``), so the next steps
+        wait for them as the protocol says, and the other partitions' forecasts do not (10,000 entities: the
+        trainings held the first live step's forecasts back ~3 s when each ran before the next partition)."""
         while True:
             await asyncio.sleep(CATCH_UP_POLL_S)
             if not any(a.backlog for a in states.states()):
@@ -211,15 +256,23 @@ def register(ctx: WorkerContext) -> Any:
                 for (topic, partition), agents in states.items():
                     if not (agents.backlog and agents.ready):
                         continue
+                    where = f"{topic}[{partition}]"
                     try:
                         out = await in_thread(agents.catch_up)
-                        if out is not None:
-                            await send_rows(out, partition)
-                            if out.due:
-                                agents.expect(await in_thread(agents.train_only, out))
-                                await send_updates(out, partition)
-                    except Exception:  # the steps were kept, not received now: nothing to dead-letter
-                        log.exception("bs-twins: acting on the kept steps of %s[%d] failed", topic, partition)
+                    except Exception:
+                        log.exception("bs-twins: acting on the kept steps of %s failed", where)
+                        continue
+                    if out is None:
+                        continue
+                    await send_rows(out, partition)
+                    plan = agents.plan()
+                    newest = plan.start_ms + agents.newest_hour * plan.step_ms
+                    observed[partition] = max(observed.get(partition, -1), newest)
+                    if out.due:
+                        await settle_training(partition, None)  # one training per partition at a time
+                        step_ms = plan.start_ms + max(d.hour for d in out.due) * plan.step_ms
+                        start_training(partition, step_ms, partial(train_kept, agents, out, where, partition))
+                release_trainings()
 
     async def on_event(event: Any, stream: Any) -> None:
         """One message of the twins' step topic (the agent holds ``acting``)."""
@@ -237,11 +290,14 @@ def register(ctx: WorkerContext) -> Any:
             out = await guarded(agents.observe, batch, event) if agents.ready else agents.observe(batch)
             if out is not None:
                 await send_rows(out, msg.partition)  # forecasts first: they do not wait for training
+                step_ms = int(batch.starts_ms.max())
+                observed[msg.partition] = max(observed.get(msg.partition, -1), step_ms)
                 if out.due:  # acknowledged once its updates are sent
-                    step_ms = int(batch.starts_ms.max())
-                    task = asyncio.ensure_future(train_then_ack(agents, out, event, stream))
-                    training[msg.partition] = (step_ms, task)
+                    start_training(
+                        msg.partition, step_ms, partial(train_then_ack, agents, out, event, stream)
+                    )
                     return
+                release_trainings()
         states.advance(msg.topic, msg.partition, msg.offset)
         await stream.ack(event)
 
