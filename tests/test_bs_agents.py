@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ingest.schema import RecordBatch, decode
 from stream_processors.bs_agents import JOIN_STEPS, BsAgents, TwinVersions
@@ -185,6 +187,41 @@ def test_versions_of_an_unchanged_membership_share_one_member_list() -> None:
     assert kept == [[1, 2, 3], [1, 2, 3], [1, 2], [1, 2]]
     assert kept[0] is kept[1] and kept[2] is kept[3] and kept[1] is not kept[2]
     assert [versions.cluster_of(h) for h in (2, 4)] == [{1: 0, 2: 0, 3: 0}, {1: 0, 2: 0}]
+
+
+def test_cluster_membership_is_rebuilt_when_a_version_changes_and_callers_get_their_own_dict() -> None:
+    versions = TwinVersions()
+    p = np.zeros(3, np.float32)
+    versions.add(TwinMessage("cluster", "0", 1, 8, p, {"members": [1, 2], "epoch": 0, "as_of": -1}))
+    first = versions.cluster_of(5)
+    first[99] = 7  # an agent adds its joined entities to the answer: not to the next one
+    assert versions.cluster_of(5) == {1: 0, 2: 0}
+    versions.add(TwinMessage("cluster", "1", 2, 8, p, {"members": [2], "epoch": 1, "as_of": 5}))
+    assert versions.cluster_of(5) == {1: 0, 2: 1} and versions.cluster_of(4) == {1: 0, 2: 0}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    fill=st.integers(0, 3),
+    target=st.integers(0, 40),
+    gaps=st.lists(st.integers(0, 35), max_size=12),
+    length=st.integers(1, 36),
+)
+def test_forecast_inputs_gathered_at_once_are_each_squares_own(
+    fill: int, target: int, gaps: list[int], length: int
+) -> None:
+    """``_inputs`` (all entities in one gather) gives exactly ``_z`` per entity: with gaps that ``fill``
+    bridges or not, steps before the history's start and after its end."""
+    agents = BsAgents()
+    for s in SQUARES:
+        for h in range(length if s == 3 else 30):
+            if h not in gaps:
+                agents._history(s).put(h, float(h * s) + 0.5)
+    agents.history[3].raw = agents.history[3].raw[:length]  # a history shorter than the inputs reach
+    hours = target - np.array([5, 4, 3, 2, 1])
+    got = agents._inputs(SQUARES, SCALER, hours, fill)
+    for row, s in zip(got, SQUARES, strict=True):
+        np.testing.assert_array_equal(row, agents._z(s, SCALER, hours, fill=fill))
 
 
 def test_screened_traffic_is_kept_and_flagged_but_left_out_of_local_training() -> None:
