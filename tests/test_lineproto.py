@@ -6,8 +6,11 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy.testing import assert_array_equal
 
+from ingest.schema import RecordBatch
 from ingest.settings import NettwinSettings
 from twin_store.adapters.lineproto import (
     columns_to_lines,
@@ -16,6 +19,7 @@ from twin_store.adapters.lineproto import (
     format_field,
     point,
 )
+from twin_store.adapters.traffic import forecast_lines
 
 # --- escaping ---------------------------------------------------------------------------------------
 
@@ -240,3 +244,81 @@ def test_tag_values_read_back_from_influxdb_as_written(isolated: NettwinSettings
         influx.write(lines.encode())
         got = {r["t"]: r["v"] for s in influx.query('SELECT "v", "t" FROM "m"') for r in s.rows()}
     assert got == {v: float(i) for i, v in enumerate(values)}
+
+
+def _forecast_lines_by_point(batch: RecordBatch) -> list[str]:
+    """``forecast_lines`` written the plain way: one ``point`` per row (what the column-wise one must equal)."""
+    cols = list(batch.columns)
+    j = cols.index("cluster")
+    fields = [c for c in cols if c != "cluster"]
+    idx = [cols.index(c) for c in fields]
+    names = batch.extra.get("entities", {})
+    metric = str(batch.extra.get("metric", ""))
+    return [
+        point(
+            "forecast",
+            {"entity": names.get(str(sq), str(sq)), "metric": metric, "cluster": str(int(row[j]))},
+            {f: float(row[i]) for f, i in zip(fields, idx, strict=True)},
+            t,
+        )
+        for sq, t, row in zip(
+            batch.squares.tolist(), (batch.starts_ms // 1000).tolist(), batch.values.tolist(), strict=True
+        )
+    ]
+
+
+_NAMES = st.text(alphabet=st.sampled_from('ab ,=\\"é1'), max_size=6)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    outcome=st.booleans(),
+    rows=st.lists(
+        st.tuples(
+            st.integers(1, 6),
+            st.floats(allow_nan=False, allow_infinity=False, width=64),
+            st.floats(-1e12, 1e12),
+            st.integers(-1, 40),
+            st.integers(0, 3),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    names=st.dictionaries(st.integers(1, 6).map(str), _NAMES, max_size=6),
+    metric=_NAMES,
+)
+def test_forecast_lines_are_the_lines_point_writes(
+    outcome: bool,
+    rows: list[tuple[int, float, float, int, int]],
+    names: dict[str, str],
+    metric: str,
+) -> None:
+    """Forecasts and outcomes, named and unnamed entities, names and metrics that need escaping or are empty,
+    clusters from -1, several step times: the column-wise lines equal one ``point`` per row."""
+    columns = (
+        ("predicted", "actual", "abs_error", "flagged", "cluster") if outcome else ("predicted", "cluster")
+    )
+    values = [[p, a, abs(a - p), 0.0, float(c)] if outcome else [p, float(c)] for _, p, a, c, _ in rows]
+    batch = RecordBatch(
+        "forecast",
+        columns,
+        60,
+        np.array([k for k, *_ in rows], np.uint32),
+        np.array([1_700_000_000_000 + 60_000 * step for *_, step in rows], np.int64),
+        np.array(values, np.float64),
+        extra={"metric": metric, "entities": names},
+    )
+    assert forecast_lines(batch) == _forecast_lines_by_point(batch)
+
+
+def test_forecast_lines_refuse_a_non_finite_value() -> None:
+    batch = RecordBatch(
+        "forecast",
+        ("predicted", "cluster"),
+        60,
+        np.array([1], np.uint32),
+        np.array([0], np.int64),
+        np.array([[float("nan"), 0.0]]),
+    )
+    with pytest.raises(ValueError, match="non-finite"):
+        forecast_lines(batch)
