@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ingest.schema import RecordBatch, decode
@@ -207,6 +207,7 @@ def test_cluster_membership_is_rebuilt_when_a_version_changes_and_callers_get_th
     gaps=st.lists(st.integers(0, 35), max_size=12),
     length=st.integers(1, 36),
 )
+@example(fill=0, target=0, gaps=[0], length=1)  # a square whose only step is a gap
 def test_forecast_inputs_gathered_at_once_are_each_squares_own(
     fill: int, target: int, gaps: list[int], length: int
 ) -> None:
@@ -214,9 +215,10 @@ def test_forecast_inputs_gathered_at_once_are_each_squares_own(
     bridges or not, steps before the history's start and after its end."""
     agents = BsAgents()
     for s in SQUARES:
+        history = agents._history(s)  # (a history may be all gaps)
         for h in range(length if s == 3 else 30):
             if h not in gaps:
-                agents._history(s).put(h, float(h * s) + 0.5)
+                history.put(h, float(h * s) + 0.5)
     agents.history[3].raw = agents.history[3].raw[:length]  # a history shorter than the inputs reach
     hours = target - np.array([5, 4, 3, 2, 1])
     got = agents._inputs(SQUARES, SCALER, hours, fill)
