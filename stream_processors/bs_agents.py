@@ -17,7 +17,9 @@ Twins come from ``twin.models`` through ``on_twin``. ``TwinVersions`` keeps a fe
 the hour they reflect (``as_of``), so an agent acts on twins up to the previous hour whatever the arrival
 order (the protocol in ``twin_store/federation/local_updates.py``). The plan and model size come with the global
 twin, the scaling statistics with the roster (``roster:0``, published once, not with every global merge). Until
-both have arrived, in either order, hours are only recorded.
+both have arrived, in either order, hours are only kept. A bootstrap publishes the roster with the plan before it
+trains the twins: meanwhile ``record_kept`` screens and records the kept steps no forecast comes from, so the
+twins' arrival leaves only the newest steps to act on.
 """
 
 from __future__ import annotations
@@ -211,6 +213,18 @@ class BsAgents:
         self.joined: dict[int, tuple[float, float, int]] = {}
         # the roster's scaler with the joined entities', rebuilt only when either changes (not every step)
         self._scaler: tuple[dict[str, list[float]], int, dict[str, list[float]]] | None = None
+        # kept steps recorded before the twins came (``record_kept``), with the roster and plan they were
+        # recorded with: redone from scratch if the twins come with others (a bootstrap that ran again)
+        self._recorded: list[RecordBatch] = []
+        self._recorded_with: tuple[TwinMessage, StreamPlan] | None = None
+        self._recorded_upto = -1  # the newest step recorded
+        self._before_recording: tuple[dict[str, int], int] | None = None  # counters, newest_hour
+        self._blocked: tuple[TwinMessage, RecordBatch] | None = (
+            None  # (roster, the first kept batch it cannot record)
+        )
+        self._preview: tuple[TwinMessage, StreamPlan | None] | None = (
+            None  # the roster and its plan, parsed once
+        )
 
     # ---- twins
     def on_twin(self, msg: TwinMessage) -> None:
@@ -290,6 +304,7 @@ class BsAgents:
         if not self.ready:  # hours before the first global twin and roster wait for them (plan, scaler)
             self.backlog.append(batch)
             return out
+        self._settle_recorded()
         plan, scaler, model = self.plan(), self.scaler(), self.model()
         by_hour: dict[int, list[tuple[int, float]]] = {}
         for b in [*self.backlog, batch]:
@@ -304,9 +319,105 @@ class BsAgents:
     def catch_up(self) -> AgentOutput | None:
         """``observe`` of the steps kept while there was no global twin, once it is here (the worker calls it
         when the twin arrives, not at the next step's batch); None if there is no twin yet or nothing kept."""
-        if not self.ready or not self.backlog:
+        if not self.ready:
             return None
-        return self.observe(self.backlog.pop())
+        self._settle_recorded()  # (redone, the recorded steps are kept again)
+        return self.observe(self.backlog.pop()) if self.backlog else None
+
+    # ---- kept steps, recorded while the twins train
+    def _previewed(self) -> tuple[TwinMessage, StreamPlan] | None:
+        """The roster and the plan of twins still being trained (the bootstrap sends them first), or None."""
+        roster = self.twins.roster
+        if roster is None or "plan" not in roster.meta or self.ready:
+            return None
+        if self._preview is None or self._preview[0] is not roster:
+            from twin_store.federation.local_updates import StreamPlan
+
+            try:
+                plan: StreamPlan | None = StreamPlan.from_meta(roster.meta["plan"])
+            except (TypeError, ValueError, KeyError, AttributeError):
+                plan = None  # a plan this agent cannot read: the kept steps wait for the twins
+            self._preview = (roster, plan)
+        plan = self._preview[1]
+        return None if plan is None else (roster, plan)
+
+    @property
+    def can_record(self) -> bool:
+        """``record_kept`` has kept steps to act on now."""
+        preview = self._previewed()
+        if preview is None or not self.backlog:
+            return False
+        blocked = self._blocked
+        return blocked is None or blocked[0] is not preview[0] or blocked[1] is not self.backlog[0]
+
+    def record_kept(self) -> int:
+        """Screen and record, as ``observe`` will, the kept steps that give no forecast and no update (each
+        ``horizon`` steps or more before the plan's first forecast step) while the twins are being trained, with
+        the roster and plan the bootstrap sent ahead of them. Batches go in order, while each has only later
+        steps than those recorded and only entities of the roster; the first that does not waits for the twins,
+        and so do those after it. Returns the number of batches recorded."""
+        preview = self._previewed()
+        if preview is None:
+            return 0
+        roster, plan = preview
+        if self._recorded_with is not None and not self._recorded_with_these(roster, plan):
+            self._redo_recorded()  # a bootstrap that ran again: its own scaling and plan
+        if self._before_recording is None:
+            self._before_recording = (dict(self.counters), self.newest_hour)
+        self._recorded_with = (roster, plan)
+        scaler = roster.meta["scaler"]
+        done = 0
+        while self.backlog:
+            batch = self.backlog[0]
+            rows = self._rows(batch, plan)
+            hours = {h for _, h, _ in rows}
+            if hours and (
+                min(hours) <= self._recorded_upto
+                or max(hours) + plan.horizon >= plan.start_hour
+                or any(str(s) not in scaler for s, _, _ in rows)
+            ):
+                self._blocked = (roster, batch)
+                break
+            self._blocked = (roster, batch)  # stays if acting on it fails: not retried until the twins come
+            by_hour: dict[int, list[tuple[int, float]]] = {}
+            for s, hour, v in rows:
+                by_hour.setdefault(hour, []).append((s, v))
+            for hour in sorted(by_hour):
+                self._close_hour(hour, by_hour[hour], plan, scaler, None, AgentOutput())
+            self._blocked = None
+            self._recorded.append(self.backlog.pop(0))
+            self._recorded_upto = max([self._recorded_upto, *hours])
+            self.newest_hour = max([self.newest_hour, *hours])
+            done += 1
+        return done
+
+    def _recorded_with_these(self, roster: TwinMessage | None, plan: StreamPlan) -> bool:
+        assert self._recorded_with is not None
+        was, was_plan = self._recorded_with
+        same = roster is was or (
+            roster is not None and roster.version == was.version and roster.meta == was.meta
+        )
+        return same and plan == was_plan
+
+    def _redo_recorded(self) -> None:
+        """Forget what ``record_kept`` did: its batches are kept again, as they came."""
+        assert self._before_recording is not None
+        self.history.clear()
+        self.issued.clear()
+        self._screens = None
+        self.counters, self.newest_hour = dict(self._before_recording[0]), self._before_recording[1]
+        self.backlog[:0] = self._recorded
+        self._recorded, self._recorded_with, self._recorded_upto = [], None, -1
+        self._before_recording = self._blocked = None
+
+    def _settle_recorded(self) -> None:
+        """The twins are here: keep what was recorded if it was with their roster and plan, else redo it."""
+        if self._recorded_with is None:
+            return
+        if not self._recorded_with_these(self.twins.roster, self.plan()):
+            self._redo_recorded()
+        self._recorded, self._recorded_with, self._before_recording = [], None, None
+        self._blocked = self._preview = None
 
     def _rows(self, batch: RecordBatch, plan: StreamPlan) -> list[tuple[int, int, float]]:
         if plan.column not in batch.columns:  # e.g. 10-minute activity windows of a raw replay
@@ -339,9 +450,11 @@ class BsAgents:
         values: list[tuple[int, float]],
         plan: StreamPlan,
         scaler: dict[str, list[float]],
-        model: TwinModel,
+        model: TwinModel | None,
         out: AgentOutput,
     ) -> None:
+        """One step of the entities' ``values``: screen, histories, outcomes, forecasts (from ``model``, which
+        only steps the plan forecasts from need) and the updates due."""
         import torch
 
         from twin_store.models.forecaster import predict_in_chunks
@@ -380,10 +493,13 @@ class BsAgents:
 
         # forecast hour + horizon from the global twin as of hour - 1, for squares with a full input history
         target = hour + plan.horizon
-        glob = self.twins.at(b"global:0", hour - 1)
-        if glob is None:
+        glob = self.twins.at(b"global:0", hour - 1) if target >= plan.start_hour else None
+        if target < plan.start_hour:
+            pass  # the history V-twinning trained on: no forecast
+        elif glob is None:
             self.counters["past_hours"] += 1  # re-read after a restart: forecast already issued then
-        elif target >= plan.start_hour:
+        else:
+            assert model is not None, "a step the plan forecasts from needs the model"
             everyone = [s for s, _ in known]
             inputs = self._inputs(everyone, scaler, target - plan.lag_array, plan.fill_limit)
             full = np.isfinite(inputs).all(axis=1)

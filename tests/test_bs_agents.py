@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from hypothesis import example, given, settings
@@ -264,7 +266,8 @@ def test_hours_re_read_with_twins_from_their_future_are_counted_not_forecast() -
         agents.on_twin(t)
     out = feed(agents, 140)
     assert not [f for o in out.values() for f in o[0].forecasts]
-    assert agents.counters["past_hours"] == 141
+    # the steps whose forecast was issued back then: from the plan's first forecast step on
+    assert agents.counters["past_hours"] == 141 - (PLAN.start_hour - PLAN.horizon)
 
 
 def test_agents_of_two_partitions_share_the_twins_and_the_store_decisions() -> None:
@@ -354,3 +357,115 @@ def test_steps_kept_before_the_first_global_twin_are_acted_on_when_it_arrives() 
     # the next step goes on from there: its outcome scores that forecast
     [oc] = agents.on_hour(hour_batch(130, {s: data[s][130] for s in SQUARES})).outcomes
     assert set(oc.squares.tolist()) == set(SQUARES)
+
+
+# the roster a bootstrap sends before it trains the twins: with the plan, so the agents record the kept steps
+PREVIEW = roster_message(1, {"members": SQUARES, "scaler": SCALER, "plan": PLAN.to_meta()})
+
+
+def kept_then_live(
+    agents: BsAgents,
+    kept: list[RecordBatch],
+    record_at: set[int],
+    before: list[TwinMessage],
+    then: list[TwinMessage],
+    live: list[RecordBatch],
+) -> list[object]:
+    """``kept`` arrive before the twins (``record_kept`` after the batches of ``record_at``), then the twins,
+    the catch-up and ``live``: everything the agents put out, in order, as plain values."""
+    for t in before:
+        agents.on_twin(t)
+    for i, batch in enumerate(kept):
+        assert agents.observe(batch).forecasts == []
+        if i in record_at:
+            agents.record_kept()
+    for t in then:
+        agents.on_twin(t)
+    outs = [agents.catch_up()]
+    outs += [agents.observe(batch) for batch in live]
+    seen: list[object] = []
+    for out in outs:
+        if out is None:
+            continue
+        agents.train(out)
+        for b in [*out.forecasts, *out.outcomes]:
+            seen.append((b.kind, b.squares.tolist(), b.starts_ms.tolist(), b.values.tolist()))
+        seen += [(u.key, u.meta["seq"], u.params.tolist()) for u in out.updates]
+    # (NaN, a step not reported, as a string: list equality would call two NaNs different)
+    histories = {s: (h.raw.astype(str).tolist(), h.flagged.tolist()) for s, h in agents.history.items()}
+    return [seen, dict(agents.counters), histories, agents.newest_hour]
+
+
+def steps(hours: list[int], spike: int | None = None, unknown: int | None = None) -> list[RecordBatch]:
+    data = {s: series(s, 140) for s in SQUARES}
+    if spike is not None:
+        data[3][spike] += 30 * 10.0  # flagged by the telemetry screen
+    return [
+        hour_batch(h, {s: data[s][h] for s in SQUARES} | ({99: 1.0} if h == unknown else {})) for h in hours
+    ]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n_kept=st.integers(0, 131),
+    record_at=st.sets(st.integers(0, 131), max_size=4),
+    spike=st.none() | st.integers(100, 135),
+    unknown=st.none() | st.integers(0, 131),
+    swap=st.none() | st.integers(0, 130),
+)
+@example(n_kept=131, record_at={130}, spike=120, unknown=None, swap=None)
+def test_kept_steps_recorded_while_the_twins_train_give_what_acting_on_them_later_gives(
+    n_kept: int, record_at: set[int], spike: int | None, unknown: int | None, swap: int | None
+) -> None:
+    """Recording the kept steps with the roster and plan sent ahead of the twins changes nothing the agents
+    put out or keep, only when the work is done: whatever steps came (an entity the roster lacks, steps out
+    of order, a step the screen flags) and whenever ``record_kept`` ran."""
+    hours = list(range(n_kept))
+    if swap is not None and swap + 1 < n_kept:
+        hours[swap], hours[swap + 1] = hours[swap + 1], hours[swap]
+    kept, live = steps(hours, spike, unknown), steps(list(range(n_kept, 136)), spike, unknown)
+    glob = twins(MODEL.init(1, 0)[0])[1:]
+    recorded = BsAgents(screen_traffic=True)
+    with_preview = kept_then_live(recorded, kept, record_at, [PREVIEW], glob, live)
+    without = kept_then_live(BsAgents(screen_traffic=True), kept, set(), [], [PREVIEW, *glob], live)
+    assert with_preview == without
+    assert not recorded._recorded and recorded._recorded_with is None  # nothing held once the twins came
+
+
+def test_kept_steps_are_recorded_up_to_the_first_step_the_plan_forecasts_from() -> None:
+    agents = BsAgents(screen_traffic=True)
+    agents.on_twin(
+        roster_message(1, {"members": SQUARES, "scaler": SCALER})
+    )  # no plan: nothing to record with
+    for batch in steps(list(range(130))):
+        agents.observe(batch)
+    assert not agents.can_record and agents.record_kept() == 0 and len(agents.backlog) == 130
+    agents.on_twin(PREVIEW)
+    assert agents.can_record and agents.record_kept() == 129  # steps 0-128: step 129 forecasts step 130
+    assert (
+        len(agents.backlog) == 1
+        and not agents.can_record
+        and agents.history[3].raw[128] == series(3, 129)[128]
+    )
+    assert agents.counters["hours"] == 129 and agents.counters["forecasts"] == 0
+
+
+def test_steps_recorded_with_another_roster_than_the_twins_came_with_are_redone() -> None:
+    """A bootstrap stopped after it sent its roster runs again on more history: another scaling and plan."""
+    # its plan began an hour earlier: every step's index differs by one
+    plan = replace(PLAN, start_ms=START_MS - 3_600_000, start_hour=PLAN.start_hour + 1)
+    first = roster_message(
+        1, {"members": SQUARES, "scaler": {"3": [90.0, 20.0], "7": [40.0, 2.0]}, "plan": plan.to_meta()}
+    )
+    kept, live = steps(list(range(131)), spike=125), steps(list(range(131, 136)))
+    glob = twins(MODEL.init(1, 0)[0])[1:]
+    redone = kept_then_live(BsAgents(screen_traffic=True), kept, {60, 130}, [first], [PREVIEW, *glob], live)
+    late = BsAgents(
+        screen_traffic=True
+    )  # the same roster swap, the twins arriving while the first is recorded
+    also = kept_then_live(late, kept, {60}, [first], [PREVIEW, *glob], live)
+    assert (
+        redone
+        == also
+        == kept_then_live(BsAgents(screen_traffic=True), kept, set(), [], [PREVIEW, *glob], live)
+    )

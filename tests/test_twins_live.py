@@ -311,8 +311,10 @@ def test_milan_day_as_pm_files_at_30_minutes(deploy: Any, tmp_path: Path) -> Non
 
 def test_htwin_stops_within_10_s_during_the_bootstrap(deploy: Any) -> None:
     """SIGTERM while the bootstrap V-twins 1,500 entities (minutes of work: the sparse DCS, then V-twinning):
-    htwin leaves within 10 s, and nothing of the bootstrap is published: no twin on twin.models, no twin or
-    membership rows. Its history is written straight as twin_input rows (what the store writes)."""
+    htwin leaves within 10 s, and no twin of the bootstrap is published: on twin.models only the roster (with the
+    plan: sent before the training, for the BS agents to record their kept steps), no twin or membership rows.
+    Its history is written straight as twin_input rows (what the store writes)."""
+    from twin_store.federation.models_topic import ROSTER_KEY
     from twin_store.services.htwin import read_latest_twins
 
     entities, steps = 1500, 60
@@ -351,7 +353,9 @@ def test_htwin_stops_within_10_s_during_the_bootstrap(deploy: Any) -> None:
     assert took < 10.0, f"htwin took {took:.1f} s to stop\n{d.logs()}"
     assert proc.returncode == 0, d.logs()
     assert "bootstrap stopped" in log.read_text()
-    assert read_latest_twins(d.settings) == {}  # twin.models: not one message of the bootstrap
+    latest = read_latest_twins(d.settings)  # twin.models: not one twin of the bootstrap
+    assert list(latest) == [ROSTER_KEY] and len(latest[ROSTER_KEY].meta["members"]) == entities
+    assert latest[ROSTER_KEY].meta["plan"]["start_hour"] == steps
     assert d.query('SELECT count("version") FROM "twin"') == []
     assert d.query('SELECT count("cluster") FROM "membership"') == []
 

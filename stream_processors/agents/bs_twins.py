@@ -241,7 +241,9 @@ def register(ctx: WorkerContext) -> Any:
             log.exception("bs-twins: training on the kept steps of %s failed", where)
 
     async def catch_up_loop() -> None:
-        """Act on the steps kept while there was no global twin as soon as it arrives, not when the next step's
+        """Record the kept steps no forecast comes from as soon as the bootstrap has sent the twins' roster and
+        plan (``BsAgents.record_kept``), while it trains them. Act on the steps kept while there was no global
+        twin as soon as it arrives, not when the next step's
         batch comes: a whole step later (the first live step's forecasts came 5 s late at the scale bench's
         5-second steps, and would come a cadence late in a deployment). Every partition's forecasts first, then
         the trainings, each as a partition's training of its newest kept step (``training``), so the next steps
@@ -254,9 +256,14 @@ def register(ctx: WorkerContext) -> Any:
             async with acting:
                 follower.drain_into(twins)
                 for (topic, partition), agents in states.items():
+                    where = f"{topic}[{partition}]"
+                    if agents.can_record:  # the twins' roster and plan are here, the twins not yet
+                        try:
+                            await in_thread(agents.record_kept)
+                        except Exception:
+                            log.exception("bs-twins: recording the kept steps of %s failed", where)
                     if not (agents.backlog and agents.ready):
                         continue
-                    where = f"{topic}[{partition}]"
                     try:
                         out = await in_thread(agents.catch_up)
                     except Exception:

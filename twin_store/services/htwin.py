@@ -689,7 +689,7 @@ class TwinService:
                 try:
                     summary = run_vtwin_from_influx(self.settings, stop=lambda: self.stopping)
                 except Stopped as exc:  # SIGTERM: leave now; the next start bootstraps from scratch
-                    log.info("bootstrap stopped (%s): nothing published", exc)
+                    log.info("bootstrap stopped (%s): no twin published", exc)
                     return None
                 log.info("bootstrap V-twinning done: %s", summary)
                 self._load_state(read_latest_twins(self.settings, self.deadletters))

@@ -292,14 +292,17 @@ def vtwin_from_influx(
     (``twin_store/federation/bootstrap.py`` has the rules). Streaming starts at the step after the history.
 
     ``stop`` (``nettwin htwin``'s SIGTERM flag) is asked between the stages, between DCS levels and before every
-    V-twinning round and minibatch step; True raises ``Stopped`` before anything is published. Publishing,
-    once begun, finishes (a second or two), so twin.models never holds half a bootstrap."""
+    V-twinning round and minibatch step; True raises ``Stopped`` before any twin is published (the roster, with
+    the plan, goes out before the training: the next bootstrap republishes its own). Publishing the twins,
+    once begun, finishes (a second or two), so twin.models never holds half of them."""
     never: Callable[[], bool] = lambda: False  # noqa: E731
     stop = stop or never
 
+    published = ["nothing published"]
+
     def check(stage: str) -> None:
         if stop():
-            raise Stopped(f"bootstrap stopped before {stage}: nothing published")
+            raise Stopped(f"bootstrap stopped before {stage}: {published[0]}")
 
     job = job or StreamJob()
     twins = settings.twins
@@ -335,6 +338,39 @@ def vtwin_from_influx(
     profiles_of_clusters = cluster_profiles(profile, labels)
     del profile
     release_freed_memory()  # what the read and DCS left in the heap
+    total = grid.steps
+    plan = StreamPlan(
+        seed=job.seed,
+        start_hour=total,
+        start_ms=grid.start_ms,
+        update_every=job.update_every,
+        window=job.window,
+        fit=job.stream,
+        recluster_every=(10 * len(grid.keys) if twins.recluster_every is None else twins.recluster_every),
+        column=twins.target,
+        step_ms=grid.step_ms,
+        lags=tuple(int(v) for v in prep.plan.lags),
+        steps_per_day=max(1, 86_400_000 // grid.step_ms),
+        horizon=twins.horizon,
+        fill_limit=prep.plan.fill_limit,
+    )
+    keys = grid.keys.tolist()
+    roster: dict[str, Any] = {
+        "members": keys,
+        "scaler": {
+            str(k): [float(m), float(d)]
+            for k, m, d in zip(keys, prep.scaler.mean, prep.scaler.std, strict=True)
+        },
+        "entities": {str(k): n for k, n in zip(keys, names, strict=True)},
+        # late joiners pick the cluster of the nearest member (sites) or of the best-correlated mean profile
+        "cluster_profiles": profiles_of_clusters,
+    }
+    # the roster goes out now, with the plan, before the twins train: the BS agents record and screen the
+    # steps they keep meanwhile, so the first live step waits for its own forecasts only (10,000 entities:
+    # acting on the ~50 kept steps once the twins came took ~2.5 s of that step)
+    check("publishing the roster")
+    send_to_twin_models(settings, [roster_message(ROSTER_VERSION, roster | {"plan": plan.to_meta()})])
+    published[0] = "only the roster (the coming twins' plan and scaling) published, no twin"
     log.info(
         "V-twinning %d entities on %d steps (%d clusters, lags %s)",
         len(names), prep.train, len(set(labels.tolist())), [int(v) for v in prep.plan.lags],
@@ -406,29 +442,11 @@ def vtwin_from_influx(
             result.losses,
         )
 
-    total = grid.steps
-    plan = StreamPlan(
-        seed=job.seed,
-        start_hour=total,
-        start_ms=grid.start_ms,
-        update_every=job.update_every,
-        window=job.window,
-        fit=job.stream,
-        recluster_every=(10 * len(grid.keys) if twins.recluster_every is None else twins.recluster_every),
-        column=twins.target,
-        step_ms=grid.step_ms,
-        lags=tuple(int(v) for v in prep.plan.lags),
-        steps_per_day=max(1, 86_400_000 // grid.step_ms),
-        horizon=twins.horizon,
-        fill_limit=prep.plan.fill_limit,
-    )
     ct = result.clusters
     cluster_ids = sorted(set(ct.labels.values()))
     members = {c: ct.members(c) for c in cluster_ids}
-    keys = grid.keys.tolist()
     loss = result.losses[-1] if result.losses else float("nan")
-    meta: dict[str, Any] = {
-        "members": keys,
+    meta: dict[str, Any] = roster | {
         "loss": loss,
         "rounds": result.rounds,
         "train_hours": prep.train,
@@ -437,16 +455,9 @@ def vtwin_from_influx(
         # the count found (``[twins] clusters = 0`` lets Louvain choose it): a restart re-reads it as such
         "clusters": len(cluster_ids),
         "as_of": -1,
-        "scaler": {
-            str(k): [float(m), float(d)]
-            for k, m, d in zip(keys, prep.scaler.mean, prep.scaler.std, strict=True)
-        },
-        "entities": {str(k): n for k, n in zip(keys, names, strict=True)},
         "metric": twins.target,
-        # late joiners pick the cluster of the nearest member (sites) or of the best-correlated mean profile
-        "cluster_profiles": profiles_of_clusters,
     }
-    messages = twin_messages(result, job.hidden, meta)
+    messages = [m for m in twin_messages(result, job.hidden, meta) if m.level != "roster"]  # out already
     check("publishing")  # the last chance: from here the twins go out whole
     publish_twins(settings, messages, result, members, dict(zip(keys, names, strict=True)))
     return {
