@@ -23,7 +23,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,8 +83,10 @@ def cluster_membership(clusters: Iterable[TwinMessage]) -> dict[int, int]:
     return {s: c for s, (c, _) in out.items()}
 
 
-def decode_twin(data: bytes) -> TwinMessage:
-    """Decode and type-check a twin message; any defect raises MalformedMessage (never another error)."""
+def decode_twin(data: bytes, skip_params: Collection[str] = ()) -> TwinMessage:
+    """Decode and type-check a twin message; any defect raises MalformedMessage (never another error). A
+    message of a level in ``skip_params`` is checked whole but comes with no parameters (an empty array): for
+    readers of its header only."""
     if len(data) < 8 or data[:4] != MAGIC:
         raise MalformedMessage("not a nettwin twin message (bad magic)")
     (hlen,) = _U32.unpack_from(data, 4)
@@ -109,17 +111,16 @@ def decode_twin(data: bytes) -> TwinMessage:
         meta = {}
     if not isinstance(meta, dict):
         raise MalformedMessage(f"twin header: meta must be an object, got {type(meta).__name__}")
-    body = data[8 + hlen :]
-    n = h["n_params"]
-    if len(body) != 4 * n:
-        raise MalformedMessage(f"twin body has {len(body)} bytes, header says {n} float32 parameters")
+    n, body_len = h["n_params"], len(data) - 8 - hlen
+    if body_len != 4 * n:
+        raise MalformedMessage(f"twin body has {body_len} bytes, header says {n} float32 parameters")
     if h["level"] == "roster":
         problem = roster_problem(meta) if n == 0 else f"a roster has no parameters, this one has {n}"
         if problem is not None:
             raise MalformedMessage(f"roster: {problem}")
-    return TwinMessage(
-        h["level"], twin_id, h["version"], h["hidden"], np.frombuffer(body, "<f4").copy(), meta
-    )
+    skip = h["level"] in skip_params
+    params = np.zeros(0, np.float32) if skip else np.frombuffer(data, "<f4", n, 8 + hlen).copy()
+    return TwinMessage(h["level"], twin_id, h["version"], h["hidden"], params, meta)
 
 
 def is_int(value: object, low: int = -MAX_INT) -> bool:
