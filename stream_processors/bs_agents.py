@@ -219,12 +219,9 @@ class BsAgents:
         self._recorded_with: tuple[TwinMessage, StreamPlan] | None = None
         self._recorded_upto = -1  # the newest step recorded
         self._before_recording: tuple[dict[str, int], int] | None = None  # counters, newest_hour
-        self._blocked: tuple[TwinMessage, RecordBatch] | None = (
-            None  # (roster, the first kept batch it cannot record)
-        )
-        self._preview: tuple[TwinMessage, StreamPlan | None] | None = (
-            None  # the roster and its plan, parsed once
-        )
+        # (roster, the first kept batch it could not record with it)
+        self._blocked: tuple[TwinMessage, RecordBatch] | None = None
+        self._preview: tuple[TwinMessage, StreamPlan | None] | None = None  # the roster, its plan parsed once
 
     # ---- twins
     def on_twin(self, msg: TwinMessage) -> None:

@@ -687,7 +687,9 @@ class TwinService:
             ok, have = bootstrap_ready(self.settings, self.influx)
             if ok and not self.stopping:
                 try:
-                    summary = run_vtwin_from_influx(self.settings, stop=lambda: self.stopping)
+                    summary = run_vtwin_from_influx(
+                        self.settings, stop=lambda: self.stopping, roster_first=True
+                    )
                 except Stopped as exc:  # SIGTERM: leave now; the next start bootstraps from scratch
                     log.info("bootstrap stopped (%s): no twin published", exc)
                     return None

@@ -250,11 +250,12 @@ def run_vtwin_from_influx(
     job: StreamJob | None = None,
     grid: Grid | None = None,
     stop: Callable[[], bool] | None = None,
+    roster_first: bool = False,
 ) -> dict[str, Any]:
     """:func:`vtwin_from_influx`, then the heap pages it freed go back to the system (``nettwin htwin`` runs
     on for days after its bootstrap; glibc kept ~1 GB of them at 10,000 entities)."""
     try:
-        return vtwin_from_influx(settings, job, grid, stop)
+        return vtwin_from_influx(settings, job, grid, stop, roster_first)
     finally:
         release_freed_memory()
 
@@ -287,14 +288,19 @@ def vtwin_from_influx(
     job: StreamJob | None = None,
     grid: Grid | None = None,
     stop: Callable[[], bool] | None = None,
+    roster_first: bool = False,
 ) -> dict[str, Any]:
     """V-twinning on the history the stream wrote (``twin_input``), published like ``run_vtwin``'s twins
     (``twin_store/federation/bootstrap.py`` has the rules). Streaming starts at the step after the history.
 
     ``stop`` (``nettwin htwin``'s SIGTERM flag) is asked between the stages, between DCS levels and before every
-    V-twinning round and minibatch step; True raises ``Stopped`` before any twin is published (the roster, with
-    the plan, goes out before the training: the next bootstrap republishes its own). Publishing the twins,
-    once begun, finishes (a second or two), so twin.models never holds half of them."""
+    V-twinning round and minibatch step; True raises ``Stopped`` before any twin is published. Publishing the
+    twins, once begun, finishes (a second or two), so twin.models never holds half of them.
+
+    ``roster_first`` (htwin's bootstrap, when twin.models has no twins yet): the roster goes out with the stream
+    plan once DCS is done, before the training, for the BS agents to record the steps they keep meanwhile (a
+    stopped bootstrap leaves it; the next one republishes its own). Without it the roster goes just before the
+    twins, so agents acting on twins already published do not meet another scaling minutes early."""
     never: Callable[[], bool] = lambda: False  # noqa: E731
     stop = stop or never
 
@@ -365,12 +371,13 @@ def vtwin_from_influx(
         # late joiners pick the cluster of the nearest member (sites) or of the best-correlated mean profile
         "cluster_profiles": profiles_of_clusters,
     }
-    # the roster goes out now, with the plan, before the twins train: the BS agents record and screen the
-    # steps they keep meanwhile, so the first live step waits for its own forecasts only (10,000 entities:
+    # a bootstrap's roster goes out now, with the plan, before the twins train: the BS agents record and screen
+    # the steps they keep meanwhile, so the first live step waits for its own forecasts only (10,000 entities:
     # acting on the ~50 kept steps once the twins came took ~2.5 s of that step)
-    check("publishing the roster")
-    send_to_twin_models(settings, [roster_message(ROSTER_VERSION, roster | {"plan": plan.to_meta()})])
-    published[0] = "only the roster (the coming twins' plan and scaling) published, no twin"
+    if roster_first:
+        check("publishing the roster")
+        send_to_twin_models(settings, [roster_message(ROSTER_VERSION, roster | {"plan": plan.to_meta()})])
+        published[0] = "only the roster (the coming twins' plan and scaling) published, no twin"
     log.info(
         "V-twinning %d entities on %d steps (%d clusters, lags %s)",
         len(names), prep.train, len(set(labels.tolist())), [int(v) for v in prep.plan.lags],
@@ -457,7 +464,9 @@ def vtwin_from_influx(
         "as_of": -1,
         "metric": twins.target,
     }
-    messages = [m for m in twin_messages(result, job.hidden, meta) if m.level != "roster"]  # out already
+    messages = twin_messages(result, job.hidden, meta)
+    if roster_first:
+        messages = [m for m in messages if m.level != "roster"]  # out already
     check("publishing")  # the last chance: from here the twins go out whole
     publish_twins(settings, messages, result, members, dict(zip(keys, names, strict=True)))
     return {
