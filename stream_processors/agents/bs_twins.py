@@ -251,8 +251,7 @@ def register(ctx: WorkerContext) -> Any:
     async def catch_up_loop() -> None:
         """Record the kept steps no forecast comes from as soon as the bootstrap has sent the twins' roster and
         plan (``BsAgents.record_kept``), while it trains them. Act on the steps kept while there was no global
-        twin as soon as it arrives, not when the next step's
-        batch comes: a whole step later (the first live step's forecasts came 5 s late at the scale bench's
+        twin as soon as it arrives, not when the next step's batch comes: a whole step later (the first live step's forecasts came 5 s late at the scale bench's
         5-second steps, and would come a cadence late in a deployment). Every partition's forecasts first, then
         the trainings, each as a partition's training of its newest kept step (``training``), so the next steps
         wait for them as the protocol says, and the other partitions' forecasts do not (10,000 entities: the
