@@ -11,10 +11,11 @@ The **roster** (key ``roster:0``, no parameters) holds what is per entity and st
 and ``cluster_profiles`` (cluster id -> mean profile). It is published once with the twins it belongs to,
 before them, and again only when it changes. htwin's bootstrap publishes it before it trains the twins, with
 their stream ``plan``, so the BS agents can record the steps they keep meanwhile (``BsAgents.record_kept``).
-The global twin's meta stays small (plan, inputs, loss, ...) and names the roster it goes with (``roster``: its version), so a global merge costs the parameters and a
-few hundred bytes at any number of entities, not every entity's statistics. A reader keeps the last roster
-that decoded (a malformed one is refused by ``decode_twin``); a global published before this protocol still
-carries the roster's fields itself, and ``roster_meta`` reads either.
+The global twin's meta stays small (plan, inputs, loss, ...) and names the roster it goes with (``roster``:
+its version), so a global merge costs the parameters and a few hundred bytes at any number of entities, not
+every entity's statistics. A reader keeps the last roster that decoded (a malformed one is refused by
+``decode_twin``); a global published before this protocol still carries the roster's fields itself, and
+``roster_meta`` reads either.
 """
 
 from __future__ import annotations
