@@ -217,7 +217,6 @@ class BsAgents:
         # recorded with: redone from scratch if the twins come with others (a bootstrap that ran again)
         self._recorded: list[RecordBatch] = []
         self._recorded_with: tuple[TwinMessage, StreamPlan] | None = None
-        self._recorded_upto = -1  # the newest step recorded
         self._before_recording: tuple[dict[str, int], int] | None = None  # counters, newest_hour
         # (roster, the first kept batch it could not record with it)
         self._blocked: tuple[TwinMessage, RecordBatch] | None = None
@@ -369,7 +368,7 @@ class BsAgents:
             rows = self._rows(batch, plan)
             hours = {h for _, h, _ in rows}
             if hours and (
-                min(hours) <= self._recorded_upto
+                min(hours) <= self.newest_hour
                 or max(hours) + plan.horizon >= plan.start_hour
                 or any(str(s) not in scaler for s, _, _ in rows)
             ):
@@ -383,7 +382,6 @@ class BsAgents:
                 self._close_hour(hour, by_hour[hour], plan, scaler, None, AgentOutput())
             self._blocked = None
             self._recorded.append(self.backlog.pop(0))
-            self._recorded_upto = max([self._recorded_upto, *hours])
             self.newest_hour = max([self.newest_hour, *hours])
             done += 1
         return done
@@ -404,7 +402,7 @@ class BsAgents:
         self._screens = None
         self.counters, self.newest_hour = dict(self._before_recording[0]), self._before_recording[1]
         self.backlog[:0] = self._recorded
-        self._recorded, self._recorded_with, self._recorded_upto = [], None, -1
+        self._recorded, self._recorded_with = [], None
         self._before_recording = self._blocked = None
 
     def _settle_recorded(self) -> None:
